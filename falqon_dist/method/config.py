@@ -1,0 +1,47 @@
+"""FALQON layer configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from falqon_dist.fp8.backends import BACKEND_NAMES
+
+INIT_NAMES = ("svd", "random")
+
+
+@dataclass(frozen=True)
+class FalqonConfig:
+    """How linear layers are converted to FALQON layers.
+
+    Every field is validated on construction; a bad value raises ``ValueError`` naming the field and
+    what would be valid.
+    """
+
+    #: LoRA rank r: A is (r, in) melded under the backbone rows, B is (out, r).
+    rank: int = 64
+    #: Rows of W updated per proxy merge (row-wise top-k of Σ_k |B_jk|). None = rank, which is what
+    #: the authors' code does on every step.
+    topk: int | None = None
+    #: How A is initialized: "svd" (top-r SVD of the backbone's FP8 quantization error) or "random"
+    #: (N(mean W, std W) clipped to [min W, max W]).
+    init: str = "svd"
+    #: FP8 GEMM backend: "auto" | "emulated" | "scaled_mm" | "te" (see falqon_dist.fp8.backends).
+    backend: str = "auto"
+    #: Seed of the generator used by initialization, so every rank builds identical bytes.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"FalqonConfig.rank must be a positive integer, got {self.rank!r}")
+        if self.topk is not None and (
+            isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk <= 0
+        ):
+            raise ValueError(
+                f"FalqonConfig.topk must be None (= rank) or an integer in 1..out_features, got {self.topk!r}"
+            )
+        if self.init not in INIT_NAMES:
+            raise ValueError(f"FalqonConfig.init must be one of {INIT_NAMES}, got {self.init!r}")
+        if self.backend not in BACKEND_NAMES:
+            raise ValueError(f"FalqonConfig.backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"FalqonConfig.seed must be an integer, got {self.seed!r}")

@@ -1,0 +1,76 @@
+"""Model conversion: swap eligible ``nn.Linear`` modules for FALQON layers, and merge them all."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from falqon_dist.method.config import FalqonConfig
+from falqon_dist.method.linear import FalqonLinear
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+
+def default_filter(module: nn.Module, fqn: str) -> bool:
+    """Convert every ``nn.Linear`` except the LM head whose dimensions are both multiples of 16."""
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.split(".")[-1] != "lm_head"
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def convert_model(
+    model: nn.Module,
+    config: FalqonConfig,
+    *,
+    module_filter_fn: ModuleFilter | None = None,
+) -> list[str]:
+    """Replace eligible linears of ``model`` in place with :class:`FalqonLinear`; freeze the rest.
+
+    Layers are converted one at a time and each original is released as soon as its replacement is
+    in place, so at most one extra layer's worth of memory is live. ``module_filter_fn(module, fqn)``
+    replaces :func:`default_filter` (only ``nn.Linear`` modules are ever converted). After conversion
+    the proxies ``B`` are the model's only trainable parameters. Returns the converted module names.
+    """
+    accept = module_filter_fn or default_filter
+    targets = [
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and accept(module, name)
+    ]
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child_name)
+        if config.rank > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"cannot convert {name!r} ({linear.in_features}→{linear.out_features}): rank {config.rank} "
+                f"exceeds min(in_features, out_features); lower the rank or exclude the layer with a filter"
+            )
+        setattr(parent, child_name, FalqonLinear.from_linear(linear, config))
+        del linear
+    return targets
+
+
+def falqon_layers(model: nn.Module) -> list[tuple[str, FalqonLinear]]:
+    """``(name, layer)`` for every FALQON layer of ``model``, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, FalqonLinear)]
+
+
+@torch.no_grad()
+def merge_proxies_(model: nn.Module) -> dict[str, int]:
+    """Apply the proxy merge to every FALQON layer (call it right after each optimizer step).
+
+    Returns totals over layers: ``rows_merged``, ``saturated`` and ``layers``.
+    """
+    totals = {"rows_merged": 0, "saturated": 0, "layers": 0}
+    for _, layer in falqon_layers(model):
+        stats = layer.merge_proxy_()
+        totals["rows_merged"] += stats["rows_merged"]
+        totals["saturated"] += stats["saturated"]
+        totals["layers"] += 1
+    return totals

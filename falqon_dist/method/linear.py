@@ -1,0 +1,171 @@
+"""FalqonLinear: a linear layer whose backbone W and LoRA adapter A live in ONE FP8 matrix.
+
+Forward (``x``: N × in, ``M_q = Q([W; A]/s)`` stored as uint8 bits, s fixed):
+
+    x_q = Q(x / s_x)                     E4M3, dynamic tensor-wise s_x
+    Y   = (x_q · M_qᵀ) · s_x · s         ONE FP8 GEMM, N × (out + r)
+    y   = Y[:, :out] (+ bias)            o_A = Y[:, out:] is kept (in E4M3) for backward
+
+B is zero at every forward (the proxy merge zeroes it after each optimizer step), so the LoRA term
+``o_A · Bᵀ`` would add nothing and is not computed.
+
+Backward (``g = ∂L/∂y``):
+
+    g_q    = Q(g / s_g)                  E5M2, dynamic tensor-wise s_g
+    ∂L/∂x  = (g_q · M_q[:out]) · s_g · s FP8 GEMM over the W rows only
+    ∂L/∂B  = (g_qᵀ · Q(o_A)) · s_g · s_o FP8 GEMM, out × r
+
+W and A are frozen inside ``M_q``: they get no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, resolve_backend
+from falqon_dist.method.config import FalqonConfig
+from falqon_dist.method.init import adapter_init, meld
+from falqon_dist.method.proxy import apply_rows_, select_rows
+
+
+class _MeldedFP8Matmul(torch.autograd.Function):
+    """``y = x Wᵀ`` through the melded FP8 GEMM, with ``∂L/∂B`` from the saved adapter output."""
+
+    @staticmethod
+    def forward(ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str):
+        backend = resolve_backend(backend_name, x_hp.device)
+        x2d = x_hp.reshape(-1, x_hp.shape[-1])
+        x_fp8, x_scale = quantize_dynamic(x2d, E4M3)
+        melded_fp8 = from_bits(qweight, E4M3)
+        y_full = backend.gemm(x_fp8, melded_fp8.t(), x_scale, scale, torch.float32)
+        adapter_out_fp8, adapter_out_scale = quantize_dynamic(y_full[:, out_features:], E4M3)
+        # qweight is saved as the Parameter itself: under ZeRO-3 its data is re-gathered for backward.
+        ctx.save_for_backward(qweight, scale, adapter_out_fp8, adapter_out_scale)
+        ctx.out_features, ctx.backend_name, ctx.proxy_dtype = out_features, backend_name, proxy.dtype
+        ctx.x_shape = x_hp.shape
+        return y_full[:, :out_features].to(x_hp.dtype).reshape(*x_hp.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qweight, scale, adapter_out_fp8, adapter_out_scale = ctx.saved_tensors
+        backend = resolve_backend(ctx.backend_name, grad_out.device)
+        g2d = grad_out.reshape(-1, ctx.out_features)
+        g_fp8, g_scale = quantize_dynamic(g2d, E5M2)
+        grad_x = grad_proxy = None
+        if ctx.needs_input_grad[0]:
+            weight_fp8 = from_bits(qweight, E4M3)[: ctx.out_features]
+            grad_x = backend.gemm(g_fp8, weight_fp8, g_scale, scale, grad_out.dtype).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_proxy = backend.gemm(g_fp8.t(), adapter_out_fp8, g_scale, adapter_out_scale, torch.float32)
+            grad_proxy = grad_proxy.to(ctx.proxy_dtype)
+        return grad_x, grad_proxy, None, None, None, None
+
+
+class FalqonLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` trained with FALQON (see module docstring).
+
+    State: ``qweight`` (frozen uint8 Parameter, (out + rank, in): E4M3 bits of ``M_q = [W; A]``),
+    ``scale`` (float32 buffer, (1,): ``real = fp8 × s``, fixed for the whole run), ``B`` (the only
+    trainable Parameter, (out, rank), zero after every merge) and a frozen ``bias`` when the original
+    layer had one.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool = False,
+        backend: str = "auto",
+        topk: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if topk is not None and not 1 <= topk <= out_features:
+            raise ValueError(f"topk must be None or in 1..out_features={out_features}, got {topk}")
+        if rank > min(in_features, out_features):
+            raise ValueError(
+                f"rank {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}"
+            )
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.backend, self.topk = backend, topk
+        self.qweight = nn.Parameter(
+            torch.zeros(out_features + rank, in_features, dtype=torch.uint8, device=device), requires_grad=False
+        )
+        self.register_buffer("scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, config: FalqonConfig) -> FalqonLinear:
+        """Build a FALQON layer from ``linear`` (its weight is read, never modified)."""
+        weight = linear.weight
+        generator = torch.Generator().manual_seed(config.seed)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            config.rank,
+            bias=linear.bias is not None,
+            backend=config.backend,
+            topk=config.topk,
+            device=weight.device,
+            dtype=weight.dtype if weight.is_floating_point() else torch.float32,
+        )
+        adapter = adapter_init(weight, config.rank, config.init, generator)
+        bits, scale = meld(weight, adapter)
+        layer.qweight.copy_(bits)
+        layer.scale.copy_(scale)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    def backbone_weight(self) -> torch.Tensor:
+        """The dequantized W rows, float32 (out, in)."""
+        return dequantize(from_bits(self.qweight, E4M3)[: self.out_features], self.scale)
+
+    def adapter_weight(self) -> torch.Tensor:
+        """The dequantized A rows, float32 (rank, in)."""
+        return dequantize(from_bits(self.qweight, E4M3)[self.out_features :], self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _MeldedFP8Matmul.apply(x, self.B, self.qweight, self.scale, self.out_features, self.backend)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    @torch.no_grad()
+    def merge_proxy_(self, proxy: torch.Tensor | None = None) -> dict[str, int]:
+        """Merge the top-k rows of B into the FP8 backbone, then zero B (DESIGN.md §1).
+
+        ``proxy`` overrides the B that is read (e.g. an optimizer's fp32 master copy); zeroing that
+        copy is then the caller's job, ``self.B`` is zeroed here in any case. Returns
+        ``{"rows_merged": rows with a non-zero update, "saturated": elements clamped at ±448}``.
+        """
+        proxy = self.B if proxy is None else proxy
+        rows = select_rows(proxy, self.topk or self.rank)
+        proxy_rows = proxy.detach().float()[rows]
+        adapter_q = from_bits(self.qweight, E4M3)[self.out_features :].float()
+        saturated = apply_rows_(self.qweight.data, 0, self.in_features, rows, proxy_rows, adapter_q)
+        self.B.zero_()
+        return {"rows_merged": int(proxy_rows.abs().sum(dim=1).gt(0).sum()), "saturated": saturated}
+
+    def _apply(self, fn, recurse=True):
+        # Module-wide casts (.bfloat16(), .half(), DeepSpeed's bf16 mode) must not touch the FP8 scale.
+        scale = self.scale
+        super()._apply(fn, recurse)
+        if self.scale.dtype != torch.float32:
+            self.scale = scale.to(device=self.scale.device)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, topk={self.topk or self.rank}, backend={self.backend}"
+        )
