@@ -1,0 +1,33 @@
+# falqon_dist — set up once, then run. Every target is idempotent: setup is skipped when .venv is
+# current (its stamp is newer than pyproject.toml).
+#
+#   make demo   set up .venv and run the embedded default end to end (tiny model, built-in data)
+#   make test   set up .venv and run the test suite (unit, 2-rank gloo, launcher end-to-end)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# torch is pinned for CPU installs: a bare "torch" requirement pulls a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $@
+
+demo: setup
+	$(PY) launch/quickstart.py
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
