@@ -11,6 +11,7 @@ from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.linear import FalqonLinear
 
 ModuleFilter = Callable[[nn.Module, str], bool]
+LayerBuilder = Callable[[nn.Linear, FalqonConfig], nn.Module]
 
 
 def default_filter(module: nn.Module, fqn: str) -> bool:
@@ -28,12 +29,15 @@ def convert_model(
     config: FalqonConfig,
     *,
     module_filter_fn: ModuleFilter | None = None,
+    layer_builder: LayerBuilder = FalqonLinear.from_linear,
 ) -> list[str]:
     """Replace eligible linears of ``model`` in place with :class:`FalqonLinear`; freeze the rest.
 
     Layers are converted one at a time and each original is released as soon as its replacement is
     in place, so at most one extra layer's worth of memory is live. ``module_filter_fn(module, fqn)``
-    replaces :func:`default_filter` (only ``nn.Linear`` modules are ever converted). After conversion
+    replaces :func:`default_filter` (only ``nn.Linear`` modules are ever converted). ``layer_builder``
+    builds each replacement; the distributed glue passes one that gathers a ZeRO-3 partitioned linear
+    first and partitions the new layer after. After conversion
     the proxies ``B`` are the model's only trainable parameters. Returns the converted module names.
     """
     accept = module_filter_fn or default_filter
@@ -56,7 +60,7 @@ def convert_model(
                 f"cannot convert {name!r}: topk {config.topk} exceeds its out_features {linear.out_features}; "
                 f"use topk=None (= rank) or at most the smallest out_features of the converted layers"
             )
-        setattr(parent, child_name, FalqonLinear.from_linear(linear, config))
+        setattr(parent, child_name, layer_builder(linear, config))
         del linear
     return targets
 

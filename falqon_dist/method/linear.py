@@ -126,6 +126,11 @@ class FalqonLinear(nn.Module):
             layer.bias.copy_(linear.bias)
         return layer
 
+    @property
+    def rows_per_merge(self) -> int:
+        """k of the row-wise top-k: ``topk``, or ``rank`` when unset (the authors' behaviour)."""
+        return self.topk or self.rank
+
     def backbone_weight(self) -> torch.Tensor:
         """The dequantized W rows, float32 (out, in)."""
         return dequantize(from_bits(self.qweight, E4M3)[: self.out_features], self.scale)
@@ -149,7 +154,7 @@ class FalqonLinear(nn.Module):
         ``{"rows_merged": rows with a non-zero update, "saturated": elements clamped at ±448}``.
         """
         proxy = self.B if proxy is None else proxy
-        rows = select_rows(proxy, self.topk or self.rank)
+        rows = select_rows(proxy, self.rows_per_merge)
         proxy_rows = proxy.detach().float()[rows]
         adapter_q = from_bits(self.qweight, E4M3)[self.out_features :].float()
         saturated = apply_rows_(self.qweight.data, 0, self.in_features, rows, proxy_rows, adapter_q)
@@ -167,5 +172,5 @@ class FalqonLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.bias is not None}, topk={self.topk or self.rank}, backend={self.backend}"
+            f"bias={self.bias is not None}, topk={self.rows_per_merge}, backend={self.backend}"
         )

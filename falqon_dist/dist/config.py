@@ -1,0 +1,72 @@
+"""The DeepSpeed config as FALQON needs it: validated, with the framework's defaults filled in.
+
+What FALQON requires of DeepSpeed, and why each rejected setting would break it:
+
+* ``fp16``: the FP8 backbone is trained through bf16 or fp32 activations; fp16 loss scaling skips
+  steps and rescales gradients of B in ways the merge does not account for (not supported).
+* ``zero_optimization.zero_quantized_weights`` / ``zero_quantized_nontrainable_weights``: ZeRO++
+  would re-quantize the already-FP8 ``qweight`` bytes for the all-gather.
+* ``zero_optimization.zero_hpz_partition_size`` > 1: a secondary partition copy of ``qweight``
+  that the sharded merge would have to update too (not supported).
+* ``zero_optimization.offload_param.device == "nvme"``: the merge edits partitions in memory.
+
+Filled when absent: an AdamW optimizer (``torch_adam`` on the CPU accelerator, where DeepSpeed's
+fused Adam is not built) and ``steps_per_print`` off.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+VALID_STAGES = (0, 1, 2, 3)
+
+
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed config value that FALQON cannot train with; the message names the key."""
+
+
+def _get(cfg: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def prepare_ds_config(ds_config: dict[str, Any], *, on_cpu: bool, lr: float | None = None) -> dict[str, Any]:
+    """Validate ``ds_config`` for FALQON and return a copy with the framework's defaults filled in."""
+    if not isinstance(ds_config, dict):
+        raise DeepSpeedConfigError(f"the DeepSpeed config must be a dict, got {type(ds_config).__name__}")
+    cfg = copy.deepcopy(ds_config)
+    zero = cfg.setdefault("zero_optimization", {})
+    stage = zero.setdefault("stage", 0)
+    if stage not in VALID_STAGES:
+        raise DeepSpeedConfigError(f"zero_optimization.stage must be one of {VALID_STAGES}, got {stage!r}")
+    if _get(cfg, "fp16.enabled", False):
+        raise DeepSpeedConfigError("fp16.enabled=true is not supported with FALQON; use bf16.enabled=true or fp32")
+    for key in ("zero_quantized_weights", "zero_quantized_nontrainable_weights"):
+        if zero.get(key, False):
+            raise DeepSpeedConfigError(
+                f"zero_optimization.{key}=true would re-quantize the FP8 backbone bytes; set it to false"
+            )
+    if zero.get("zero_hpz_partition_size", 1) not in (1, None):
+        raise DeepSpeedConfigError(
+            "zero_optimization.zero_hpz_partition_size must be 1 with FALQON (hierarchical partitions are not merged)"
+        )
+    if _get(cfg, "zero_optimization.offload_param.device") == "nvme":
+        raise DeepSpeedConfigError(
+            "zero_optimization.offload_param.device='nvme' is not supported with FALQON; use 'cpu' or 'none'"
+        )
+    if "pipeline" in cfg and cfg["pipeline"]:
+        raise DeepSpeedConfigError("pipeline parallelism ('pipeline') is not supported with FALQON")
+    if "optimizer" not in cfg:
+        params: dict[str, Any] = {"lr": lr if lr is not None else 1e-3, "weight_decay": 0.0}
+        if on_cpu:
+            params["torch_adam"] = True
+        cfg["optimizer"] = {"type": "AdamW", "params": params}
+    elif lr is not None:
+        cfg["optimizer"].setdefault("params", {})["lr"] = lr
+    cfg.setdefault("steps_per_print", 2**31 - 1)
+    return cfg

@@ -1,0 +1,71 @@
+"""Reading and zeroing B where the optimizer keeps it: the full-precision master copy.
+
+With bf16 on, DeepSpeed's optimizer holds an fp32 master of every trainable parameter and copies it
+back into the bf16 parameter after each step; zeroing only the bf16 B would be undone by the next
+step. Each optimizer keeps its master elsewhere:
+
+==========================  =============================  ======================================
+optimizer                   where the master lives          read / zero
+==========================  =============================  ======================================
+ZeRO-3                      fp32 partition per rank         ``safe_get_full_fp32_param`` (gathers)
+                                                            / ``safe_set_local_fp32_param``
+ZeRO-1/2, BF16_Optimizer    fp32 fragment (``_hp_mapping``) ``safe_get_full_fp32_param`` /
+                                                            ``safe_set_full_fp32_param``
+stage 0 + bf16              FP16_(Unfused)Optimizer's       its ``fp32_groups`` (unfused) or a
+                            fp32 groups                     slice of ``fp32_groups_flat`` (fused)
+stage 0, fp32               the parameter itself            ``param.data``
+==========================  =============================  ======================================
+
+The low-precision parameter (and its ZeRO-3 partition) is zeroed too. Adam's moments are left as
+they are, as in the authors' code: the method resets B, not the optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_local_fp32_param,
+    safe_set_full_fp32_param,
+    safe_set_local_fp32_param,
+)
+
+
+class ProxyMasters:
+    """Locates the fp32 master of each B for one DeepSpeed optimizer."""
+
+    def __init__(self, optimizer) -> None:
+        self._unfused: dict[int, torch.Tensor] = {}
+        fp16_groups = getattr(optimizer, "fp16_groups", None)
+        if fp16_groups is not None and hasattr(optimizer, "fp32_groups"):  # FP16_UnfusedOptimizer
+            for lp_group, hp_group in zip(fp16_groups, optimizer.fp32_groups):
+                for lp, hp in zip(lp_group, hp_group):
+                    self._unfused[id(lp)] = hp
+        elif fp16_groups is not None and hasattr(optimizer, "fp32_groups_flat"):  # FP16_Optimizer (fused)
+            for lp_group, flat in zip(fp16_groups, optimizer.fp32_groups_flat):
+                offset = 0
+                for lp in lp_group:
+                    self._unfused[id(lp)] = flat.narrow(0, offset, lp.numel()).view_as(lp)
+                    offset += lp.numel()
+
+    def read_full(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The full B at full precision, identical on every rank (a collective under ZeRO-1/2/3)."""
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            full = safe_get_full_fp32_param(param)
+            return full.reshape(param.ds_shape if hasattr(param, "ds_id") else param.shape).float()
+        if id(param) in self._unfused:
+            return self._unfused[id(param)].detach().float()
+        return param.detach().float()
+
+    @torch.no_grad()
+    def zero_(self, param: torch.nn.Parameter) -> None:
+        """Zero B's master copy, the parameter, and its ZeRO-3 partition."""
+        if hasattr(param, "ds_id"):
+            safe_set_local_fp32_param(param, torch.zeros_like(safe_get_local_fp32_param(param)))
+            param.ds_tensor.zero_()
+        elif hasattr(param, "_hp_mapping"):
+            safe_set_full_fp32_param(param, torch.zeros(param.shape, dtype=torch.float32, device=param.device))
+        elif id(param) in self._unfused:
+            self._unfused[id(param)].zero_()
+        if param.data.numel():
+            param.data.zero_()

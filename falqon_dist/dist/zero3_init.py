@@ -1,0 +1,61 @@
+"""Loading and converting models too large for one rank, under ZeRO-3.
+
+``HfDeepSpeedConfig`` makes ``from_pretrained`` build the model inside ``deepspeed.zero.Init``, so
+every parameter is partitioned as soon as it is created and no rank ever holds the whole model.
+Conversion then goes layer by layer: gather one linear (``GatheredParameters``), build its FALQON
+layer (SVD, meld, FP8) on every rank identically, partition the new layer (``zero.Init(module=…)``)
+and release the original. Peak per rank: the partitioned model plus one full layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import nn
+
+from falqon_dist.method import FalqonConfig, FalqonLinear, convert_model
+from falqon_dist.method.convert import LayerBuilder, ModuleFilter
+
+
+def zero3_layer_builder(ds_config: dict[str, Any]) -> LayerBuilder:
+    """A ``convert_model`` layer builder for ZeRO-3 partitioned linears."""
+
+    def build(linear: nn.Linear, config: FalqonConfig) -> nn.Module:
+        params = list(linear.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            layer = FalqonLinear.from_linear(linear, config)
+        deepspeed.zero.Init(module=layer, config_dict_or_path=ds_config)
+        return layer
+
+    return build
+
+
+def is_zero3_partitioned(model: nn.Module) -> bool:
+    """True when the model's parameters are ZeRO-3 partitioned (built under ``zero.Init``)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def load_pretrained_zero3(
+    name_or_path: str | Path,
+    ds_config: dict[str, Any],
+    falqon_config: FalqonConfig,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    module_filter_fn: ModuleFilter | None = None,
+) -> tuple[nn.Module, list[str]]:
+    """Load a Hugging Face causal LM partitioned from the start and convert it layer by layer."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        raise ValueError("load_pretrained_zero3 needs zero_optimization.stage=3 in the DeepSpeed config")
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # must stay alive while from_pretrained runs
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+    del hf_ds_config
+    names = convert_model(
+        model, falqon_config, module_filter_fn=module_filter_fn, layer_builder=zero3_layer_builder(ds_config)
+    )
+    return model, names

@@ -1,0 +1,169 @@
+"""2-rank checks of FALQON under one ZeRO stage (bf16 off and on). Run by test_zero.py via torchrun.
+
+Each check raises on failure; rank 0 prints ``CHECK <name> ok`` lines that the test looks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import deepspeed
+import torch
+import torch.distributed as tdist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import falqon_dist as fd
+from falqon_dist.dist import initialize
+from falqon_dist.method.proxy import select_rows
+
+RANK_CFG = fd.FalqonConfig(rank=8, backend="emulated")
+GRAD_ACCUM = 2
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)  # identical weights on every rank
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def ds_config(stage: int, bf16: bool, **extra) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": GRAD_ACCUM,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "AdamW", "params": {"lr": 5e-2, "weight_decay": 0.0, "torch_adam": True}},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def say(name: str) -> None:
+    if tdist.get_rank() == 0:
+        print(f"CHECK {name} ok", flush=True)
+
+
+def full_qweights(model) -> list[torch.Tensor]:
+    """Every layer's full qweight bytes (gathered under ZeRO-3), as CPU copies."""
+    out = []
+    for _, layer in fd.falqon_layers(model):
+        params = [layer.qweight] if hasattr(layer.qweight, "ds_id") else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            out.append(layer.qweight.detach().clone().cpu())
+    return out
+
+
+def digest(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def assert_same_on_all_ranks(value: str, what: str) -> None:
+    gathered = [None] * tdist.get_world_size()
+    tdist.all_gather_object(gathered, value)
+    assert len(set(gathered)) == 1, f"{what} differs across ranks: {gathered}"
+
+
+def batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * step + tdist.get_rank())  # different data per rank
+    return torch.randint(0, 128, (2, 16), generator=g)
+
+
+def check_training(stage: int, bf16: bool) -> None:
+    model = tiny_llama()
+    fd.convert_model(model, RANK_CFG)
+    scales = [layer.scale.clone() for _, layer in fd.falqon_layers(model)]
+    engine = initialize(model, ds_config(stage, bf16))
+    tag = f"stage{stage}-bf16={bf16}"
+    layers = [layer for _, layer in fd.falqon_layers(engine.module)]
+
+    for layer, scale in zip(layers, scales):
+        assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, scale), f"{tag}: scale was cast"
+    if stage == 3:
+        world = tdist.get_world_size()
+        for layer in layers:
+            q = layer.qweight
+            assert q.ds_tensor.dtype == torch.uint8, f"{tag}: partition dtype {q.ds_tensor.dtype}"
+            expected = -(-q.ds_numel // world)
+            assert q.ds_tensor.numel() == expected, f"{tag}: partition {q.ds_tensor.numel()} != {expected}"
+            assert q.data.numel() == 0, f"{tag}: qweight resident outside forward"
+        say(f"{tag} partition-sizes")
+
+    before = digest(full_qweights(engine.module))
+    merges = 0
+    for micro in range(3 * GRAD_ACCUM):
+        ids = batch(micro)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        now = digest(full_qweights(engine.module))
+        if not boundary:
+            assert now == before, f"{tag}: backbone changed between micro-batches (micro {micro})"
+            continue
+        merges += 1
+        stats = engine.last_merge_stats
+        assert stats and stats["rows_merged"] > 0 and stats["layers"] == len(layers), f"{tag}: {stats}"
+        assert now != before, f"{tag}: merge did not change the backbone"
+        assert_same_on_all_ranks(now, f"{tag} qweight digest after merge {merges}")
+        for layer in layers:
+            master = engine._proxy_masters.read_full(layer.B)
+            assert not master.any(), f"{tag}: fp32 master of B not zeroed"
+            local = layer.B.ds_tensor if hasattr(layer.B, "ds_id") else layer.B
+            assert not local.any(), f"{tag}: B not zeroed"
+            assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, scales[layers.index(layer)])
+        before = now
+    assert merges == 3 and engine.global_steps == 3
+    say(f"{tag} accumulation-boundaries")
+    say(f"{tag} replica-identity")
+    say(f"{tag} master-zeroed")
+    check_merge_bytes(engine, tag)
+
+
+def check_merge_bytes(engine, tag: str) -> None:
+    """The distributed merge writes exactly the bytes a single-process merge writes for the same B."""
+    reference = tiny_llama()
+    fd.convert_model(reference, RANK_CFG)
+    dist_layers = [layer for _, layer in fd.falqon_layers(engine.module)]
+    ref_layers = [layer for _, layer in fd.falqon_layers(reference)]
+    for ref, full in zip(ref_layers, full_qweights(engine.module)):
+        ref.qweight.data.copy_(full)
+    g = torch.Generator().manual_seed(7)  # the same proxies on every rank
+    proxies = [torch.randn(layer.out_features, layer.rank, generator=g) * 0.5 for layer in ref_layers]
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for layer, proxy in zip(dist_layers, proxies):
+        if hasattr(layer.B, "ds_id") or hasattr(layer.B, "_hp_mapping"):
+            safe_set_full_fp32_param(layer.B, proxy)
+        else:
+            masters = engine._proxy_masters
+            masters._unfused.get(id(layer.B), layer.B).data.copy_(proxy)
+    from falqon_dist.dist.merge import merge_all
+
+    stats = merge_all(engine.module, engine._proxy_masters)
+    ref_stats = {"rows_merged": 0, "saturated": 0}
+    for layer, proxy in zip(ref_layers, proxies):
+        s = layer.merge_proxy_(proxy)
+        ref_stats = {k: ref_stats[k] + s[k] for k in ref_stats}
+        assert len(select_rows(proxy, layer.rows_per_merge)) == layer.rows_per_merge
+    for ref, full in zip(ref_layers, full_qweights(engine.module)):
+        assert torch.equal(ref.qweight, full), f"{tag}: distributed merge bytes differ from the reference"
+    assert stats["rows_merged"] == ref_stats["rows_merged"], (stats, ref_stats)
+    assert stats["saturated"] == ref_stats["saturated"], (stats, ref_stats)
+    say(f"{tag} merge-bytes-match-reference")
+
+
+if __name__ == "__main__":
+    deepspeed.init_distributed(dist_backend="gloo")
+    stage = int(sys.argv[1])
+    for bf16 in (False, True):
+        check_training(stage, bf16)
+    tdist.barrier()
+    tdist.destroy_process_group()
