@@ -26,3 +26,10 @@ def test_falqon_under_zero_stage(stage):
     for bf16 in (False, True):
         for check in expected:
             assert f"CHECK stage{stage}-bf16={bf16} {check} ok" in output, (check, output[-4000:])
+
+
+@pytest.mark.dist
+def test_zero3_loading_converts_layer_by_layer(tmp_path):
+    output = run_ranks(HERE / "worker_zero_init.py", str(tmp_path / "model"))
+    for check in ("partitioned-after-conversion", "bytes-match-single-process", "trains"):
+        assert f"CHECK zero-init {check} ok" in output, (check, output[-4000:])

@@ -1,0 +1,112 @@
+"""Exact, crash-safe checkpoints through ``engine.save_checkpoint`` / ``engine.load_checkpoint``.
+
+DeepSpeed saves the module (FP8 ``qweight`` bytes, fp32 ``scale`` buffers, B), the optimizer state
+(fp32 masters and Adam moments, per-rank partitions under ZeRO) and its step counters. We add:
+
+* every rank's RNG state (torch, Python, NumPy), so a resumed run draws the same random numbers;
+* ``client_state`` (e.g. the trainer's data position);
+* a crash-safe ``latest`` pointer: each checkpoint goes to its own ``step_N`` directory and only when
+  every rank has finished writing does rank 0 atomically replace ``latest``. A crash mid-save leaves
+  ``latest`` naming the previous, complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+LATEST = "latest"
+TAG_PATTERN = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rng_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
+    return ckpt_dir / tag / f"rng_rank{rank:05d}.pt"
+
+
+def _rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def latest_tag(ckpt_dir: str | Path) -> str | None:
+    """The tag ``latest`` points to, or None when there is no complete checkpoint."""
+    pointer = Path(ckpt_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any] | None = None, keep: int = 0) -> str:
+    """Save a complete checkpoint for ``step`` on every rank; returns its tag.
+
+    ``keep`` > 0 deletes all but the newest ``keep`` complete checkpoints afterwards.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag, rank = tag_for(step), _rank()
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    torch.save(rng, _rng_file(ckpt_dir, tag, rank))
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state or {}), save_latest=False)
+    if tdist.is_initialized():
+        tdist.barrier()
+    if rank == 0:
+        _atomic_write_text(ckpt_dir / LATEST, tag)
+        if keep > 0:
+            _prune(ckpt_dir, keep, current=tag)
+    if tdist.is_initialized():
+        tdist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+    for old in tags[:-keep]:
+        if old != current:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dict[str, Any]]:
+    """Restore the checkpoint ``tag`` (default: ``latest``) on every rank; returns (tag, client_state)."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (looked for {LATEST!r} and tag {tag!r})")
+    load_path, client_state = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    rng_file = _rng_file(ckpt_dir, tag, _rank())
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return tag, client_state or {}
