@@ -6,7 +6,8 @@ Every backend computes the scaled FP8 product
 
 with FP8 operands of any strides (each backend makes the layout its kernel needs), float32
 tensor-wise scales of shape (1,), products formed exactly and accumulated in float32, and the
-result rounded once to ``out_dtype``.
+result rounded to ``out_dtype`` (the emulated backend's bf16 result is rounded by the bf16 matmul and
+again after scaling: at most one extra bf16 unit in the last place).
 
 * ``emulated`` — dequantize to a wider float and matmul. FP8 → bf16 is exact (E4M3/E5M2 mantissas
   and exponents fit in bf16), so the products are exact; accumulation is float32. For a float32

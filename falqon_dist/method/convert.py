@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -44,25 +45,32 @@ def convert_model(
     targets = [
         name for name, module in model.named_modules() if isinstance(module, nn.Linear) and accept(module, name)
     ]
+    for name in targets:  # check every layer before changing anything: no half-converted model
+        _check_compatible(name, model.get_submodule(name), config)
     for param in model.parameters():
         param.requires_grad_(False)
-    for name in targets:
+    for index, name in enumerate(targets):
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child_name)
-        if config.rank > min(linear.in_features, linear.out_features):
-            raise ValueError(
-                f"cannot convert {name!r} ({linear.in_features}→{linear.out_features}): rank {config.rank} "
-                f"exceeds min(in_features, out_features); lower the rank or exclude the layer with a filter"
-            )
-        if config.topk is not None and config.topk > linear.out_features:
-            raise ValueError(
-                f"cannot convert {name!r}: topk {config.topk} exceeds its out_features {linear.out_features}; "
-                f"use topk=None (= rank) or at most the smallest out_features of the converted layers"
-            )
-        setattr(parent, child_name, layer_builder(linear, config))
+        # a distinct, reproducible seed per layer: random inits must not repeat across layers
+        layer_config = dataclasses.replace(config, seed=config.seed + index)
+        setattr(parent, child_name, layer_builder(linear, layer_config))
         del linear
     return targets
+
+
+def _check_compatible(name: str, linear: nn.Linear, config: FalqonConfig) -> None:
+    if config.rank > min(linear.in_features, linear.out_features):
+        raise ValueError(
+            f"cannot convert {name!r} ({linear.in_features}→{linear.out_features}): rank {config.rank} "
+            f"exceeds min(in_features, out_features); lower the rank or exclude the layer with a filter"
+        )
+    if config.topk is not None and config.topk > linear.out_features:
+        raise ValueError(
+            f"cannot convert {name!r}: topk {config.topk} exceeds its out_features {linear.out_features}; "
+            f"use topk=None (= rank) or at most the smallest out_features of the converted layers"
+        )
 
 
 def falqon_layers(model: nn.Module) -> list[tuple[str, FalqonLinear]]:

@@ -38,13 +38,14 @@ class _MeldedFP8Matmul(torch.autograd.Function):
         x2d = x_hp.reshape(-1, x_hp.shape[-1])
         x_fp8, x_scale = quantize_dynamic(x2d, E4M3)
         melded_fp8 = from_bits(qweight, E4M3)
-        y_full = backend.gemm(x_fp8, melded_fp8.t(), x_scale, scale, torch.float32)
+        # One rounding to the activation dtype: E4M3 re-quantization of o_A loses far more than bf16.
+        y_full = backend.gemm(x_fp8, melded_fp8.t(), x_scale, scale, x_hp.dtype)
         adapter_out_fp8, adapter_out_scale = quantize_dynamic(y_full[:, out_features:], E4M3)
         # qweight is saved as the Parameter itself: under ZeRO-3 its data is re-gathered for backward.
         ctx.save_for_backward(qweight, scale, adapter_out_fp8, adapter_out_scale)
         ctx.out_features, ctx.backend_name, ctx.proxy_dtype = out_features, backend_name, proxy.dtype
         ctx.x_shape = x_hp.shape
-        return y_full[:, :out_features].to(x_hp.dtype).reshape(*x_hp.shape[:-1], out_features)
+        return y_full[:, :out_features].reshape(*x_hp.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -144,3 +144,19 @@ def test_adamw_with_merges_trains_a_converted_llama():
     assert merged > 0
     assert all(not p.any() for p in params), "B must be zero after every merge"
     assert losses[-1] < 0.95 * losses[0], losses
+
+
+def test_failed_conversion_leaves_the_model_untouched():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="rank"):
+        fd.convert_model(model, fd.FalqonConfig(rank=48, backend="emulated"))  # fails on k_proj (32 rows)
+    assert not fd.falqon_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_random_init_differs_between_layers_of_the_same_shape():
+    model = tiny_llama()
+    fd.convert_model(model, fd.FalqonConfig(rank=8, backend="emulated", init="random"))
+    a = model.model.layers[0].self_attn.q_proj.adapter_weight()
+    b = model.model.layers[1].self_attn.q_proj.adapter_weight()
+    assert not torch.equal(a, b)

@@ -1,0 +1,312 @@
+"""Baselines: FP8 LoRA numerics, peft LoRA, full fine-tuning and the prepare_model registry (CPU)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import falqon_dist.baselines.fp8_lora as fp8_lora_mod
+import falqon_dist.method.linear as falqon_linear_mod
+from falqon_dist.baselines import (
+    METHODS,
+    QUANTIZE_OPS_PER_STEP,
+    Fp8LoraLinear,
+    apply_lora,
+    convert_fp8_lora,
+    prepare_full_finetune,
+    prepare_model,
+    target_module_names,
+)
+from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, sqnr_db
+from falqon_dist.method import FalqonConfig, FalqonLinear
+
+# SQNR floors (dB) against a float64 computation with the high-precision W, A, B. E4M3 alone gives
+# about 30 dB on Gaussian data, E5M2 about 25 dB; products of two quantized operands lose 3–6 dB,
+# and ∂L/∂A goes through two E5M2 casts (g and ∂L/∂h). Measured: 28 / 24 / 22 / 23 dB.
+SQNR_FLOOR_DB = {"y": 24.0, "grad_x": 20.0, "grad_A": 17.0, "grad_B": 19.0}
+
+BACKENDS = ["emulated", "scaled_mm"]
+
+
+def _tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def _batch(seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (2, 16), generator=generator)
+
+
+def _fp8_lora_layer(backend: str, bias: bool = True, seed: int = 0) -> tuple[nn.Linear, Fp8LoraLinear]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(256, 128, bias=bias)
+    layer = Fp8LoraLinear.from_linear(linear, rank=16, alpha=32.0, backend=backend)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.05)  # non-zero B, so that ∂L/∂A and the adapter path are exercised
+    return linear, layer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fp8LoraLinear numerics
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp8_lora_matches_float_reference_sqnr(backend: str) -> None:
+    linear, layer = _fp8_lora_layer(backend)
+    x = torch.randn(4, 32, 256, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+
+    x_ref = x.detach().double().requires_grad_()
+    a_ref = layer.lora_A.detach().double().requires_grad_()
+    b_ref = layer.lora_B.detach().double().requires_grad_()
+    y_ref = x_ref @ linear.weight.double().T + linear.bias.double() + layer.scaling * (x_ref @ a_ref.T) @ b_ref.T
+    y_ref.backward(grad.double())
+
+    measured = {
+        "y": sqnr_db(y_ref.detach(), y.detach()),
+        "grad_x": sqnr_db(x_ref.grad, x.grad),
+        "grad_A": sqnr_db(a_ref.grad, layer.lora_A.grad),
+        "grad_B": sqnr_db(b_ref.grad, layer.lora_B.grad),
+    }
+    for key, floor in SQNR_FLOOR_DB.items():
+        assert measured[key] >= floor, f"{key}: {measured[key]:.1f} dB < {floor} dB ({backend})"
+
+
+def test_fp8_lora_matches_exact_dequantized_reference() -> None:
+    """Recompute every step from the same FP8 operands in float64: only accumulation order differs."""
+    linear, layer = _fp8_lora_layer("emulated", bias=False)
+    x = torch.randn(64, 256, requires_grad=True)
+    y = layer(x)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+
+    def deq(t_hp: torch.Tensor, fmt: torch.dtype) -> torch.Tensor:
+        t_fp8, scale = quantize_dynamic(t_hp.detach(), fmt)
+        return dequantize(t_fp8, scale).double()
+
+    c = layer.scaling
+    x_d = deq(x, E4M3)
+    a_d = deq(layer.lora_A, E4M3)
+    b_d = deq(layer.lora_B, E4M3)
+    w_d = layer.backbone_weight().double()
+    h_d = deq((x_d @ a_d.T).float(), E4M3)
+    y_exact = x_d @ w_d.T + c * h_d @ b_d.T
+    g_d = deq(grad, E5M2)
+    gh_d = deq((c * g_d @ b_d).float(), E5M2)
+    grad_b_exact = c * g_d.T @ h_d
+    grad_a_exact = gh_d.T @ x_d
+    grad_x_exact = g_d @ w_d + gh_d @ a_d
+
+    torch.testing.assert_close(y.double(), y_exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad.double(), grad_b_exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.lora_A.grad.double(), grad_a_exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), grad_x_exact, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_lora_backbone_is_fp8_and_only_adapter_trains() -> None:
+    linear, layer = _fp8_lora_layer("emulated")
+    assert layer.qweight.dtype == torch.uint8 and not layer.qweight.requires_grad
+    assert layer.scale.dtype == torch.float32 and layer.scale.shape == (1,)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert sqnr_db(linear.weight.detach(), layer.backbone_weight()) > 25.0
+    x = torch.randn(8, 256, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.qweight.grad is None and layer.bias.grad is None
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+
+
+def test_fp8_lora_starts_as_the_quantized_backbone() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32, bias=False)
+    layer = Fp8LoraLinear.from_linear(linear, rank=8, backend="emulated")
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    x = torch.randn(16, 64)
+    x_fp8, x_scale = quantize_dynamic(x, E4M3)
+    expected = dequantize(x_fp8, x_scale) @ layer.backbone_weight().T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_lora_scale_survives_module_casts() -> None:
+    _, layer = _fp8_lora_layer("emulated")
+    layer.bfloat16()
+    assert layer.scale.dtype == torch.float32 and layer.lora_A.dtype == torch.bfloat16
+    assert layer.qweight.dtype == torch.uint8
+    x = torch.randn(4, 256, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.dtype == x.grad.dtype == layer.lora_A.grad.dtype == torch.bfloat16
+
+
+def _count_quantizations(module_namespace, monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    calls: list[torch.dtype] = []
+    original = module_namespace.quantize_dynamic
+
+    def counting(x_hp, fp8_dtype=E4M3):
+        calls.append(fp8_dtype)
+        return original(x_hp, fp8_dtype)
+
+    monkeypatch.setattr(module_namespace, "quantize_dynamic", counting)
+    return calls
+
+
+def test_quantize_op_counts_fp8_lora_vs_falqon(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, layer = _fp8_lora_layer("emulated")  # built first: converting W is a one-off, not per step
+    calls = _count_quantizations(fp8_lora_mod, monkeypatch)
+    layer(torch.randn(8, 256, requires_grad=True)).sum().backward()
+    assert len(calls) == QUANTIZE_OPS_PER_STEP == 6
+    assert calls.count(E5M2) == 2  # g and ∂L/∂h
+
+    torch.manual_seed(0)
+    falqon = FalqonLinear.from_linear(nn.Linear(256, 128), FalqonConfig(rank=16, backend="emulated"))
+    calls = _count_quantizations(falqon_linear_mod, monkeypatch)
+    falqon(torch.randn(8, 256, requires_grad=True)).sum().backward()
+    assert len(calls) == 3  # x, o_A, g
+
+
+def test_convert_fp8_lora_targets_falqon_layers_and_is_deterministic() -> None:
+    model = _tiny_llama()
+    expected = target_module_names(model)
+    names = convert_fp8_lora(model, rank=4, alpha=8, backend="emulated", seed=3)
+    assert names == expected and "lm_head" not in names and len(names) == 14
+    assert all(isinstance(model.get_submodule(n), Fp8LoraLinear) for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.lora_{ab}" for n in names for ab in "AB"}
+
+    again = _tiny_llama()
+    convert_fp8_lora(again, rank=4, alpha=8, backend="emulated", seed=3)
+    for (_, p), (_, q) in zip(model.named_parameters(), again.named_parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert torch.equal(from_bits(model.model.layers[0].mlp.up_proj.qweight).float(),
+                       from_bits(again.model.layers[0].mlp.up_proj.qweight).float())  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# peft LoRA and full fine-tuning
+
+
+def test_apply_lora_trains_only_adapters_and_reduces_loss() -> None:
+    model = _tiny_llama()
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    returned = apply_lora(model, rank=4, alpha=8)
+    assert returned is model and isinstance(model, LlamaForCausalLM)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * len(target_module_names(_tiny_llama()))
+
+    ids = _batch()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    # the backbone did not move (peft wraps each target as `<name>.base_layer`)
+    for name, param in model.named_parameters():
+        original = name.replace(".base_layer", "")
+        if original in frozen_before:
+            assert torch.equal(param, frozen_before[original]), name
+
+
+def test_apply_lora_keeps_bf16_backbone_dtype() -> None:
+    model = apply_lora(_tiny_llama(torch.bfloat16), rank=4)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_apply_lora_validates_arguments() -> None:
+    with pytest.raises(ValueError, match="rank"):
+        apply_lora(_tiny_llama(), rank=0)
+    with pytest.raises(ValueError, match="no target modules"):
+        apply_lora(nn.Sequential(nn.Linear(10, 10)), rank=2)
+
+
+def test_prepare_full_finetune_unfreezes_everything() -> None:
+    model = _tiny_llama()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    names = prepare_full_finetune(model)
+    assert names == [n for n, _ in model.named_parameters()]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_prepare_full_finetune_rejects_converted_model() -> None:
+    model = _tiny_llama()
+    convert_fp8_lora(model, rank=4, backend="emulated")
+    with pytest.raises(ValueError, match="qweight"):
+        prepare_full_finetune(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# prepare_model
+
+
+def test_prepare_model_rejects_unknown_method() -> None:
+    with pytest.raises(ValueError, match=r"'qlora'.*falqon.*lora.*fp8_lora.*full"):
+        prepare_model(_tiny_llama(), "qlora", rank=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_forward_backward(method: str, dtype: torch.dtype) -> None:
+    model = _tiny_llama(dtype)
+    names = prepare_model(model, method, rank=4, alpha=8, backend="emulated")
+    assert names
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable
+    if method != "full":
+        assert sum(p.numel() for p in trainable) < sum(p.numel() for p in model.parameters()) / 4
+    ids = _batch()
+    loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in trainable]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch/bench_layer.py
+
+
+def test_bench_layer_quick_runs_every_method(
+    tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "launch" / "bench_layer.py"
+    spec = importlib.util.spec_from_file_location("bench_layer", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_layer", bench)  # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+
+    out = tmp_path / "bench.json"
+    results = bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)])
+    assert all(r.error is None for r in results), [r.error for r in results]
+    rows = {(r.method, r.backend): r for r in results}
+    assert rows[("fp8_lora", "emulated")].quantize_ops == QUANTIZE_OPS_PER_STEP
+    assert rows[("falqon", "scaled_mm")].quantize_ops == 3
+    assert rows[("peft LoRA", None)].quantize_ops == 0 and rows[("peft LoRA", None)].ratio_vs_lora == 1.0
+    assert rows[("fp8_lora", "emulated")].backbone_bytes_per_param == 1.0
+    assert rows[("bf16 linear, frozen W", None)].backbone_bytes_per_param == 2.0
+    assert "| falqon | scaled_mm |" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["results"]) == len(results)
