@@ -10,8 +10,8 @@ What FALQON requires of DeepSpeed, and why each rejected setting would break it:
   that the sharded merge would have to update too (not supported).
 * ``zero_optimization.offload_param.device == "nvme"``: the merge edits partitions in memory.
 
-Filled when absent: an AdamW optimizer (``torch_adam`` on the CPU accelerator, where DeepSpeed's
-fused Adam is not built) and ``steps_per_print`` off.
+Filled when absent: an AdamW optimizer, ``torch_adam`` for Adam/AdamW on the CPU accelerator (where
+DeepSpeed's fused Adam is not built) and ``steps_per_print`` off.
 """
 
 from __future__ import annotations
@@ -61,12 +61,11 @@ def prepare_ds_config(ds_config: dict[str, Any], *, on_cpu: bool, lr: float | No
         )
     if "pipeline" in cfg and cfg["pipeline"]:
         raise DeepSpeedConfigError("pipeline parallelism ('pipeline') is not supported with FALQON")
-    if "optimizer" not in cfg:
-        params: dict[str, Any] = {"lr": lr if lr is not None else 1e-3, "weight_decay": 0.0}
-        if on_cpu:
-            params["torch_adam"] = True
-        cfg["optimizer"] = {"type": "AdamW", "params": params}
-    elif lr is not None:
-        cfg["optimizer"].setdefault("params", {})["lr"] = lr
+    optimizer = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0}})
+    params = optimizer.setdefault("params", {})
+    if lr is not None:
+        params["lr"] = lr
+    if on_cpu and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        params.setdefault("torch_adam", True)  # DeepSpeed's fused Adam is not built for its CPU accelerator
     cfg.setdefault("steps_per_print", 2**31 - 1)
     return cfg

@@ -1,0 +1,67 @@
+"""Rank-0 outputs of a run: train.log, metrics.jsonl, the resolved config, a progress bar.
+
+Every writer is a no-op on ranks other than 0, so the training loop can call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+LOGGER_NAME = "falqon_dist"
+
+
+def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
+    """Console + ``run_dir/train.log`` on rank 0; warnings and errors only on other ranks."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if rank == 0:
+        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
+        logger.setLevel(logging.INFO)
+    else:
+        logger.setLevel(logging.WARNING)
+    return logger
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (rank 0 only).
+
+    On resume, lines of steps after the resumed step (written by the interrupted run after its last
+    checkpoint) are dropped, so the file reads as one consistent history.
+    """
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None = None) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _step_of(line) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """A step progress bar on rank 0, silent when stderr is not a terminal (CI, log files)."""
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not (enabled and sys.stderr.isatty()))

@@ -1,0 +1,71 @@
+"""Building the model a run trains: base weights, tokenizer, and the fine-tuning method applied.
+
+FALQON under ZeRO-3 is loaded partitioned from the start and converted layer by layer
+(:mod:`falqon_dist.dist.zero3_init`); every other combination loads the model on each rank and lets
+``deepspeed.initialize`` partition it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from falqon_dist.baselines import prepare_model
+from falqon_dist.dist.zero3_init import load_pretrained_zero3
+from falqon_dist.method import FalqonConfig
+from falqon_dist.train.settings import RunSettings
+
+log = logging.getLogger("falqon_dist")
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_model_path(settings: RunSettings) -> str:
+    """The model directory or hub name; builds the embedded tiny model on rank 0 first if needed."""
+    if settings.model.name_or_path is not None:
+        return str(Path(settings.model.name_or_path).expanduser()) if Path(
+            settings.model.name_or_path
+        ).expanduser().exists() else settings.model.name_or_path
+    from falqon_dist.models import build_tiny_model
+
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    path = build_tiny_model() if rank == 0 else None
+    if tdist.is_initialized():
+        tdist.barrier()
+    return str(path or build_tiny_model())  # other ranks reuse rank 0's cached build
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.Module:
+    """Load ``path`` and apply the configured method; returns the model ready for ``initialize``."""
+    method, dtype = settings.method, TORCH_DTYPES[settings.model.dtype]
+    if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
+        falqon_cfg = FalqonConfig(rank=method.rank, topk=method.topk, init=method.init, backend=settings.fp8_backend)
+        model, names = load_pretrained_zero3(path, ds_config, falqon_cfg, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        names = prepare_model(
+            model,
+            method.name,
+            rank=method.rank or 0,
+            topk=method.topk,
+            alpha=method.alpha,
+            backend=settings.fp8_backend,
+            init=method.init,
+        )
+    if settings.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    log.info("method=%s: %d modules targeted, %s trainable of %s parameters", method.name, len(names), f"{trainable:,}", f"{total:,}")
+    return model

@@ -1,0 +1,238 @@
+"""The composed Hydra config, validated and turned into typed settings before any work starts.
+
+Hydra already rejects unknown keys (the config is in struct mode). This module checks values and
+raises :class:`ConfigError` naming the key and what would be valid, e.g.
+``train.micro_batch_size must be a positive integer, got 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from falqon_dist.baselines import METHODS
+from falqon_dist.data import DataConfig
+from falqon_dist.fp8 import BACKEND_NAMES
+from falqon_dist.train.wandb_logger import VALID_MODES
+
+DTYPES = ("bf16", "fp32")
+SCHEDULES = ("constant", "cosine")
+LOGGERS = ("none", "wandb")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key."""
+
+
+def _positive_int(value: Any, key: str, *, allow_zero: bool = False) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ConfigError(f"{key} must be {kind} integer, got {value!r}")
+    return value
+
+
+def _number(value: Any, key: str, low: float, high: float | None = None) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ConfigError(f"{key} must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+def _positive_number(value: Any, key: str) -> float:
+    if _number(value, key, 0.0) <= 0:
+        raise ConfigError(f"{key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _choice(value: Any, key: str, valid: tuple) -> Any:
+    if value not in valid:
+        raise ConfigError(f"{key} must be one of {valid}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_steps: int
+    micro_batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_steps: int
+    schedule: str
+    min_lr_ratio: float
+    weight_decay: float
+    save_every: int
+    keep_checkpoints: int
+    eval_every: int
+    eval_samples: int
+    eval_generate_samples: int
+    resume: bool
+    log_every: int
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    name: str
+    rank: int | None
+    topk: int | None
+    init: str
+    alpha: float | None
+    dropout: float
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str
+    name_or_path: str | None
+    dtype: str
+    max_length: int
+    gradient_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class DeepSpeedSettings:
+    zero_stage: int
+    gradient_clipping: float
+    param_persistence_threshold: int
+    config: Path | None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run needs, validated."""
+
+    run_dir: Path
+    seed: int
+    train: TrainSettings
+    method: MethodSettings
+    model: ModelSettings
+    data: DataConfig
+    deepspeed: DeepSpeedSettings
+    fp8_backend: str
+    logger: str
+    wandb: dict[str, Any]
+    export: bool
+
+
+def _train(t: DictConfig) -> TrainSettings:
+    resume = t.resume
+    if not isinstance(resume, bool):
+        raise ConfigError(f"train.resume must be true or false, got {resume!r}")
+    return TrainSettings(
+        max_steps=_positive_int(t.max_steps, "train.max_steps"),
+        micro_batch_size=_positive_int(t.micro_batch_size, "train.micro_batch_size"),
+        grad_accum=_positive_int(t.grad_accum, "train.grad_accum"),
+        lr=_positive_number(t.lr, "train.lr"),
+        warmup_steps=_positive_int(t.warmup_steps, "train.warmup_steps", allow_zero=True),
+        schedule=_choice(t.schedule, "train.schedule", SCHEDULES),
+        min_lr_ratio=_number(t.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0),
+        weight_decay=_number(t.weight_decay, "train.weight_decay", 0.0),
+        save_every=_positive_int(t.save_every, "train.save_every", allow_zero=True),
+        keep_checkpoints=_positive_int(t.keep_checkpoints, "train.keep_checkpoints"),
+        eval_every=_positive_int(t.eval_every, "train.eval_every", allow_zero=True),
+        eval_samples=_positive_int(t.eval_samples, "train.eval_samples", allow_zero=True),
+        eval_generate_samples=_positive_int(t.eval_generate_samples, "train.eval_generate_samples", allow_zero=True),
+        resume=resume,
+        log_every=_positive_int(t.log_every, "train.log_every"),
+    )
+
+
+def _method(m: DictConfig) -> MethodSettings:
+    name = _choice(m.name, "method", METHODS)
+    rank = m.get("rank")
+    if name != "full":
+        _positive_int(rank, "method.rank")
+    topk = m.get("topk")
+    if topk is not None:
+        _positive_int(topk, "method.topk")
+    init = _choice(m.get("init", "svd"), "method.init", ("svd", "random"))
+    alpha = m.get("alpha")
+    if alpha is not None:
+        alpha = _number(alpha, "method.alpha", 0.0)
+    dropout = _number(m.get("dropout", 0.0), "method.dropout", 0.0, 1.0)
+    return MethodSettings(name=name, rank=rank, topk=topk, init=init, alpha=alpha, dropout=dropout)
+
+
+def _model(m: DictConfig) -> ModelSettings:
+    path = m.name_or_path
+    if path is not None and (not isinstance(path, str) or not path):
+        raise ConfigError(f"model.name_or_path must be null (embedded tiny model) or a hub name / directory, got {path!r}")
+    if path is not None and (path.startswith((".", "/", "~")) or Path(path).exists()):
+        if not Path(path).expanduser().is_dir():
+            raise ConfigError(f"model.name_or_path={path!r}: no such model directory")
+    return ModelSettings(
+        name=str(m.name),
+        name_or_path=path,
+        dtype=_choice(m.dtype, "model.dtype", DTYPES),
+        max_length=_positive_int(m.max_length, "model.max_length"),
+        gradient_checkpointing=bool(m.gradient_checkpointing),
+    )
+
+
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def _data(d: DictConfig, max_length: int, seed: int) -> DataConfig:
+    fields = OmegaConf.to_container(d, resolve=True)
+    fields.setdefault("max_length", max_length)
+    fields.setdefault("seed", seed)
+    path = fields.get("path")
+    if path is not None and not Path(str(path)).expanduser().exists():
+        # alpaca/oasst1 also accept a hub dataset name; anything that looks like a file must exist
+        looks_local = str(path).startswith((".", "/", "~")) or str(path).endswith(LOCAL_SUFFIXES)
+        if fields.get("name") == "jsonl" or looks_local:
+            raise ConfigError(f"data.path={path!r}: no such file or directory")
+    try:
+        return DataConfig(**fields)
+    except TypeError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("DataConfig.", "data.")) from None
+
+
+def _deepspeed(d: DictConfig) -> DeepSpeedSettings:
+    stage = _choice(d.zero_stage, "deepspeed.zero_stage", (0, 1, 2, 3))
+    config = d.config
+    if config is not None:
+        config = Path(str(config)).expanduser()
+        if not config.is_file():
+            raise ConfigError(f"deepspeed.config={str(config)!r}: no such file (a DeepSpeed JSON)")
+    return DeepSpeedSettings(
+        zero_stage=stage,
+        gradient_clipping=_number(d.gradient_clipping, "deepspeed.gradient_clipping", 0.0),
+        param_persistence_threshold=_positive_int(
+            d.param_persistence_threshold, "deepspeed.param_persistence_threshold", allow_zero=True
+        ),
+        config=config,
+    )
+
+
+def validate(cfg: DictConfig) -> RunSettings:
+    """Check every value of the composed config; raise :class:`ConfigError` on the first bad one."""
+    if cfg.run.dir is None:
+        raise ConfigError("run.dir must be set (launch/train.py sets it for every rank)")
+    seed = cfg.run.seed
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"run.seed must be an integer, got {seed!r}")
+    model = _model(cfg.model)
+    method = _method(cfg.method)
+    logger = _choice(cfg.logger.backend, "logger", LOGGERS)
+    wandb_settings = OmegaConf.to_container(cfg.wandb, resolve=True)
+    _choice(wandb_settings.get("mode"), "wandb.mode", VALID_MODES)
+    return RunSettings(
+        run_dir=Path(cfg.run.dir),
+        seed=seed,
+        train=_train(cfg.train),
+        method=method,
+        model=model,
+        data=_data(cfg.data, model.max_length, seed),
+        deepspeed=_deepspeed(cfg.deepspeed),
+        fp8_backend=_choice(cfg.fp8.backend, "fp8.backend", BACKEND_NAMES),
+        logger=logger,
+        wandb=wandb_settings,
+        export=bool(cfg.export.enabled),
+    )

@@ -1,0 +1,263 @@
+"""The training recipe: setup → evaluate → train (micro-batches, step, merge, log, save) → evaluate.
+
+``run(cfg)`` is what ``launch/train.py`` calls on every rank. The loop never touches FP8 details:
+the DeepSpeed engine's ``step()`` applies FALQON's merges, and its stats come back as metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from omegaconf import DictConfig, OmegaConf
+
+from falqon_dist.data import build_data
+from falqon_dist.dist import checkpoint, initialize
+from falqon_dist.train.batches import BatchStream
+from falqon_dist.train.ds_config import build_ds_config
+from falqon_dist.train.evaluate import exact_match, response_loss
+from falqon_dist.train.logging_utils import MetricsWriter, progress_bar, setup_logging
+from falqon_dist.train.model_setup import build_model, load_tokenizer, resolve_model_path
+from falqon_dist.train.settings import RunSettings, validate
+from falqon_dist.train.wandb_logger import WandbLogger
+
+log = logging.getLogger("falqon_dist")
+
+
+def lr_lambda(settings: RunSettings):
+    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio`` of the peak."""
+    t = settings.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / (t.warmup_steps + 1)
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _mean_over_ranks(values: list[float]) -> float:
+    tensor = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if tdist.is_initialized():
+        tdist.all_reduce(tensor)
+    return float(tensor[0] / tensor[1])
+
+
+def _sum_over_ranks(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if tdist.is_initialized():
+        tdist.all_reduce(tensor)
+    return float(tensor[0])
+
+
+def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding input tokens (packed rows count whole: their padding is a short tail)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
+
+
+class Trainer:
+    """One training run on every rank; rank 0 writes every output."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.settings = validate(cfg)  # fail before any work starts
+        self.rank = tdist.get_rank() if tdist.is_initialized() else 0
+        self.world = tdist.get_world_size() if tdist.is_initialized() else 1
+        self.is_main = self.rank == 0
+        self.run_dir = self.settings.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if tdist.is_initialized():
+            tdist.barrier()
+        setup_logging(self.run_dir, self.rank)
+        self.resolved_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
+        self.wandb: WandbLogger | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        s = self.settings
+        random.seed(s.seed)
+        np.random.seed(s.seed)
+        torch.manual_seed(s.seed)
+        log.info("run dir %s | %d rank(s) | method=%s | ZeRO-%d | %s", self.run_dir, self.world, s.method.name,
+                 s.deepspeed.zero_stage, s.model.dtype)
+        model_path = resolve_model_path(s)
+        self.tokenizer = load_tokenizer(model_path)
+        self.data = build_data(s.data, self.tokenizer)
+        log.info("data=%s: %d train rows, %d eval rows (%d train examples dropped: too long)", s.data.name,
+                 len(self.data.train), len(self.data.eval), self.data.train_stats.dropped)
+        ds_config = build_ds_config(s, self.world)
+        model = build_model(model_path, s, ds_config)
+        self.engine = initialize(
+            model,
+            ds_config,
+            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s)),
+        )
+        sampler = self.data.train_batch_sampler(s.train.micro_batch_size, num_replicas=self.world, rank=self.rank)
+        self.batches = BatchStream(self.data.train, sampler, self.data.collate_fn)
+        self.start_step = 0
+        if s.train.resume:
+            self._resume()
+        self.metrics = MetricsWriter(
+            self.run_dir / "metrics.jsonl", self.is_main, resume_step=self.start_step if s.train.resume else None
+        )
+        self.wandb = WandbLogger(s.wandb, self.run_dir, self.resolved_config, enabled=self.is_main and s.logger == "wandb")
+
+    def _resume(self) -> None:
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        if tag is None:
+            log.info("train.resume=true but %s holds no checkpoint: starting from step 0", self.ckpt_dir)
+            return
+        tag, client_state = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        self.batches.restore(client_state["data"])
+        self.start_step = int(client_state["step"])
+        log.info("resumed from %s at step %d", self.ckpt_dir / tag, self.start_step)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        s, module = self.settings, self.engine.module
+        out: dict[str, float] = {}
+        if s.train.eval_samples:
+            out["eval_loss"] = response_loss(
+                module, self.data.eval, self.data.collate_fn, s.train.eval_samples, s.train.micro_batch_size
+            )
+        if s.train.eval_generate_samples and s.data.name == "synthetic":
+            out["eval_exact_match"] = exact_match(
+                module, self.tokenizer, self.data.eval_records, s.train.eval_generate_samples, batch_size=64
+            )
+        return out
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: grad_accum micro-batches, then the engine's step (and merge)."""
+        engine, start = self.engine, time.perf_counter()
+        losses, tokens = [], 0
+        for _ in range(self.settings.train.grad_accum):
+            batch = {k: v.to(engine.device) for k, v in self.batches.next().items()}
+            tokens += _input_tokens(batch)
+            loss = engine(**batch, use_cache=False).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+        elapsed = time.perf_counter() - start
+        record = {
+            "loss": _mean_over_ranks(losses),
+            "lr": engine.get_lr()[0],
+            "step_time_s": elapsed,
+            "tokens_per_s": _sum_over_ranks(tokens) / elapsed,
+        }
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if getattr(engine, "last_merge_stats", None):
+            record["rows_merged"] = engine.last_merge_stats["rows_merged"]
+            record["saturated"] = engine.last_merge_stats["saturated"]
+        return record
+
+    def save(self, step: int) -> None:
+        state = {"data": self.batches.state(), "step": step}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, step, client_state=state, keep=self.settings.train.keep_checkpoints)
+        log.info("saved checkpoint %s", self.ckpt_dir / tag)
+
+    def train(self) -> dict[str, Any]:
+        s = self.settings.train
+        before = self.evaluate() if self.start_step == 0 else {}
+        if before:
+            self.log_record({"step": 0, **before})
+        bar = progress_bar(s.max_steps, self.start_step, self.is_main)
+        speeds = []
+        step = self.start_step
+        for step in range(self.start_step + 1, s.max_steps + 1):
+            record = self.train_step()
+            speeds.append(record["tokens_per_s"])
+            if step % s.log_every == 0 or step == s.max_steps:
+                self.log_record({"step": step, **record})
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            if s.eval_every and step % s.eval_every == 0 and step != s.max_steps:
+                self.log_record({"step": step, **self.evaluate()})
+            if s.save_every and step % s.save_every == 0 and step != s.max_steps:
+                self.save(step)
+        bar.close()
+        after = self.evaluate()
+        self.log_record({"step": s.max_steps, **after})
+        self.save(s.max_steps)
+        return {"before": before, "after": after, "tokens_per_s": float(np.median(speeds)) if speeds else None}
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.metrics.write(record)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def export(self) -> Path | None:
+        if not self.settings.export:
+            return None
+        from falqon_dist.export import export_fp8
+
+        out = self.run_dir / "export"
+        export_fp8(self.engine.module, out, tokenizer=self.tokenizer, overwrite=True)
+        log.info("exported FP8 model to %s", out)
+        return out
+
+    def summarize(self, result: dict[str, Any], export_dir: Path | None) -> None:
+        if not self.is_main:
+            return
+        before, after = result["before"], result["after"]
+
+        def fmt(key: str, values: dict[str, float]) -> str:
+            return f"{values[key]:.4f}" if key in values else "—"
+
+        lines = [
+            "",
+            "=" * 64,
+            f" falqon_dist run summary ({self.settings.method.name}, {self.world} rank(s), "
+            f"ZeRO-{self.settings.deepspeed.zero_stage})",
+            "-" * 64,
+            f" eval loss          {fmt('eval_loss', before):>10} -> {fmt('eval_loss', after):>10}",
+            f" eval exact match   {fmt('eval_exact_match', before):>10} -> {fmt('eval_exact_match', after):>10}",
+            f" tokens/s (median)  {result['tokens_per_s'] or 0:>10.1f}",
+            f" run directory      {self.run_dir}",
+        ]
+        if export_dir is not None:
+            lines.append(f" FP8 export         {export_dir}")
+        lines.append("=" * 64)
+        print("\n".join(lines), flush=True)
+        if self.wandb is not None:
+            self.wandb.summary({f"final_{k}": v for k, v in after.items()})
+
+    def cleanup(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def run(cfg: DictConfig) -> None:
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        result = trainer.train()
+        export_dir = trainer.export()
+        trainer.summarize(result, export_dir)
+    finally:
+        trainer.cleanup()
+        if tdist.is_initialized():
+            tdist.barrier()
+            tdist.destroy_process_group()

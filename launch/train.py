@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Hydra entry point of falqon_dist training.
+
+    python launch/train.py [key=value ...]
+    deepspeed --num_gpus N launch/train.py [key=value ...]        (with or without --no_local_rank)
+    torchrun --nproc_per_node N launch/train.py [key=value ...]
+    deepspeed --hostfile launch/hostfile.example launch/train.py ...   (see launch/multinode.sh)
+
+Overrides are validated before any work starts; see conf/config.yaml for every field.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from falqon_dist.train.bootstrap import agree_run_dir, init_process_group, requested_override, strip_local_rank  # noqa: E402
+
+
+@hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from falqon_dist.train.trainer import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    argv = strip_local_rank(sys.argv[1:])
+    init_process_group()
+    run_dir = agree_run_dir(requested_override(argv, "run.dir"))
+    overrides = [a for a in argv if not a.lstrip("+~").startswith("run.dir=")]
+    sys.argv = [
+        sys.argv[0],
+        *overrides,
+        f"run.dir={run_dir}",
+        # Hydra must not write per-rank files or logs: rank 0 writes the resolved config and train.log.
+        f"hydra.run.dir={run_dir}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=none",
+        "hydra/hydra_logging=none",
+    ]
+    main()
