@@ -177,6 +177,8 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 def _data(d: DictConfig, max_length: int, seed: int) -> DataConfig:
+    if OmegaConf.is_missing(d, "path"):
+        raise ConfigError(f"data.path is required for data={d.name} (a local .jsonl/.json file or directory)")
     fields = OmegaConf.to_container(d, resolve=True)
     fields.setdefault("max_length", max_length)
     fields.setdefault("seed", seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ class WandbLogger:
         try:
             import wandb
 
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             self.run = wandb.init(
                 project=settings.get("project"),
                 entity=settings.get("entity"),
