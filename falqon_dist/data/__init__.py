@@ -1,0 +1,106 @@
+"""Fine-tuning data: sources, prompt-masked tokenization, packing, batching, generation-based eval.
+
+Public API::
+
+    from falqon_dist.data import DataConfig, build_data, evaluate_exact_match
+    bundle = build_data(DataConfig(name="synthetic", task="sub"), tokenizer)
+    sampler = bundle.train_batch_sampler(batch_size=32, num_replicas=world, rank=rank)
+    loader = DataLoader(bundle.train, batch_sampler=sampler, collate_fn=bundle.collate_fn)
+    # call the model with use_cache=False in training (needed for per-example attention when packing)
+    em = evaluate_exact_match(model, tokenizer, bundle.eval_records)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from falqon_dist.data.collate import Collator, TrainBatchSampler, pack_examples
+from falqon_dist.data.config import DATASET_NAMES, DataConfig
+from falqon_dist.data.formats import DataFormatError, Record
+from falqon_dist.data.generation import evaluate_exact_match, generate_answers, mean_response_loss
+from falqon_dist.data.sources import load_records
+from falqon_dist.data.synthetic import exact_match, finetune_splits
+from falqon_dist.data.tokenization import IGNORE_INDEX, TokenizedDataset, TokenizeStats, special_ids, tokenize_records
+
+
+@dataclass
+class DataBundle:
+    """Everything the trainer needs from the data side."""
+
+    #: Tokenized training examples (packed rows when DataConfig.packing).
+    train: TokenizedDataset
+    #: Tokenized eval examples, one per row (never packed), for eval loss.
+    eval: TokenizedDataset
+    #: Pads a list of items into a batch: input_ids, labels, and attention_mask (unpacked) or
+    #: position_ids (packed).
+    collate_fn: Collator
+    #: Raw {"prompt", "response"} eval records, for generation-based exact match.
+    eval_records: list[Record]
+    #: Tokenization counts (truncated / dropped examples) of the train and eval splits.
+    train_stats: TokenizeStats
+    eval_stats: TokenizeStats
+    #: Whether ``train`` holds packed rows.
+    packing: bool
+    #: Seed of the batch order.
+    seed: int
+
+    def train_batch_sampler(
+        self, batch_size: int, *, num_replicas: int = 1, rank: int = 0, drop_last: bool = False
+    ) -> TrainBatchSampler:
+        """Shuffled batches of this rank's share (grouped by length unless packed)."""
+        return TrainBatchSampler(
+            self.train.lengths,
+            batch_size,
+            num_replicas=num_replicas,
+            rank=rank,
+            seed=self.seed,
+            group_by_length=not self.packing,
+            drop_last=drop_last,
+        )
+
+
+def load_split_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
+    """Normalized ``(train, eval)`` records for ``cfg`` (synthetic or file/hub dataset)."""
+    if cfg.name == "synthetic":
+        return finetune_splits(cfg.task, cfg.num_train, cfg.num_eval, cfg.seed)
+    return load_records(cfg)
+
+
+def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
+    """Load, normalize, tokenize (loss on responses only) and optionally pack the data of ``cfg``."""
+    train_records, eval_records = load_split_records(cfg)
+    _, pad_id = special_ids(tokenizer)
+    train_examples, train_stats = tokenize_records(train_records, tokenizer, cfg.max_length)
+    eval_examples, eval_stats = tokenize_records(eval_records, tokenizer, cfg.max_length)
+    if not train_examples or not eval_examples:
+        raise ValueError(
+            f"no examples fit max_length={cfg.max_length}: train kept {train_stats.kept}/{train_stats.total}, "
+            f"eval kept {eval_stats.kept}/{eval_stats.total}; raise DataConfig.max_length"
+        )
+    if cfg.packing:
+        train_examples = pack_examples(train_examples, cfg.max_length)
+    return DataBundle(
+        train=TokenizedDataset(train_examples),
+        eval=TokenizedDataset(eval_examples),
+        collate_fn=Collator(pad_id),
+        eval_records=list(eval_records),
+        train_stats=train_stats,
+        eval_stats=eval_stats,
+        packing=cfg.packing,
+        seed=cfg.seed,
+    )
+
+
+__all__ = [
+    "DATASET_NAMES",
+    "IGNORE_INDEX",
+    "DataBundle",
+    "DataConfig",
+    "DataFormatError",
+    "build_data",
+    "evaluate_exact_match",
+    "exact_match",
+    "generate_answers",
+    "load_split_records",
+    "mean_response_loss",
+]

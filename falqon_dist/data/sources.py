@@ -1,0 +1,182 @@
+"""Read alpaca / oasst1 / jsonl sources into normalized train and eval records.
+
+Local files (``.jsonl``, ``.json`` — JSON lines or one JSON array — and ``.parquet``) are checked
+here first, so a broken JSON line is reported with its file and 1-based line number, then loaded
+with ``datasets.load_dataset("json" | "parquet", data_files=...)``. A directory is read as all such
+files below it; when some file names contain ``train`` and others ``valid``/``eval``/``test``/``dev``
+they are the two splits, otherwise all rows form one pool split by ``eval_fraction``. Any other
+``path`` that looks like ``owner/name`` is loaded from the Hugging Face hub (network only).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from falqon_dist.data.config import DEFAULT_HUB_NAMES, DataConfig
+from falqon_dist.data.formats import DataFormatError, Record, normalize_alpaca, normalize_generic, oasst_pairs
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+_EVAL_WORDS = ("valid", "eval", "test", "dev")
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+Rows = tuple[Sequence[Mapping[str, Any]], list[str]]  # rows and where each one is ("file: line 3")
+
+
+@contextmanager
+def _quiet_datasets():
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def _parse_json(path: Path) -> Rows:
+    """Parse a .json/.jsonl file ourselves, so errors name the line; return rows and their locations."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        for i, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise DataFormatError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+        return rows, [f"{path}: row {i}" for i in range(1, len(rows) + 1)]
+    rows, wheres = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{path}: line {lineno}: invalid JSON ({err.msg}); expected one object per line") from None
+        if not isinstance(row, dict):
+            raise DataFormatError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+        wheres.append(f"{path}: line {lineno}")
+    return rows, wheres
+
+
+def read_file(path: Path, check: Callable[[Rows], object] | None = None) -> Rows:
+    """Rows of one local file and their locations (file + line for jsonl, file + row otherwise).
+
+    ``check`` (a normalizer) first runs on our own parse of a JSON file, so a malformed row is
+    reported with its line before ``datasets`` sees the file.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file not found: {path}")
+    if path.suffix not in FILE_SUFFIXES:
+        raise DataFormatError(f"{path}: unsupported file type {path.suffix!r}; expected one of {FILE_SUFFIXES}")
+    builder, wheres = "parquet", None
+    if path.suffix != ".parquet":
+        parsed = _parse_json(path)
+        if not parsed[0]:
+            return [], []
+        if check is not None:
+            check(parsed)
+        builder, wheres = "json", parsed[1]
+    with _quiet_datasets() as datasets:
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+    if wheres is None:
+        wheres = [f"{path}: row {i}" for i in range(1, len(dataset) + 1)]
+    if len(wheres) != len(dataset):
+        raise DataFormatError(f"{path}: read {len(dataset)} rows but found {len(wheres)} JSON objects")
+    return dataset, wheres
+
+
+def _concat(parts: Sequence[Rows]) -> Rows:
+    rows: list[Mapping[str, Any]] = []
+    wheres: list[str] = []
+    for part_rows, part_wheres in parts:
+        rows.extend(part_rows)
+        wheres.extend(part_wheres)
+    return rows, wheres
+
+
+def read_local(path: Path, check: Callable[[Rows], object] | None = None) -> tuple[Rows, Rows | None]:
+    """``(train_or_pool, eval_or_None)`` rows of a local file or directory (``check``: see read_file)."""
+    if path.is_file():
+        return read_file(path, check), None
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(FILE_SUFFIXES)} files under dataset directory {path}")
+    train = [f for f in files if "train" in f.name.lower()]
+    evals = [f for f in files if any(word in f.name.lower() for word in _EVAL_WORDS)]
+    if train and evals:
+        return _concat([read_file(f, check) for f in train]), _concat([read_file(f, check) for f in evals])
+    return _concat([read_file(f, check) for f in files]), None
+
+
+def read_hub(name: str) -> tuple[Rows, Rows | None]:
+    """``(train, eval_or_None)`` rows of a hub dataset (needs network)."""
+    try:
+        with _quiet_datasets() as datasets:
+            splits = datasets.load_dataset(name)
+    except Exception as err:  # noqa: BLE001 - any failure here means "cannot reach the dataset"
+        raise FileNotFoundError(
+            f"{name!r} is not a local file or directory, and loading it from the Hugging Face hub failed "
+            f"({type(err).__name__}: {err}); pass a local path (no network here?)"
+        ) from err
+    def rows(split: str) -> Rows:
+        return splits[split], [f"hub dataset {name} [{split}]: row {i}" for i in range(1, len(splits[split]) + 1)]
+
+    eval_split = next((s for s in ("validation", "test") if s in splits), None)
+    return rows("train"), (rows(eval_split) if eval_split else None)
+
+
+def _normalizer(cfg: DataConfig) -> Callable[[Rows], list[Record]]:
+    if cfg.name == "oasst1":
+        return lambda rows: oasst_pairs(rows[0], rows[1], lang=cfg.lang)
+    normalize = normalize_alpaca if cfg.name == "alpaca" else normalize_generic
+    return lambda rows: [normalize(row, where) for row, where in zip(rows[0], rows[1], strict=True)]
+
+
+def load_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
+    """Normalized ``(train, eval)`` records of a file or hub dataset (not ``synthetic``)."""
+    source = cfg.path or DEFAULT_HUB_NAMES.get(cfg.name)
+    if source is None:
+        raise ValueError(f"DataConfig.path is required for name={cfg.name!r}")
+    local = Path(source).expanduser()
+    normalize = _normalizer(cfg)
+    if local.exists():
+        train_rows, eval_rows = read_local(local, normalize)
+    elif cfg.name in DEFAULT_HUB_NAMES and _HUB_NAME.match(source) and not source.endswith(FILE_SUFFIXES):
+        train_rows, eval_rows = read_hub(source)
+    else:
+        raise FileNotFoundError(f"dataset path not found: {local}")
+    train = normalize(train_rows)
+    if eval_rows is not None:
+        evals = normalize(eval_rows)
+    else:
+        train, evals = split_records(train, cfg.eval_fraction, cfg.seed, where=source)
+    if cfg.max_records is not None:
+        train, evals = train[: cfg.max_records], evals[: cfg.max_records]
+    if not train or not evals:
+        raise DataFormatError(f"{source}: no usable records (train {len(train)}, eval {len(evals)})")
+    return train, evals
+
+
+def split_records(
+    records: list[Record], eval_fraction: float, seed: int, *, where: str = "dataset"
+) -> tuple[list[Record], list[Record]]:
+    """Seeded random ``(train, eval)`` split with ``round(n · eval_fraction)`` (at least 1) eval records."""
+    if len(records) < 2:
+        raise DataFormatError(f"{where}: need at least 2 records to split off an eval set, got {len(records)}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    num_eval = min(max(1, round(len(records) * eval_fraction)), len(records) - 1)
+    eval_ids = set(order[:num_eval])
+    train = [r for i, r in enumerate(records) if i not in eval_ids]
+    evals = [records[i] for i in sorted(eval_ids)]
+    return train, evals

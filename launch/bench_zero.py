@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""ZeRO stage × method on 2 ranks: step time, per-rank peak memory, backbone all-gather volume.
+
+    python launch/bench_zero.py                       # CPU: 2 gloo ranks, a ~60M-parameter Llama
+    python launch/bench_zero.py --stages 3 --hidden 1024 --layers 12 --out runs/bench_zero
+
+The driver saves one bf16 checkpoint, then launches one ``torchrun`` job per (stage, method), so each
+job's peak memory is its own. FALQON under ZeRO-3 loads through ``zero.Init`` and converts layer by
+layer; the baseline (``lora``: peft LoRA on a frozen bf16 backbone) loads the same checkpoint the way
+``launch/train.py`` does. All-gather bytes come from DeepSpeed's comms logger over one optimizer step;
+``bytes/param`` divides them by the partitioned parameters × 2 gather passes (forward + backward).
+Writes ``results.json`` and ``results.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as tdist
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from falqon_dist.baselines import prepare_model
+    from falqon_dist.dist import initialize
+    from falqon_dist.dist.zero3_init import load_pretrained_zero3
+    from falqon_dist.method import FalqonConfig
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = tdist.get_rank()
+    baseline_mb = _rss_mb()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.batch,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": True},
+        "zero_optimization": {"stage": args.stage, "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
+    start = time.perf_counter()
+    if args.method == "falqon" and args.stage == 3:
+        model, _ = load_pretrained_zero3(args.model_dir, ds_config, FalqonConfig(rank=args.rank, backend="emulated"))
+    else:
+        hf_ds = HfDeepSpeedConfig(ds_config) if args.stage == 3 else None  # noqa: F841  (zero.Init load)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)
+        prepare_model(model, args.method, rank=args.rank, backend="emulated")
+    load_s = time.perf_counter() - start
+    engine = initialize(model, ds_config)
+    load_peak_mb = _rss_mb() - baseline_mb
+
+    partitioned = sum(p.ds_numel for p in engine.module.parameters() if hasattr(p, "ds_id"))
+    gathered: dict[str, list[int]] = {}  # dtype -> [bytes, elements]
+    backend = deepspeed.comm.comm.cdb  # ZeRO-3 gathers through the torch backend's all_gather_function
+    original_all_gather = backend.all_gather_function
+
+    def counting_all_gather(output_tensor, input_tensor, *a, **kw):
+        entry = gathered.setdefault(str(output_tensor.dtype).replace("torch.", ""), [0, 0])
+        entry[0] += output_tensor.numel() * output_tensor.element_size()
+        entry[1] += output_tensor.numel()
+        return original_all_gather(output_tensor, input_tensor, *a, **kw)
+
+    gen = torch.Generator().manual_seed(rank)
+    times = []
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(0, 2048, (args.batch, args.seq), generator=gen)
+        profile = step == args.warmup
+        backend.all_gather_function = counting_all_gather if profile else original_all_gather
+        t0 = time.perf_counter()
+        engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
+        engine.step()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    backend.all_gather_function = original_all_gather
+    total_bytes = sum(b for b, _ in gathered.values())
+    total_elements = sum(n for _, n in gathered.values())
+    result = {
+        "stage": args.stage,
+        "method": args.method,
+        "rank": rank,
+        "step_s_median": statistics.median(times),
+        "peak_rss_mb": _rss_mb() - baseline_mb,
+        "load_peak_rss_mb": load_peak_mb,
+        "load_s": load_s,
+        "allgather_bytes_per_step": total_bytes,
+        "allgather_by_dtype": gathered,
+        "partitioned_params": partitioned,
+        "allgather_bytes_per_param": total_bytes / total_elements if total_elements else 0.0,
+        "gather_passes": total_elements / partitioned if partitioned else 0.0,
+    }
+    Path(args.result).with_suffix(f".rank{rank}.json").write_text(json.dumps(result))
+    tdist.barrier()
+
+
+def build_checkpoint(args: argparse.Namespace, directory: Path) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _mb(row: dict, dtype: str) -> str:
+    return f"{row['allgather_by_dtype'].get(dtype, [0, 0])[0] / 1e6:.1f}"
+
+
+def driver(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "model"
+        n_params = build_checkpoint(args, model_dir)
+        print(f"model: {n_params / 1e6:.1f}M parameters (bf16 checkpoint {sum(f.stat().st_size for f in model_dir.iterdir()) / 1e6:.0f} MB)")
+        rows = []
+        for stage in args.stages:
+            for method in args.methods:
+                result = Path(tmp) / f"s{stage}-{method}"
+                cmd = [
+                    sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", str(29600 + stage * 10 + len(rows)), __file__, "--worker",
+                    "--stage", str(stage), "--method", method, "--model-dir", str(model_dir), "--result", str(result),
+                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+                    "--warmup", str(args.warmup), "--rank", str(args.rank),
+                ]
+                print(f"ZeRO-{stage} {method} ...", flush=True)
+                env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
+                ranks = [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(2)]
+                rows.append({
+                    "stage": stage,
+                    "method": method,
+                    "step_s": max(r["step_s_median"] for r in ranks),
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+                    "load_peak_rss_mb": max(r["load_peak_rss_mb"] for r in ranks),
+                    "allgather_bytes_per_step": ranks[0]["allgather_bytes_per_step"],
+                    "allgather_bytes_per_param": ranks[0]["allgather_bytes_per_param"],
+                    "allgather_by_dtype": ranks[0]["allgather_by_dtype"],
+                    "gather_passes": ranks[0]["gather_passes"],
+                })
+    table = [
+        f"ZeRO stage × method on 2 CPU ranks (gloo), {n_params / 1e6:.1f}M-parameter Llama, bf16, "
+        f"micro-batch {args.batch}×{args.seq} tokens per rank, median of {args.steps} steps after {args.warmup}",
+        "",
+        "| stage | method | step s | peak RSS/rank MB (after load) | all-gather MB/step (uint8 + bf16) | bytes/param | passes |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        table.append(
+            f"| {r['stage']} | {r['method']} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} ({r['load_peak_rss_mb']:.0f}) | "
+            f"{r['allgather_bytes_per_step'] / 1e6:.1f} ({_mb(r, 'uint8')} + {_mb(r, 'bfloat16')}) | "
+            f"{r['allgather_bytes_per_param']:.2f} | {r['gather_passes']:.2f} |"
+        )
+    text = "\n".join(table)
+    print(text)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({"n_params": n_params, "rows": rows}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--methods", nargs="+", default=["falqon", "lora"])
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default="runs/bench_zero")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    worker(args) if args.worker else driver(args)
+
+
+if __name__ == "__main__":
+    main()
