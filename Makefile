@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	@touch $@
 
+# 2 ranks on this machine (CPU: gloo; GPUs: nccl), ZeRO-3, FALQON on the embedded tiny model.
+# Extra Hydra overrides: make demo ARGS="train.max_steps=100 method=lora"
 demo: setup
-	$(PY) launch/quickstart.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/train.py $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

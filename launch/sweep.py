@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Grid sweeps, one DeepSpeed job per combination.
+
+Hydra's ``--multirun`` cannot be used under ``deepspeed``: every rank would run the whole sweep,
+and the ranks of one job would start different combinations. This script expands the grid itself and
+launches one multi-rank job per point, sequentially, each in its own run directory.
+
+    python launch/sweep.py --num-gpus 2 --grid method.rank=8,16,32 train.lr=0.05,0.1 -- train.max_steps=200
+    python launch/sweep.py --hostfile launch/hostfile.example --grid method=falqon,lora -- model=llama3_8b ...
+
+``--grid`` takes ``key=v1,v2,...`` axes; everything after ``--`` is passed to every job. Jobs go to
+``<root>/<name>/<key-value_key-value...>``; a failed job is reported and the sweep goes on (``--stop-on-error``
+stops it). Prints a table of final eval metrics read from each job's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def expand(axes: list[str]) -> list[list[str]]:
+    """``["a=1,2", "b=x"]`` → ``[["a=1", "b=x"], ["a=2", "b=x"]]``."""
+    parsed = []
+    for axis in axes:
+        key, sep, values = axis.partition("=")
+        if not sep or not values:
+            raise SystemExit(f"--grid axis {axis!r} must look like key=v1,v2")
+        parsed.append([f"{key}={v}" for v in values.split(",")])
+    return [list(combo) for combo in itertools.product(*parsed)]
+
+
+def final_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    evals = [json.loads(line) for line in path.read_text().splitlines() if '"eval_loss"' in line]
+    return evals[-1] if evals else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", nargs="+", required=True, help="axes key=v1,v2,...")
+    parser.add_argument("--num-gpus", type=int, default=2, help="ranks per job on this node")
+    parser.add_argument("--hostfile", help="multi-node DeepSpeed hostfile (overrides --num-gpus)")
+    parser.add_argument("--root", default="runs/sweeps")
+    parser.add_argument("--name", default="sweep")
+    parser.add_argument("--stop-on-error", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args, rest = parser.parse_known_args()
+    common = [a for a in rest if a != "--"]
+    deepspeed = str(Path(sys.executable).parent / "deepspeed")
+    launcher = [deepspeed, "--hostfile", args.hostfile] if args.hostfile else [deepspeed, "--num_gpus", str(args.num_gpus)]
+    results = []
+    for combo in expand(args.grid):
+        # Hydra override values must not hold "," or "=": name the directory key-value_key-value
+        label = "_".join(c.replace("=", "-").replace("/", "-").replace(",", "-") for c in combo)
+        run_dir = (REPO / args.root / args.name / label).resolve()
+        cmd = [*launcher, str(REPO / "launch" / "train.py"), *common, *combo, f"run.dir={run_dir}"]
+        print(" ".join(cmd), flush=True)
+        if args.dry_run:
+            continue
+        code = subprocess.run(cmd, cwd=REPO).returncode
+        results.append((combo, code, final_metrics(run_dir)))
+        if code != 0 and args.stop_on_error:
+            break
+    if results:
+        print("\n| combination | exit | eval_loss | eval_exact_match |\n|---|---:|---:|---:|")
+        for combo, code, metrics in results:
+            print(f"| {' '.join(combo)} | {code} | {metrics.get('eval_loss', '—')} | {metrics.get('eval_exact_match', '—')} |")
+    sys.exit(max((code for _, code, _ in results), default=0))
+
+
+if __name__ == "__main__":
+    main()
