@@ -26,17 +26,19 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def resolve_model_path(settings: RunSettings) -> str:
     """The model directory or hub name; builds the embedded tiny model on rank 0 first if needed."""
-    if settings.model.name_or_path is not None:
-        return str(Path(settings.model.name_or_path).expanduser()) if Path(
-            settings.model.name_or_path
-        ).expanduser().exists() else settings.model.name_or_path
+    name_or_path = settings.model.name_or_path
+    if name_or_path is not None:
+        local = Path(name_or_path).expanduser()
+        return str(local) if local.exists() else name_or_path
     from falqon_dist.models import build_tiny_model
 
-    rank = tdist.get_rank() if tdist.is_initialized() else 0
-    path = build_tiny_model() if rank == 0 else None
+    if tdist.is_initialized() and tdist.get_rank() != 0:
+        tdist.barrier()  # wait for rank 0's build, then reuse its cache
+        return str(build_tiny_model())
+    path = build_tiny_model()
     if tdist.is_initialized():
         tdist.barrier()
-    return str(path or build_tiny_model())  # other ranks reuse rank 0's cached build
+    return str(path)
 
 
 def load_tokenizer(path: str):
