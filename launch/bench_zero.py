@@ -5,7 +5,8 @@
     python launch/bench_zero.py --stages 3 --hidden 1024 --layers 12 --out runs/bench_zero
 
 The driver saves one bf16 checkpoint, then launches one ``torchrun`` job per (stage, method), so each
-job's peak memory is its own. FALQON under ZeRO-3 loads through ``zero.Init`` and converts layer by
+job's peak memory is its own (reported as private/anonymous memory, sampled, and as ``ru_maxrss``,
+which also counts the checkpoint pages every rank maps while loading). FALQON under ZeRO-3 loads through ``zero.Init`` and converts layer by
 layer; the baseline (``lora``: peft LoRA on a frozen bf16 backbone) loads the same checkpoint the way
 ``launch/train.py`` does. All-gather bytes come from DeepSpeed's comms logger over one optimizer step;
 ``bytes/param`` divides them by the partitioned parameters × 2 gather passes (forward + backward).
@@ -33,6 +34,39 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class PrivateMemorySampler:
+    """High-water mark of this process's *anonymous* resident memory (RssAnon), sampled every 5 ms.
+
+    ``ru_maxrss`` also counts file pages the process has touched, e.g. a safetensors checkpoint every
+    rank memory-maps while loading (shared through the page cache, not a per-rank cost); RssAnon is
+    what each rank really owns.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def current_mb() -> float:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_mb = max(self.peak_mb, self.current_mb())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak_mb, self.current_mb())
+
+
 def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
@@ -48,6 +82,8 @@ def worker(args: argparse.Namespace) -> None:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = tdist.get_rank()
     baseline_mb = _rss_mb()
+    private_baseline_mb = PrivateMemorySampler.current_mb()
+    sampler = PrivateMemorySampler()
     ds_config = {
         "train_micro_batch_size_per_gpu": args.batch,
         "gradient_accumulation_steps": 1,
@@ -63,8 +99,9 @@ def worker(args: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)
         prepare_model(model, args.method, rank=args.rank, backend="emulated")
     load_s = time.perf_counter() - start
+    load_peak_mb = _rss_mb() - baseline_mb  # load + convert, before DeepSpeed allocates its buffers
+    load_private_mb = max(sampler.peak_mb, sampler.current_mb()) - private_baseline_mb
     engine = initialize(model, ds_config)
-    load_peak_mb = _rss_mb() - baseline_mb
 
     partitioned = sum(p.ds_numel for p in engine.module.parameters() if hasattr(p, "ds_id"))
     gathered: dict[str, list[int]] = {}  # dtype -> [bytes, elements]
@@ -91,7 +128,10 @@ def worker(args: argparse.Namespace) -> None:
     backend.all_gather_function = original_all_gather
     total_bytes = sum(b for b, _ in gathered.values())
     total_elements = sum(n for _, n in gathered.values())
+    private_peak_mb = sampler.stop() - private_baseline_mb
     result = {
+        "private_peak_mb": private_peak_mb,
+        "load_private_peak_mb": load_private_mb,
         "stage": args.stage,
         "method": args.method,
         "rank": rank,
@@ -157,6 +197,8 @@ def driver(args: argparse.Namespace) -> None:
                     "step_s": max(r["step_s_median"] for r in ranks),
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
                     "load_peak_rss_mb": max(r["load_peak_rss_mb"] for r in ranks),
+                    "private_peak_mb": max(r["private_peak_mb"] for r in ranks),
+                    "load_private_peak_mb": max(r["load_private_peak_mb"] for r in ranks),
                     "allgather_bytes_per_step": ranks[0]["allgather_bytes_per_step"],
                     "allgather_bytes_per_param": ranks[0]["allgather_bytes_per_param"],
                     "allgather_by_dtype": ranks[0]["allgather_by_dtype"],
@@ -166,12 +208,13 @@ def driver(args: argparse.Namespace) -> None:
         f"ZeRO stage × method on 2 CPU ranks (gloo), {n_params / 1e6:.1f}M-parameter Llama, bf16, "
         f"micro-batch {args.batch}×{args.seq} tokens per rank, median of {args.steps} steps after {args.warmup}",
         "",
-        "| stage | method | step s | peak RSS/rank MB (after load) | all-gather MB/step (uint8 + bf16) | bytes/param | passes |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| stage | method | step s | peak private MB/rank (load) | peak RSS MB/rank (load) | all-gather MB/step (uint8 + bf16) | bytes/param | passes |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         table.append(
-            f"| {r['stage']} | {r['method']} | {r['step_s']:.2f} | {r['peak_rss_mb']:.0f} ({r['load_peak_rss_mb']:.0f}) | "
+            f"| {r['stage']} | {r['method']} | {r['step_s']:.2f} | {r['private_peak_mb']:.0f} ({r['load_private_peak_mb']:.0f}) | "
+            f"{r['peak_rss_mb']:.0f} ({r['load_peak_rss_mb']:.0f}) | "
             f"{r['allgather_bytes_per_step'] / 1e6:.1f} ({_mb(r, 'uint8')} + {_mb(r, 'bfloat16')}) | "
             f"{r['allgather_bytes_per_param']:.2f} | {r['gather_passes']:.2f} |"
         )

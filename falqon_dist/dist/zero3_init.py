@@ -9,6 +9,7 @@ and release the original. Peak per rank: the partitioned model plus one full lay
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,12 @@ def load_pretrained_zero3(
 
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
         raise ValueError("load_pretrained_zero3 needs zero_optimization.stage=3 in the DeepSpeed config")
-    hf_ds_config = HfDeepSpeedConfig(ds_config)  # must stay alive while from_pretrained runs
+    # Must stay alive while loading and converting: transformers only sees ZeRO-3 through a weakref to it.
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
-    del hf_ds_config
+    gc.collect()  # loading leaves the checkpoint's tensors in reference cycles; free them before converting
     names = convert_model(
         model, falqon_config, module_filter_fn=module_filter_fn, layer_builder=zero3_layer_builder(ds_config)
     )
+    del hf_ds_config
     return model, names
