@@ -47,6 +47,7 @@ from torch import nn
 
 from falqon_dist.baselines.targets import target_module_names
 from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, resolve_backend, to_bits
+from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.convert import ModuleFilter
 
 #: Dynamic quantizations per layer per forward + backward: x, A, B, h (forward), g, ∂L/∂h (backward).
@@ -97,7 +98,7 @@ class _Fp8LoraMatmul(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None
 
 
-class Fp8LoraLinear(nn.Module):
+class Fp8LoraLinear(Float32ScaleMixin):
     """Drop-in replacement for ``nn.Linear``: frozen FP8 backbone + FP8-GEMM LoRA adapter.
 
     State: ``qweight`` (frozen uint8 Parameter, (out, in): E4M3 bits of ``Q(W/s_w)``), ``scale``
@@ -185,14 +186,6 @@ class Fp8LoraLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
-
-    def _apply(self, fn, recurse=True):
-        # Module-wide casts (.bfloat16(), DeepSpeed's bf16 mode) must not touch the FP8 scale.
-        scale = self.scale
-        super()._apply(fn, recurse)
-        if self.scale.dtype != torch.float32:
-            self.scale = scale.to(device=self.scale.device)
-        return self
 
     def extra_repr(self) -> str:
         return (

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, resolve_backend
+from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.init import adapter_init, meld
 from falqon_dist.method.proxy import apply_rows_, select_rows
@@ -63,7 +64,7 @@ class _MeldedFP8Matmul(torch.autograd.Function):
         return grad_x, grad_proxy, None, None, None, None
 
 
-class FalqonLinear(nn.Module):
+class FalqonLinear(Float32ScaleMixin):
     """Drop-in replacement for ``nn.Linear`` trained with FALQON (see module docstring).
 
     State: ``qweight`` (frozen uint8 Parameter, (out + rank, in): E4M3 bits of ``M_q = [W; A]``),
@@ -104,12 +105,10 @@ class FalqonLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, config: FalqonConfig) -> FalqonLinear:
-        """Build a FALQON layer from ``linear`` (its weight is read, never modified)."""
+    def shaped_like(cls, linear: nn.Linear, config: FalqonConfig) -> FalqonLinear:
+        """An uninitialized FALQON layer with ``linear``'s shape, bias, device and dtype (for loading)."""
         weight = linear.weight
-        generator = torch.Generator().manual_seed(config.seed)
-        layer = cls(
+        return cls(
             linear.in_features,
             linear.out_features,
             config.rank,
@@ -119,6 +118,14 @@ class FalqonLinear(nn.Module):
             device=weight.device,
             dtype=weight.dtype if weight.is_floating_point() else torch.float32,
         )
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, config: FalqonConfig) -> FalqonLinear:
+        """Build a FALQON layer from ``linear`` (its weight is read, never modified)."""
+        weight = linear.weight
+        layer = cls.shaped_like(linear, config)
+        generator = torch.Generator().manual_seed(config.seed)
         adapter = adapter_init(weight, config.rank, config.init, generator)
         bits, scale = meld(weight, adapter)
         layer.qweight.copy_(bits)
@@ -161,14 +168,6 @@ class FalqonLinear(nn.Module):
         saturated = apply_rows_(self.qweight.data, 0, self.in_features, rows, proxy_rows, adapter_q)
         self.B.zero_()
         return {"rows_merged": int(proxy_rows.abs().sum(dim=1).gt(0).sum()), "saturated": saturated}
-
-    def _apply(self, fn, recurse=True):
-        # Module-wide casts (.bfloat16(), .half(), DeepSpeed's bf16 mode) must not touch the FP8 scale.
-        scale = self.scale
-        super()._apply(fn, recurse)
-        if self.scale.dtype != torch.float32:
-            self.scale = scale.to(device=self.scale.device)
-        return self
 
     def extra_repr(self) -> str:
         return (

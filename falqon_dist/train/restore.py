@@ -145,21 +145,6 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> tuple[
     return (module_state if state is None else state), meta
 
 
-def _empty_falqon_layer(linear: nn.Linear, config: FalqonConfig) -> FalqonLinear:
-    """A FALQON layer of ``linear``'s shape with no initialization: the checkpoint fills it."""
-    weight = linear.weight
-    return FalqonLinear(
-        linear.in_features,
-        linear.out_features,
-        config.rank,
-        bias=linear.bias is not None,
-        backend=config.backend,
-        topk=config.topk,
-        device=weight.device,
-        dtype=weight.dtype if weight.is_floating_point() else torch.float32,
-    )
-
-
 def build_falqon_skeleton(model_path: str, settings: RunSettings) -> nn.Module:
     """The base model converted exactly as training converted it, without running the SVD init."""
     from transformers import AutoModelForCausalLM
@@ -169,7 +154,7 @@ def build_falqon_skeleton(model_path: str, settings: RunSettings) -> nn.Module:
     method = settings.method
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[settings.model.dtype])
     config = FalqonConfig(rank=method.rank, topk=method.topk, init=method.init, backend=settings.fp8_backend)
-    convert_model(model, config, layer_builder=_empty_falqon_layer)
+    convert_model(model, config, layer_builder=FalqonLinear.shaped_like)
     return model
 
 
