@@ -1,0 +1,246 @@
+"""CUDA tier: the ``scaled_mm`` backend (cuBLASLt FP8) against the emulated one and exact references.
+
+Every test is marked ``gpu``; ``tests/conftest.py`` skips them without CUDA. Run them with
+``launch/gpu_check.sh`` (or ``pytest tests/gpu``) on a GPU machine; FP8 ``scaled_mm`` needs compute
+capability ≥ 8.9 (Ada, Hopper, Blackwell), so those tests also skip on older GPUs.
+
+Tolerances. The two backends see the *same* FP8 operands and scales; products are exact in both, so
+they differ only by accumulation order (float32 on both) and by output rounding:
+
+* float32 outputs: relative Frobenius error < 1e-5 between backends and against a float64
+  dequantized reference (< 1e-4 at K = 4096–11008, where float32 summation of ~10⁴ terms and the
+  tensor cores' accumulation order add up);
+* bf16 outputs: one or two bf16 roundings (2⁻⁸ relative each) — SQNR > 40 dB (bf16 rounding noise
+  alone is ~50 dB);
+* ∂L/∂B is formed from ``o_A`` re-quantized to E4M3 with a dynamic scale: when ``o_A`` differs in
+  its last bits between backends, a few elements can round to a neighbouring FP8 value, so ∂L/∂B is
+  compared by SQNR > 30 dB (one E4M3 step is 2⁻³ relative on the affected element only);
+* training steps: losses of the two backends agree within 2e-2 (bf16 logits), and the loss falls
+  while overfitting one batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import falqon_dist as fd
+from falqon_dist import fp8
+from falqon_dist.baselines import Fp8LoraLinear, prepare_model
+
+pytestmark = pytest.mark.gpu
+
+CUDA = torch.device("cuda")
+
+
+def _needs_fp8_hardware() -> None:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("torch._scaled_mm FP8 needs CUDA compute capability >= 8.9")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _linear(in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.normal_(linear.weight, std=0.02)  # bell-shaped like trained LLM weights
+    return linear.to(CUDA, dtype)
+
+
+def _run(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(grad)
+    return y.detach(), x.grad
+
+
+def _pair(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The same layer (same bytes) with the emulated and the scaled_mm backend."""
+    emulated, scaled = copy.deepcopy(layer), copy.deepcopy(layer)
+    emulated.backend, scaled.backend = "emulated", "scaled_mm"
+    return emulated, scaled
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    if dtype == torch.float32:
+        assert _rel(actual, expected) < 1e-5, f"{what}: relative error {_rel(actual, expected):.2e}"
+    else:
+        sqnr = fp8.sqnr_db(expected, actual)
+        assert sqnr > 40, f"{what}: SQNR {sqnr:.1f} dB"
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def test_auto_resolves_to_scaled_mm_on_fp8_hardware():
+    _needs_fp8_hardware()
+    assert fp8.resolve_backend("auto", CUDA).name == "scaled_mm"
+    assert fp8.resolve_backend("auto", "cpu").name == "emulated"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_falqon_linear_scaled_mm_matches_emulated(dtype, bias):
+    _needs_fp8_hardware()
+    linear = _linear(1024, 768, bias=bias, dtype=dtype)
+    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=64, backend="emulated"))
+    emulated, scaled = _pair(layer)
+    x = torch.randn(4, 256, 1024, device=CUDA, dtype=dtype)
+    grad = torch.randn(4, 256, 768, device=CUDA, dtype=dtype)
+    y_e, gx_e = _run(emulated, x, grad)
+    y_s, gx_s = _run(scaled, x, grad)
+    assert y_s.dtype == dtype and gx_s.dtype == dtype and y_s.shape == (4, 256, 768)
+    _assert_close(y_s, y_e, dtype, "y")
+    _assert_close(gx_s, gx_e, dtype, "grad_x")
+    assert fp8.sqnr_db(emulated.B.grad, scaled.B.grad) > 30
+    assert scaled.qweight.grad is None and scaled.scale.dtype == torch.float32
+
+
+def test_falqon_merge_on_cuda_is_deterministic_and_matches_cpu():
+    """The proxy merge on CUDA: the same bytes on every run (what replicas need), and the CPU's values.
+
+    CPU and CUDA may sum the r-term row update in a different order, so an element sitting on an
+    E4M3 rounding boundary may land one FP8 step apart: at most 0.1% of the merged elements.
+    """
+    _needs_fp8_hardware()
+    linear = _linear(512, 384, bias=False, dtype=torch.float32)
+    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="scaled_mm"))
+    torch.manual_seed(1)
+    proxy = torch.randn(384, 16) * 0.05
+    first, second, on_cpu = copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer).cpu()
+    stats = first.merge_proxy_(proxy.to(CUDA))
+    assert second.merge_proxy_(proxy.to(CUDA)) == stats and stats["rows_merged"] == 16
+    assert torch.equal(first.qweight, second.qweight)
+    assert not first.B.any()
+    on_cpu.merge_proxy_(proxy)
+    differing = int((first.qweight.cpu() != on_cpu.qweight).sum())
+    assert differing <= 16 * 512 // 1000, differing
+    assert fp8.sqnr_db(on_cpu.backbone_weight(), first.backbone_weight().cpu()) > 40
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_lora_scaled_mm_matches_emulated(dtype):
+    _needs_fp8_hardware()
+    linear = _linear(1024, 768, bias=True, dtype=dtype)
+    layer = Fp8LoraLinear.from_linear(linear, rank=64, backend="emulated")
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.02)  # a non-zero adapter, so every FP8 GEMM contributes
+    emulated, scaled = _pair(layer)
+    x = torch.randn(512, 1024, device=CUDA, dtype=dtype)
+    grad = torch.randn(512, 768, device=CUDA, dtype=dtype)
+    y_e, gx_e = _run(emulated, x, grad)
+    y_s, gx_s = _run(scaled, x, grad)
+    _assert_close(y_s, y_e, dtype, "y")
+    _assert_close(gx_s, gx_e, dtype, "grad_x")
+    # A and B gradients pass through the dynamically re-quantized h and ∂L/∂h (see module docstring)
+    assert fp8.sqnr_db(emulated.lora_A.grad, scaled.lora_A.grad) > 30
+    assert fp8.sqnr_db(emulated.lora_B.grad, scaled.lora_B.grad) > 30
+
+
+# --------------------------------------------------------------------------- GEMM at LLM shapes
+
+
+def _exact(a_fp8, b_fp8, sa, sb) -> torch.Tensor:
+    return (a_fp8.double() @ b_fp8.double()) * sa.double() * sb.double()
+
+
+@pytest.mark.parametrize(
+    "m, k, n, fmt_a, transpose_a",
+    [
+        (2048, 4096, 4096 + 64, fp8.E4M3, False),  # FALQON forward, q/k/v/o_proj of a 7B model, r = 64
+        (2048, 4096, 11008 + 64, fp8.E4M3, False),  # forward, gate/up_proj
+        (2048, 11008, 4096, fp8.E5M2, False),  # ∂L/∂x of down_proj: E5M2 gradient × E4M3 W rows
+        (4096, 2048, 64, fp8.E5M2, True),  # ∂L/∂B: gᵀ (transposed view) × o_A
+        (2000, 4096, 4100, fp8.E4M3, False),  # unaligned: the backend pads to multiples of 16
+    ],
+)
+def test_scaled_mm_gemm_matches_exact_reference_at_llm_shapes(m, k, n, fmt_a, transpose_a):
+    _needs_fp8_hardware()
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    a_hp = torch.randn(k, m, device=CUDA, generator=gen).t() if transpose_a else torch.randn(m, k, device=CUDA, generator=gen)
+    b_hp = torch.randn(n, k, device=CUDA, generator=gen).t() * 0.02  # (k, n) as a transposed weight
+    a, sa = fp8.quantize_dynamic(a_hp, fmt_a)
+    b, sb = fp8.quantize_dynamic(b_hp, fp8.E4M3)
+    backend = fp8.resolve_backend("scaled_mm", CUDA)
+    ref = _exact(a, b, sa, sb)
+    out32 = backend.gemm(a, b, sa, sb, torch.float32)
+    assert out32.shape == (m, n) and out32.dtype == torch.float32
+    assert _rel(out32, ref) < 1e-4, f"fp32 relative error {_rel(out32, ref):.2e}"
+    out16 = backend.gemm(a, b, sa, sb, torch.bfloat16)
+    assert out16.dtype == torch.bfloat16 and fp8.sqnr_db(ref, out16) > 40
+    emulated = fp8.resolve_backend("emulated", CUDA).gemm(a, b, sa, sb, torch.float32)
+    assert _rel(out32, emulated) < 1e-4
+
+
+# --------------------------------------------------------------------------- whole-model steps
+
+
+def _tiny_model_and_batch(seed: int = 0):
+    """A randomly initialized tiny-architecture Llama in bf16 on CUDA and one packed synthetic batch."""
+    from transformers import LlamaForCausalLM
+
+    from falqon_dist.data import DataConfig, build_data
+    from falqon_dist.models import build_tiny_tokenizer, tiny_config
+
+    tokenizer = build_tiny_tokenizer()
+    bundle = build_data(DataConfig(task="shift", max_length=128, packing=True, num_train=200, num_eval=8), tokenizer)
+    batch = bundle.collate_fn([bundle.train[i] for i in range(8)])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config()).to(CUDA, torch.bfloat16)
+    return model, {k: v.to(CUDA) for k, v in batch.items()}
+
+
+def _overfit(model: nn.Module, batch: dict, lr: float, steps: int, merge: bool) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if merge:
+            fd.merge_proxies_(model)
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_falqon_tiny_model_training_on_cuda_bf16():
+    _needs_fp8_hardware()
+    model, batch = _tiny_model_and_batch()
+    reference = copy.deepcopy(model)
+    names = prepare_model(model, "falqon", rank=16, backend="auto")
+    prepare_model(reference, "falqon", rank=16, backend="emulated")
+    layers = fd.falqon_layers(model)
+    assert len(layers) == len(names) > 0
+    assert all(fp8.resolve_backend(layer.backend, CUDA).name == "scaled_mm" for _, layer in layers)
+    assert all(layer.scale.dtype == torch.float32 and layer.B.dtype == torch.bfloat16 for _, layer in layers)
+    with torch.no_grad():
+        loss_scaled = float(model(**batch, use_cache=False).loss)
+        loss_emulated = float(reference(**batch, use_cache=False).loss)
+    assert abs(loss_scaled - loss_emulated) < 2e-2, (loss_scaled, loss_emulated)
+
+    before = {name: layer.qweight.clone() for name, layer in layers}
+    losses = _overfit(model, batch, lr=0.1, steps=30, merge=True)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[-5:]) < losses[0] - 0.1, losses
+    assert all(not layer.B.any() for _, layer in layers)  # zeroed by every merge
+    assert any(not torch.equal(layer.qweight, before[name]) for name, layer in layers)
+
+
+def test_fp8_lora_tiny_model_training_on_cuda_bf16():
+    _needs_fp8_hardware()
+    model, batch = _tiny_model_and_batch()
+    names = prepare_model(model, "fp8_lora", rank=16, backend="auto")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)
+    assert len(trainable) == 2 * len(names)
+    losses = _overfit(model, batch, lr=3e-3, steps=30, merge=False)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert min(losses[-5:]) < losses[0] - 0.1, losses
