@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors import safe_open
 from torch import nn
 
 from tests.e2e.conftest import MODEL_CACHE, QUICK, REPO, launch
+from tests.unit.test_export import read_tensors
 
 pytest.importorskip("compressed_tensors")
 
@@ -71,14 +71,6 @@ def cli_module(script: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for path in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
-    return tensors
 
 
 def checkpoint_tensors(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
