@@ -9,6 +9,7 @@ and release the original. Peak per rank: the partitioned model plus one full lay
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,22 @@ from falqon_dist.method import FalqonConfig, FalqonLinear, convert_model
 from falqon_dist.method.convert import LayerBuilder, ModuleFilter
 
 
+def release_freed_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere).
+
+    Converting a layer allocates and frees full-size temporaries (the gathered weight, its fp32
+    copy, the SVD). glibc keeps such blocks in its heap once its mmap threshold has grown, so
+    without this, per-rank RSS during conversion climbs toward the full model's size even though the
+    rank holds only its partitions (measured: 1.1 GB RSS vs 122 MB of live tensors on a 230M model).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def zero3_layer_builder(ds_config: dict[str, Any]) -> LayerBuilder:
     """A ``convert_model`` layer builder for ZeRO-3 partitioned linears."""
 
@@ -29,6 +46,7 @@ def zero3_layer_builder(ds_config: dict[str, Any]) -> LayerBuilder:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             layer = FalqonLinear.from_linear(linear, config)
         deepspeed.zero.Init(module=layer, config_dict_or_path=ds_config)
+        release_freed_host_memory()
         return layer
 
     return build
@@ -57,6 +75,7 @@ def load_pretrained_zero3(
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
     gc.collect()  # loading leaves the checkpoint's tensors in reference cycles; free them before converting
+    release_freed_host_memory()
     names = convert_model(
         model, falqon_config, module_filter_fn=module_filter_fn, layer_builder=zero3_layer_builder(ds_config)
     )
