@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from falqon_dist.train.bootstrap import strip_local_rank  # noqa: E402
-from falqon_dist.train.restore import REQUIRED, RestoreError, parse_key_values  # noqa: E402
+from falqon_dist.train.restore import REQUIRED, RestoreError, parse_cli_args  # noqa: E402
 
 SPEC = {
     "path": (str, REQUIRED),
@@ -178,9 +176,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     try:
-        args = parse_key_values(strip_local_rank(argv), SPEC)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("launch/eval.py runs as one plain `python` process")
+        args = parse_cli_args(argv, SPEC, "launch/eval.py")
         result = evaluate(args)
     except (RestoreError, ValueError) as error:
         print(f"launch/eval.py: error: {error}", file=sys.stderr)

@@ -15,7 +15,6 @@ non-empty ``out`` is refused unless ``overwrite=true``. Besides the model files 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from falqon_dist.train.bootstrap import strip_local_rank  # noqa: E402
-from falqon_dist.train.restore import REQUIRED, RestoreError, parse_key_values  # noqa: E402
+from falqon_dist.train.restore import REQUIRED, RestoreError, parse_cli_args  # noqa: E402
 
 SPEC = {
     "run.dir": (str, REQUIRED),
@@ -94,9 +92,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     try:
-        args = parse_key_values(strip_local_rank(argv), SPEC)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("launch/export.py runs as one plain `python` process, whatever the run's world size")
+        args = parse_cli_args(argv, SPEC, "launch/export.py")
         summary = export_run(args["run.dir"], args["tag"], args["out"], args["overwrite"], args["max_shard_size"])
     except (RestoreError, FileExistsError, ValueError) as error:
         print(f"launch/export.py: error: {error}", file=sys.stderr)

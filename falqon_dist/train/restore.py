@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from torch import nn
 
 from falqon_dist.dist import checkpoint
 from falqon_dist.method import FalqonConfig, FalqonLinear, convert_model, falqon_layers
+from falqon_dist.train.bootstrap import strip_local_rank
 from falqon_dist.train.settings import ConfigError, RunSettings, validate
 
 log = logging.getLogger("falqon_dist")
@@ -208,6 +210,16 @@ def restore_run(run_dir: str | Path, tag: str | int | None = "latest") -> Restor
 #: Marks a required ``key=value`` argument in a :func:`parse_key_values` spec.
 REQUIRED = object()
 _BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def parse_cli_args(argv: list[str], spec: dict[str, tuple[type, Any]], script: str) -> dict[str, Any]:
+    """``key=value`` arguments of a one-process CLI (launch/export.py, launch/eval.py).
+
+    Refuses to run on several ranks, and ignores the ``--local_rank`` a launcher may append.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{script} runs as one plain `python` process, whatever the run's world size")
+    return parse_key_values(strip_local_rank(argv), spec)
 
 
 def parse_key_values(argv: list[str], spec: dict[str, tuple[type, Any]]) -> dict[str, Any]:

@@ -11,23 +11,14 @@ import sys
 import deepspeed
 import torch
 import torch.distributed as tdist
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import falqon_dist as fd
 from falqon_dist.dist import initialize
 from falqon_dist.method.proxy import select_rows
+from tests.models import tiny_llama  # seeded: identical weights on every rank
 
 RANK_CFG = fd.FalqonConfig(rank=8, backend="emulated")
 GRAD_ACCUM = 2
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)  # identical weights on every rank
-    cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 def ds_config(stage: int, bf16: bool, **extra) -> dict:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import falqon_dist.baselines.fp8_lora as fp8_lora_mod
 import falqon_dist.method.linear as falqon_linear_mod
@@ -23,6 +23,7 @@ from falqon_dist.baselines import (
 )
 from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, sqnr_db
 from falqon_dist.method import FalqonConfig, FalqonLinear
+from tests.models import tiny_llama
 
 # SQNR floors (dB) against a float64 computation with the high-precision W, A, B. E4M3 alone gives
 # about 30 dB on Gaussian data, E5M2 about 25 dB; products of two quantized operands lose 3–6 dB,
@@ -30,20 +31,6 @@ from falqon_dist.method import FalqonConfig, FalqonLinear
 SQNR_FLOOR_DB = {"y": 24.0, "grad_x": 20.0, "grad_A": 17.0, "grad_B": 19.0}
 
 BACKENDS = ["emulated", "scaled_mm"]
-
-
-def _tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).to(dtype)
 
 
 def _batch(seed: int = 1) -> torch.Tensor:
@@ -180,7 +167,7 @@ def test_quantize_op_counts_fp8_lora_vs_falqon(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_convert_fp8_lora_targets_falqon_layers_and_is_deterministic() -> None:
-    model = _tiny_llama()
+    model = tiny_llama()
     expected = target_module_names(model)
     names = convert_fp8_lora(model, rank=4, alpha=8, backend="emulated", seed=3)
     assert names == expected and "lm_head" not in names and len(names) == 14
@@ -188,7 +175,7 @@ def test_convert_fp8_lora_targets_falqon_layers_and_is_deterministic() -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{ab}" for n in names for ab in "AB"}
 
-    again = _tiny_llama()
+    again = tiny_llama()
     convert_fp8_lora(again, rank=4, alpha=8, backend="emulated", seed=3)
     for (_, p), (_, q) in zip(model.named_parameters(), again.named_parameters(), strict=True):
         assert torch.equal(p, q)
@@ -201,13 +188,13 @@ def test_convert_fp8_lora_targets_falqon_layers_and_is_deterministic() -> None:
 
 
 def test_apply_lora_trains_only_adapters_and_reduces_loss() -> None:
-    model = _tiny_llama()
+    model = tiny_llama()
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     returned = apply_lora(model, rank=4, alpha=8)
     assert returned is model and isinstance(model, LlamaForCausalLM)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
-    assert len(trainable) == 2 * len(target_module_names(_tiny_llama()))
+    assert len(trainable) == 2 * len(target_module_names(tiny_llama()))
 
     ids = _batch()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -227,19 +214,19 @@ def test_apply_lora_trains_only_adapters_and_reduces_loss() -> None:
 
 
 def test_apply_lora_keeps_bf16_backbone_dtype() -> None:
-    model = apply_lora(_tiny_llama(torch.bfloat16), rank=4)
+    model = apply_lora(tiny_llama(torch.bfloat16), rank=4)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_apply_lora_validates_arguments() -> None:
     with pytest.raises(ValueError, match="rank"):
-        apply_lora(_tiny_llama(), rank=0)
+        apply_lora(tiny_llama(), rank=0)
     with pytest.raises(ValueError, match="no target modules"):
         apply_lora(nn.Sequential(nn.Linear(10, 10)), rank=2)
 
 
 def test_prepare_full_finetune_unfreezes_everything() -> None:
-    model = _tiny_llama()
+    model = tiny_llama()
     for param in model.parameters():
         param.requires_grad_(False)
     names = prepare_full_finetune(model)
@@ -248,7 +235,7 @@ def test_prepare_full_finetune_unfreezes_everything() -> None:
 
 
 def test_prepare_full_finetune_rejects_converted_model() -> None:
-    model = _tiny_llama()
+    model = tiny_llama()
     convert_fp8_lora(model, rank=4, backend="emulated")
     with pytest.raises(ValueError, match="qweight"):
         prepare_full_finetune(model)
@@ -260,13 +247,13 @@ def test_prepare_full_finetune_rejects_converted_model() -> None:
 
 def test_prepare_model_rejects_unknown_method() -> None:
     with pytest.raises(ValueError, match=r"'qlora'.*falqon.*lora.*fp8_lora.*full"):
-        prepare_model(_tiny_llama(), "qlora", rank=4)
+        prepare_model(tiny_llama(), "qlora", rank=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_forward_backward(method: str, dtype: torch.dtype) -> None:
-    model = _tiny_llama(dtype)
+    model = tiny_llama(dtype)
     names = prepare_model(model, method, rank=4, alpha=8, backend="emulated")
     assert names
     trainable = [p for p in model.parameters() if p.requires_grad]

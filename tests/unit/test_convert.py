@@ -8,17 +8,10 @@ import weakref
 import pytest
 import torch
 from torch import nn
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import falqon_dist as fd
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+from tests.models import tiny_llama
 
 
 def tiny_neox() -> GPTNeoXForCausalLM:
