@@ -38,7 +38,8 @@ FALQON's proxy merge after every optimizer step. Reported:
   method's quantization), and exact match of greedy answers for the tiny pretrained model.
 
 On CUDA it also times FALQON's forward FP8 GEMM (``x · M_qᵀ``, N × in × (out + r)) at the model's
-layer shapes through ``resolve_backend("scaled_mm").gemm`` with CUDA events, next to a bf16 matmul
+layer shapes through ``resolve_backend(name).gemm`` for ``scaled_mm`` and, where Transformer Engine
+imports, ``te``, with CUDA events, next to a bf16 matmul
 of the same shape, as TFLOP/s and as a fraction of ``--peak-tflops`` (H200 dense FP8: ~1979).
 
 Writes ``results.json``, ``results.md`` (tables with ratios against lora and fp8_lora) and
@@ -77,6 +78,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from falqon_dist.baselines.fp8_lora import QUANTIZE_OPS_PER_STEP as FP8_LORA_QUANTIZE_OPS  # noqa: E402
+from falqon_dist.fp8 import BACKEND_NAMES  # noqa: E402
 
 METHODS = ("falqon", "lora", "fp8_lora", "full", "qlora")
 #: Learning rates measured on the tiny model (DESIGN.md §1); override with ``--lr METHOD=VALUE``.
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=None, help="attention heads (custom default: hidden // 64)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank r of every adapter method")
-    p.add_argument("--backend", default="auto", choices=["auto", "emulated", "scaled_mm"], help="FP8 GEMM backend")
+    p.add_argument("--backend", default="auto", choices=list(BACKEND_NAMES), help="FP8 GEMM backend (te: CUDA + Transformer Engine)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per method (0 = torch's default)")
@@ -336,27 +338,29 @@ def backbone_bytes_per_param(model: torch.nn.Module, targets: list[str]) -> floa
 
 @contextlib.contextmanager
 def count_quantize_ops() -> Iterator[list[int]]:
-    """Count FP8 ``quantize_dynamic`` calls of FALQON / fp8_lora and bitsandbytes 4-bit dequantizations."""
-    counter = [0]
-    patched: list[tuple[Any, str, Any]] = []
-    targets = [("falqon_dist.method.linear", "quantize_dynamic"), ("falqon_dist.baselines.fp8_lora", "quantize_dynamic")]
+    """Count the FP8 layers' dynamic casts (any backend) and bitsandbytes 4-bit dequantizations."""
+    from falqon_dist.fp8.instrument import count_casts
+
+    bnb_calls = [0]
+    patched: list[tuple[Any, Any]] = []
     if "bitsandbytes" in sys.modules:
-        targets.append(("bitsandbytes.functional", "dequantize_4bit"))
-    for module_name, attr in targets:
-        namespace = importlib.import_module(module_name)
-        original = getattr(namespace, attr)
+        namespace = importlib.import_module("bitsandbytes.functional")
+        original = namespace.dequantize_4bit
 
         def counting(*a, _original=original, **kw):
-            counter[0] += 1
+            bnb_calls[0] += 1
             return _original(*a, **kw)
 
-        setattr(namespace, attr, counting)
-        patched.append((namespace, attr, original))
+        namespace.dequantize_4bit = counting
+        patched.append((namespace, original))
+    counter = [0]
     try:
-        yield counter
+        with count_casts() as casts:
+            yield counter
     finally:
-        for namespace, attr, original in patched:
-            setattr(namespace, attr, original)
+        counter[0] = len(casts) + bnb_calls[0]
+        for namespace, original in patched:
+            namespace.dequantize_4bit = original
 
 
 # --------------------------------------------------------------------------- memory
@@ -621,12 +625,24 @@ def _cuda_ms(fn, iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
+def gemm_backends(device: torch.device) -> list[str]:
+    """FP8 GEMM backends to time on ``device``: ``scaled_mm``, plus ``te`` where it can run."""
+    from falqon_dist.fp8 import check_backend
+
+    backends = ["scaled_mm"]
+    try:
+        check_backend("te")
+        backends.append("te")
+    except ImportError as exc:
+        log(f"gemm: te backend not measured ({exc})")
+    return backends
+
+
 def gemm_throughput(spec: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """FALQON's forward FP8 GEMM ``x · M_qᵀ`` (scaled_mm) at each layer shape vs a bf16 matmul."""
+    """FALQON's forward FP8 GEMM ``x · M_qᵀ`` at each layer shape, per GPU backend, vs a bf16 matmul."""
     from falqon_dist.fp8 import E4M3, quantize_dynamic, resolve_backend
 
     device = torch.device(args.device)
-    backend = resolve_backend("scaled_mm", device)
     h, i, r = spec["hidden"], spec["intermediate"], args.rank
     shapes = {"q/k/v/o_proj": (h, h), "gate/up_proj": (h, i), "down_proj": (i, h)}
     tokens = args.gemm_tokens or sorted({args.batch * args.seq, 8192})
@@ -639,17 +655,19 @@ def gemm_throughput(spec: dict[str, Any], args: argparse.Namespace) -> list[dict
             x_fp8, sx = quantize_dynamic(x, E4M3)
             m_fp8, sm = quantize_dynamic(melded, E4M3)
             m_t, melded_t = m_fp8.t(), melded.t()
-            fp8_ms = _cuda_ms(lambda: backend.gemm(x_fp8, m_t, sx, sm, torch.bfloat16), args.gemm_iters)
-            bf16_ms = _cuda_ms(lambda: x @ melded_t, args.gemm_iters)
             flop = 2 * n * (out_f + r) * in_f
-            tflops = flop / fp8_ms / 1e9
-            rows.append({
-                "layer": layer, "tokens": n, "in_features": in_f, "out_plus_rank": out_f + r,
-                "fp8_ms": fp8_ms, "fp8_tflops": tflops, "fraction_of_peak": tflops / args.peak_tflops,
-                "bf16_ms": bf16_ms, "bf16_tflops": flop / bf16_ms / 1e9, "speedup_vs_bf16": bf16_ms / fp8_ms,
-            })
-            log(f"gemm {layer} N={n}: fp8 {tflops:.0f} TFLOP/s ({tflops / args.peak_tflops:.0%} of peak), "
-                f"bf16 {rows[-1]['bf16_tflops']:.0f}")
+            bf16_ms = _cuda_ms(lambda: x @ melded_t, args.gemm_iters)
+            for name in gemm_backends(device):
+                backend = resolve_backend(name, device)
+                fp8_ms = _cuda_ms(lambda: backend.gemm(x_fp8, m_t, sx, sm, torch.bfloat16), args.gemm_iters)
+                tflops = flop / fp8_ms / 1e9
+                rows.append({
+                    "layer": layer, "backend": name, "tokens": n, "in_features": in_f, "out_plus_rank": out_f + r,
+                    "fp8_ms": fp8_ms, "fp8_tflops": tflops, "fraction_of_peak": tflops / args.peak_tflops,
+                    "bf16_ms": bf16_ms, "bf16_tflops": flop / bf16_ms / 1e9, "speedup_vs_bf16": bf16_ms / fp8_ms,
+                })
+                log(f"gemm {layer} N={n} [{name}]: fp8 {tflops:.0f} TFLOP/s ({tflops / args.peak_tflops:.0%} of peak), "
+                    f"bf16 {rows[-1]['bf16_tflops']:.0f}")
             del x, melded, x_fp8, m_fp8
     return rows
 
@@ -752,17 +770,18 @@ def markdown(payload: dict[str, Any]) -> str:
     else:
         lines += ["", f"ZeRO-3 all-gather: {zero3['note']}"]
     gemm = payload["gemm"]
-    lines += ["", "## FALQON forward FP8 GEMM (x · M_qᵀ, scaled_mm) vs bf16 matmul", ""]
+    lines += ["", "## FALQON forward FP8 GEMM (x · M_qᵀ) vs bf16 matmul", ""]
     if not gemm:
         lines.append("n/a (CUDA only)")
     else:
         lines += [
-            f"| layer | N | in | out + r | FP8 ms | FP8 TFLOP/s | of {cfg['peak_tflops']:g} peak | bf16 TFLOP/s | FP8 speed-up |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| layer | backend | N | in | out + r | FP8 ms | FP8 TFLOP/s | of {cfg['peak_tflops']:g} peak "
+            "| bf16 TFLOP/s | FP8 speed-up |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for g in gemm:
             lines.append(
-                f"| {g['layer']} | {g['tokens']} | {g['in_features']} | {g['out_plus_rank']} | {g['fp8_ms']:.3f} "
+                f"| {g['layer']} | {g.get('backend', 'scaled_mm')} | {g['tokens']} | {g['in_features']} | {g['out_plus_rank']} | {g['fp8_ms']:.3f} "
                 f"| {g['fp8_tflops']:.0f} | {g['fraction_of_peak']:.0%} | {g['bf16_tflops']:.0f} | {g['speedup_vs_bf16']:.2f} |"
             )
     return "\n".join(lines) + "\n"

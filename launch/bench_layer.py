@@ -19,11 +19,16 @@ Rows:
 * ``peft LoRA``              — peft LoRA on the bf16 linear (adapters in bf16).
 * ``fp8_lora <backend>``     — :class:`falqon_dist.baselines.Fp8LoraLinear` (separate FP8 adapter path).
 * ``falqon <backend>``       — :class:`falqon_dist.FalqonLinear` (adapter melded into the FP8 GEMM).
+* ``falqon, cached Wᵀ``      — the same with ``cache_weight_transpose=True`` (no Wᵀ copy per backward;
+  the cache is counted in its backbone bytes).
+
+The ``te`` rows (Transformer Engine) are added where that backend can run (CUDA + TE installed).
 
 Columns: median ms; ratio to peft LoRA; ratio to fp8_lora (the fp8_lora row with the same backend
 for FP8 rows, the ``auto`` backend's fp8_lora row for the bf16 rows); dynamic quantizations per
-forward + backward (counted by instrumenting ``quantize_dynamic`` during one untimed step); bytes of
-frozen backbone storage per backbone parameter (FALQON's 1.0x includes the r melded A rows);
+forward + backward (counted with :func:`falqon_dist.fp8.instrument.count_casts` during one untimed
+step); bytes of frozen backbone storage per backbone parameter (FALQON's 1.0x includes the r melded
+A rows);
 trainable parameters.
 
 On a CPU, ``scaled_mm`` is torch's slow reference FP8 kernel (about 5× a bf16 matmul) and
@@ -34,24 +39,22 @@ an H100/H200 ``scaled_mm`` is cuBLASLt FP8.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import falqon_dist.baselines.fp8_lora as fp8_lora_module
-import falqon_dist.method.linear as falqon_module
 from falqon_dist import FalqonConfig, FalqonLinear
 from falqon_dist.baselines import Fp8LoraLinear, apply_lora
-from falqon_dist.fp8 import resolve_backend
+from falqon_dist.fp8 import check_backend, resolve_backend
+from falqon_dist.fp8.instrument import count_casts
 
 try:
     from tqdm.auto import tqdm
@@ -103,37 +106,18 @@ def _fp8_lora(weight: torch.Tensor, rank: int, backend: str) -> nn.Module:
     return Fp8LoraLinear.from_linear(linear, rank=rank, backend=backend)
 
 
-def _falqon(weight: torch.Tensor, rank: int, backend: str) -> nn.Module:
+def _falqon(weight: torch.Tensor, rank: int, backend: str, cache_weight_transpose: bool = False) -> nn.Module:
     linear = _bf16_linear(weight, trainable=False)
-    return FalqonLinear.from_linear(linear, FalqonConfig(rank=rank, backend=backend))
+    config = FalqonConfig(rank=rank, backend=backend, cache_weight_transpose=cache_weight_transpose)
+    return FalqonLinear.from_linear(linear, config)
 
 
 def _backbone_bytes_per_param(module: nn.Module, n_backbone: int) -> float:
     frozen = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
     if frozen == 0:  # full fine-tuning: the backbone is the trainable weight itself
         frozen = sum(p.numel() * p.element_size() for p in module.parameters())
-    return frozen / n_backbone
-
-
-@contextlib.contextmanager
-def _count_quantizations() -> Iterator[list[int]]:
-    """Count ``quantize_dynamic`` calls made by the FP8 layers while the context is open."""
-    counter = [0]
-    patched = []
-    for namespace in (fp8_lora_module, falqon_module):
-        original = namespace.quantize_dynamic
-
-        def counting(*args, _original=original, **kwargs):
-            counter[0] += 1
-            return _original(*args, **kwargs)
-
-        namespace.quantize_dynamic = counting
-        patched.append((namespace, original))
-    try:
-        yield counter
-    finally:
-        for namespace, original in patched:
-            namespace.quantize_dynamic = original
+    cache = getattr(module, "weight_t_cache", None)
+    return (frozen + (cache.nbytes if cache is not None else 0)) / n_backbone
 
 
 def _sync(device: torch.device) -> None:
@@ -164,17 +148,32 @@ def _progress(iterable, desc: str, unit: str):
     return iterable
 
 
-def build_methods(rank: int) -> list[tuple[str, str | None, Callable[[torch.Tensor], nn.Module]]]:
+def fp8_backends(device: torch.device) -> list[str]:
+    """The FP8 backends measured on ``device``: ``te`` only where Transformer Engine can run."""
+    backends = ["emulated", "scaled_mm"]
+    if device.type == "cuda":
+        try:
+            check_backend("te")
+            backends.append("te")
+        except ImportError as exc:
+            print(f"[bench] te rows skipped: {exc}", file=sys.stderr)
+    return backends
+
+
+def build_methods(rank: int, backends: list[str]) -> list[tuple[str, str | None, Callable[[torch.Tensor], nn.Module]]]:
     """``(method, backend, builder(weight) -> module)`` for every row, in table order."""
-    return [
+    rows: list[tuple[str, str | None, Callable[[torch.Tensor], nn.Module]]] = [
         ("bf16 linear, frozen W", None, lambda w: _bf16_linear(w, trainable=False)),
         ("bf16 linear, trainable W", None, lambda w: _bf16_linear(w, trainable=True)),
         ("peft LoRA", None, lambda w: _peft_lora(w, rank)),
-        ("fp8_lora", "emulated", lambda w: _fp8_lora(w, rank, "emulated")),
-        ("fp8_lora", "scaled_mm", lambda w: _fp8_lora(w, rank, "scaled_mm")),
-        ("falqon", "emulated", lambda w: _falqon(w, rank, "emulated")),
-        ("falqon", "scaled_mm", lambda w: _falqon(w, rank, "scaled_mm")),
     ]
+    for b in backends:
+        rows.append(("fp8_lora", b, lambda w, b=b: _fp8_lora(w, rank, b)))
+    for b in backends:
+        rows.append(("falqon", b, lambda w, b=b: _falqon(w, rank, b)))
+        if b != "emulated":  # the emulated GEMM does not care about operand layout
+            rows.append(("falqon, cached Wᵀ", b, lambda w, b=b: _falqon(w, rank, b, cache_weight_transpose=True)))
+    return rows
 
 
 def run(args: argparse.Namespace) -> list[Result]:
@@ -189,13 +188,14 @@ def run(args: argparse.Namespace) -> list[Result]:
     # Phase 1: build every layer, count its quantizations in one untimed step, warm it up.
     results: list[Result] = []
     modules: dict[int, nn.Module] = {}
-    for index, (name, backend, build) in enumerate(_progress(build_methods(args.rank), "build+warm-up", "method")):
+    methods = build_methods(args.rank, fp8_backends(device))
+    for index, (name, backend, build) in enumerate(_progress(methods, "build+warm-up", "method")):
         result = Result(name, backend)
         try:
             module = build(weight)
-            with _count_quantizations() as counter:
+            with count_casts() as casts:
                 _step(module, x, grad)
-            result.quantize_ops = counter[0]
+            result.quantize_ops = len(casts)
             for _ in range(args.warmup):
                 _step(module, x, grad)
             result.backbone_bytes_per_param = _backbone_bytes_per_param(module, weight.numel())

@@ -9,12 +9,14 @@
 # bitsandbytes and matplotlib are optional and reported. Steps (each runs even when an earlier one
 # failed; a summary of passed / failed steps is printed and written to summary.txt at the end):
 #
-#   env        GPU, torch / CUDA versions, which optional packages import (TE: version only; the
-#              `te` GEMM backend is not implemented yet, fp8.backend=te raises NotImplementedError)
+#   env        GPU, torch / CUDA versions, which optional packages import, whether fp8.backend=te can
+#              run here (Transformer Engine >= 2.2 on CUDA)
 #   imports    falqon_dist, .method, .baselines, .fp8, .data, .models import without DeepSpeed
 #   pytest     tests/gpu tests/unit/test_fp8.py tests/unit/test_falqon_linear.py
 #   bench_7b   launch/bench.py on two Llama-7B-shaped layers, bf16, FP8 backend auto, every method
-#   bench_layer launch/bench_layer.py at 4096x4096, rank 64, on cuda
+#              (its GEMM table times scaled_mm, and te where it runs)
+#   bench_7b_te the same for the FP8 methods with fp8.backend=te -- only where Transformer Engine runs
+#   bench_layer launch/bench_layer.py at 4096x4096, rank 64, on cuda (te rows where it runs)
 #
 # Knobs (environment): BUDGET_S (450: every step's timeout is cut so the whole check ends within it),
 # BENCH_STEPS (12), BENCH_BATCH (8), BENCH_SEQ (512), BENCH_LAYERS (2), WHEELS (default: wheels/ in
@@ -83,12 +85,15 @@ if ok:
 for name in ("transformers", "peft", "deepspeed", "transformer_engine", "bitsandbytes", "matplotlib", "pytest"):
     try:
         module = importlib.import_module(name)
-        note = ""
-        if name == "transformer_engine":
-            note = "  (note: falqon_dist's `te` GEMM backend is not implemented yet: fp8.backend=te raises NotImplementedError; GPU numbers use scaled_mm)"
-        print(f"{name}: {getattr(module, '__version__', '?')}{note}")
+        print(f"{name}: {getattr(module, '__version__', '?')}")
     except Exception as exc:
         print(f"{name}: does not import ({type(exc).__name__}: {str(exc)[:120]})")
+from falqon_dist.fp8 import check_backend
+try:
+    check_backend("te")
+    print("fp8.backend=te: available")
+except ImportError as exc:
+    print(f"fp8.backend=te: not available here, its tests skip and GPU numbers use scaled_mm ({str(exc)[:200]})")
 if not ok:
     sys.exit("no CUDA device: the GPU checks cannot run")
 EOF
@@ -121,8 +126,13 @@ run_pytest() {
             return 1
         fi
     fi
-    "$PYTHON" -m pytest tests/gpu tests/unit/test_fp8.py tests/unit/test_falqon_linear.py -q -p no:cacheprovider \
+    "$PYTHON" -m pytest tests/gpu tests/unit/test_fp8.py tests/unit/test_falqon_linear.py \
+        tests/unit/test_te_backend_glue.py -q -p no:cacheprovider -rs \
         --junitxml "$OUT/pytest.xml"
+}
+
+te_usable() {
+    "$PYTHON" -c "from falqon_dist.fp8 import check_backend; check_backend('te')" >/dev/null 2>&1
 }
 
 WHEELS="${WHEELS:-$PWD/wheels}"
@@ -135,6 +145,11 @@ step pytest 150 run_pytest
 step bench_7b 240 "$PYTHON" launch/bench.py --shape llama-7b --layers "$BENCH_LAYERS" --train-steps "$BENCH_STEPS" \
     --warmup 3 --batch "$BENCH_BATCH" --seq "$BENCH_SEQ" --eval-samples 64 --backend auto --dtype bf16 \
     --device cuda --method-timeout 60 --out "$OUT/bench_7b"
+if te_usable; then
+    step bench_7b_te 150 "$PYTHON" launch/bench.py --shape llama-7b --layers "$BENCH_LAYERS" --train-steps "$BENCH_STEPS" \
+        --warmup 3 --batch "$BENCH_BATCH" --seq "$BENCH_SEQ" --eval-samples 64 --backend te --dtype bf16 \
+        --methods falqon fp8_lora --device cuda --method-timeout 60 --out "$OUT/bench_7b_te"
+fi
 step bench_layer 90 "$PYTHON" launch/bench_layer.py --device cuda --in-features 4096 --out-features 4096 --rank 64 \
     --tokens 4096 --repeats 20 --warmup 3 --json "$OUT/bench_layer.json"
 

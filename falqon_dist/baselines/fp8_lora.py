@@ -62,12 +62,12 @@ class _Fp8LoraMatmul(torch.autograd.Function):
         backend = resolve_backend(backend_name, x_hp.device)
         out_features = qweight.shape[0]
         x2d = x_hp.reshape(-1, x_hp.shape[-1])
-        x_fp8, x_scale = quantize_dynamic(x2d, E4M3)
-        a_fp8, a_scale = quantize_dynamic(lora_a_hp, E4M3)
-        b_fp8, b_scale = quantize_dynamic(lora_b_hp, E4M3)
+        x_fp8, x_scale, _ = backend.quantize(x2d, E4M3)
+        a_fp8, a_scale, _ = backend.quantize(lora_a_hp, E4M3)
+        b_fp8, b_scale, _ = backend.quantize(lora_b_hp, E4M3)
         weight_fp8 = from_bits(qweight, E4M3)
         h = backend.gemm(x_fp8, a_fp8.t(), x_scale, a_scale, torch.float32)
-        h_fp8, h_scale = quantize_dynamic(h, E4M3)
+        h_fp8, h_scale, _ = backend.quantize(h, E4M3)
         y = backend.gemm(x_fp8, weight_fp8.t(), x_scale, scale, x_hp.dtype)
         y += backend.gemm(h_fp8, b_fp8.t(), h_scale, b_scale * scaling, torch.float32)  # adapter term added in fp32
         # qweight is saved as the Parameter itself: under ZeRO-3 its data is re-gathered for backward.
@@ -81,14 +81,14 @@ class _Fp8LoraMatmul(torch.autograd.Function):
         x_fp8, x_scale, a_fp8, a_scale, b_fp8, b_scale, h_fp8, h_scale, qweight, scale = ctx.saved_tensors
         backend = resolve_backend(ctx.backend_name, grad_out.device)
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
-        g_fp8, g_scale = quantize_dynamic(grad_out.reshape(-1, qweight.shape[0]), E5M2)
+        g_fp8, g_scale, _ = backend.quantize(grad_out.reshape(-1, qweight.shape[0]), E5M2)
         g_scale_lora = g_scale * ctx.scaling  # ∂L/∂(h_q B_qᵀ) = c·g
         grad_x = grad_a = grad_b = None
         if need_b:
             grad_b = backend.gemm(g_fp8.t(), h_fp8, g_scale_lora, h_scale, torch.float32).to(ctx.param_dtypes[1])
         if need_x or need_a:
             grad_h = backend.gemm(g_fp8, b_fp8, g_scale_lora, b_scale, torch.float32)
-            gh_fp8, gh_scale = quantize_dynamic(grad_h, E5M2)
+            gh_fp8, gh_scale, _ = backend.quantize(grad_h, E5M2)
             if need_a:
                 grad_a = backend.gemm(gh_fp8.t(), x_fp8, gh_scale, x_scale, torch.float32).to(ctx.param_dtypes[0])
             if need_x:

@@ -47,6 +47,7 @@ def _merge_partitioned(layer, proxy: torch.Tensor) -> dict[str, int]:
     saturated = apply_rows_(part, offset, layer.in_features, rows, proxy_rows, adapter_q)
     if qweight.data.numel():  # resident full copy (ds_persist): same update, same bytes
         apply_rows_(qweight.data.view(-1), 0, layer.in_features, rows, proxy_rows, adapter_q)
+    layer.backbone_changed()
     return {"rows_merged": int(proxy_rows.abs().sum(dim=1).gt(0).sum()), "saturated": saturated}
 
 

@@ -1,6 +1,13 @@
-"""FP8 numerics: formats, scales, quantize/dequantize, raw-bit storage and GEMM backends."""
+"""FP8 numerics: formats, scales, quantize/dequantize, raw-bit storage, operand layouts and GEMM backends."""
 
-from falqon_dist.fp8.backends import BACKEND_NAMES, EmulatedBackend, GemmBackend, ScaledMMBackend, resolve_backend
+from falqon_dist.fp8.backends import (
+    BACKEND_NAMES,
+    EmulatedBackend,
+    GemmBackend,
+    ScaledMMBackend,
+    check_backend,
+    resolve_backend,
+)
 from falqon_dist.fp8.formats import (
     E4M3,
     E4M3_MAX,
@@ -15,6 +22,7 @@ from falqon_dist.fp8.formats import (
     tensorwise_scale,
     to_bits,
 )
+from falqon_dist.fp8.layout import TransposedBitsCache
 
 __all__ = [
     "BACKEND_NAMES",
@@ -26,6 +34,8 @@ __all__ = [
     "EmulatedBackend",
     "GemmBackend",
     "ScaledMMBackend",
+    "TransposedBitsCache",
+    "check_backend",
     "dequantize",
     "from_bits",
     "quantize",

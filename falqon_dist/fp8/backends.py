@@ -1,13 +1,18 @@
-"""FP8 GEMM backends behind one narrow interface.
+"""FP8 GEMM backends behind one narrow interface: a dynamic cast and a scaled product.
 
-Every backend computes the scaled FP8 product
+Every backend provides
 
-    out = (a_fp8 @ b_fp8) · scale_a · scale_b        a: (M, K), b: (K, N), out: (M, N)
+    quantize(x, fmt, transpose=False) -> (x_fp8, s, x_fp8ᵀ or None)
+        x_fp8 = Q(x / s) with a fresh tensor-wise s = amax(|x|) / F (formats.quantize_dynamic);
+        with ``transpose`` also Q(x)ᵀ — a strided view, or a real row-major copy where the backend
+        can write one in the same kernel (``te``), which the backward GEMMs then use without a copy.
 
-with FP8 operands of any strides (each backend makes the layout its kernel needs), float32
-tensor-wise scales of shape (1,), products formed exactly and accumulated in float32, and the
-result rounded to ``out_dtype`` (the emulated backend's bf16 result is rounded by the bf16 matmul and
-again after scaling: at most one extra bf16 unit in the last place).
+    gemm(a_fp8, b_fp8, scale_a, scale_b, out_dtype) -> (a_fp8 @ b_fp8) · scale_a · scale_b
+        a: (M, K), b: (K, N), out: (M, N); FP8 operands of any strides (each backend makes the layout
+        its kernel needs, see :mod:`falqon_dist.fp8.layout`), float32 tensor-wise scales of shape
+        (1,), products formed exactly and accumulated in float32, the result rounded to
+        ``out_dtype`` (the emulated backend's bf16 result is rounded by the bf16 matmul and again
+        after scaling: at most one extra bf16 unit in the last place).
 
 * ``emulated`` — dequantize to a wider float and matmul. FP8 → bf16 is exact (E4M3/E5M2 mantissas
   and exponents fit in bf16), so the products are exact; accumulation is float32. For a float32
@@ -16,11 +21,13 @@ again after scaling: at most one extra bf16 unit in the last place).
 * ``scaled_mm`` — ``torch._scaled_mm`` (cuBLASLt FP8 on CUDA with compute capability ≥ 8.9; a slow
   reference kernel on CPU). Needs a row-major ``a``, a column-major ``b`` and dimensions that are
   multiples of 16: this backend copies and zero-pads as needed (zeros leave the product unchanged).
-* ``te`` — Transformer Engine (CUDA only). The name is reserved and validated; the backend itself is
-  not built yet, so asking for it fails with a message that points at ``scaled_mm``.
+* ``te`` — Transformer Engine (CUDA only, optional; :mod:`falqon_dist.fp8.te_backend`): fused
+  amax + cast kernels that also write the transposed copy, and TE's ``general_gemm``.
 
 ``resolve_backend("auto", device)`` picks ``scaled_mm`` on CUDA with compute capability ≥ 8.9, else
-``emulated``. (Once the ``te`` backend exists, ``auto`` will prefer it where it imports on CUDA.)
+``emulated``. ``te`` is never picked automatically: choose it explicitly. (It has been checked
+against ``emulated`` only by the GPU test tier, which needs a CUDA machine with TE installed; until
+that tier has run on one, ``scaled_mm`` — the same cuBLASLt kernels — is the measured GPU path.)
 """
 
 from __future__ import annotations
@@ -29,15 +36,23 @@ import functools
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
+
+from falqon_dist.fp8.formats import quantize_dynamic
+from falqon_dist.fp8.layout import pad_to, round_up
 
 BACKEND_NAMES = ("auto", "emulated", "scaled_mm", "te")
 
 
 class GemmBackend(Protocol):
-    """What the FALQON layer needs from an FP8 GEMM: one scaled product."""
+    """What the FP8 layers need from a backend: a dynamic cast and one scaled product."""
 
     name: str
+
+    def quantize(
+        self, x_hp: torch.Tensor, fp8_dtype: torch.dtype, *, transpose: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(Q(x/s), s, Q(x/s)ᵀ if transpose else None)`` with a fresh tensor-wise scale ``s``."""
+        ...
 
     def gemm(
         self,
@@ -51,7 +66,15 @@ class GemmBackend(Protocol):
         ...
 
 
-class EmulatedBackend:
+class _TorchCast:
+    """The cast of the torch backends: :func:`~falqon_dist.fp8.formats.quantize_dynamic`."""
+
+    def quantize(self, x_hp, fp8_dtype, *, transpose=False):
+        x_fp8, scale = quantize_dynamic(x_hp, fp8_dtype)
+        return x_fp8, scale, (x_fp8.t() if transpose else None)
+
+
+class EmulatedBackend(_TorchCast):
     """Dequantize-then-matmul; exact products, float32 accumulation (see module docstring)."""
 
     name = "emulated"
@@ -62,36 +85,24 @@ class EmulatedBackend:
         return (out.float() * (scale_a * scale_b)).to(out_dtype)
 
 
-def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Zero-pad a 2-D tensor at the bottom/right (FP8 padding goes through its uint8 bits)."""
-    pad_r, pad_c = rows - x.shape[0], cols - x.shape[1]
-    if pad_r == 0 and pad_c == 0:
-        return x
-    return F.pad(x.view(torch.uint8), (0, pad_c, 0, pad_r)).view(x.dtype)
-
-
-def _round_up(n: int, multiple: int = 16) -> int:
-    return -(-n // multiple) * multiple
-
-
-class ScaledMMBackend:
+class ScaledMMBackend(_TorchCast):
     """``torch._scaled_mm`` with the layout and alignment it requires."""
 
     name = "scaled_mm"
 
     def gemm(self, a_fp8, b_fp8, scale_a, scale_b, out_dtype):
         (m, k), n = a_fp8.shape, b_fp8.shape[1]
-        mp, kp, np_ = _round_up(m), _round_up(k), _round_up(n)
-        a = _pad_to(a_fp8, mp, kp).contiguous()  # row-major (M, K)
+        mp, kp, np_ = round_up(m), round_up(k), round_up(n)
+        a = pad_to(a_fp8, mp, kp).contiguous()  # row-major (M, K)
         # column-major (K, N): the transpose of a row-major (N, K)
-        b = _pad_to(b_fp8.t(), np_, kp).contiguous().t()
+        b = pad_to(b_fp8.t(), np_, kp).contiguous().t()
         out = torch._scaled_mm(
             a, b, scale_a.float().reshape(()), scale_b.float().reshape(()), out_dtype=out_dtype
         )
         return out[:m, :n]
 
 
-def _scaled_mm_hardware(device: torch.device) -> bool:
+def _fp8_tensor_cores(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
@@ -102,21 +113,36 @@ def _instance(name: str) -> GemmBackend:
     if name == "scaled_mm":
         return ScaledMMBackend()
     if name == "te":
-        raise NotImplementedError(
-            "fp8.backend='te' (Transformer Engine) is not available in this version of falqon_dist; "
-            "use 'scaled_mm' (cuBLASLt FP8 on CUDA) or 'emulated'"
-        )
+        from falqon_dist.fp8.te_backend import TEBackend  # imports Transformer Engine
+
+        return TEBackend()
     raise ValueError(f"unknown FP8 GEMM backend {name!r}; valid: {BACKEND_NAMES}")
 
 
 def resolve_backend(name: str, device: torch.device | str = "cpu") -> GemmBackend:
-    """Map a configured backend name (possibly ``auto``) to a backend for tensors on ``device``."""
+    """Map a configured backend name (possibly ``auto``) to a backend for tensors on ``device``.
+
+    Raises ``ValueError`` for an unknown name or ``te`` with tensors off CUDA, and
+    :class:`~falqon_dist.fp8.te_backend.TransformerEngineUnavailable` (an ``ImportError``) when
+    ``te`` is asked for and Transformer Engine cannot be used.
+    """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown FP8 GEMM backend {name!r}; valid: {BACKEND_NAMES}")
     device = torch.device(device)
     if name == "auto":
-        if _scaled_mm_hardware(device):
-            name = "scaled_mm"
-        else:
-            name = "emulated"
+        name = "scaled_mm" if _fp8_tensor_cores(device) else "emulated"
+    if name == "te" and device.type != "cuda":
+        raise ValueError(f"fp8.backend='te' runs on CUDA tensors only, got tensors on {device}")
     return _instance(name)
+
+
+def check_backend(name: str) -> None:
+    """Fail fast, before any work, if backend ``name`` cannot run on this machine.
+
+    ``emulated`` and ``auto`` always can; ``scaled_mm`` can anywhere (on CPU it is a slow reference);
+    ``te`` needs CUDA and an importable Transformer Engine (the error says what to use instead).
+    """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown FP8 GEMM backend {name!r}; valid: {BACKEND_NAMES}")
+    if name == "te":
+        _instance("te")

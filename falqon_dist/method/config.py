@@ -27,6 +27,10 @@ class FalqonConfig:
     init: str = "svd"
     #: FP8 GEMM backend: "auto" | "emulated" | "scaled_mm" | "te" (see falqon_dist.fp8.backends).
     backend: str = "auto"
+    #: Keep a transposed copy of each layer's W rows for the backward GEMM ∂L/∂x (FP8 tensor cores
+    #: need W column-major there): saves one transpose per layer per backward pass, costs one more
+    #: byte per backbone parameter. Not with ZeRO-3 (the copy would be a full W per rank).
+    cache_weight_transpose: bool = False
     #: Seed of the generator used by initialization, so every rank builds identical bytes.
     seed: int = 0
 
@@ -43,5 +47,9 @@ class FalqonConfig:
             raise ValueError(f"FalqonConfig.init must be one of {INIT_NAMES}, got {self.init!r}")
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"FalqonConfig.backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        if not isinstance(self.cache_weight_transpose, bool):
+            raise ValueError(
+                f"FalqonConfig.cache_weight_transpose must be true or false, got {self.cache_weight_transpose!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"FalqonConfig.seed must be an integer, got {self.seed!r}")

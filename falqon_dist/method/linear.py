@@ -16,6 +16,12 @@ Backward (``g = ∂L/∂y``):
     ∂L/∂B  = (g_qᵀ · Q(o_A)) · s_g · s_o FP8 GEMM, out × r
 
 W and A are frozen inside ``M_q``: they get no gradient.
+
+Operand layouts: the forward GEMM reads ``M_q`` as it is stored (K-major, what FP8 tensor cores
+want). ∂L/∂x needs ``W`` column-major, which costs a transposed copy of the W rows per backward pass
+unless ``cache_weight_transpose`` keeps one (+1 byte per backbone parameter, refreshed after every
+merge; see :class:`falqon_dist.fp8.TransposedBitsCache`). ∂L/∂B takes ``g_qᵀ`` and ``Q(o_A)ᵀ``, which a
+backend may write in the same kernel as the casts (``te``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, resolve_backend
+from falqon_dist.fp8 import E4M3, E5M2, TransposedBitsCache, dequantize, from_bits, resolve_backend
 from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.init import adapter_init, meld
@@ -34,34 +40,40 @@ class _MeldedFP8Matmul(torch.autograd.Function):
     """``y = x Wᵀ`` through the melded FP8 GEMM, with ``∂L/∂B`` from the saved adapter output."""
 
     @staticmethod
-    def forward(ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str):
+    def forward(ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str, weight_t_cache):
         backend = resolve_backend(backend_name, x_hp.device)
         x2d = x_hp.reshape(-1, x_hp.shape[-1])
-        x_fp8, x_scale = quantize_dynamic(x2d, E4M3)
+        x_fp8, x_scale, _ = backend.quantize(x2d, E4M3)
         melded_fp8 = from_bits(qweight, E4M3)
         # One rounding to the activation dtype: E4M3 re-quantization of o_A loses far more than bf16.
         y_full = backend.gemm(x_fp8, melded_fp8.t(), x_scale, scale, x_hp.dtype)
-        adapter_out_fp8, adapter_out_scale = quantize_dynamic(y_full[:, out_features:], E4M3)
+        # Only Q(o_A)ᵀ is needed (as the b operand of ∂L/∂B = g_qᵀ · Q(o_A)).
+        _, adapter_out_scale, adapter_out_fp8_t = backend.quantize(y_full[:, out_features:], E4M3, transpose=True)
         # qweight is saved as the Parameter itself: under ZeRO-3 its data is re-gathered for backward.
-        ctx.save_for_backward(qweight, scale, adapter_out_fp8, adapter_out_scale)
+        ctx.save_for_backward(qweight, scale, adapter_out_fp8_t, adapter_out_scale)
         ctx.out_features, ctx.backend_name, ctx.proxy_dtype = out_features, backend_name, proxy.dtype
-        ctx.x_shape = x_hp.shape
+        ctx.x_shape, ctx.weight_t_cache = x_hp.shape, weight_t_cache
         return y_full[:, :out_features].reshape(*x_hp.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qweight, scale, adapter_out_fp8, adapter_out_scale = ctx.saved_tensors
+        qweight, scale, adapter_out_fp8_t, adapter_out_scale = ctx.saved_tensors
         backend = resolve_backend(ctx.backend_name, grad_out.device)
+        need_x, need_proxy = ctx.needs_input_grad[:2]
         g2d = grad_out.reshape(-1, ctx.out_features)
-        g_fp8, g_scale = quantize_dynamic(g2d, E5M2)
+        g_fp8, g_scale, g_fp8_t = backend.quantize(g2d, E5M2, transpose=need_proxy)
         grad_x = grad_proxy = None
-        if ctx.needs_input_grad[0]:
-            weight_fp8 = from_bits(qweight, E4M3)[: ctx.out_features]
+        if need_x:
+            weight_bits = qweight[: ctx.out_features]
+            if ctx.weight_t_cache is not None:  # W as a column-major view of the cached row-major Wᵀ
+                weight_fp8 = from_bits(ctx.weight_t_cache.get(weight_bits), E4M3).t()
+            else:
+                weight_fp8 = from_bits(weight_bits, E4M3)
             grad_x = backend.gemm(g_fp8, weight_fp8, g_scale, scale, grad_out.dtype).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            grad_proxy = backend.gemm(g_fp8.t(), adapter_out_fp8, g_scale, adapter_out_scale, torch.float32)
+        if need_proxy:
+            grad_proxy = backend.gemm(g_fp8_t, adapter_out_fp8_t.t(), g_scale, adapter_out_scale, torch.float32)
             grad_proxy = grad_proxy.to(ctx.proxy_dtype)
-        return grad_x, grad_proxy, None, None, None, None
+        return grad_x, grad_proxy, None, None, None, None, None
 
 
 class FalqonLinear(Float32ScaleMixin):
@@ -70,7 +82,9 @@ class FalqonLinear(Float32ScaleMixin):
     State: ``qweight`` (frozen uint8 Parameter, (out + rank, in): E4M3 bits of ``M_q = [W; A]``),
     ``scale`` (float32 buffer, (1,): ``real = fp8 × s``, fixed for the whole run), ``B`` (the only
     trainable Parameter, (out, rank), zero after every merge) and a frozen ``bias`` when the original
-    layer had one.
+    layer had one. With ``cache_weight_transpose`` a transposed copy of the W rows is kept outside the
+    state dict (``weight_t_cache``); whoever writes ``qweight`` bytes directly must call
+    :meth:`backbone_changed`.
     """
 
     def __init__(
@@ -82,6 +96,7 @@ class FalqonLinear(Float32ScaleMixin):
         bias: bool = False,
         backend: str = "auto",
         topk: int | None = None,
+        cache_weight_transpose: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -94,6 +109,7 @@ class FalqonLinear(Float32ScaleMixin):
             )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.backend, self.topk = backend, topk
+        self.weight_t_cache = TransposedBitsCache() if cache_weight_transpose else None
         self.qweight = nn.Parameter(
             torch.zeros(out_features + rank, in_features, dtype=torch.uint8, device=device), requires_grad=False
         )
@@ -115,6 +131,7 @@ class FalqonLinear(Float32ScaleMixin):
             bias=linear.bias is not None,
             backend=config.backend,
             topk=config.topk,
+            cache_weight_transpose=config.cache_weight_transpose,
             device=weight.device,
             dtype=weight.dtype if weight.is_floating_point() else torch.float32,
         )
@@ -148,7 +165,9 @@ class FalqonLinear(Float32ScaleMixin):
         return dequantize(from_bits(self.qweight, E4M3)[self.out_features :], self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _MeldedFP8Matmul.apply(x, self.B, self.qweight, self.scale, self.out_features, self.backend)
+        y = _MeldedFP8Matmul.apply(
+            x, self.B, self.qweight, self.scale, self.out_features, self.backend, self.weight_t_cache
+        )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -166,11 +185,22 @@ class FalqonLinear(Float32ScaleMixin):
         proxy_rows = proxy.detach().float()[rows]
         adapter_q = from_bits(self.qweight, E4M3)[self.out_features :].float()
         saturated = apply_rows_(self.qweight.data, 0, self.in_features, rows, proxy_rows, adapter_q)
+        self.backbone_changed()
         self.B.zero_()
         return {"rows_merged": int(proxy_rows.abs().sum(dim=1).gt(0).sum()), "saturated": saturated}
+
+    def backbone_changed(self) -> None:
+        """Drop state derived from the ``qweight`` bytes (the transposed W cache) after they changed."""
+        if self.weight_t_cache is not None:
+            self.weight_t_cache.invalidate()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.backbone_changed()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, topk={self.rows_per_merge}, backend={self.backend}"
+            + (", cache_weight_transpose=True" if self.weight_t_cache is not None else "")
         )

@@ -1,8 +1,10 @@
-"""CUDA tier: the ``scaled_mm`` backend (cuBLASLt FP8) against the emulated one and exact references.
+"""CUDA tier: the ``scaled_mm`` (cuBLASLt FP8 via torch) and ``te`` (Transformer Engine) backends
+against the emulated one and exact references.
 
 Every test is marked ``gpu``; ``tests/conftest.py`` skips them without CUDA. Run them with
-``launch/gpu_check.sh`` (or ``pytest tests/gpu``) on a GPU machine; FP8 ``scaled_mm`` needs compute
-capability ≥ 8.9 (Ada, Hopper, Blackwell), so those tests also skip on older GPUs.
+``launch/gpu_check.sh`` (or ``pytest tests/gpu``) on a GPU machine; FP8 GEMMs need compute
+capability ≥ 8.9 (Ada, Hopper, Blackwell), so those tests also skip on older GPUs, and the ``te``
+cases skip (with the reason) where Transformer Engine does not import.
 
 Tolerances. The two backends see the *same* FP8 operands and scales; products are exact in both, so
 they differ only by accumulation order (float32 on both) and by output rounding:
@@ -36,9 +38,17 @@ pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 
-def _needs_fp8_hardware() -> None:
+GPU_BACKENDS = ["scaled_mm", "te"]
+
+
+def _needs_fp8_hardware(backend: str = "scaled_mm") -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
-        pytest.skip("torch._scaled_mm FP8 needs CUDA compute capability >= 8.9")
+        pytest.skip("FP8 GEMMs need CUDA compute capability >= 8.9")
+    if backend == "te":
+        try:
+            fp8.check_backend("te")
+        except ImportError as exc:
+            pytest.skip(str(exc))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,11 +69,11 @@ def _run(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.T
     return y.detach(), x.grad
 
 
-def _pair(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The same layer (same bytes) with the emulated and the scaled_mm backend."""
-    emulated, scaled = copy.deepcopy(layer), copy.deepcopy(layer)
-    emulated.backend, scaled.backend = "emulated", "scaled_mm"
-    return emulated, scaled
+def _pair(layer: nn.Module, backend: str) -> tuple[nn.Module, nn.Module]:
+    """The same layer (same bytes) with the emulated backend and with ``backend``."""
+    emulated, other = copy.deepcopy(layer), copy.deepcopy(layer)
+    emulated.backend, other.backend = "emulated", backend
+    return emulated, other
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
@@ -83,13 +93,15 @@ def test_auto_resolves_to_scaled_mm_on_fp8_hardware():
     assert fp8.resolve_backend("auto", "cpu").name == "emulated"
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_falqon_linear_scaled_mm_matches_emulated(dtype, bias):
-    _needs_fp8_hardware()
+@pytest.mark.parametrize("bias, cache_weight_transpose", [(False, False), (True, True)])
+def test_falqon_linear_gpu_backend_matches_emulated(backend, dtype, bias, cache_weight_transpose):
+    _needs_fp8_hardware(backend)
     linear = _linear(1024, 768, bias=bias, dtype=dtype)
-    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=64, backend="emulated"))
-    emulated, scaled = _pair(layer)
+    config = fd.FalqonConfig(rank=64, backend="emulated", cache_weight_transpose=cache_weight_transpose)
+    layer = fd.FalqonLinear.from_linear(linear, config)
+    emulated, scaled = _pair(layer, backend)
     x = torch.randn(4, 256, 1024, device=CUDA, dtype=dtype)
     grad = torch.randn(4, 256, 768, device=CUDA, dtype=dtype)
     y_e, gx_e = _run(emulated, x, grad)
@@ -99,6 +111,8 @@ def test_falqon_linear_scaled_mm_matches_emulated(dtype, bias):
     _assert_close(gx_s, gx_e, dtype, "grad_x")
     assert fp8.sqnr_db(emulated.B.grad, scaled.B.grad) > 30
     assert scaled.qweight.grad is None and scaled.scale.dtype == torch.float32
+    if cache_weight_transpose:
+        assert scaled.weight_t_cache.nbytes == 768 * 1024
 
 
 def test_falqon_merge_on_cuda_is_deterministic_and_matches_cpu():
@@ -123,14 +137,15 @@ def test_falqon_merge_on_cuda_is_deterministic_and_matches_cpu():
     assert fp8.sqnr_db(on_cpu.backbone_weight(), first.backbone_weight().cpu()) > 40
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_lora_scaled_mm_matches_emulated(dtype):
-    _needs_fp8_hardware()
+def test_fp8_lora_gpu_backend_matches_emulated(backend, dtype):
+    _needs_fp8_hardware(backend)
     linear = _linear(1024, 768, bias=True, dtype=dtype)
     layer = Fp8LoraLinear.from_linear(linear, rank=64, backend="emulated")
     with torch.no_grad():
         layer.lora_B.normal_(std=0.02)  # a non-zero adapter, so every FP8 GEMM contributes
-    emulated, scaled = _pair(layer)
+    emulated, scaled = _pair(layer, backend)
     x = torch.randn(512, 1024, device=CUDA, dtype=dtype)
     grad = torch.randn(512, 768, device=CUDA, dtype=dtype)
     y_e, gx_e = _run(emulated, x, grad)
@@ -159,14 +174,15 @@ def _exact(a_fp8, b_fp8, sa, sb) -> torch.Tensor:
         (2000, 4096, 4100, fp8.E4M3, False),  # unaligned: the backend pads to multiples of 16
     ],
 )
-def test_scaled_mm_gemm_matches_exact_reference_at_llm_shapes(m, k, n, fmt_a, transpose_a):
-    _needs_fp8_hardware()
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_gemm_matches_exact_reference_at_llm_shapes(backend, m, k, n, fmt_a, transpose_a):
+    _needs_fp8_hardware(backend)
     gen = torch.Generator(device=CUDA).manual_seed(0)
     a_hp = torch.randn(k, m, device=CUDA, generator=gen).t() if transpose_a else torch.randn(m, k, device=CUDA, generator=gen)
     b_hp = torch.randn(n, k, device=CUDA, generator=gen).t() * 0.02  # (k, n) as a transposed weight
     a, sa = fp8.quantize_dynamic(a_hp, fmt_a)
     b, sb = fp8.quantize_dynamic(b_hp, fp8.E4M3)
-    backend = fp8.resolve_backend("scaled_mm", CUDA)
+    backend = fp8.resolve_backend(backend, CUDA)
     ref = _exact(a, b, sa, sb)
     out32 = backend.gemm(a, b, sa, sb, torch.float32)
     assert out32.shape == (m, n) and out32.dtype == torch.float32
@@ -175,6 +191,29 @@ def test_scaled_mm_gemm_matches_exact_reference_at_llm_shapes(m, k, n, fmt_a, tr
     assert out16.dtype == torch.bfloat16 and fp8.sqnr_db(ref, out16) > 40
     emulated = fp8.resolve_backend("emulated", CUDA).gemm(a, b, sa, sb, torch.float32)
     assert _rel(out32, emulated) < 1e-4
+
+
+@pytest.mark.parametrize("fmt", [fp8.E4M3, fp8.E5M2])
+@pytest.mark.parametrize("shape", [(2048, 4096), (1000, 72)])
+def test_te_fused_cast_matches_torch_cast(fmt, shape):
+    """TE's amax + cast kernel against :func:`falqon_dist.fp8.quantize_dynamic`.
+
+    TE computes ``scale = F/amax`` and multiplies, we divide by ``s = amax/F``: the scales agree to
+    float32 rounding (rel. 1e-6), and an element can round to the neighbouring FP8 value only when
+    ``x/s`` sits within a float32 ulp of a rounding boundary (≤ 0.01% of elements). The transposed
+    copy written by the same kernel must be exactly the transpose.
+    """
+    _needs_fp8_hardware("te")
+    te_backend = fp8.resolve_backend("te", CUDA)
+    x = torch.randn(*shape, device=CUDA, dtype=torch.bfloat16) * 3
+    x_fp8, scale, x_fp8_t = te_backend.quantize(x, fmt, transpose=True)
+    ref_fp8, ref_scale = fp8.quantize_dynamic(x, fmt)
+    assert x_fp8.dtype == fmt and x_fp8.shape == shape and scale.dtype == torch.float32 and scale.shape == (1,)
+    assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+    differing = int((fp8.to_bits(x_fp8) != fp8.to_bits(ref_fp8)).sum())
+    assert differing <= x.numel() // 10_000, differing
+    assert torch.equal(fp8.to_bits(x_fp8_t.contiguous()), fp8.to_bits(x_fp8).t().contiguous())
+    assert te_backend.quantize(x, fmt)[2] is None
 
 
 # --------------------------------------------------------------------------- whole-model steps
@@ -211,15 +250,17 @@ def _overfit(model: nn.Module, batch: dict, lr: float, steps: int, merge: bool) 
     return losses
 
 
-def test_falqon_tiny_model_training_on_cuda_bf16():
-    _needs_fp8_hardware()
+@pytest.mark.parametrize("backend", ["auto", "te"])
+def test_falqon_tiny_model_training_on_cuda_bf16(backend):
+    _needs_fp8_hardware(backend)
     model, batch = _tiny_model_and_batch()
     reference = copy.deepcopy(model)
-    names = prepare_model(model, "falqon", rank=16, backend="auto")
+    names = prepare_model(model, "falqon", rank=16, backend=backend)
     prepare_model(reference, "falqon", rank=16, backend="emulated")
     layers = fd.falqon_layers(model)
     assert len(layers) == len(names) > 0
-    assert all(fp8.resolve_backend(layer.backend, CUDA).name == "scaled_mm" for _, layer in layers)
+    expected = "scaled_mm" if backend == "auto" else backend
+    assert all(fp8.resolve_backend(layer.backend, CUDA).name == expected for _, layer in layers)
     assert all(layer.scale.dtype == torch.float32 and layer.B.dtype == torch.bfloat16 for _, layer in layers)
     with torch.no_grad():
         loss_scaled = float(model(**batch, use_cache=False).loss)

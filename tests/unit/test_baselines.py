@@ -9,8 +9,6 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-import falqon_dist.baselines.fp8_lora as fp8_lora_mod
-import falqon_dist.method.linear as falqon_linear_mod
 from falqon_dist.baselines import (
     METHODS,
     QUANTIZE_OPS_PER_STEP,
@@ -22,6 +20,7 @@ from falqon_dist.baselines import (
     target_module_names,
 )
 from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, sqnr_db
+from falqon_dist.fp8.instrument import count_casts
 from falqon_dist.method import FalqonConfig, FalqonLinear
 from tests.models import tiny_llama
 
@@ -140,30 +139,20 @@ def test_fp8_lora_scale_survives_module_casts() -> None:
     assert y.dtype == x.grad.dtype == layer.lora_A.grad.dtype == torch.bfloat16
 
 
-def _count_quantizations(module_namespace, monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
-    calls: list[torch.dtype] = []
-    original = module_namespace.quantize_dynamic
-
-    def counting(x_hp, fp8_dtype=E4M3):
-        calls.append(fp8_dtype)
-        return original(x_hp, fp8_dtype)
-
-    monkeypatch.setattr(module_namespace, "quantize_dynamic", counting)
-    return calls
-
-
-def test_quantize_op_counts_fp8_lora_vs_falqon(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quantize_op_counts_fp8_lora_vs_falqon() -> None:
     _, layer = _fp8_lora_layer("emulated")  # built first: converting W is a one-off, not per step
-    calls = _count_quantizations(fp8_lora_mod, monkeypatch)
-    layer(torch.randn(8, 256, requires_grad=True)).sum().backward()
+    with count_casts() as calls:
+        layer(torch.randn(8, 256, requires_grad=True)).sum().backward()
     assert len(calls) == QUANTIZE_OPS_PER_STEP == 6
     assert calls.count(E5M2) == 2  # g and ∂L/∂h
 
     torch.manual_seed(0)
     falqon = FalqonLinear.from_linear(nn.Linear(256, 128), FalqonConfig(rank=16, backend="emulated"))
-    calls = _count_quantizations(falqon_linear_mod, monkeypatch)
+    with count_casts() as calls:
+        falqon(torch.randn(8, 256, requires_grad=True)).sum().backward()
+    assert calls == [E4M3, E4M3, E5M2]  # x, o_A, g
     falqon(torch.randn(8, 256, requires_grad=True)).sum().backward()
-    assert len(calls) == 3  # x, o_A, g
+    assert len(calls) == 3  # the patch is undone on exit
 
 
 def test_convert_fp8_lora_targets_falqon_layers_and_is_deterministic() -> None:

@@ -288,6 +288,7 @@ def test_state_dict_round_trip_is_exact():
         ({"topk": 0}, "topk"),
         ({"init": "gaussian"}, "init"),
         ({"backend": "cutlass"}, "backend"),
+        ({"cache_weight_transpose": "yes"}, "cache_weight_transpose"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
@@ -321,3 +322,62 @@ def test_randomized_svd_for_large_layers_matches_exact_svd():
     _, sigma_ref, vh_ref = torch.linalg.svd(matrix, full_matrices=False)
     torch.testing.assert_close(sigma, sigma_ref[:8], rtol=1e-3, atol=0)
     assert torch.allclose((vh * vh_ref[:8]).sum(1).abs(), torch.ones(8), atol=1e-3)
+
+
+# ---------------------------------------------------------------- cached Wᵀ for ∂L/∂x
+
+
+def _cached_twin(layer):
+    """A copy of ``layer`` that keeps the transposed W rows for the backward GEMM."""
+    twin = fd.FalqonLinear.shaped_like(
+        nn.Linear(IN, OUT, bias=layer.bias is not None), fd.FalqonConfig(rank=RANK, cache_weight_transpose=True)
+    )
+    twin.backend = layer.backend
+    twin.load_state_dict(layer.state_dict())
+    return twin
+
+
+def _grads(layer, x, g):
+    x = x.detach().clone().requires_grad_()
+    layer.B.grad = None
+    y = layer(x)
+    y.backward(g)
+    return y, x.grad, layer.B.grad
+
+
+@pytest.mark.parametrize("backend", ["emulated", "scaled_mm"])
+def test_cached_weight_transpose_gives_identical_results_and_follows_merges(backend):
+    _, layer = _layer(backend=backend)
+    cached = _cached_twin(layer)
+    assert cached.weight_t_cache.nbytes == 0  # built lazily, by the first backward that needs ∂L/∂x
+    assert "weight_t_cache" not in str(list(cached.state_dict()))
+    x, g = torch.randn(TOKENS, IN), torch.randn(TOKENS, OUT)
+    for reference, result in zip(_grads(layer, x, g), _grads(cached, x, g), strict=True):
+        assert torch.equal(reference, result)
+    assert cached.weight_t_cache.nbytes == OUT * IN  # the W rows only, one byte each
+
+    proxy = _nonzero_proxy(layer, [3, 50, 120])
+    for each in (layer, cached):
+        each.merge_proxy_(proxy.clone())
+    assert cached.weight_t_cache.nbytes == 0  # a merge drops the stale copy
+    _, grad_x, _ = _grads(cached, x, g)
+    assert torch.equal(grad_x, _grads(layer, x, g)[1])  # ∂L/∂x sees the merged rows
+
+
+def test_cached_weight_transpose_is_dropped_when_a_state_dict_is_loaded():
+    _, layer = _layer()
+    cached = _cached_twin(layer)
+    x, g = torch.randn(TOKENS, IN), torch.randn(TOKENS, OUT)
+    _grads(cached, x, g)
+    assert cached.weight_t_cache.nbytes > 0
+    _, other = _layer()  # different weights
+    cached.load_state_dict(other.state_dict())
+    assert cached.weight_t_cache.nbytes == 0
+    assert torch.equal(_grads(cached, x, g)[1], _grads(other, x, g)[1])
+
+
+def test_no_cache_is_built_when_only_the_proxy_needs_a_gradient():
+    _, layer = _layer()
+    cached = _cached_twin(layer)
+    cached(torch.randn(TOKENS, IN)).sum().backward()  # x does not require grad: no ∂L/∂x GEMM
+    assert cached.weight_t_cache.nbytes == 0 and cached.B.grad is not None

@@ -87,5 +87,26 @@ def test_resolve_backend():
     assert fp8.resolve_backend("auto", "cpu").name == "emulated"
     with pytest.raises(ValueError, match="valid"):
         fp8.resolve_backend("cublas")
-    with pytest.raises(NotImplementedError, match="scaled_mm"):
-        fp8.resolve_backend("te")
+    with pytest.raises(ValueError, match="CUDA tensors only"):
+        fp8.resolve_backend("te", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_te_backend_unavailable_says_what_to_use_instead():
+    from falqon_dist.fp8.te_backend import TransformerEngineUnavailable
+
+    with pytest.raises(TransformerEngineUnavailable, match="CUDA is not available.*scaled_mm.*emulated"):
+        fp8.check_backend("te")
+    for name in ("auto", "emulated", "scaled_mm"):
+        fp8.check_backend(name)  # always usable
+    with pytest.raises(ValueError, match="valid"):
+        fp8.check_backend("cublas")
+
+
+def test_te_version_parsing():
+    from falqon_dist.fp8.te_backend import MIN_VERSION, _version_tuple
+
+    assert _version_tuple("2.10.0") == (2, 10) > MIN_VERSION
+    assert _version_tuple("2.2.0.dev0+abc") == (2, 2) == MIN_VERSION
+    assert _version_tuple("1.13.0") < MIN_VERSION
+    assert _version_tuple("2.9rc1") == (2, 9)
