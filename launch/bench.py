@@ -14,9 +14,10 @@ intermediate 11008, 32 heads; ``--layers N`` cuts the depth so it fits) or ``--s
 alone, with the tiny model's character tokenizer so it trains on the same synthetic task.
 
 Methods (``--methods``, default all): ``falqon``, ``lora`` (peft, frozen backbone in the model
-dtype), ``fp8_lora`` (separate FP8 adapter path), ``full``, and ``qlora`` (bitsandbytes NF4 + peft;
-skipped with the reason when bitsandbytes does not import or has no CUDA device here). Each method
-runs in its own subprocess, so each peak-memory number is its own. Per method, one plain-torch AdamW
+dtype), ``fp8_lora`` (separate FP8 adapter path), ``full``, and ``qlora`` (bitsandbytes NF4 + peft,
+:func:`falqon_dist.baselines.apply_qlora`, on CPU or CUDA; skipped with the reason when bitsandbytes
+does not import). Each method runs in its own subprocess, so each peak-memory number is its own.
+Per method, one plain-torch AdamW
 loop (no DeepSpeed, no autocast; model in bf16 on CUDA, ``--dtype`` on CPU, fp32 by default) of
 ``--train-steps`` steps on packed rows of the synthetic task (``--task``, default ``shift``), with
 FALQON's proxy merge after every optimizer step. Reported:
@@ -249,53 +250,29 @@ def build_model(spec: dict[str, Any], tokenizer, dtype: torch.dtype, device: tor
 
 
 def check_runnable(method: str, device: torch.device, *, try_import: bool = True) -> None:
-    """Raise :class:`SkipMethod` when ``method`` cannot run here (qlora: bitsandbytes and CUDA)."""
+    """Raise :class:`SkipMethod` when ``method`` cannot run here (qlora: bitsandbytes must import;
+    it runs on CPU and CUDA alike)."""
     if method != "qlora":
         return
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise SkipMethod("bitsandbytes is not installed")
-    if device.type != "cuda":
-        raise SkipMethod("bitsandbytes NF4 is measured on CUDA only")
+        raise SkipMethod("bitsandbytes is not installed (pip install -e .[qlora])")
     if not try_import:
         return
+    from falqon_dist.baselines.qlora import import_bitsandbytes
+
     try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken native library
-        raise SkipMethod(f"bitsandbytes does not import ({type(exc).__name__}: {exc})") from None
-
-
-def prepare_qlora(model: torch.nn.Module, rank: int, device: torch.device) -> list[str]:
-    """NF4 backbone through bitsandbytes ``Linear4bit`` + peft LoRA on the same layers as the others."""
-    import bitsandbytes as bnb
-
-    from falqon_dist.baselines import apply_lora, target_module_names
-
-    names = target_module_names(model)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        layer = bnb.nn.Linear4bit(
-            linear.in_features, linear.out_features, bias=linear.bias is not None,
-            compute_dtype=linear.weight.dtype, quant_type="nf4",
-        )
-        layer.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu"), requires_grad=False, quant_type="nf4")
-        if linear.bias is not None:
-            layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-        setattr(parent, child, layer.to(device))  # quantizes to NF4 on the way to CUDA
-        del linear
-    apply_lora(model, rank=rank, target_modules=names)
-    return names
+        import_bitsandbytes()
+    except ImportError as exc:  # missing, or a broken native library
+        raise SkipMethod(str(exc)) from None
 
 
 def prepare(model: torch.nn.Module, method: str, args: argparse.Namespace, device: torch.device) -> list[str]:
-    """Apply ``method`` in place; return the adapted module names (for ``full``: its linear targets)."""
+    """Apply ``method`` in place; return the adapted module names (for ``full``: its linear targets).
+
+    qlora quantizes on the device the model was built on (``build_model`` already moved it there).
+    """
     from falqon_dist.baselines import prepare_model, target_module_names
 
-    if method == "qlora":
-        return prepare_qlora(model, args.rank, device)
     targets = target_module_names(model)
     prepare_model(model, method, rank=args.rank, backend=args.backend)
     return targets

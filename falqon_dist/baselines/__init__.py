@@ -3,7 +3,9 @@
 * ``lora`` — bf16 LoRA through peft (:func:`apply_lora`);
 * ``fp8_lora`` — FP8 backbone + separately quantized FP8 LoRA path (:class:`Fp8LoraLinear`,
   :func:`convert_fp8_lora`), the torchao-style baseline;
-* ``full`` — every parameter trainable (:func:`prepare_full_finetune`).
+* ``full`` — every parameter trainable (:func:`prepare_full_finetune`);
+* ``qlora`` — NF4 backbone through bitsandbytes + peft LoRA (:func:`apply_qlora`; bitsandbytes is
+  imported only when it is used).
 
 :func:`prepare_model` applies any of :data:`METHODS` (FALQON included) in place::
 
@@ -13,6 +15,7 @@
 from falqon_dist.baselines.fp8_lora import QUANTIZE_OPS_PER_STEP, Fp8LoraLinear, convert_fp8_lora
 from falqon_dist.baselines.full import prepare_full_finetune
 from falqon_dist.baselines.lora import apply_lora
+from falqon_dist.baselines.qlora import apply_qlora
 from falqon_dist.baselines.registry import METHODS, prepare_model
 from falqon_dist.baselines.targets import target_module_names
 
@@ -21,6 +24,7 @@ __all__ = [
     "QUANTIZE_OPS_PER_STEP",
     "Fp8LoraLinear",
     "apply_lora",
+    "apply_qlora",
     "convert_fp8_lora",
     "prepare_full_finetune",
     "prepare_model",

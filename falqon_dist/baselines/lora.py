@@ -30,6 +30,15 @@ from torch import nn
 from falqon_dist.baselines.targets import target_module_names
 
 
+def check_lora_args(rank: int, dropout: float, caller: str) -> None:
+    """Raise ``ValueError`` (prefixed with ``caller``) for a rank that is not a positive integer or a
+    dropout outside [0, 1)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"{caller}: rank must be a positive integer, got {rank!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{caller}: dropout must be in [0, 1), got {dropout!r}")
+
+
 def apply_lora(
     model: nn.Module,
     *,
@@ -45,10 +54,7 @@ def apply_lora(
     :func:`~falqon_dist.baselines.targets.target_module_names` (FALQON's layers). Afterwards only the
     adapter weights are trainable.
     """
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"apply_lora: rank must be a positive integer, got {rank!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"apply_lora: dropout must be in [0, 1), got {dropout!r}")
+    check_lora_args(rank, dropout, "apply_lora")
     names = list(target_modules) if target_modules is not None else target_module_names(model)
     if not names:
         raise ValueError("apply_lora: no target modules (no eligible nn.Linear found and none given)")

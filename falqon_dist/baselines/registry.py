@@ -7,11 +7,12 @@ from torch import nn
 from falqon_dist.baselines.fp8_lora import convert_fp8_lora
 from falqon_dist.baselines.full import prepare_full_finetune
 from falqon_dist.baselines.lora import apply_lora
+from falqon_dist.baselines.qlora import apply_qlora
 from falqon_dist.baselines.targets import target_module_names
 from falqon_dist.method import FalqonConfig, convert_model
 
 #: Method names accepted by :func:`prepare_model`.
-METHODS = ("falqon", "lora", "fp8_lora", "full")
+METHODS = ("falqon", "lora", "fp8_lora", "full", "qlora")
 
 
 def prepare_model(
@@ -21,21 +22,28 @@ def prepare_model(
     rank: int,
     topk: int | None = None,
     alpha: float | None = None,
+    dropout: float = 0.0,
     backend: str = "auto",
     init: str = "svd",
+    double_quant: bool = True,
 ) -> list[str]:
     """Apply ``method`` to ``model`` in place and return what it targeted.
 
     * ``falqon`` — :func:`falqon_dist.convert_model` with ``FalqonConfig(rank, topk, init, backend)``;
       returns the converted module names. ``alpha`` does not apply (B is in real units).
-    * ``lora`` — bf16 LoRA via peft (:func:`~falqon_dist.baselines.lora.apply_lora`); returns the
-      adapted module names. ``alpha`` defaults to ``rank``.
+    * ``lora`` — bf16 LoRA via peft (:func:`~falqon_dist.baselines.lora.apply_lora`, ``rank``,
+      ``alpha``, ``dropout``); returns the adapted module names. ``alpha`` defaults to ``rank``.
     * ``fp8_lora`` — :func:`~falqon_dist.baselines.fp8_lora.convert_fp8_lora` (``rank``, ``alpha``,
       ``backend``); returns the converted module names.
     * ``full`` — :func:`~falqon_dist.baselines.full.prepare_full_finetune`; returns the names of all
       *parameters* (nothing is converted).
+    * ``qlora`` — NF4 backbone (bitsandbytes) + peft LoRA
+      (:func:`~falqon_dist.baselines.qlora.apply_qlora`, ``rank``, ``alpha``, ``dropout``,
+      ``double_quant``; compute dtype = the model's); returns the adapted module names. Needs
+      bitsandbytes (``ImportError`` with the install command otherwise).
 
-    Options a method does not use (``topk``/``init`` outside FALQON, ``rank`` for ``full``) are
+    Options a method does not use (``topk``/``init`` outside FALQON, ``dropout`` outside the peft
+    methods, ``double_quant`` outside QLoRA, ``rank`` for ``full``) are
     ignored, so one config can drive every method. Afterwards exactly the method's parameters have
     ``requires_grad``. Raises ``ValueError`` for an unknown ``method``.
     """
@@ -43,10 +51,12 @@ def prepare_model(
         return convert_model(model, FalqonConfig(rank=rank, topk=topk, init=init, backend=backend))
     if method == "lora":
         names = target_module_names(model)
-        apply_lora(model, rank=rank, alpha=alpha, target_modules=names)
+        apply_lora(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=names)
         return names
     if method == "fp8_lora":
         return convert_fp8_lora(model, rank=rank, alpha=alpha, backend=backend)
     if method == "full":
         return prepare_full_finetune(model)
+    if method == "qlora":
+        return apply_qlora(model, rank=rank, alpha=alpha, dropout=dropout, double_quant=double_quant)
     raise ValueError(f"unknown fine-tuning method {method!r}; valid: {METHODS}")

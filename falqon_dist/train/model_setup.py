@@ -62,8 +62,10 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
             rank=method.rank or 0,
             topk=method.topk,
             alpha=method.alpha,
+            dropout=method.dropout,
             backend=settings.fp8_backend,
             init=method.init,
+            double_quant=method.double_quant,
         )
     if settings.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()

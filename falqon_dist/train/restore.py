@@ -89,6 +89,9 @@ def load_run_config(run_dir: str | Path) -> tuple[DictConfig, RunSettings]:
     # and checked against the checkpoint files): do not fail because it has moved since training.
     if OmegaConf.select(cfg, "deepspeed.config") is not None:
         cfg.deepspeed.config = None
+    # Nor whether training exported at its end: the method check below names the problem itself.
+    if OmegaConf.select(cfg, "export.enabled"):
+        cfg.export.enabled = False
     try:
         settings = validate(cfg)
     except ConfigError as error:

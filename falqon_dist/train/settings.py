@@ -82,6 +82,8 @@ class MethodSettings:
     init: str
     alpha: float | None
     dropout: float
+    #: QLoRA only: double quantization of the NF4 block scales (the other methods ignore it).
+    double_quant: bool
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,38 @@ def _method(m: DictConfig) -> MethodSettings:
     if alpha is not None:
         alpha = _number(alpha, "method.alpha", 0.0)
     dropout = _number(m.get("dropout", 0.0), "method.dropout", 0.0, 1.0)
-    return MethodSettings(name=name, rank=rank, topk=topk, init=init, alpha=alpha, dropout=dropout)
+    if dropout >= 1.0:
+        raise ConfigError(f"method.dropout must be in [0, 1), got {dropout!r}")
+    # fields that only some method files define are read with .get() (the config is in struct mode)
+    double_quant = m.get("double_quant", True)
+    if not isinstance(double_quant, bool):
+        raise ConfigError(f"method.double_quant must be true or false, got {double_quant!r}")
+    return MethodSettings(
+        name=name, rank=rank, topk=topk, init=init, alpha=alpha, dropout=dropout, double_quant=double_quant
+    )
+
+
+def _check_method_fits(method: MethodSettings, deepspeed: DeepSpeedSettings, export: bool) -> None:
+    """Combinations that cannot work, rejected before any work starts."""
+    if export and method.name != "falqon":
+        raise ConfigError(
+            f"export.enabled=true needs method=falqon, got method={method.name}: the export writes FALQON's "
+            "FP8 backbone, and the other methods keep none (set export.enabled=false)"
+        )
+    if method.name != "qlora":
+        return
+    if deepspeed.zero_stage == 3:
+        raise ConfigError(
+            "method=qlora needs deepspeed.zero_stage 0, 1 or 2, got deepspeed.zero_stage=3 (3 is the default): "
+            "bitsandbytes 4-bit weights carry their quantization state (block scales, shape) as an attribute "
+            "that ZeRO-3 partitioning does not preserve; add deepspeed.zero_stage=2"
+        )
+    from falqon_dist.baselines.qlora import import_bitsandbytes
+
+    try:
+        import_bitsandbytes()
+    except ImportError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _model(m: DictConfig) -> ModelSettings:
@@ -225,6 +258,9 @@ def validate(cfg: DictConfig) -> RunSettings:
     logger = _choice(cfg.logger.backend, "logger", LOGGERS)
     wandb_settings = OmegaConf.to_container(cfg.wandb, resolve=True)
     _choice(wandb_settings.get("mode"), "wandb.mode", VALID_MODES)
+    deepspeed = _deepspeed(cfg.deepspeed)
+    export = bool(cfg.export.enabled)
+    _check_method_fits(method, deepspeed, export)
     return RunSettings(
         run_dir=Path(cfg.run.dir),
         seed=seed,
@@ -232,9 +268,9 @@ def validate(cfg: DictConfig) -> RunSettings:
         method=method,
         model=model,
         data=_data(cfg.data, model.max_length, seed),
-        deepspeed=_deepspeed(cfg.deepspeed),
+        deepspeed=deepspeed,
         fp8_backend=_choice(cfg.fp8.backend, "fp8.backend", BACKEND_NAMES),
         logger=logger,
         wandb=wandb_settings,
-        export=bool(cfg.export.enabled),
+        export=export,
     )

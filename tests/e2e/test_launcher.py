@@ -3,10 +3,13 @@ outputs in run.dir written by rank 0 only, and fail-fast errors for bad override
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
-from tests.e2e.conftest import QUICK, launch, read_metrics
+from tests.e2e.conftest import QUICK, REPO, launch, read_metrics
 
 REQUIRED = {"step", "loss", "lr", "tokens_per_s", "step_time_s"}
 
@@ -44,6 +47,36 @@ def test_single_process_lora_zero0(tmp_path):
     run_dir = tmp_path / "run"
     launch("python", [*QUICK, f"run.dir={run_dir}", "method=lora", "deepspeed.zero_stage=0", "model.dtype=fp32"])
     check_run_dir(run_dir, 4, method="lora")
+
+
+def test_two_ranks_qlora_zero2(tmp_path):
+    """QLoRA through the launcher: NF4 backbone + LoRA on 2 ranks, ZeRO-2, checkpoint with the quant state."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+
+    from falqon_dist.models.tiny import tiny_config
+
+    run_dir = tmp_path / "run"
+    launch("deepspeed", [*QUICK, f"run.dir={run_dir}", "method=qlora", "deepspeed.zero_stage=2"])
+    metrics = check_run_dir(run_dir, 4, method="qlora")
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals
+    state = torch.load(run_dir / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)["module"]  # fmt: skip
+    key = "model.layers.0.mlp.up_proj.base_layer.weight"
+    config = tiny_config()
+    assert state[key].dtype == torch.uint8  # two NF4 codes per byte:
+    assert state[key].numel() * 2 == config.hidden_size * config.intermediate_size
+    assert {f"{key}.absmax", f"{key}.nested_absmax", f"{key}.quant_state.bitsandbytes__nf4"} <= state.keys()
+    assert "model.layers.0.mlp.up_proj.lora_B.default.weight" in state
+    # the FP8 CLIs refuse a qlora run with one clear line, no traceback
+    procs = [subprocess.Popen([sys.executable, str(REPO / "launch" / script), arg], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for script, arg in (("eval.py", f"path={run_dir}"), ("export.py", f"run.dir={run_dir}"))]  # fmt: skip
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, out + err
+        assert "method.name='qlora'" in err and "need method=falqon" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(

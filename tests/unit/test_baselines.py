@@ -235,13 +235,15 @@ def test_prepare_full_finetune_rejects_converted_model() -> None:
 
 
 def test_prepare_model_rejects_unknown_method() -> None:
-    with pytest.raises(ValueError, match=r"'qlora'.*falqon.*lora.*fp8_lora.*full"):
-        prepare_model(tiny_llama(), "qlora", rank=4)
+    with pytest.raises(ValueError, match=r"'adapterx'.*falqon.*lora.*fp8_lora.*full.*qlora"):
+        prepare_model(tiny_llama(), "adapterx", rank=4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_forward_backward(method: str, dtype: torch.dtype) -> None:
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
     model = tiny_llama(dtype)
     names = prepare_model(model, method, rank=4, alpha=8, backend="emulated")
     assert names

@@ -31,6 +31,9 @@ def test_default_composes_and_validates():
 )
 def test_every_shipped_config_composes(group, option, tmp_path):
     overrides = [f"{group}={option}"]
+    if group == "method" and option == "qlora":
+        pytest.importorskip("bitsandbytes")
+        overrides.append("deepspeed.zero_stage=2")  # the default stage 3 is rejected for qlora (below)
     if group == "data" and option == "jsonl":
         data = tmp_path / "d.jsonl"
         data.write_text('{"prompt": "a", "response": "b"}\n')
@@ -77,3 +80,44 @@ def test_jsonl_needs_an_existing_path():
 def test_unknown_key_is_rejected_by_hydra():
     with pytest.raises(Exception, match="nonexistent"):
         compose_cfg(["train.nonexistent=1"])
+
+
+# --------------------------------------------------------------------------------------------- qlora
+def test_qlora_settings_compose():
+    pytest.importorskip("bitsandbytes")
+    settings = validate(compose_cfg(["method=qlora", "deepspeed.zero_stage=1", "method.double_quant=false"]))
+    m = settings.method
+    assert (m.name, m.rank, m.alpha, m.dropout, m.double_quant) == ("qlora", 16, None, 0.0, False)
+    assert settings.train.lr == 0.003
+    # methods whose file has no double_quant still validate (read with .get(): the config is in struct mode)
+    assert validate(compose_cfg(["method=lora"])).method.double_quant is True
+
+
+def test_qlora_rejects_zero3_with_the_reason():
+    with pytest.raises(ConfigError, match=r"method=qlora needs deepspeed\.zero_stage 0, 1 or 2.*zero_stage=3.*quant"):
+        validate(compose_cfg(["method=qlora"]))  # deepspeed/default.yaml says 3
+
+
+def test_qlora_double_quant_must_be_a_bool():
+    with pytest.raises(ConfigError, match=r"method\.double_quant must be true or false, got 'maybe'"):
+        validate(compose_cfg(["method=qlora", "deepspeed.zero_stage=2", "method.double_quant=maybe"]))
+
+
+def test_qlora_without_bitsandbytes_names_the_install_command(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    with pytest.raises(ConfigError, match=r"method=qlora needs bitsandbytes.*pip install -e \.\[qlora\]"):
+        validate(compose_cfg(["method=qlora", "deepspeed.zero_stage=2"]))
+
+
+@pytest.mark.parametrize("method", ["lora", "fp8_lora", "full", "qlora"])
+def test_export_needs_falqon(method):
+    with pytest.raises(ConfigError, match=rf"export\.enabled=true needs method=falqon, got method={method}"):
+        validate(compose_cfg([f"method={method}", "deepspeed.zero_stage=2", "export.enabled=true"]))
+    validate(compose_cfg(["export.enabled=true"]))  # falqon exports
+
+
+def test_dropout_of_one_is_rejected():
+    with pytest.raises(ConfigError, match=r"method\.dropout must be in \[0, 1\)"):
+        validate(compose_cfg(["method=lora", "method.dropout=1.0"]))
