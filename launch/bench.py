@@ -77,6 +77,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from falqon_dist.baselines.fp8_lora import QUANTIZE_OPS_PER_STEP as FP8_LORA_QUANTIZE_OPS  # noqa: E402
 from falqon_dist.fp8 import BACKEND_NAMES  # noqa: E402
@@ -313,31 +314,34 @@ def backbone_bytes_per_param(model: torch.nn.Module, targets: list[str]) -> floa
     return total_bytes / max(total_params, 1)
 
 
+class _BitsAndBytesDequantCounter(TorchDispatchMode):
+    """Counts bitsandbytes' 4-bit backbone dequantizations: the fused dequantize+matmul of the forward
+    (``gemm_4bit``) and the explicit ``dequantize_4bit`` of the backward (bitsandbytes 0.50 ops)."""
+
+    OPS = ("bitsandbytes::gemm_4bit", "bitsandbytes::dequantize_4bit")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "bitsandbytes" and func.name() in self.OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def count_quantize_ops() -> Iterator[list[int]]:
     """Count the FP8 layers' dynamic casts (any backend) and bitsandbytes 4-bit dequantizations."""
     from falqon_dist.fp8.instrument import count_casts
 
-    bnb_calls = [0]
-    patched: list[tuple[Any, Any]] = []
-    if "bitsandbytes" in sys.modules:
-        namespace = importlib.import_module("bitsandbytes.functional")
-        original = namespace.dequantize_4bit
-
-        def counting(*a, _original=original, **kw):
-            bnb_calls[0] += 1
-            return _original(*a, **kw)
-
-        namespace.dequantize_4bit = counting
-        patched.append((namespace, original))
     counter = [0]
+    bnb = _BitsAndBytesDequantCounter() if "bitsandbytes" in sys.modules else contextlib.nullcontext()
     try:
-        with count_casts() as casts:
+        with count_casts() as casts, bnb:
             yield counter
     finally:
-        counter[0] = len(casts) + bnb_calls[0]
-        for namespace, original in patched:
-            namespace.dequantize_4bit = original
+        counter[0] = len(casts) + (bnb.count if isinstance(bnb, _BitsAndBytesDequantCounter) else 0)
 
 
 # --------------------------------------------------------------------------- memory

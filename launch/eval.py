@@ -138,7 +138,7 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
         restored = restore_run(path, args["tag"])
         model, tokenizer, settings = restored.model, restored.tokenizer, restored.settings
         result.update(kind="run", tag=restored.tag, step=restored.step, config_source=str(path / "config.yaml"),
-                      forward=f"FALQON FP8 (fp8.backend={settings.fp8_backend}, model.dtype={settings.model.dtype})")
+                      forward=f"FALQON FP8 (fp8.backend={settings.fp8.backend}, model.dtype={settings.model.dtype})")
     elif _is_export_dir(path):
         settings, source = export_settings(path, args["config"])
         model = load_export(path, args["dequantize"])

@@ -95,13 +95,16 @@ def apply_qlora(
     target_modules: Sequence[str] | None = None,
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Quantize the targeted linears of ``model`` to NF4 in place, add LoRA adapters, return the names.
 
     ``target_modules`` are fully qualified names of ``nn.Linear`` modules with floating-point
     weights; the default is :func:`~falqon_dist.baselines.targets.target_module_names` (FALQON's
     layers). Each is replaced by a ``bitsandbytes.nn.Linear4bit`` (NF4, ``compress_statistics =
-    double_quant``, ``uint8`` storage) quantized on the device its weight is on (CPU included); the
+    double_quant``, ``uint8`` storage) quantized on ``device`` — default: where its weight is (CPU
+    included); pass the GPU when the model was loaded on the CPU, which quantizes one layer at a time
+    there instead of on the CPU (minutes per 7B model) and leaves the NF4 layers on it; the
     original weight is dropped with the replaced module and the bias, if any, is kept frozen.
     ``compute_dtype`` defaults to each layer's weight dtype. Then peft LoRA is injected on the same
     layers (:func:`~falqon_dist.baselines.lora.apply_lora`: ``alpha`` defaults to ``rank``) and the
@@ -139,7 +142,7 @@ def apply_qlora(
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child_name)
-        layer = _nf4_linear(bnb, linear, double_quant=double_quant, compute_dtype=compute_dtype)
+        layer = _nf4_linear(bnb, linear, double_quant=double_quant, compute_dtype=compute_dtype, device=device)
         setattr(parent, child_name, layer)
         adapter_dtypes[name] = layer.compute_dtype
         del linear
@@ -156,9 +159,14 @@ def apply_qlora(
 
 @torch.no_grad()
 def _nf4_linear(
-    bnb: ModuleType, linear: nn.Linear, *, double_quant: bool, compute_dtype: torch.dtype | None
+    bnb: ModuleType,
+    linear: nn.Linear,
+    *,
+    double_quant: bool,
+    compute_dtype: torch.dtype | None,
+    device: torch.device | str | None,
 ) -> nn.Module:
-    """``linear`` as a frozen NF4 ``Linear4bit`` on ``linear``'s device (``linear`` is not modified)."""
+    """``linear`` as a frozen NF4 ``Linear4bit`` on ``device`` (default: ``linear``'s; ``linear`` is not modified)."""
     weight = linear.weight
     layer = bnb.nn.Linear4bit(
         linear.in_features,
@@ -179,9 +187,11 @@ def _nf4_linear(
         quant_storage=torch.uint8,
         module=layer,
     )
-    layer.to(weight.device)  # bitsandbytes quantizes a Params4bit when it is first moved to a device
-    if linear.bias is not None:
-        layer.bias = linear.bias  # shared, frozen
+    layer.to(device if device is not None else weight.device)  # bitsandbytes quantizes on this first move
+    if linear.bias is not None:  # shared and frozen when it stays on its device
+        layer.bias = linear.bias if linear.bias.device == layer.weight.device else nn.Parameter(
+            linear.bias.detach().to(layer.weight.device), requires_grad=False
+        )
     # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at the first eval-mode,
     # no-grad forward into an inference-only layout whose kernel has no autograd: a later training
     # forward then silently stops gradients to the inputs (measured with bitsandbytes 0.50.2).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from falqon_dist.baselines.fp8_lora import convert_fp8_lora
@@ -26,11 +27,14 @@ def prepare_model(
     backend: str = "auto",
     init: str = "svd",
     double_quant: bool = True,
+    cache_weight_transpose: bool = False,
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Apply ``method`` to ``model`` in place and return what it targeted.
 
-    * ``falqon`` — :func:`falqon_dist.convert_model` with ``FalqonConfig(rank, topk, init, backend)``;
-      returns the converted module names. ``alpha`` does not apply (B is in real units).
+    * ``falqon`` — :func:`falqon_dist.convert_model` with ``FalqonConfig(rank, topk, init, backend,
+      cache_weight_transpose)``; returns the converted module names. ``alpha`` does not apply (B is
+      in real units).
     * ``lora`` — bf16 LoRA via peft (:func:`~falqon_dist.baselines.lora.apply_lora`, ``rank``,
       ``alpha``, ``dropout``); returns the adapted module names. ``alpha`` defaults to ``rank``.
     * ``fp8_lora`` — :func:`~falqon_dist.baselines.fp8_lora.convert_fp8_lora` (``rank``, ``alpha``,
@@ -39,16 +43,21 @@ def prepare_model(
       *parameters* (nothing is converted).
     * ``qlora`` — NF4 backbone (bitsandbytes) + peft LoRA
       (:func:`~falqon_dist.baselines.qlora.apply_qlora`, ``rank``, ``alpha``, ``dropout``,
-      ``double_quant``; compute dtype = the model's); returns the adapted module names. Needs
+      ``double_quant``; compute dtype = the model's; quantized on ``device``, default where each
+      weight is); returns the adapted module names. Needs
       bitsandbytes (``ImportError`` with the install command otherwise).
 
     Options a method does not use (``topk``/``init`` outside FALQON, ``dropout`` outside the peft
-    methods, ``double_quant`` outside QLoRA, ``rank`` for ``full``) are
+    methods, ``double_quant`` outside QLoRA, ``cache_weight_transpose`` outside FALQON, ``rank`` for
+    ``full``) are
     ignored, so one config can drive every method. Afterwards exactly the method's parameters have
     ``requires_grad``. Raises ``ValueError`` for an unknown ``method``.
     """
     if method == "falqon":
-        return convert_model(model, FalqonConfig(rank=rank, topk=topk, init=init, backend=backend))
+        config = FalqonConfig(
+            rank=rank, topk=topk, init=init, backend=backend, cache_weight_transpose=cache_weight_transpose
+        )
+        return convert_model(model, config)
     if method == "lora":
         names = target_module_names(model)
         apply_lora(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=names)
@@ -58,5 +67,5 @@ def prepare_model(
     if method == "full":
         return prepare_full_finetune(model)
     if method == "qlora":
-        return apply_qlora(model, rank=rank, alpha=alpha, dropout=dropout, double_quant=double_quant)
+        return apply_qlora(model, rank=rank, alpha=alpha, dropout=dropout, double_quant=double_quant, device=device)
     raise ValueError(f"unknown fine-tuning method {method!r}; valid: {METHODS}")

@@ -13,6 +13,7 @@ import datetime as dt
 import os
 import socket
 
+import torch
 import torch.distributed as tdist
 
 
@@ -47,6 +48,11 @@ def init_process_group() -> None:
     if "WORLD_SIZE" not in os.environ:  # plain python: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # One GPU per rank from the start: NCCL collectives before deepspeed.initialize (the run-dir
+    # broadcast, the model build barrier) use the current device, which would otherwise be GPU 0 on
+    # every rank. DeepSpeed itself only sets it inside initialize().
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not tdist.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
 

@@ -48,11 +48,28 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+def _local_accelerator() -> torch.device | None:
+    """This rank's GPU, where layers that are quantized at load time (qlora) are quantized; None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _numel(param: torch.Tensor) -> int:
+    """Elements a parameter stands for: whole under ZeRO-3, unpacked for bitsandbytes 4-bit weights."""
+    if hasattr(param, "ds_numel"):
+        return param.ds_numel
+    quant_state = getattr(param, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return quant_state.shape.numel()
+    return param.numel()
+
+
 def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.Module:
     """Load ``path`` and apply the configured method; returns the model ready for ``initialize``."""
     method, dtype = settings.method, TORCH_DTYPES[settings.model.dtype]
     if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
-        falqon_cfg = FalqonConfig(rank=method.rank, topk=method.topk, init=method.init, backend=settings.fp8_backend)
+        falqon_cfg = FalqonConfig(rank=method.rank, topk=method.topk, init=method.init, backend=settings.fp8.backend)
         model, names = load_pretrained_zero3(path, ds_config, falqon_cfg, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -63,13 +80,15 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
             topk=method.topk,
             alpha=method.alpha,
             dropout=method.dropout,
-            backend=settings.fp8_backend,
+            backend=settings.fp8.backend,
+            cache_weight_transpose=settings.fp8.cache_weight_transpose,
             init=method.init,
             double_quant=method.double_quant,
+            device=_local_accelerator(),
         )
     if settings.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     log.info("method=%s: %d modules targeted, %s trainable of %s parameters", method.name, len(names), f"{trainable:,}", f"{total:,}")
     return model

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from falqon_dist.dist import checkpoint
+from falqon_dist.fp8 import check_backend
 from falqon_dist.method import FalqonConfig, FalqonLinear, convert_model, falqon_layers
 from falqon_dist.train.bootstrap import strip_local_rank
 from falqon_dist.train.settings import ConfigError, RunSettings, validate
@@ -92,6 +93,14 @@ def load_run_config(run_dir: str | Path) -> tuple[DictConfig, RunSettings]:
     # Nor whether training exported at its end: the method check below names the problem itself.
     if OmegaConf.select(cfg, "export.enabled"):
         cfg.export.enabled = False
+    # Nor the GEMM backend training ran on: a run trained with te on GPUs can be exported or evaluated
+    # anywhere (the bytes do not depend on it); eval then runs the FP8 GEMMs on the backend ``auto`` picks.
+    if OmegaConf.select(cfg, "fp8.backend") == "te":
+        try:
+            check_backend("te")
+        except ImportError:
+            log.info("%s: trained with fp8.backend=te, which cannot run here; using fp8.backend=auto", path)
+            cfg.fp8.backend = "auto"
     try:
         settings = validate(cfg)
     except ConfigError as error:
@@ -158,7 +167,7 @@ def build_falqon_skeleton(model_path: str, settings: RunSettings) -> nn.Module:
 
     method = settings.method
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[settings.model.dtype])
-    config = FalqonConfig(rank=method.rank, topk=method.topk, init=method.init, backend=settings.fp8_backend)
+    config = FalqonConfig(rank=method.rank, topk=method.topk, init=method.init, backend=settings.fp8.backend)
     convert_model(model, config, layer_builder=FalqonLinear.shaped_like)
     return model
 

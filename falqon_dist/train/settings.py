@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from falqon_dist.baselines import METHODS
 from falqon_dist.data import DataConfig
-from falqon_dist.fp8 import BACKEND_NAMES
+from falqon_dist.fp8 import BACKEND_NAMES, check_backend
 from falqon_dist.train.wandb_logger import VALID_MODES
 
 DTYPES = ("bf16", "fp32")
@@ -104,6 +104,13 @@ class DeepSpeedSettings:
 
 
 @dataclass(frozen=True)
+class Fp8Settings:
+    backend: str
+    #: FALQON only: keep a transposed copy of the W rows for the ∂L/∂x GEMM (ZeRO 0–2).
+    cache_weight_transpose: bool
+
+
+@dataclass(frozen=True)
 class RunSettings:
     """Everything a run needs, validated."""
 
@@ -114,7 +121,7 @@ class RunSettings:
     model: ModelSettings
     data: DataConfig
     deepspeed: DeepSpeedSettings
-    fp8_backend: str
+    fp8: Fp8Settings
     logger: str
     wandb: dict[str, Any]
     export: bool
@@ -190,6 +197,23 @@ def _check_method_fits(method: MethodSettings, deepspeed: DeepSpeedSettings, exp
         raise ConfigError(str(error)) from None
 
 
+def _fp8(f: DictConfig, deepspeed: DeepSpeedSettings) -> Fp8Settings:
+    backend = _choice(f.backend, "fp8.backend", BACKEND_NAMES)
+    try:
+        check_backend(backend)  # te: CUDA and an importable Transformer Engine, else say what to use
+    except ImportError as error:
+        raise ConfigError(str(error)) from None
+    cache = f.cache_weight_transpose
+    if not isinstance(cache, bool):
+        raise ConfigError(f"fp8.cache_weight_transpose must be true or false, got {cache!r}")
+    if cache and deepspeed.zero_stage == 3:
+        raise ConfigError(
+            "fp8.cache_weight_transpose=true needs deepspeed.zero_stage 0, 1 or 2, got 3: the cached copy of "
+            "each layer's W rows would be a full, unpartitioned matrix on every rank (set it to false)"
+        )
+    return Fp8Settings(backend=backend, cache_weight_transpose=cache)
+
+
 def _model(m: DictConfig) -> ModelSettings:
     path = m.name_or_path
     if path is not None and (not isinstance(path, str) or not path):
@@ -261,6 +285,7 @@ def validate(cfg: DictConfig) -> RunSettings:
     deepspeed = _deepspeed(cfg.deepspeed)
     export = bool(cfg.export.enabled)
     _check_method_fits(method, deepspeed, export)
+    fp8 = _fp8(cfg.fp8, deepspeed)
     return RunSettings(
         run_dir=Path(cfg.run.dir),
         seed=seed,
@@ -269,7 +294,7 @@ def validate(cfg: DictConfig) -> RunSettings:
         model=model,
         data=_data(cfg.data, model.max_length, seed),
         deepspeed=deepspeed,
-        fp8_backend=_choice(cfg.fp8.backend, "fp8.backend", BACKEND_NAMES),
+        fp8=fp8,
         logger=logger,
         wandb=wandb_settings,
         export=export,

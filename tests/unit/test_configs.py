@@ -59,6 +59,7 @@ def test_every_shipped_config_composes(group, option, tmp_path):
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("deepspeed.config=/no/such/ds.json", "deepspeed.config"),
         ("fp8.backend=cutlass", "fp8.backend"),
+        ("fp8.cache_weight_transpose=sometimes", "fp8.cache_weight_transpose"),
         ("wandb.mode=sometimes", "wandb.mode"),
         ("data.num_train=0", "data.num_train"),
         ("data.task=poetry", "data.task"),
@@ -121,3 +122,37 @@ def test_export_needs_falqon(method):
 def test_dropout_of_one_is_rejected():
     with pytest.raises(ConfigError, match=r"method\.dropout must be in \[0, 1\)"):
         validate(compose_cfg(["method=lora", "method.dropout=1.0"]))
+
+
+# --------------------------------------------------------------------------------------------- fp8
+def test_fp8_cache_weight_transpose_reaches_the_layers_and_refuses_zero3(tmp_path):
+    settings = validate(compose_cfg(["fp8.cache_weight_transpose=true", "deepspeed.zero_stage=2"]))
+    assert settings.fp8.cache_weight_transpose and settings.fp8.backend == "auto"
+    with pytest.raises(ConfigError, match=r"fp8\.cache_weight_transpose=true needs deepspeed\.zero_stage 0, 1 or 2"):
+        validate(compose_cfg(["fp8.cache_weight_transpose=true"]))  # default stage 3
+
+    from falqon_dist.baselines import prepare_model
+    from falqon_dist.method import falqon_layers
+    from tests.models import tiny_llama
+
+    model = tiny_llama()
+    prepare_model(model, "falqon", rank=4, backend="emulated", cache_weight_transpose=True)
+    assert all(layer.weight_t_cache is not None for _, layer in falqon_layers(model))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA refusal")
+def test_te_backend_is_refused_before_work_where_it_cannot_run():
+    with pytest.raises(ConfigError, match=r"fp8\.backend='te' needs NVIDIA Transformer Engine.*scaled_mm"):
+        validate(compose_cfg(["fp8.backend=te"]))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA fallback")
+def test_a_run_trained_with_te_restores_anywhere(tmp_path):
+    """Export / eval of a te-trained run on a machine without TE: the bytes do not depend on the backend."""
+    from omegaconf import OmegaConf
+
+    from falqon_dist.train.restore import load_run_config
+
+    OmegaConf.save(compose_cfg(["fp8.backend=te", f"run.dir={tmp_path}"]), tmp_path / "config.yaml")
+    _, settings = load_run_config(tmp_path)
+    assert settings.fp8.backend == "auto"
