@@ -77,7 +77,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from falqon_dist.baselines.fp8_lora import QUANTIZE_OPS_PER_STEP as FP8_LORA_QUANTIZE_OPS  # noqa: E402
 from falqon_dist.fp8 import BACKEND_NAMES  # noqa: E402
@@ -288,21 +287,11 @@ def _backbone_storage(module: torch.nn.Module) -> tuple[int, int]:
         q = module.qweight
         return q.numel() * q.element_size(), module.in_features * module.out_features
     weight = module.weight
-    nbytes = weight.data.numel() * weight.data.element_size()
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # bitsandbytes Params4bit: packed 4-bit data + block scales
-        nbytes += sum(t.numel() * t.element_size() for t in _tensors_of(quant_state))
-        return nbytes, module.in_features * module.out_features
-    return nbytes, weight.numel()
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes Params4bit: codes + block scales
+        from falqon_dist.baselines.qlora import nf4_weight_bytes
 
-
-def _tensors_of(quant_state: Any) -> Iterator[torch.Tensor]:
-    """The tensors of a bitsandbytes quant state (absmax, nested absmax, code)."""
-    for value in vars(quant_state).values():
-        if isinstance(value, torch.Tensor) and value.numel() > 0:
-            yield value
-        elif hasattr(value, "absmax"):
-            yield from _tensors_of(value)
+        return nf4_weight_bytes(weight), module.in_features * module.out_features
+    return weight.data.numel() * weight.data.element_size(), weight.numel()
 
 
 def backbone_bytes_per_param(model: torch.nn.Module, targets: list[str]) -> float:
@@ -314,34 +303,16 @@ def backbone_bytes_per_param(model: torch.nn.Module, targets: list[str]) -> floa
     return total_bytes / max(total_params, 1)
 
 
-class _BitsAndBytesDequantCounter(TorchDispatchMode):
-    """Counts bitsandbytes' 4-bit backbone dequantizations: the fused dequantize+matmul of the forward
-    (``gemm_4bit``) and the explicit ``dequantize_4bit`` of the backward (bitsandbytes 0.50 ops)."""
-
-    OPS = ("bitsandbytes::gemm_4bit", "bitsandbytes::dequantize_4bit")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "bitsandbytes" and func.name() in self.OPS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @contextlib.contextmanager
 def count_quantize_ops() -> Iterator[list[int]]:
     """Count the FP8 layers' dynamic casts (any backend) and bitsandbytes 4-bit dequantizations."""
+    from falqon_dist.baselines.qlora import NF4DequantCounter
     from falqon_dist.fp8.instrument import count_casts
 
     counter = [0]
-    bnb = _BitsAndBytesDequantCounter() if "bitsandbytes" in sys.modules else contextlib.nullcontext()
-    try:
-        with count_casts() as casts, bnb:
-            yield counter
-    finally:
-        counter[0] = len(casts) + (bnb.count if isinstance(bnb, _BitsAndBytesDequantCounter) else 0)
+    with count_casts() as casts, NF4DequantCounter() as nf4:
+        yield counter
+    counter[0] = len(casts) + nf4.count
 
 
 # --------------------------------------------------------------------------- memory

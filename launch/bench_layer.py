@@ -17,6 +17,8 @@ Rows:
 * ``bf16 linear, frozen W``  — ``nn.Linear``, only ∂L/∂x: the floor any adapter method adds to.
 * ``bf16 linear, trainable W`` — full fine-tuning of the layer: ∂L/∂x and ∂L/∂W (two backward GEMMs).
 * ``peft LoRA``              — peft LoRA on the bf16 linear (adapters in bf16).
+* ``qlora``                  — bitsandbytes NF4 backbone + peft LoRA (:func:`falqon_dist.baselines.apply_qlora`),
+  where bitsandbytes imports.
 * ``fp8_lora <backend>``     — :class:`falqon_dist.baselines.Fp8LoraLinear` (separate FP8 adapter path).
 * ``falqon <backend>``       — :class:`falqon_dist.FalqonLinear` (adapter melded into the FP8 GEMM).
 * ``falqon, cached Wᵀ``      — the same with ``cache_weight_transpose=True`` (no Wᵀ copy per backward;
@@ -25,9 +27,8 @@ Rows:
 The ``te`` rows (Transformer Engine) are added where that backend can run (CUDA + TE installed).
 
 Columns: median ms; ratio to peft LoRA; ratio to fp8_lora (the fp8_lora row with the same backend
-for FP8 rows, the ``auto`` backend's fp8_lora row for the bf16 rows); dynamic quantizations per
-forward + backward (counted with :func:`falqon_dist.fp8.instrument.count_casts` during one untimed
-step); bytes of frozen backbone storage per backbone parameter (FALQON's 1.0x includes the r melded
+for FP8 rows, the ``auto`` backend's fp8_lora row for the bf16 rows); dynamic quantizations (NF4 rows: backbone dequantizations) per forward + backward (counted with
+:func:`falqon_dist.fp8.instrument.count_casts` and ``NF4DequantCounter`` during one untimed step); bytes of frozen backbone storage per backbone parameter (FALQON's 1.0x includes the r melded
 A rows);
 trainable parameters.
 
@@ -39,6 +40,7 @@ an H100/H200 ``scaled_mm`` is cuBLASLt FP8.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -53,6 +55,7 @@ from torch import nn
 
 from falqon_dist import FalqonConfig, FalqonLinear
 from falqon_dist.baselines import Fp8LoraLinear, apply_lora
+from falqon_dist.baselines.qlora import NF4DequantCounter
 from falqon_dist.fp8 import check_backend, resolve_backend
 from falqon_dist.fp8.instrument import count_casts
 
@@ -101,6 +104,14 @@ def _peft_lora(weight: torch.Tensor, rank: int) -> nn.Module:
     return apply_lora(_Holder(_bf16_linear(weight, trainable=False)), rank=rank, target_modules=["proj"])
 
 
+def _qlora(weight: torch.Tensor, rank: int) -> nn.Module:
+    from falqon_dist.baselines import apply_qlora
+
+    holder = _Holder(_bf16_linear(weight, trainable=False))
+    apply_qlora(holder, rank=rank, target_modules=["proj"])
+    return holder
+
+
 def _fp8_lora(weight: torch.Tensor, rank: int, backend: str) -> nn.Module:
     linear = _bf16_linear(weight, trainable=False)
     return Fp8LoraLinear.from_linear(linear, rank=rank, backend=backend)
@@ -113,11 +124,19 @@ def _falqon(weight: torch.Tensor, rank: int, backend: str, cache_weight_transpos
 
 
 def _backbone_bytes_per_param(module: nn.Module, n_backbone: int) -> float:
-    frozen = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+    frozen = sum(_frozen_bytes(p) for p in module.parameters() if not p.requires_grad)
     if frozen == 0:  # full fine-tuning: the backbone is the trainable weight itself
         frozen = sum(p.numel() * p.element_size() for p in module.parameters())
     cache = getattr(module, "weight_t_cache", None)
     return (frozen + (cache.nbytes if cache is not None else 0)) / n_backbone
+
+
+def _frozen_bytes(param: torch.Tensor) -> int:
+    if getattr(param, "quant_state", None) is not None:  # bitsandbytes NF4: codes + block scales
+        from falqon_dist.baselines.qlora import nf4_weight_bytes
+
+        return nf4_weight_bytes(param)
+    return param.numel() * param.element_size()
 
 
 def _sync(device: torch.device) -> None:
@@ -167,6 +186,8 @@ def build_methods(rank: int, backends: list[str]) -> list[tuple[str, str | None,
         ("bf16 linear, trainable W", None, lambda w: _bf16_linear(w, trainable=True)),
         ("peft LoRA", None, lambda w: _peft_lora(w, rank)),
     ]
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        rows.append(("qlora (NF4)", None, lambda w: _qlora(w, rank)))
     for b in backends:
         rows.append(("fp8_lora", b, lambda w, b=b: _fp8_lora(w, rank, b)))
     for b in backends:
@@ -193,9 +214,9 @@ def run(args: argparse.Namespace) -> list[Result]:
         result = Result(name, backend)
         try:
             module = build(weight)
-            with count_casts() as casts:
+            with count_casts() as casts, NF4DequantCounter() as nf4:
                 _step(module, x, grad)
-            result.quantize_ops = len(casts)
+            result.quantize_ops = len(casts) + nf4.count
             for _ in range(args.warmup):
                 _step(module, x, grad)
             result.backbone_bytes_per_param = _backbone_bytes_per_param(module, weight.numel())

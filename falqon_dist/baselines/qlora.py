@@ -46,11 +46,12 @@ broadcasts rank 0's parameters at ``initialize`` under ZeRO 0–2); with the sam
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from falqon_dist.baselines.lora import apply_lora, check_lora_args
 from falqon_dist.baselines.targets import target_module_names
@@ -199,6 +200,41 @@ def _nf4_linear(
     layer.support_avx512bf16_for_cpu = False
     layer.register_load_state_dict_pre_hook(_load_quant_state)
     return layer
+
+
+def nf4_weight_bytes(weight: torch.Tensor) -> int:
+    """Bytes a bitsandbytes 4-bit weight occupies: the packed codes plus every tensor of its quant
+    state (block scales, the nested scales of double quantization, the code book)."""
+
+    def tensors(state) -> Iterator[torch.Tensor]:
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor) and value.numel() > 0:
+                yield value
+            elif hasattr(value, "absmax"):  # the nested state of double quantization
+                yield from tensors(value)
+
+    nbytes = weight.data.numel() * weight.data.element_size()
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:
+        nbytes += sum(t.numel() * t.element_size() for t in tensors(quant_state))
+    return nbytes
+
+
+class NF4DequantCounter(TorchDispatchMode):
+    """Counts bitsandbytes' 4-bit backbone dequantizations while active (benchmarks, tests): the
+    fused dequantize + matmul of the forward (``gemm_4bit``) and the explicit ``dequantize_4bit`` of
+    the backward (bitsandbytes 0.50 ops; nothing is counted when bitsandbytes is not in use)."""
+
+    OPS = ("bitsandbytes::gemm_4bit", "bitsandbytes::dequantize_4bit")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "bitsandbytes" and func.name() in self.OPS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _load_quant_state(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
