@@ -20,8 +20,11 @@
 #
 # Knobs (environment): BUDGET_S (450: every step's timeout is cut so the whole check ends within it),
 # BENCH_STEPS (12), BENCH_BATCH (8), BENCH_SEQ (512), BENCH_LAYERS (2), WHEELS (default: wheels/ in
-# the repo when present): a folder of wheels installed with --no-index when pytest is missing, made
-# beforehand on a machine with a registry by `pip download pytest -d wheels/` (about 1 MB).
+# the repo when present): a folder of wheels installed with --no-index for what is missing -- pytest
+# (the GPU test tier) and bitsandbytes (the qlora rows) -- made beforehand on a machine with a registry:
+#   pip download pytest -d wheels/                                           # about 1 MB
+#   pip download bitsandbytes --no-deps --only-binary :all: -d wheels/       # about 41 MB (CUDA kernels)
+# wheels/ is git-ignored; on the lent device carry it (carry=["wheels"], 64 MiB at most in all).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -117,15 +120,19 @@ sys.exit(1 if bad or loaded else 0)
 EOF
 }
 
-run_pytest() {
-    if ! "$PYTHON" -c "import pytest" 2>/dev/null; then
-        if [[ -d "$WHEELS" ]]; then
-            "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" pytest || return 1
-        else
-            echo "pytest is not installed and $WHEELS does not exist: run 'pip download pytest -d wheels/' where a registry is reachable"
-            return 1
-        fi
+# install_missing PACKAGE: install it from $WHEELS (no registry) if it does not import; fails with a hint.
+install_missing() {
+    "$PYTHON" -c "import $1" 2>/dev/null && return 0
+    if compgen -G "$WHEELS/$1-*.whl" >/dev/null; then
+        "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" "$1" && return 0
     fi
+    echo "$1 is not installed and $WHEELS has no wheel for it: 'pip download $1 -d wheels/' where a registry is reachable"
+    return 1
+}
+
+run_pytest() {
+    install_missing pytest || return 1
+    install_missing bitsandbytes || echo "(qlora rows and tests will be skipped)"
     "$PYTHON" -m pytest tests/gpu tests/unit/test_fp8.py tests/unit/test_falqon_linear.py \
         tests/unit/test_te_backend_glue.py -q -p no:cacheprovider -rs \
         --junitxml "$OUT/pytest.xml"
@@ -137,7 +144,7 @@ te_usable() {
 
 WHEELS="${WHEELS:-$PWD/wheels}"
 export PYTHON OUT WHEELS
-export -f env_report imports_without_deepspeed run_pytest
+export -f env_report imports_without_deepspeed install_missing run_pytest
 
 step env 60 env_report
 step imports 60 imports_without_deepspeed
