@@ -181,6 +181,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--shape custom needs --hidden, --intermediate and --layers")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    if args.backend == "te" and args.worker is None:
+        from falqon_dist.fp8 import check_backend
+
+        try:
+            check_backend("te")
+        except ImportError as exc:
+            parser.error(f"--backend te: {exc}")
     if args.dtype == "auto":
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     if args.out is None:
@@ -599,6 +606,7 @@ def gemm_throughput(spec: dict[str, Any], args: argparse.Namespace) -> list[dict
     shapes = {"q/k/v/o_proj": (h, h), "gate/up_proj": (h, i), "down_proj": (i, h)}
     tokens = args.gemm_tokens or sorted({args.batch * args.seq, 8192})
     gen = torch.Generator(device=device).manual_seed(0)
+    backends = gemm_backends(device)
     rows = []
     for layer, (in_f, out_f) in shapes.items():
         for n in tokens:
@@ -609,7 +617,7 @@ def gemm_throughput(spec: dict[str, Any], args: argparse.Namespace) -> list[dict
             m_t, melded_t = m_fp8.t(), melded.t()
             flop = 2 * n * (out_f + r) * in_f
             bf16_ms = _cuda_ms(lambda: x @ melded_t, args.gemm_iters)
-            for name in gemm_backends(device):
+            for name in backends:
                 backend = resolve_backend(name, device)
                 fp8_ms = _cuda_ms(lambda: backend.gemm(x_fp8, m_t, sx, sm, torch.bfloat16), args.gemm_iters)
                 tflops = flop / fp8_ms / 1e9

@@ -64,17 +64,9 @@ def _is_export_dir(path: Path) -> bool:
 
 
 def _settings_from(cfg, where: str):
-    from omegaconf import OmegaConf
+    from falqon_dist.train.restore import validate_saved_config
 
-    from falqon_dist.train.settings import ConfigError, validate
-
-    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    if OmegaConf.select(cfg, "deepspeed.config") is not None:
-        cfg.deepspeed.config = None  # not needed to evaluate
-    try:
-        return validate(cfg)
-    except ConfigError as error:
-        raise RestoreError(f"{where}: {error}") from None
+    return validate_saved_config(cfg, where)
 
 
 def export_settings(export_dir: Path, config: str | None):

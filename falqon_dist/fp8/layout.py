@@ -31,8 +31,9 @@ class TransposedBitsCache:
     column-major: without this cache every backward pass copies ``Wᵀ`` (out·in bytes, transient).
     Keeping it costs one more byte per backbone parameter for as long as the layer lives — the FP8
     backbone then takes about as much memory as a bf16 one — so it is opt-in. The owner must call
-    :meth:`invalidate` whenever the weight bytes change (proxy merge, state-dict load); :meth:`get`
-    also rebuilds on a change of device or shape. Not for ZeRO-3: the cached copy would be a full,
+    :meth:`invalidate` whenever the weight bytes change after the first backward pass (proxy merge,
+    state-dict load); writes before it (conversion, DeepSpeed's initial broadcast) need nothing, as
+    the copy is built lazily. :meth:`get` also rebuilds on a change of device or shape. Not for ZeRO-3: the cached copy would be a full,
     unpartitioned ``Wᵀ`` on every rank.
     """
 

@@ -68,6 +68,9 @@ def load_transformer_engine() -> SimpleNamespace:
     """Import the pieces of Transformer Engine this backend uses, or raise a clear error."""
     if not torch.cuda.is_available():
         raise _unavailable("CUDA is not available on this machine")
+    capability = torch.cuda.get_device_capability()
+    if capability < (8, 9):  # TE imports on older GPUs, but cuBLASLt has no FP8 GEMM there
+        raise _unavailable(f"this GPU has compute capability {capability[0]}.{capability[1]}; FP8 GEMMs need 8.9 or later")
     try:
         import transformer_engine
         import transformer_engine.pytorch  # noqa: F401  (loads TE's CUDA extension)
@@ -124,12 +127,13 @@ class TEBackend:
         """TE's fused amax + cast; with ``transpose`` the row-major ``Q(x)ᵀ`` from the same kernel."""
         if x_hp.dim() != 2:
             raise ValueError(f"te backend quantizes 2-D tensors, got shape {tuple(x_hp.shape)}")
-        # A fresh quantizer per call: TE < 2.9 keeps amax/scale buffers on the quantizer object.
+        # A fresh quantizer per call: TE < 2.18 keeps amax/scale buffers on the quantizer object.
         quantizer = self._te.quantizer_cls(
             self._te_dtype(fp8_dtype), x_hp.device, rowwise=True, columnwise=transpose
         )
         quantizer.internal = True  # plain storage object, no autograd wrapper: we only read the bits
-        quantized = quantizer(x_hp.contiguous())
+        with torch.cuda.device(x_hp.device):  # TE allocates its outputs on the current device
+            quantized = quantizer(x_hp.contiguous())
         data, data_t = quantized.get_data_tensors()
         x_fp8 = data.view(fp8_dtype)
         # TE keeps the dequantization multiplier s in ``_scale_inv``; there is no public getter before 2.9.
@@ -155,12 +159,13 @@ class TEBackend:
         mp, kp, np_ = round_up(m), round_up(k), round_up(n)
         a_rows = pad_to(a_fp8, mp, kp).contiguous()  # (M, K) row-major: TE's B
         b_cols = pad_to(b_fp8.t(), np_, kp).contiguous()  # (N, K) row-major: TE's A, used transposed
-        out = self._te.general_gemm(
-            self._operand(b_cols, scale_b),
-            self._operand(a_rows, scale_a),
-            out_dtype=out_dtype,
-            layout="TN",
-            use_split_accumulator=True,  # full float32 accumulation, as every backend here promises
-            **self._workspace(a_fp8.device),
-        )[0]
+        with torch.cuda.device(a_fp8.device):  # TE allocates operands and output on the current device
+            out = self._te.general_gemm(
+                self._operand(b_cols, scale_b),
+                self._operand(a_rows, scale_a),
+                out_dtype=out_dtype,
+                layout="TN",
+                use_split_accumulator=True,  # full float32 accumulation, as every backend here promises
+                **self._workspace(a_fp8.device),
+            )[0]
         return out[:m, :n]

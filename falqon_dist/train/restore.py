@@ -86,26 +86,33 @@ def load_run_config(run_dir: str | Path) -> tuple[DictConfig, RunSettings]:
     if not path.is_file():
         raise RestoreError(f"{path} not found: run.dir must be a training run directory (rank 0 writes {CONFIG_FILE})")
     cfg = OmegaConf.load(path)
-    # The user's DeepSpeed JSON is not needed to rebuild the model (the stage is read from the config
-    # and checked against the checkpoint files): do not fail because it has moved since training.
+    return cfg, validate_saved_config(cfg, str(path))
+
+
+def validate_saved_config(cfg: DictConfig | dict, where: str) -> RunSettings:
+    """Validate a config saved by a training run, for work after training (restore, export, eval).
+
+    What training needed but this work does not is neutralized first, so a run stays usable on
+    another machine: the user's DeepSpeed JSON (the stage is in the config and checked against the
+    checkpoint files), ``export.enabled`` (the method check names that problem itself), and
+    ``fp8.backend=te`` where Transformer Engine cannot run (the FP8 bytes do not depend on the
+    backend; eval then runs on the one ``auto`` picks). Raises :class:`RestoreError` naming ``where``.
+    """
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     if OmegaConf.select(cfg, "deepspeed.config") is not None:
         cfg.deepspeed.config = None
-    # Nor whether training exported at its end: the method check below names the problem itself.
     if OmegaConf.select(cfg, "export.enabled"):
         cfg.export.enabled = False
-    # Nor the GEMM backend training ran on: a run trained with te on GPUs can be exported or evaluated
-    # anywhere (the bytes do not depend on it); eval then runs the FP8 GEMMs on the backend ``auto`` picks.
     if OmegaConf.select(cfg, "fp8.backend") == "te":
         try:
             check_backend("te")
         except ImportError:
-            log.info("%s: trained with fp8.backend=te, which cannot run here; using fp8.backend=auto", path)
+            log.info("%s: trained with fp8.backend=te, which cannot run here; using fp8.backend=auto", where)
             cfg.fp8.backend = "auto"
     try:
-        settings = validate(cfg)
+        return validate(cfg)
     except ConfigError as error:
-        raise RestoreError(f"{path}: {error}") from None
-    return cfg, settings
+        raise RestoreError(f"{where}: {error}") from None
 
 
 def require_falqon(settings: RunSettings, run_dir: Path) -> None:

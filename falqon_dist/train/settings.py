@@ -21,6 +21,8 @@ from falqon_dist.train.wandb_logger import VALID_MODES
 DTYPES = ("bf16", "fp32")
 SCHEDULES = ("constant", "cosine")
 LOGGERS = ("none", "wandb")
+#: Methods whose layers run FP8 GEMMs (and so use fp8.backend).
+FP8_METHODS = ("falqon", "fp8_lora")
 
 
 class ConfigError(ValueError):
@@ -197,16 +199,17 @@ def _check_method_fits(method: MethodSettings, deepspeed: DeepSpeedSettings, exp
         raise ConfigError(str(error)) from None
 
 
-def _fp8(f: DictConfig, deepspeed: DeepSpeedSettings) -> Fp8Settings:
+def _fp8(f: DictConfig, method: MethodSettings, deepspeed: DeepSpeedSettings) -> Fp8Settings:
     backend = _choice(f.backend, "fp8.backend", BACKEND_NAMES)
-    try:
-        check_backend(backend)  # te: CUDA and an importable Transformer Engine, else say what to use
-    except ImportError as error:
-        raise ConfigError(str(error)) from None
-    cache = f.cache_weight_transpose
+    if method.name in FP8_METHODS:
+        try:
+            check_backend(backend)  # te: an FP8 GPU and an importable Transformer Engine, else say what to use
+        except ImportError as error:
+            raise ConfigError(str(error)) from None
+    cache = f.get("cache_weight_transpose", False)  # absent from configs saved before it existed
     if not isinstance(cache, bool):
         raise ConfigError(f"fp8.cache_weight_transpose must be true or false, got {cache!r}")
-    if cache and deepspeed.zero_stage == 3:
+    if cache and method.name == "falqon" and deepspeed.zero_stage == 3:
         raise ConfigError(
             "fp8.cache_weight_transpose=true needs deepspeed.zero_stage 0, 1 or 2, got 3: the cached copy of "
             "each layer's W rows would be a full, unpartitioned matrix on every rank (set it to false)"
@@ -285,7 +288,7 @@ def validate(cfg: DictConfig) -> RunSettings:
     deepspeed = _deepspeed(cfg.deepspeed)
     export = bool(cfg.export.enabled)
     _check_method_fits(method, deepspeed, export)
-    fp8 = _fp8(cfg.fp8, deepspeed)
+    fp8 = _fp8(cfg.fp8, method, deepspeed)
     return RunSettings(
         run_dir=Path(cfg.run.dir),
         seed=seed,

@@ -9,6 +9,10 @@ cases skip (with the reason) where Transformer Engine does not import.
 Tolerances. The two backends see the *same* FP8 operands and scales; products are exact in both, so
 they differ only by accumulation order (float32 on both) and by output rounding:
 
+* ``te`` casts with TE's own kernel (``x · fl(F/amax)`` instead of ``x / fl(amax/F)``): about 1 in
+  5·10⁶ elements lands on the neighbouring FP8 value, which moves a float32 layer output by ~1e-4
+  relative, so whole-layer comparisons of ``te`` with ``emulated`` use SQNR > 40 dB (as for bf16);
+  its GEMM on shared operands keeps the float32 tolerance below;
 * float32 outputs: relative Frobenius error < 1e-5 between backends and against a float64
   dequantized reference (< 1e-4 at K = 4096–11008, where float32 summation of ~10⁴ terms and the
   tensor cores' accumulation order add up);
@@ -76,8 +80,10 @@ def _pair(layer: nn.Module, backend: str) -> tuple[nn.Module, nn.Module]:
     return emulated, other
 
 
-def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    if dtype == torch.float32:
+def _assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, same_casts: bool = True
+) -> None:
+    if dtype == torch.float32 and same_casts:
         assert _rel(actual, expected) < 1e-5, f"{what}: relative error {_rel(actual, expected):.2e}"
     else:
         sqnr = fp8.sqnr_db(expected, actual)
@@ -107,8 +113,8 @@ def test_falqon_linear_gpu_backend_matches_emulated(backend, dtype, bias, cache_
     y_e, gx_e = _run(emulated, x, grad)
     y_s, gx_s = _run(scaled, x, grad)
     assert y_s.dtype == dtype and gx_s.dtype == dtype and y_s.shape == (4, 256, 768)
-    _assert_close(y_s, y_e, dtype, "y")
-    _assert_close(gx_s, gx_e, dtype, "grad_x")
+    _assert_close(y_s, y_e, dtype, "y", same_casts=backend != "te")
+    _assert_close(gx_s, gx_e, dtype, "grad_x", same_casts=backend != "te")
     assert fp8.sqnr_db(emulated.B.grad, scaled.B.grad) > 30
     assert scaled.qweight.grad is None and scaled.scale.dtype == torch.float32
     if cache_weight_transpose:
@@ -150,8 +156,8 @@ def test_fp8_lora_gpu_backend_matches_emulated(backend, dtype):
     grad = torch.randn(512, 768, device=CUDA, dtype=dtype)
     y_e, gx_e = _run(emulated, x, grad)
     y_s, gx_s = _run(scaled, x, grad)
-    _assert_close(y_s, y_e, dtype, "y")
-    _assert_close(gx_s, gx_e, dtype, "grad_x")
+    _assert_close(y_s, y_e, dtype, "y", same_casts=backend != "te")
+    _assert_close(gx_s, gx_e, dtype, "grad_x", same_casts=backend != "te")
     # A and B gradients pass through the dynamically re-quantized h and ∂L/∂h (see module docstring)
     assert fp8.sqnr_db(emulated.lora_A.grad, scaled.lora_A.grad) > 30
     assert fp8.sqnr_db(emulated.lora_B.grad, scaled.lora_B.grad) > 30

@@ -144,6 +144,9 @@ def test_fp8_cache_weight_transpose_reaches_the_layers_and_refuses_zero3(tmp_pat
 def test_te_backend_is_refused_before_work_where_it_cannot_run():
     with pytest.raises(ConfigError, match=r"fp8\.backend='te' needs NVIDIA Transformer Engine.*scaled_mm"):
         validate(compose_cfg(["fp8.backend=te"]))
+    with pytest.raises(ConfigError, match=r"fp8\.backend='te'"):
+        validate(compose_cfg(["fp8.backend=te", "method=fp8_lora"]))
+    validate(compose_cfg(["fp8.backend=te", "method=lora"]))  # no FP8 GEMMs: the backend is not used
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA fallback")
@@ -153,6 +156,20 @@ def test_a_run_trained_with_te_restores_anywhere(tmp_path):
 
     from falqon_dist.train.restore import load_run_config
 
-    OmegaConf.save(compose_cfg(["fp8.backend=te", f"run.dir={tmp_path}"]), tmp_path / "config.yaml")
+    cfg = compose_cfg(["fp8.backend=te", f"run.dir={tmp_path}"])
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
     _, settings = load_run_config(tmp_path)
     assert settings.fp8.backend == "auto"
+
+
+def test_configs_saved_before_a_key_existed_still_restore(tmp_path):
+    """Run directories and exports outlive config changes: a key added later reads as its default."""
+    from omegaconf import OmegaConf
+
+    from falqon_dist.train.restore import load_run_config
+
+    cfg = OmegaConf.to_container(compose_cfg([f"run.dir={tmp_path}"]))
+    del cfg["fp8"]["cache_weight_transpose"], cfg["method"]["init"]
+    OmegaConf.save(OmegaConf.create(cfg), tmp_path / "config.yaml")
+    _, settings = load_run_config(tmp_path)
+    assert settings.fp8.cache_weight_transpose is False and settings.method.init == "svd"

@@ -12,6 +12,7 @@ from 2.10 on, and the strided-view fallback when TE writes no transposed copy.
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -70,6 +71,7 @@ def _backend(general_gemm, monkeypatch) -> TEBackend:
     )
     backend._workspaces = {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # CPU tensors here
     return backend
 
 
