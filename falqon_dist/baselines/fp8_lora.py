@@ -202,13 +202,15 @@ def convert_fp8_lora(
     backend: str = "auto",
     module_filter_fn: ModuleFilter | None = None,
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Swap eligible linears of ``model`` in place for :class:`Fp8LoraLinear`; freeze everything else.
 
     Eligible layers are FALQON's (:func:`~falqon_dist.baselines.targets.target_module_names`, or
     ``module_filter_fn(module, fqn)``). ``alpha`` defaults to ``rank`` (scaling 1). Every ``A`` is
     drawn from one generator seeded with ``seed`` in module order, so every rank builds the same
-    bytes. Afterwards ``lora_A`` / ``lora_B`` are the only trainable parameters. Returns the names.
+    bytes. ``device`` moves each linear there just before it is converted (default: stay put).
+    Afterwards ``lora_A`` / ``lora_B`` are the only trainable parameters. Returns the names.
     """
     targets = target_module_names(model, module_filter_fn)
     for param in model.parameters():
@@ -218,6 +220,8 @@ def convert_fp8_lora(
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child_name)
+        if device is not None:  # built where it will run, one layer at a time
+            linear.to(device)
         layer = Fp8LoraLinear.from_linear(linear, rank=rank, alpha=alpha, backend=backend, generator=generator)
         setattr(parent, child_name, layer)
         del linear

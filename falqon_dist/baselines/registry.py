@@ -47,6 +47,10 @@ def prepare_model(
       weight is); returns the adapted module names. Needs
       bitsandbytes (``ImportError`` with the install command otherwise).
 
+    ``device`` (falqon, fp8_lora, qlora): build each converted layer there, one at a time — pass the
+    rank's GPU when the model was loaded on the CPU, so the SVD init / quantization runs on the GPU
+    (default: where each weight already is).
+
     Options a method does not use (``topk``/``init`` outside FALQON, ``dropout`` outside the peft
     methods, ``double_quant`` outside QLoRA, ``cache_weight_transpose`` outside FALQON, ``rank`` for
     ``full``) are
@@ -57,13 +61,13 @@ def prepare_model(
         config = FalqonConfig(
             rank=rank, topk=topk, init=init, backend=backend, cache_weight_transpose=cache_weight_transpose
         )
-        return convert_model(model, config)
+        return convert_model(model, config, device=device)
     if method == "lora":
         names = target_module_names(model)
         apply_lora(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=names)
         return names
     if method == "fp8_lora":
-        return convert_fp8_lora(model, rank=rank, alpha=alpha, backend=backend)
+        return convert_fp8_lora(model, rank=rank, alpha=alpha, backend=backend, device=device)
     if method == "full":
         return prepare_full_finetune(model)
     if method == "qlora":

@@ -31,6 +31,7 @@ def convert_model(
     *,
     module_filter_fn: ModuleFilter | None = None,
     layer_builder: LayerBuilder = FalqonLinear.from_linear,
+    device: torch.device | str | None = None,
 ) -> list[str]:
     """Replace eligible linears of ``model`` in place with :class:`FalqonLinear`; freeze the rest.
 
@@ -38,8 +39,11 @@ def convert_model(
     in place, so at most one extra layer's worth of memory is live. ``module_filter_fn(module, fqn)``
     replaces :func:`default_filter` (only ``nn.Linear`` modules are ever converted). ``layer_builder``
     builds each replacement; the distributed glue passes one that gathers a ZeRO-3 partitioned linear
-    first and partitions the new layer after. After conversion
-    the proxies ``B`` are the model's only trainable parameters. Returns the converted module names.
+    first and partitions the new layer after. ``device`` moves each original linear there just
+    before its replacement is built (so the replacement lives there too): with the model loaded on
+    the CPU and the rank's GPU given, the SVD init runs on the GPU one layer at a time. After
+    conversion the proxies ``B`` are the model's only trainable parameters. Returns the converted
+    module names.
     """
     accept = module_filter_fn or default_filter
     targets = [
@@ -53,6 +57,8 @@ def convert_model(
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, child_name)
+        if device is not None:
+            linear.to(device)
         # a distinct, reproducible seed per layer: random inits must not repeat across layers
         layer_config = dataclasses.replace(config, seed=config.seed + index)
         setattr(parent, child_name, layer_builder(linear, layer_config))

@@ -49,7 +49,8 @@ def load_tokenizer(path: str):
 
 
 def _local_accelerator() -> torch.device | None:
-    """This rank's GPU, where layers that are quantized at load time (qlora) are quantized; None on CPU."""
+    """This rank's GPU, where the method's layers are built (SVD init, FP8 / NF4 quantization) one at a
+    time after the model is loaded on the CPU; None without CUDA (everything stays on the CPU)."""
     if not torch.cuda.is_available():
         return None
     return torch.device("cuda", torch.cuda.current_device())

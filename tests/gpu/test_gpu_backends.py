@@ -222,6 +222,26 @@ def test_te_fused_cast_matches_torch_cast(fmt, shape):
     assert te_backend.quantize(x, fmt)[2] is None
 
 
+def test_conversion_on_the_gpu_matches_the_cpu():
+    """``prepare_model(..., device=cuda)`` on a CPU-loaded model: every converted layer is built on the
+    GPU (SVD init there), the rest stays put for DeepSpeed to move, and the result is the CPU's up to
+    SVD rounding (the FP8 bytes of W can differ by one step where the melded scale moves)."""
+    _needs_fp8_hardware()
+    from transformers import LlamaForCausalLM
+
+    from falqon_dist.models import tiny_config
+
+    torch.manual_seed(0)
+    on_cpu = LlamaForCausalLM(tiny_config())
+    on_gpu = copy.deepcopy(on_cpu)
+    names = prepare_model(on_cpu, "falqon", rank=16, backend="emulated")
+    assert prepare_model(on_gpu, "falqon", rank=16, backend="emulated", device=CUDA) == names
+    for (_, cpu_layer), (_, gpu_layer) in zip(fd.falqon_layers(on_cpu), fd.falqon_layers(on_gpu), strict=True):
+        assert gpu_layer.qweight.is_cuda and gpu_layer.B.is_cuda and gpu_layer.scale.dtype == torch.float32
+        assert fp8.sqnr_db(cpu_layer.backbone_weight(), gpu_layer.backbone_weight().cpu()) > 40
+    assert on_gpu.model.embed_tokens.weight.device.type == "cpu"
+
+
 # --------------------------------------------------------------------------- whole-model steps
 
 

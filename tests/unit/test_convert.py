@@ -153,3 +153,14 @@ def test_random_init_differs_between_layers_of_the_same_shape():
     a = model.model.layers[0].self_attn.q_proj.adapter_weight()
     b = model.model.layers[1].self_attn.q_proj.adapter_weight()
     assert not torch.equal(a, b)
+
+
+def test_conversion_device_builds_each_layer_there():
+    """``device=`` moves each original linear just before conversion (the GPU case is in tests/gpu);
+    on the device it is already on, the bytes are the default conversion's."""
+    cfg = fd.FalqonConfig(rank=4, backend="emulated")
+    default, moved = tiny_llama(), tiny_llama()
+    fd.convert_model(default, cfg)
+    fd.convert_model(moved, cfg, device="cpu")
+    for (_, a), (_, b) in zip(fd.falqon_layers(default), fd.falqon_layers(moved), strict=True):
+        assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale)
