@@ -28,12 +28,13 @@ def prepare_model(
     init: str = "svd",
     double_quant: bool = True,
     cache_weight_transpose: bool = False,
+    merge_rounding: str = "nearest",
     device: torch.device | str | None = None,
 ) -> list[str]:
     """Apply ``method`` to ``model`` in place and return what it targeted.
 
     * ``falqon`` — :func:`falqon_dist.convert_model` with ``FalqonConfig(rank, topk, init, backend,
-      cache_weight_transpose)``; returns the converted module names. ``alpha`` does not apply (B is
+      cache_weight_transpose, merge_rounding)``; returns the converted module names. ``alpha`` does not apply (B is
       in real units).
     * ``lora`` — bf16 LoRA via peft (:func:`~falqon_dist.baselines.lora.apply_lora`, ``rank``,
       ``alpha``, ``dropout``); returns the adapted module names. ``alpha`` defaults to ``rank``.
@@ -52,14 +53,19 @@ def prepare_model(
     (default: where each weight already is).
 
     Options a method does not use (``topk``/``init`` outside FALQON, ``dropout`` outside the peft
-    methods, ``double_quant`` outside QLoRA, ``cache_weight_transpose`` outside FALQON, ``rank`` for
+    methods, ``double_quant`` outside QLoRA, ``cache_weight_transpose`` / ``merge_rounding`` outside FALQON, ``rank`` for
     ``full``) are
     ignored, so one config can drive every method. Afterwards exactly the method's parameters have
     ``requires_grad``. Raises ``ValueError`` for an unknown ``method``.
     """
     if method == "falqon":
         config = FalqonConfig(
-            rank=rank, topk=topk, init=init, backend=backend, cache_weight_transpose=cache_weight_transpose
+            rank=rank,
+            topk=topk,
+            init=init,
+            backend=backend,
+            cache_weight_transpose=cache_weight_transpose,
+            merge_rounding=merge_rounding,
         )
         return convert_model(model, config, device=device)
     if method == "lora":

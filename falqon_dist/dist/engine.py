@@ -38,7 +38,7 @@ class FalqonEngine(DeepSpeedEngine):
         steps_before = self.global_steps
         super().step(lr_kwargs=lr_kwargs)
         if self.global_steps > steps_before and self._has_falqon_layers:
-            self.last_merge_stats = merge_all(self.module, self._proxy_masters)
+            self.last_merge_stats = merge_all(self.module, self._proxy_masters, self.global_steps)
 
 
 def initialize(

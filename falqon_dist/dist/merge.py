@@ -37,23 +37,26 @@ def _gather_adapter_rows(qweight: nn.Parameter, out_features: int, in_features: 
     return pieces.to(torch.uint8).view(E4M3).float().view(rank, in_features)
 
 
-def _merge_partitioned(layer, proxy: torch.Tensor) -> dict[str, int]:
+def _merge_partitioned(layer, proxy: torch.Tensor, step: int) -> dict[str, int]:
     qweight = layer.qweight
     rows = select_rows(proxy, layer.rows_per_merge)
     proxy_rows = proxy[rows]
     adapter_q = _gather_adapter_rows(qweight, layer.out_features, layer.in_features, layer.rank)
+    noise = layer.merge_noise(step, rows.numel())  # whole rows, same on every rank
     part = qweight.ds_tensor.view(-1)
     offset = qweight.ds_tensor.ds_numel * tdist.get_rank(group=qweight.ds_process_group)
-    saturated = apply_rows_(part, offset, layer.in_features, rows, proxy_rows, adapter_q)
+    saturated = apply_rows_(part, offset, layer.in_features, rows, proxy_rows, adapter_q, noise)
     if qweight.data.numel():  # resident full copy (ds_persist): same update, same bytes
-        apply_rows_(qweight.data.view(-1), 0, layer.in_features, rows, proxy_rows, adapter_q)
+        apply_rows_(qweight.data.view(-1), 0, layer.in_features, rows, proxy_rows, adapter_q, noise)
     layer.backbone_changed()
     return {"rows_merged": int(proxy_rows.abs().sum(dim=1).gt(0).sum()), "saturated": saturated}
 
 
 @torch.no_grad()
-def merge_all(model: nn.Module, masters: ProxyMasters) -> dict[str, int]:
+def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> dict[str, int]:
     """Merge every FALQON layer of a DeepSpeed-wrapped model; same result on every rank.
+
+    ``step`` (the engine's global step) seeds stochastic merge rounding.
 
     Returns totals: ``rows_merged``, ``saturated`` (summed over ranks' partitions under ZeRO-3) and
     ``layers``.
@@ -63,11 +66,11 @@ def merge_all(model: nn.Module, masters: ProxyMasters) -> dict[str, int]:
     for _, layer in falqon_layers(model):
         proxy = masters.read_full(layer.B)
         if hasattr(layer.qweight, "ds_id"):
-            stats = _merge_partitioned(layer, proxy)
+            stats = _merge_partitioned(layer, proxy, step)
             partitioned_saturation += stats["saturated"]
             group = layer.qweight.ds_process_group
         else:
-            stats = layer.merge_proxy_(proxy)
+            stats = layer.merge_proxy_(proxy, step=step)
             totals["saturated"] += stats["saturated"]
         masters.zero_(layer.B)
         totals["rows_merged"] += stats["rows_merged"]

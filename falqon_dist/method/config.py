@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from falqon_dist.fp8.backends import BACKEND_NAMES
 
 INIT_NAMES = ("svd", "random")
+MERGE_ROUNDINGS = ("nearest", "stochastic")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class FalqonConfig:
     init: str = "svd"
     #: FP8 GEMM backend: "auto" | "emulated" | "scaled_mm" | "te" (see falqon_dist.fp8.backends).
     backend: str = "auto"
+    #: How merged weights are rounded back to E4M3: "nearest" (the paper) or "stochastic" (unbiased:
+    #: an update below half an FP8 step still moves the weight on average; seeded by ``seed`` and the
+    #: optimizer step, so every rank draws the same noise).
+    merge_rounding: str = "nearest"
     #: Keep a transposed copy of each layer's W rows for the backward GEMM ∂L/∂x (FP8 tensor cores
     #: need W column-major there): saves one transpose per layer per backward pass, costs one more
     #: byte per backbone parameter. Not with ZeRO-3 (the copy would be a full W per rank).
@@ -47,6 +52,8 @@ class FalqonConfig:
             raise ValueError(f"FalqonConfig.init must be one of {INIT_NAMES}, got {self.init!r}")
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"FalqonConfig.backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        if self.merge_rounding not in MERGE_ROUNDINGS:
+            raise ValueError(f"FalqonConfig.merge_rounding must be one of {MERGE_ROUNDINGS}, got {self.merge_rounding!r}")
         if not isinstance(self.cache_weight_transpose, bool):
             raise ValueError(
                 f"FalqonConfig.cache_weight_transpose must be true or false, got {self.cache_weight_transpose!r}"

@@ -85,14 +85,16 @@ def falqon_layers(model: nn.Module) -> list[tuple[str, FalqonLinear]]:
 
 
 @torch.no_grad()
-def merge_proxies_(model: nn.Module) -> dict[str, int]:
+def merge_proxies_(model: nn.Module, *, step: int = 0) -> dict[str, int]:
     """Apply the proxy merge to every FALQON layer (call it right after each optimizer step).
 
-    Returns totals over layers: ``rows_merged``, ``saturated`` and ``layers``.
+    ``step`` — the optimizer step — seeds stochastic merge rounding (pass it when
+    ``merge_rounding="stochastic"``, or every merge draws the same noise). Returns totals over
+    layers: ``rows_merged``, ``saturated`` and ``layers``.
     """
     totals = {"rows_merged": 0, "saturated": 0, "layers": 0}
     for _, layer in falqon_layers(model):
-        stats = layer.merge_proxy_()
+        stats = layer.merge_proxy_(step=step)
         totals["rows_merged"] += stats["rows_merged"]
         totals["saturated"] += stats["saturated"]
         totals["layers"] += 1

@@ -97,6 +97,8 @@ class FalqonLinear(Float32ScaleMixin):
         backend: str = "auto",
         topk: int | None = None,
         cache_weight_transpose: bool = False,
+        merge_rounding: str = "nearest",
+        seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
@@ -109,6 +111,7 @@ class FalqonLinear(Float32ScaleMixin):
             )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.backend, self.topk = backend, topk
+        self.merge_rounding, self.seed = merge_rounding, seed
         self.weight_t_cache = TransposedBitsCache() if cache_weight_transpose else None
         self.qweight = nn.Parameter(
             torch.zeros(out_features + rank, in_features, dtype=torch.uint8, device=device), requires_grad=False
@@ -132,6 +135,8 @@ class FalqonLinear(Float32ScaleMixin):
             backend=config.backend,
             topk=config.topk,
             cache_weight_transpose=config.cache_weight_transpose,
+            merge_rounding=config.merge_rounding,
+            seed=config.seed,
             device=weight.device,
             dtype=weight.dtype if weight.is_floating_point() else torch.float32,
         )
@@ -172,19 +177,32 @@ class FalqonLinear(Float32ScaleMixin):
             y = y + self.bias.to(y.dtype)
         return y
 
+    def merge_noise(self, step: int, rows: int) -> torch.Tensor | None:
+        """Uniform [0, 1) noise (rows × in, float32, CPU) for stochastic merge rounding, or None.
+
+        Drawn from a CPU generator seeded by the layer's seed and ``step``, so every rank — whatever
+        its device or its ZeRO-3 partition — rounds the same elements the same way.
+        """
+        if self.merge_rounding != "stochastic":
+            return None
+        generator = torch.Generator().manual_seed(((self.seed & 0x7FFFFFFF) << 32) | (step & 0xFFFFFFFF))
+        return torch.rand(rows, self.in_features, generator=generator)
+
     @torch.no_grad()
-    def merge_proxy_(self, proxy: torch.Tensor | None = None) -> dict[str, int]:
+    def merge_proxy_(self, proxy: torch.Tensor | None = None, *, step: int = 0) -> dict[str, int]:
         """Merge the top-k rows of B into the FP8 backbone, then zero B (DESIGN.md §1).
 
         ``proxy`` overrides the B that is read (e.g. an optimizer's fp32 master copy); zeroing that
-        copy is then the caller's job, ``self.B`` is zeroed here in any case. Returns
+        copy is then the caller's job, ``self.B`` is zeroed here in any case. ``step`` (the optimizer
+        step) seeds stochastic merge rounding; nearest rounding ignores it. Returns
         ``{"rows_merged": rows with a non-zero update, "saturated": elements clamped at ±448}``.
         """
         proxy = self.B if proxy is None else proxy
         rows = select_rows(proxy, self.rows_per_merge)
         proxy_rows = proxy.detach().float()[rows]
         adapter_q = from_bits(self.qweight, E4M3)[self.out_features :].float()
-        saturated = apply_rows_(self.qweight.data, 0, self.in_features, rows, proxy_rows, adapter_q)
+        noise = self.merge_noise(step, rows.numel())
+        saturated = apply_rows_(self.qweight.data, 0, self.in_features, rows, proxy_rows, adapter_q, noise)
         self.backbone_changed()
         self.B.zero_()
         return {"rows_merged": int(proxy_rows.abs().sum(dim=1).gt(0).sum()), "saturated": saturated}
@@ -203,4 +221,5 @@ class FalqonLinear(Float32ScaleMixin):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, topk={self.rows_per_merge}, backend={self.backend}"
             + (", cache_weight_transpose=True" if self.weight_t_cache is not None else "")
+            + (", merge_rounding=stochastic" if self.merge_rounding == "stochastic" else "")
         )

@@ -70,7 +70,13 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
     """Load ``path`` and apply the configured method; returns the model ready for ``initialize``."""
     method, dtype = settings.method, TORCH_DTYPES[settings.model.dtype]
     if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
-        falqon_cfg = FalqonConfig(rank=method.rank, topk=method.topk, init=method.init, backend=settings.fp8.backend)
+        falqon_cfg = FalqonConfig(
+            rank=method.rank,
+            topk=method.topk,
+            init=method.init,
+            backend=settings.fp8.backend,
+            merge_rounding=method.merge_rounding,
+        )
         model, names = load_pretrained_zero3(path, ds_config, falqon_cfg, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -85,6 +91,7 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
             cache_weight_transpose=settings.fp8.cache_weight_transpose,
             init=method.init,
             double_quant=method.double_quant,
+            merge_rounding=method.merge_rounding,
             device=_local_accelerator(),
         )
     if settings.model.gradient_checkpointing:

@@ -174,7 +174,13 @@ def build_falqon_skeleton(model_path: str, settings: RunSettings) -> nn.Module:
 
     method = settings.method
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[settings.model.dtype])
-    config = FalqonConfig(rank=method.rank, topk=method.topk, init=method.init, backend=settings.fp8.backend)
+    config = FalqonConfig(
+        rank=method.rank,
+        topk=method.topk,
+        init=method.init,
+        backend=settings.fp8.backend,
+        merge_rounding=method.merge_rounding,
+    )
     convert_model(model, config, layer_builder=FalqonLinear.shaped_like)
     return model
 

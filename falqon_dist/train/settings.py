@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from falqon_dist.baselines import METHODS
 from falqon_dist.data import DataConfig
 from falqon_dist.fp8 import BACKEND_NAMES, check_backend
+from falqon_dist.method.config import MERGE_ROUNDINGS
 from falqon_dist.train.wandb_logger import VALID_MODES
 
 DTYPES = ("bf16", "fp32")
@@ -86,6 +87,8 @@ class MethodSettings:
     dropout: float
     #: QLoRA only: double quantization of the NF4 block scales (the other methods ignore it).
     double_quant: bool
+    #: FALQON only: "nearest" | "stochastic" rounding of merged weights.
+    merge_rounding: str
 
 
 @dataclass(frozen=True)
@@ -171,8 +174,16 @@ def _method(m: DictConfig) -> MethodSettings:
     double_quant = m.get("double_quant", True)
     if not isinstance(double_quant, bool):
         raise ConfigError(f"method.double_quant must be true or false, got {double_quant!r}")
+    merge_rounding = _choice(m.get("merge_rounding", "nearest"), "method.merge_rounding", MERGE_ROUNDINGS)
     return MethodSettings(
-        name=name, rank=rank, topk=topk, init=init, alpha=alpha, dropout=dropout, double_quant=double_quant
+        name=name,
+        rank=rank,
+        topk=topk,
+        init=init,
+        alpha=alpha,
+        dropout=dropout,
+        double_quant=double_quant,
+        merge_rounding=merge_rounding,
     )
 
 

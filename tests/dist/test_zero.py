@@ -3,7 +3,8 @@
 Each stage runs ``worker_zero.py`` once; the worker checks, for bf16 off and on: merges only at
 accumulation boundaries, bit-identical backbone bytes across ranks (sha256 digest all-gathered),
 the fp32 master copy of B zeroed, scales float32 and unchanged, partition sizes (ZeRO-3), and that the
-distributed merge writes exactly the bytes of a single-process merge for the same B.
+distributed merge writes exactly the bytes of a single-process merge for the same B, with nearest and
+with stochastic rounding (the noise is drawn for whole rows, each ZeRO-3 rank uses its slice).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import pytest
 from tests.dist.launcher import run_ranks
 
 HERE = Path(__file__).parent
-CHECKS = ["accumulation-boundaries", "replica-identity", "master-zeroed", "merge-bytes-match-reference"]
+CHECKS = [
+    "accumulation-boundaries",
+    "replica-identity",
+    "master-zeroed",
+    "merge-bytes-match-reference",
+    "stochastic-merge-bytes-match-reference",
+]
 
 
 @pytest.mark.dist

@@ -116,18 +116,22 @@ def check_training(stage: int, bf16: bool) -> None:
     say(f"{tag} replica-identity")
     say(f"{tag} master-zeroed")
     check_merge_bytes(engine, tag)
+    check_merge_bytes(engine, tag, rounding="stochastic", proxy_scale=0.02, step=5)
 
 
-def check_merge_bytes(engine, tag: str) -> None:
-    """The distributed merge writes exactly the bytes a single-process merge writes for the same B."""
+def check_merge_bytes(engine, tag: str, rounding: str = "nearest", proxy_scale: float = 0.5, step: int = 0) -> None:
+    """The distributed merge writes exactly the bytes a single-process merge writes for the same B
+    (with stochastic rounding too: small proxies, so the noise decides many elements)."""
     reference = tiny_llama()
     fd.convert_model(reference, RANK_CFG)
     dist_layers = [layer for _, layer in fd.falqon_layers(engine.module)]
     ref_layers = [layer for _, layer in fd.falqon_layers(reference)]
     for ref, full in zip(ref_layers, full_qweights(engine.module)):
         ref.qweight.data.copy_(full)
+    for layer in (*dist_layers, *ref_layers):
+        layer.merge_rounding = rounding
     g = torch.Generator().manual_seed(7)  # the same proxies on every rank
-    proxies = [torch.randn(layer.out_features, layer.rank, generator=g) * 0.5 for layer in ref_layers]
+    proxies = [torch.randn(layer.out_features, layer.rank, generator=g) * proxy_scale for layer in ref_layers]
     from deepspeed.utils import safe_set_full_fp32_param
 
     for layer, proxy in zip(dist_layers, proxies):
@@ -138,17 +142,22 @@ def check_merge_bytes(engine, tag: str) -> None:
             masters._unfused.get(id(layer.B), layer.B).data.copy_(proxy)
     from falqon_dist.dist.merge import merge_all
 
-    stats = merge_all(engine.module, engine._proxy_masters)
+    before = [full.clone() for full in full_qweights(engine.module)]
+    stats = merge_all(engine.module, engine._proxy_masters, step)
     ref_stats = {"rows_merged": 0, "saturated": 0}
     for layer, proxy in zip(ref_layers, proxies):
-        s = layer.merge_proxy_(proxy)
+        s = layer.merge_proxy_(proxy, step=step)
         ref_stats = {k: ref_stats[k] + s[k] for k in ref_stats}
         assert len(select_rows(proxy, layer.rows_per_merge)) == layer.rows_per_merge
     for ref, full in zip(ref_layers, full_qweights(engine.module)):
-        assert torch.equal(ref.qweight, full), f"{tag}: distributed merge bytes differ from the reference"
+        assert torch.equal(ref.qweight, full), f"{tag}: distributed {rounding} merge bytes differ from the reference"
     assert stats["rows_merged"] == ref_stats["rows_merged"], (stats, ref_stats)
     assert stats["saturated"] == ref_stats["saturated"], (stats, ref_stats)
-    say(f"{tag} merge-bytes-match-reference")
+    changed = sum(int((a != b).sum()) for a, b in zip(before, full_qweights(engine.module)))
+    assert changed > 0, f"{tag}: the {rounding} merge changed nothing"
+    for layer in dist_layers:
+        layer.merge_rounding = "nearest"
+    say(f"{tag} {'' if rounding == 'nearest' else rounding + '-'}merge-bytes-match-reference")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def test_every_shipped_config_composes(group, option, tmp_path):
         ("train.resume=maybe", "train.resume"),
         ("method.rank=0", "method.rank"),
         ("method.topk=0", "method.topk"),
+        ("method.merge_rounding=up", "method.merge_rounding"),
         ("model.dtype=fp16", "model.dtype"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("deepspeed.config=/no/such/ds.json", "deepspeed.config"),
@@ -138,6 +139,22 @@ def test_fp8_cache_weight_transpose_reaches_the_layers_and_refuses_zero3(tmp_pat
     model = tiny_llama()
     prepare_model(model, "falqon", rank=4, backend="emulated", cache_weight_transpose=True)
     assert all(layer.weight_t_cache is not None for _, layer in falqon_layers(model))
+
+
+def test_stochastic_merge_rounding_reaches_the_layers():
+    settings = validate(compose_cfg(["method.merge_rounding=stochastic"]))
+    assert settings.method.merge_rounding == "stochastic"
+    assert validate(compose_cfg(["method=lora"])).method.merge_rounding == "nearest"  # not in its file
+
+    from falqon_dist.baselines import prepare_model
+    from falqon_dist.method import falqon_layers
+    from tests.models import tiny_llama
+
+    model = tiny_llama()
+    prepare_model(model, "falqon", rank=4, backend="emulated", merge_rounding="stochastic")
+    layers = falqon_layers(model)
+    assert all(layer.merge_rounding == "stochastic" for _, layer in layers)
+    assert len({layer.seed for _, layer in layers}) == len(layers)  # a noise stream per layer
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA refusal")

@@ -12,6 +12,8 @@ Tolerances. Two references are used:
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -381,3 +383,55 @@ def test_no_cache_is_built_when_only_the_proxy_needs_a_gradient():
     cached = _cached_twin(layer)
     cached(torch.randn(TOKENS, IN)).sum().backward()  # x does not require grad: no ∂L/∂x GEMM
     assert cached.weight_t_cache.nbytes == 0 and cached.B.grad is not None
+
+
+# ---------------------------------------------------------------- stochastic merge rounding
+
+
+def test_stochastic_rounding_is_unbiased_and_only_picks_neighbours():
+    from falqon_dist.method.proxy import stochastic_round_e4m3
+
+    torch.manual_seed(0)
+    values = (torch.randn(4096) * 30).clamp(-448, 448)
+    values[:4] = torch.tensor([0.0, 448.0, -448.0, 1.5])  # representable: kept exactly
+    draws = torch.stack([stochastic_round_e4m3(values, torch.rand_like(values)).float() for _ in range(400)])
+    nearest = values.to(fp8.E4M3).float()
+    assert torch.equal(draws[:, :4], values[:4].expand(400, 4))
+    # each draw is the lower or the upper E4M3 neighbour of the value
+    step = (values.abs() * 2**-3).clamp(min=2**-9)
+    assert ((draws - values).abs() <= step + 1e-6).all()
+    # unbiased: the mean of 400 draws sits ~10x closer to the value than round-to-nearest does
+    bias = (draws.mean(0) - values).abs().mean()
+    assert bias < 0.15 * (nearest - values).abs().mean(), bias
+
+
+def test_stochastic_merge_applies_small_updates_on_average_and_is_seeded():
+    """Updates of about a fifth of an FP8 step: nearest rounding drops most of them, stochastic
+    rounding applies them on average (mean over 64 steps' noise); the noise depends only on the
+    layer's seed and the step."""
+    _, layer = _layer()
+    torch.manual_seed(1)
+    bits = fp8.from_bits(layer.qweight, fp8.E4M3).float()
+    w_rows, adapter = bits[:OUT], bits[OUT:]
+    proxy = torch.randn(OUT, RANK)
+    delta = proxy @ adapter  # the intended update of every W row, scaled domain
+    ulp = (w_rows.abs() * 2**-3).clamp(min=2**-9)
+    proxy *= 0.2 / float((delta.abs() / ulp).median())  # median update: 0.2 of an FP8 step
+    delta = proxy @ adapter
+    merged_rows = torch.sort(proxy.abs().sum(1), descending=True, stable=True).indices[:RANK].sort().values
+
+    def realized(rounding: str, step: int) -> torch.Tensor:
+        each = copy.deepcopy(layer)
+        each.merge_rounding = rounding
+        each.merge_proxy_(proxy.clone(), step=step)
+        return fp8.from_bits(each.qweight, fp8.E4M3).float()[:OUT][merged_rows] - w_rows[merged_rows]
+
+    want = delta[merged_rows]
+    nearest_error = _rel(realized("nearest", 0), want)
+    stochastic_mean = torch.stack([realized("stochastic", step) for step in range(64)]).mean(0)
+    stochastic_error = _rel(stochastic_mean, want)
+    print(f"rel. error of the realized update: nearest {nearest_error:.2f}, stochastic (mean of 64) {stochastic_error:.2f}")
+    assert nearest_error > 0.5  # measured 0.60: much of the update is rounded away (0.12 for stochastic)
+    assert stochastic_error < 0.35 * nearest_error
+    assert torch.equal(realized("stochastic", 3), realized("stochastic", 3))
+    assert not torch.equal(realized("stochastic", 3), realized("stochastic", 4))
