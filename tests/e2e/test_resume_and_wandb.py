@@ -16,9 +16,11 @@ STEPS = ["train.micro_batch_size=4", "train.eval_samples=16", "train.eval_genera
 
 def test_resume_continues_from_the_saved_step_like_an_uninterrupted_run(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch("deepspeed", [*STEPS, "train.max_steps=6", f"run.dir={full}"])
+    # stochastic merge rounding: the resumed merges must also draw the noise of their own steps
+    steps = [*STEPS, "method.merge_rounding=stochastic"]
+    launch("deepspeed", [*steps, "train.max_steps=6", f"run.dir={full}"])
 
-    launch("deepspeed", [*STEPS, "train.max_steps=4", "train.save_every=2", f"run.dir={resumed}"])
+    launch("deepspeed", [*steps, "train.max_steps=4", "train.save_every=2", f"run.dir={resumed}"])
     # what a crash after step 4 leaves behind: a half-written step-6 checkpoint that `latest` does not
     # name, and metric lines of steps the crashed run did after its last checkpoint
     partial = resumed / "checkpoints" / "step_00000006"
@@ -27,7 +29,7 @@ def test_resume_continues_from_the_saved_step_like_an_uninterrupted_run(tmp_path
     with open(resumed / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
 
-    proc = launch("deepspeed", [*STEPS, "train.max_steps=6", "train.resume=true", f"run.dir={resumed}"])
+    proc = launch("deepspeed", [*steps, "train.max_steps=6", "train.resume=true", f"run.dir={resumed}"])
     assert "resumed from" in proc.stderr + proc.stdout and "at step 4" in proc.stderr + proc.stdout
 
     got = {m["step"]: m["loss"] for m in read_metrics(resumed) if "loss" in m}
