@@ -66,18 +66,24 @@ def _numel(param: torch.Tensor) -> int:
     return param.numel()
 
 
+def falqon_config(settings: RunSettings) -> FalqonConfig:
+    """The FALQON layer configuration a run's settings describe (training and restore share it)."""
+    method = settings.method
+    return FalqonConfig(
+        rank=method.rank,
+        topk=method.topk,
+        init=method.init,
+        backend=settings.fp8.backend,
+        merge_rounding=method.merge_rounding,
+        cache_weight_transpose=settings.fp8.cache_weight_transpose,
+    )
+
+
 def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.Module:
     """Load ``path`` and apply the configured method; returns the model ready for ``initialize``."""
     method, dtype = settings.method, TORCH_DTYPES[settings.model.dtype]
     if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
-        falqon_cfg = FalqonConfig(
-            rank=method.rank,
-            topk=method.topk,
-            init=method.init,
-            backend=settings.fp8.backend,
-            merge_rounding=method.merge_rounding,
-        )
-        model, names = load_pretrained_zero3(path, ds_config, falqon_cfg, dtype=dtype)
+        model, names = load_pretrained_zero3(path, ds_config, falqon_config(settings), dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         names = prepare_model(

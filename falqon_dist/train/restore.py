@@ -41,7 +41,7 @@ from torch import nn
 
 from falqon_dist.dist import checkpoint
 from falqon_dist.fp8 import check_backend
-from falqon_dist.method import FalqonConfig, FalqonLinear, convert_model, falqon_layers
+from falqon_dist.method import FalqonLinear, convert_model, falqon_layers
 from falqon_dist.train.bootstrap import strip_local_rank
 from falqon_dist.train.settings import ConfigError, RunSettings, validate
 
@@ -170,18 +170,10 @@ def build_falqon_skeleton(model_path: str, settings: RunSettings) -> nn.Module:
     """The base model converted exactly as training converted it, without running the SVD init."""
     from transformers import AutoModelForCausalLM
 
-    from falqon_dist.train.model_setup import TORCH_DTYPES
+    from falqon_dist.train.model_setup import TORCH_DTYPES, falqon_config
 
-    method = settings.method
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[settings.model.dtype])
-    config = FalqonConfig(
-        rank=method.rank,
-        topk=method.topk,
-        init=method.init,
-        backend=settings.fp8.backend,
-        merge_rounding=method.merge_rounding,
-    )
-    convert_model(model, config, layer_builder=FalqonLinear.shaped_like)
+    convert_model(model, falqon_config(settings), layer_builder=FalqonLinear.shaped_like)
     return model
 
 
