@@ -6,7 +6,7 @@ makes the same top-k choice and writes the same bytes (``FalqonLinear.merge_prox
 Stage 3 partitions ``qweight``: rank p owns the flat elements ``[p·n, (p+1)·n)`` of the row-major
 ``M_q``. A merge gathers only what it needs — the full B (out × r, fp32, via the master) and the
 adapter rows ``A_q`` (r × in bytes, one all-reduce of the pieces each rank owns) — and then updates
-only the local slice with the method's own ``apply_rows_``. Traffic per layer: O(r·(in + out)), never
+only the local slice with the method's own ``apply_rows_to_slice_``. Traffic per layer: O(r·(in + out)), never
 the O(in·out) backbone. A parameter ZeRO-3 keeps resident (``ds_persist``, below the persistence
 threshold) is also updated in its full resident copy.
 """
@@ -19,7 +19,7 @@ from torch import nn
 
 from falqon_dist.fp8 import E4M3
 from falqon_dist.method import falqon_layers
-from falqon_dist.method.proxy import apply_rows_, select_rows
+from falqon_dist.method.proxy import MergeStats, apply_rows_, apply_rows_to_slice_, select_rows
 from falqon_dist.dist.proxies import ProxyMasters
 
 
@@ -37,46 +37,41 @@ def _gather_adapter_rows(qweight: nn.Parameter, out_features: int, in_features: 
     return pieces.to(torch.uint8).view(E4M3).float().view(rank, in_features)
 
 
-def _merge_partitioned(layer, proxy: torch.Tensor, step: int) -> dict[str, int]:
+def _merge_partitioned(layer, proxy: torch.Tensor, step: int) -> MergeStats:
     qweight = layer.qweight
     rows = select_rows(proxy, layer.rows_per_merge)
-    proxy_rows = proxy[rows]
+    proxy_rows = proxy.index_select(0, rows)
     adapter_q = _gather_adapter_rows(qweight, layer.out_features, layer.in_features, layer.rank)
-    noise = layer.merge_noise(step, rows.numel())  # whole rows, same on every rank
+    rounding = {"seed": layer.seed, "step": step, "stochastic": layer.merge_rounding == "stochastic"}
     part = qweight.ds_tensor.view(-1)
     offset = qweight.ds_tensor.ds_numel * tdist.get_rank(group=qweight.ds_process_group)
-    saturated = apply_rows_(part, offset, layer.in_features, rows, proxy_rows, adapter_q, noise)
+    stats = apply_rows_to_slice_(part, offset, layer.in_features, rows, proxy_rows, adapter_q, **rounding)
     if qweight.data.numel():  # resident full copy (ds_persist): same update, same bytes
-        apply_rows_(qweight.data.view(-1), 0, layer.in_features, rows, proxy_rows, adapter_q, noise)
-    layer.backbone_changed()
-    return {"rows_merged": int(proxy_rows.abs().sum(dim=1).gt(0).sum()), "saturated": saturated}
+        resident = qweight.data.view(layer.out_features + layer.rank, layer.in_features)
+        _, new_bits = apply_rows_(resident, rows, proxy_rows, adapter_q, **rounding)
+        layer.rows_rewritten(rows, new_bits)
+    return stats
 
 
 @torch.no_grad()
-def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> dict[str, int]:
+def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeStats:
     """Merge every FALQON layer of a DeepSpeed-wrapped model; same result on every rank.
 
-    ``step`` (the engine's global step) seeds stochastic merge rounding.
-
-    Returns totals: ``rows_merged``, ``saturated`` (summed over ranks' partitions under ZeRO-3) and
-    ``layers``.
+    ``step`` (the engine's global step) keys stochastic merge rounding. No host synchronization of
+    our own (DeepSpeed's master-copy accessors may add theirs): the totals are device tensors,
+    ``saturated`` and ``nonfinite`` summed over the ranks' partitions under ZeRO-3 in one all-reduce.
     """
-    totals = {"rows_merged": 0, "saturated": 0, "layers": 0}
-    partitioned_saturation, group = 0, None
+    totals, partitioned, group = MergeStats(), MergeStats(), None
     for _, layer in falqon_layers(model):
         proxy = masters.read_full(layer.B)
         if hasattr(layer.qweight, "ds_id"):
-            stats = _merge_partitioned(layer, proxy, step)
-            partitioned_saturation += stats["saturated"]
+            partitioned.add_(_merge_partitioned(layer, proxy, step))
             group = layer.qweight.ds_process_group
         else:
-            stats = layer.merge_proxy_(proxy, step=step)
-            totals["saturated"] += stats["saturated"]
+            totals.add_(layer.merge_proxy_(proxy, step=step))
         masters.zero_(layer.B)
-        totals["rows_merged"] += stats["rows_merged"]
-        totals["layers"] += 1
-    if group is not None:  # each rank counted its own slice
-        count = torch.tensor([partitioned_saturation], dtype=torch.int64, device=layer.qweight.ds_tensor.device)
-        tdist.all_reduce(count, group=group)
-        totals["saturated"] += int(count.item())
+    if group is not None:  # each rank counted the elements of its own slice; rows are counted once
+        counts = partitioned.counts()
+        tdist.all_reduce(counts[1:], group=group)
+        totals.add_(MergeStats(counts[0], counts[1], counts[2], partitioned.layers))
     return totals

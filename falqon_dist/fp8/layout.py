@@ -48,6 +48,14 @@ class TransposedBitsCache:
             self._bits = cached = weight_bits.t().contiguous()
         return cached
 
+    def update_rows_(self, rows: torch.Tensor, row_bits: torch.Tensor) -> None:
+        """Rows ``rows`` of ``W`` now hold ``row_bits`` (k × in): write them into the cached columns.
+
+        O(k·in) bytes instead of a rebuild of the whole copy; nothing to do before the first build.
+        """
+        if self._bits is not None:
+            self._bits.index_copy_(1, rows.to(self._bits.device), row_bits.t())
+
     def invalidate(self) -> None:
         self._bits = None
 

@@ -8,7 +8,8 @@ Two things come from Transformer Engine's public PyTorch API:
   data), which is what the FP8 tensor cores need for the backward GEMMs: Hopper runs FP8 GEMMs in
   the TN layout only, i.e. both operands K-major.
 * **GEMMs** — ``general_gemm`` on ``Float8Tensor`` operands built around our ``uint8`` bits, layout
-  ``TN``, float32 (split) accumulation. In TE's column-major convention ``general_gemm(A, B)`` in
+  ``TN``, float32 (split) accumulation, or TE's fast accumulation when the caller asks for it
+  (``fast_accum=True``: FALQON's forward GEMM). In TE's column-major convention ``general_gemm(A, B)`` in
   ``TN`` returns ``B · Aᵀ``; for our ``a @ b`` that is ``A = bᵀ`` (N × K, row-major) and ``B = a``
   (M × K, row-major). Operands not already in that layout are copied (see the FALQON layer's
   ``cache_weight_transpose`` for the one operand that is worth keeping transposed); dimensions are
@@ -154,7 +155,7 @@ class TEBackend:
             requires_grad=False,
         )
 
-    def gemm(self, a_fp8, b_fp8, scale_a, scale_b, out_dtype):
+    def gemm(self, a_fp8, b_fp8, scale_a, scale_b, out_dtype, fast_accum=False):
         (m, k), n = a_fp8.shape, b_fp8.shape[1]
         mp, kp, np_ = round_up(m), round_up(k), round_up(n)
         a_rows = pad_to(a_fp8, mp, kp).contiguous()  # (M, K) row-major: TE's B
@@ -165,7 +166,7 @@ class TEBackend:
                 self._operand(a_rows, scale_a),
                 out_dtype=out_dtype,
                 layout="TN",
-                use_split_accumulator=True,  # full float32 accumulation, as every backend here promises
+                use_split_accumulator=not fast_accum,  # split = promote partial sums to float32
                 **self._workspace(a_fp8.device),
             )[0]
         return out[:m, :n]

@@ -10,6 +10,7 @@ from torch import nn
 
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.linear import FalqonLinear
+from falqon_dist.method.proxy import MergeStats
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 LayerBuilder = Callable[[nn.Linear, FalqonConfig], nn.Module]
@@ -85,17 +86,15 @@ def falqon_layers(model: nn.Module) -> list[tuple[str, FalqonLinear]]:
 
 
 @torch.no_grad()
-def merge_proxies_(model: nn.Module, *, step: int = 0) -> dict[str, int]:
+def merge_proxies_(model: nn.Module, *, step: int = 0) -> MergeStats:
     """Apply the proxy merge to every FALQON layer (call it right after each optimizer step).
 
-    ``step`` — the optimizer step — seeds stochastic merge rounding (pass it when
-    ``merge_rounding="stochastic"``, or every merge draws the same noise). Returns totals over
-    layers: ``rows_merged``, ``saturated`` and ``layers``.
+    ``step`` — the optimizer step — keys stochastic merge rounding (pass it when
+    ``merge_rounding="stochastic"``, or every merge draws the same noise). Issues no host
+    synchronization; returns totals over layers as device tensors (``.to_dict()`` reads them:
+    ``rows_merged``, ``saturated``, ``nonfinite``, ``layers``).
     """
-    totals = {"rows_merged": 0, "saturated": 0, "layers": 0}
+    totals = MergeStats()
     for _, layer in falqon_layers(model):
-        stats = layer.merge_proxy_(step=step)
-        totals["rows_merged"] += stats["rows_merged"]
-        totals["saturated"] += stats["saturated"]
-        totals["layers"] += 1
+        totals.add_(layer.merge_proxy_(step=step))
     return totals

@@ -19,8 +19,8 @@ W and A are frozen inside ``M_q``: they get no gradient.
 
 Operand layouts: the forward GEMM reads ``M_q`` as it is stored (K-major, what FP8 tensor cores
 want). ∂L/∂x needs ``W`` column-major, which costs a transposed copy of the W rows per backward pass
-unless ``cache_weight_transpose`` keeps one (+1 byte per backbone parameter, refreshed after every
-merge; see :class:`falqon_dist.fp8.TransposedBitsCache`). ∂L/∂B takes ``g_qᵀ`` and ``Q(o_A)ᵀ``, which a
+unless ``cache_weight_transpose`` keeps one (+1 byte per backbone parameter, its merged columns
+rewritten in place by every merge; see :class:`falqon_dist.fp8.TransposedBitsCache`). ∂L/∂B takes ``g_qᵀ`` and ``Q(o_A)ᵀ``, which a
 backend may write in the same kernel as the casts (``te``).
 """
 
@@ -30,10 +30,15 @@ import torch
 from torch import nn
 
 from falqon_dist.fp8 import E4M3, E5M2, TransposedBitsCache, dequantize, from_bits, resolve_backend
+from falqon_dist.fp8.cast import SharedCast
 from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.init import adapter_init, meld
-from falqon_dist.method.proxy import apply_rows_, select_rows
+from falqon_dist.method.proxy import MergeStats, apply_rows_, select_rows
+
+
+#: One cast of an input tensor shared by the layers that read it in the same forward (q/k/v, gate/up).
+_input_casts = SharedCast()
 
 
 class _MeldedFP8Matmul(torch.autograd.Function):
@@ -42,11 +47,13 @@ class _MeldedFP8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str, weight_t_cache):
         backend = resolve_backend(backend_name, x_hp.device)
-        x2d = x_hp.reshape(-1, x_hp.shape[-1])
-        x_fp8, x_scale, _ = backend.quantize(x2d, E4M3)
+        x_fp8, x_scale, _ = _input_casts.get(
+            x_hp, (backend.name, E4M3), lambda: backend.quantize(x_hp.reshape(-1, x_hp.shape[-1]), E4M3)
+        )
         melded_fp8 = from_bits(qweight, E4M3)
         # One rounding to the activation dtype: E4M3 re-quantization of o_A loses far more than bf16.
-        y_full = backend.gemm(x_fp8, melded_fp8.t(), x_scale, scale, x_hp.dtype)
+        # Fast accumulation in the forward only (as torchao): the backward GEMMs promote to fp32.
+        y_full = backend.gemm(x_fp8, melded_fp8.t(), x_scale, scale, x_hp.dtype, fast_accum=True)
         # Only Q(o_A)ᵀ is needed (as the b operand of ∂L/∂B = g_qᵀ · Q(o_A)).
         _, adapter_out_scale, adapter_out_fp8_t = backend.quantize(y_full[:, out_features:], E4M3, transpose=True)
         # qweight is saved as the Parameter itself: under ZeRO-3 its data is re-gathered for backward.
@@ -177,35 +184,39 @@ class FalqonLinear(Float32ScaleMixin):
             y = y + self.bias.to(y.dtype)
         return y
 
-    def merge_noise(self, step: int, rows: int) -> torch.Tensor | None:
-        """Uniform [0, 1) noise (rows × in, float32, CPU) for stochastic merge rounding, or None.
-
-        Drawn from a CPU generator seeded by the layer's seed and ``step``, so every rank — whatever
-        its device or its ZeRO-3 partition — rounds the same elements the same way.
-        """
-        if self.merge_rounding != "stochastic":
-            return None
-        generator = torch.Generator().manual_seed(((self.seed & 0x7FFFFFFF) << 32) | (step & 0xFFFFFFFF))
-        return torch.rand(rows, self.in_features, generator=generator)
-
     @torch.no_grad()
-    def merge_proxy_(self, proxy: torch.Tensor | None = None, *, step: int = 0) -> dict[str, int]:
+    def merge_proxy_(self, proxy: torch.Tensor | None = None, *, step: int = 0) -> MergeStats:
         """Merge the top-k rows of B into the FP8 backbone, then zero B (DESIGN.md §1).
 
         ``proxy`` overrides the B that is read (e.g. an optimizer's fp32 master copy); zeroing that
         copy is then the caller's job, ``self.B`` is zeroed here in any case. ``step`` (the optimizer
-        step) seeds stochastic merge rounding; nearest rounding ignores it. Returns
-        ``{"rows_merged": rows with a non-zero update, "saturated": elements clamped at ±448}``.
+        step) keys stochastic merge rounding; nearest rounding ignores it. No host synchronization:
+        the returned :class:`~falqon_dist.method.proxy.MergeStats` holds device tensors. A cached
+        ``Wᵀ`` is updated in place (only the merged rows, i.e. its columns, change).
         """
-        proxy = self.B if proxy is None else proxy
+        proxy = (self.B if proxy is None else proxy).detach()
         rows = select_rows(proxy, self.rows_per_merge)
-        proxy_rows = proxy.detach().float()[rows]
-        adapter_q = from_bits(self.qweight, E4M3)[self.out_features :].float()
-        noise = self.merge_noise(step, rows.numel())
-        saturated = apply_rows_(self.qweight.data, 0, self.in_features, rows, proxy_rows, adapter_q, noise)
-        self.backbone_changed()
+        stats, new_bits = apply_rows_(
+            self.qweight.data,
+            rows,
+            proxy.float().index_select(0, rows),
+            self.adapter_q(),
+            seed=self.seed,
+            step=step,
+            stochastic=self.merge_rounding == "stochastic",
+        )
+        self.rows_rewritten(rows, new_bits)
         self.B.zero_()
-        return {"rows_merged": int(proxy_rows.abs().sum(dim=1).gt(0).sum()), "saturated": saturated}
+        return stats
+
+    def adapter_q(self) -> torch.Tensor:
+        """The adapter rows ``A_q = M_q[out:]`` as float32 in the scaled FP8 domain (rank × in)."""
+        return from_bits(self.qweight, E4M3)[self.out_features :].float()
+
+    def rows_rewritten(self, rows: torch.Tensor, new_bits: torch.Tensor) -> None:
+        """Rows ``rows`` of W now hold ``new_bits``: refresh the cached ``Wᵀ`` columns in place."""
+        if self.weight_t_cache is not None:
+            self.weight_t_cache.update_rows_(rows, new_bits)
 
     def backbone_changed(self) -> None:
         """Drop state derived from the ``qweight`` bytes (the transposed W cache) after they changed."""

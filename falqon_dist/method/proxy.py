@@ -7,37 +7,120 @@ With row magnitudes ``m_j = Σ_k |B_jk|`` and ``T`` the top-k rows of ``m``, in 
 W and A share the scale ``s``, so ``s·(W_q,j + B_j A_q) = W_j + B_j A`` needs no rescale. Here ``B``
 is the proxy in *real* units per unit of ``o_A`` — because ``o_A = x Aᵀ`` already carries ``s``, the
 update to ``W_q`` is ``B_j · A_q`` exactly. Elements whose sum leaves ``±448`` are clamped and counted
-as ``saturated``.
+as ``saturated``. An element whose sum is not finite (a NaN or ±inf in B) keeps its old bits and is
+counted as ``nonfinite``: FALQON writes into the backbone, so a NaN there would be permanent.
 
-``Q`` rounds to nearest (the paper's behaviour) or, with ``noise`` (uniform [0, 1) per updated
-element), stochastically: ``v`` between neighbouring E4M3 values ``lo < v < hi`` becomes ``hi`` with
-probability ``(v − lo)/(hi − lo)``, so ``E[Q(v)] = v`` and an update smaller than half an FP8 step
-still moves the weight on average instead of being rounded away. The noise is drawn for whole rows
-from a seed every rank shares, so sharded and unsharded merges still write the same bytes.
+``Q`` rounds to nearest (the paper's behaviour) or, with stochastic rounding, ``v`` between
+neighbouring E4M3 values ``lo < v < hi`` becomes ``hi`` with probability ``(v − lo)/(hi − lo)``, so
+``E[Q(v)] = v`` and an update smaller than half an FP8 step still moves the weight on average. The
+uniform noise is a counter-based hash of (layer seed, step, element index in ``M_q``): no generator
+state, computed on the parameter's device, and the same bits on every rank, every device and every
+ZeRO-3 partitioning.
 
-The update is written for a *flat slice* of ``M_q`` (``bits`` holds elements
-``[offset, offset + bits.numel())`` of the row-major ``M_q``), so the same function performs the
-unsharded merge (offset 0, whole tensor) and the ZeRO-3 merge of one rank's partition, and both
-produce the same bytes by construction.
+**No host synchronization.** Every step below is a fixed-shape device operation (sort, gather,
+matmul, scatter); nothing is read back to the host. Statistics are 0-dim device tensors
+(:class:`MergeStats`), read once when they are logged. On a GPU the merge of a layer is then a
+short, asynchronous stream of small kernels whatever the number of layers.
+
+Two writers share :func:`merged_row_bits`:
+
+* :func:`apply_rows_` — a whole ``M_q`` (replicas under ZeRO 0–2, single process): gather the k
+  rows, merge, scatter them back.
+* :func:`apply_rows_to_slice_` — one rank's flat slice of the row-major ``M_q`` (ZeRO-3): only the
+  elements inside ``[offset, offset + n)`` change, and the bytes equal the unsharded merge's.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from falqon_dist.fp8 import E4M3, E4M3_MAX, to_bits
 
+_MASK32 = 0xFFFFFFFF
+
+
+@dataclass
+class MergeStats:
+    """Totals of one merge as 0-dim int64 device tensors (no host sync until :meth:`to_dict`).
+
+    ``rows_merged``: rows with a non-zero update; ``saturated``: elements clamped at ±448;
+    ``nonfinite``: elements left unchanged because their update was NaN/inf; ``layers``: layers merged.
+    """
+
+    rows_merged: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    saturated: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    nonfinite: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    layers: int = 0
+
+    def add_(self, other: MergeStats) -> MergeStats:
+        """Accumulate ``other`` in place (moves this object's tensors to ``other``'s device)."""
+        device = other.rows_merged.device
+        self.rows_merged = self.rows_merged.to(device) + other.rows_merged
+        self.saturated = self.saturated.to(device) + other.saturated
+        self.nonfinite = self.nonfinite.to(device) + other.nonfinite
+        self.layers += other.layers
+        return self
+
+    def counts(self) -> torch.Tensor:
+        """``[rows_merged, saturated, nonfinite]`` as one int64 device tensor (e.g. to all-reduce)."""
+        return torch.stack([self.rows_merged, self.saturated, self.nonfinite])
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain integers: ONE host synchronization for all counts."""
+        rows_merged, saturated, nonfinite = self.counts().tolist()
+        return {"rows_merged": rows_merged, "saturated": saturated, "nonfinite": nonfinite, "layers": self.layers}
+
 
 def select_rows(proxy: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` rows of ``proxy`` with the largest ``Σ_k |B_jk|``, sorted ascending.
 
-    Deterministic for identical inputs (the same on every rank); ties keep the lower index.
+    Deterministic for identical inputs (the same on every rank); ties keep the lower index. A NaN
+    magnitude sorts first (and its row is then left unchanged by the non-finite guard).
     """
     magnitude = proxy.detach().float().abs().sum(dim=1)
     k = min(k, magnitude.numel())
     # A stable descending sort makes tie-breaking explicit and identical everywhere.
     order = torch.sort(magnitude, descending=True, stable=True).indices[:k]
     return order.sort().values
+
+
+def _mul_mod32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``x · constant mod 2³²`` for int64 ``x`` in [0, 2³²) without int64 overflow."""
+    lo, hi = constant & 0xFFFF, constant >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function (lowbias32) on int64 tensors holding values in [0, 2³²)."""
+    x = x ^ (x >> 16)
+    x = _mul_mod32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul_mod32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _hash32_int(x: int) -> int:
+    """:func:`_hash32` of one Python integer (for the per-merge key: no device work)."""
+    x &= _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def merge_noise(seed: int, step: int, element_index: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) float32 noise, a pure function of (seed, step, element index in ``M_q``).
+
+    24 bits per draw (exact in float32). The same on any device, rank and partitioning.
+    """
+    key = _hash32_int(_hash32_int(seed) ^ _hash32_int(step + 0x9E3779B9))
+    index = element_index.to(torch.int64)
+    mixed = _hash32((index & _MASK32) ^ key)
+    mixed = _hash32(mixed ^ (index >> 32) ^ _hash32_int(key + 1))
+    return (mixed >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def stochastic_round_e4m3(values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -57,36 +140,114 @@ def stochastic_round_e4m3(values: torch.Tensor, noise: torch.Tensor) -> torch.Te
     return (rounded * values.sign()).to(E4M3)
 
 
+def merged_row_bits(
+    old_bits: torch.Tensor,
+    proxy_rows: torch.Tensor,
+    adapter_q: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The merged E4M3 bits of k rows: ``Q(clamp(W_q + B·A_q, ±448))``, non-finite sums keep ``W_q``.
+
+    ``old_bits`` (k × in, uint8), ``proxy_rows`` (k × r), ``adapter_q`` (r × in, float32, scaled
+    domain), ``noise`` (k × in uniform [0, 1) for stochastic rounding, or None for nearest).
+    Returns ``(new_bits, saturated, nonfinite)``: uint8 (k × in) and two boolean (k × in) masks.
+    """
+    old = old_bits.view(E4M3).float()
+    updated = old + proxy_rows.float() @ adapter_q.float()
+    finite = torch.isfinite(updated)
+    saturated = finite & (updated.abs() > E4M3_MAX)
+    updated = torch.where(finite, updated.clamp(-E4M3_MAX, E4M3_MAX), old)
+    rounded = updated.to(E4M3) if noise is None else stochastic_round_e4m3(updated, noise)
+    return to_bits(rounded), saturated, ~finite
+
+
+def _row_elements(rows: torch.Tensor, in_features: int, device: torch.device) -> torch.Tensor:
+    """Flat indices into the row-major ``M_q`` of every element of ``rows`` (k × in, int64)."""
+    return rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device)
+
+
+def _stats(proxy_rows: torch.Tensor, saturated: torch.Tensor, nonfinite: torch.Tensor) -> MergeStats:
+    return MergeStats(
+        rows_merged=proxy_rows.abs().sum(dim=1).gt(0).sum(),
+        saturated=saturated.sum(),
+        nonfinite=nonfinite.sum(),
+        layers=1,
+    )
+
+
 def apply_rows_(
     bits: torch.Tensor,
+    rows: torch.Tensor,
+    proxy_rows: torch.Tensor,
+    adapter_q: torch.Tensor,
+    *,
+    seed: int = 0,
+    step: int = 0,
+    stochastic: bool = False,
+) -> tuple[MergeStats, torch.Tensor]:
+    """Merge ``proxy_rows`` (k × r) into rows ``rows`` of the whole ``M_q`` ``bits`` ((out+r) × in).
+
+    Returns the statistics and the new bits of the merged rows (k × in), e.g. to update a cached
+    transposed copy. ``seed``/``step`` key the stochastic-rounding noise.
+    """
+    in_features = bits.shape[1]
+    rows = rows.to(bits.device)
+    noise = merge_noise(seed, step, _row_elements(rows, in_features, bits.device)) if stochastic else None
+    new_bits, saturated, nonfinite = merged_row_bits(
+        bits.index_select(0, rows), proxy_rows.to(bits.device), adapter_q.to(bits.device), noise
+    )
+    bits.index_copy_(0, rows, new_bits)
+    return _stats(proxy_rows, saturated, nonfinite), new_bits
+
+
+def apply_rows_to_slice_(
+    flat: torch.Tensor,
     offset: int,
     in_features: int,
     rows: torch.Tensor,
     proxy_rows: torch.Tensor,
     adapter_q: torch.Tensor,
-    noise: torch.Tensor | None = None,
-) -> int:
-    """Merge ``proxy_rows`` (k × r) into rows ``rows`` of the flat slice ``bits``; return #saturated.
+    *,
+    seed: int = 0,
+    step: int = 0,
+    stochastic: bool = False,
+) -> MergeStats:
+    """The same merge on a flat slice: ``flat`` holds elements ``[offset, offset + n)`` of ``M_q``.
 
-    ``adapter_q`` is ``M_q[out:]`` as float32 (r × in), in the scaled domain. Only elements of the
-    selected rows that fall inside ``[offset, offset + bits.numel())`` are read and written.
-    ``noise`` (k × in, uniform [0, 1)) switches rounding from nearest to stochastic.
+    Only elements inside the slice change; the statistics count only those. Sync-free: the k × in
+    window of every selected row is gathered at indices clamped into the slice; positions outside
+    it land on the slice's first or last element and write exactly the value that element ends up
+    with (its merged value when its row is selected, else its old bits), so every duplicate write
+    carries the same byte and the result does not depend on write order.
     """
-    if rows.numel() == 0 or bits.numel() == 0:
-        return 0
-    flat = bits.view(-1)
-    delta = proxy_rows.float() @ adapter_q.float()  # (k, in), scaled domain
-    index = rows.to(flat.device).unsqueeze(1) * in_features + torch.arange(in_features, device=flat.device)
-    index = index - offset
-    local = (index >= 0) & (index < flat.numel())
-    if not bool(local.any()):
-        return 0
-    index, delta = index[local], delta.to(flat.device)[local]
-    updated = flat[index].view(E4M3).float() + delta
-    saturated = int((updated.abs() > E4M3_MAX).sum())
-    updated.clamp_(-E4M3_MAX, E4M3_MAX)
-    if noise is None:
-        flat[index] = to_bits(updated.to(E4M3))
-    else:
-        flat[index] = to_bits(stochastic_round_e4m3(updated, noise.to(flat.device)[local]))
-    return saturated
+    n = flat.numel()
+    if n == 0 or rows.numel() == 0:
+        return MergeStats(
+            rows_merged=proxy_rows.abs().sum(dim=1).gt(0).sum(),
+            saturated=torch.zeros((), dtype=torch.int64, device=proxy_rows.device),
+            nonfinite=torch.zeros((), dtype=torch.int64, device=proxy_rows.device),
+            layers=1,
+        )
+    device = flat.device
+    rows = rows.to(device)
+    elements = _row_elements(rows, in_features, device)  # global flat indices, k × in
+    local = elements - offset
+    inside = (local >= 0) & (local < n)
+    clamped = local.clamp(0, n - 1)
+    noise = merge_noise(seed, step, elements) if stochastic else None
+    new_bits, saturated, nonfinite = merged_row_bits(
+        flat[clamped], proxy_rows.to(device), adapter_q.to(device), noise
+    )
+    new_flat = new_bits.reshape(-1)
+
+    def final_value(position: int) -> torch.Tensor:
+        """What local ``position`` holds after the merge, as a (1,) uint8 tensor."""
+        row, col = divmod(offset + position, in_features)
+        slot = torch.searchsorted(rows, torch.tensor([row], device=device, dtype=rows.dtype)).clamp_(max=rows.numel() - 1)
+        selected = rows.index_select(0, slot) == row
+        merged = new_flat.index_select(0, slot * in_features + col)
+        return torch.where(selected, merged, flat[position : position + 1])
+
+    fill = torch.where(local < 0, final_value(0), final_value(n - 1))
+    flat.index_put_((clamped.reshape(-1),), torch.where(inside, new_bits, fill).reshape(-1))
+    return _stats(proxy_rows, saturated & inside, nonfinite & inside)

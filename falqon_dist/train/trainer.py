@@ -46,25 +46,29 @@ def lr_lambda(settings: RunSettings):
     return factor
 
 
-def _mean_over_ranks(values: list[float]) -> float:
-    tensor = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+def step_totals(losses: list[torch.Tensor], tokens: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``[Σ loss, micro-batches, Σ input tokens]`` of one optimizer step, summed over ranks.
+
+    Built and all-reduced on ``device`` — the rank's accelerator: NCCL refuses CPU tensors — and
+    left there, so the step issues no host synchronization until its record is read.
+    """
+    totals = torch.stack(
+        [
+            torch.stack([loss.detach().double() for loss in losses]).sum(),
+            torch.tensor(float(len(losses)), dtype=torch.float64, device=device),
+            torch.stack([t.double() for t in tokens]).sum(),
+        ]
+    ).to(device)
     if tdist.is_initialized():
-        tdist.all_reduce(tensor)
-    return float(tensor[0] / tensor[1])
+        tdist.all_reduce(totals)
+    return totals
 
 
-def _sum_over_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    if tdist.is_initialized():
-        tdist.all_reduce(tensor)
-    return float(tensor[0])
-
-
-def _input_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-padding input tokens (packed rows count whole: their padding is a short tail)."""
+def _input_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-padding input tokens as a device tensor (packed rows count whole: their padding is a short tail)."""
     if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return batch["input_ids"].numel()
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
 
 
 class Trainer:
@@ -145,29 +149,37 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step: grad_accum micro-batches, then the engine's step (and merge)."""
+        """One optimizer step: grad_accum micro-batches, then the engine's step (and merge).
+
+        Losses, token counts and merge statistics stay on the device until the record is built:
+        one read-back per step (plus DeepSpeed's own), none per micro-batch or per layer.
+        """
         engine, start = self.engine, time.perf_counter()
-        losses, tokens = [], 0
+        losses, tokens = [], []
         for _ in range(self.settings.train.grad_accum):
             batch = {k: v.to(engine.device) for k, v in self.batches.next().items()}
-            tokens += _input_tokens(batch)
+            tokens.append(_input_tokens(batch))
             loss = engine(**batch, use_cache=False).loss
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss)
+        totals = step_totals(losses, tokens, engine.device)
+        merge = getattr(engine, "last_merge_stats", None)
+        if merge is not None:
+            totals = torch.cat([totals, merge.counts().to(totals)])
+        values = totals.tolist()  # the step's one host synchronization
         elapsed = time.perf_counter() - start
         record = {
-            "loss": _mean_over_ranks(losses),
+            "loss": values[0] / values[1],
             "lr": engine.get_lr()[0],
             "step_time_s": elapsed,
-            "tokens_per_s": _sum_over_ranks(tokens) / elapsed,
+            "tokens_per_s": values[2] / elapsed,
         }
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        if getattr(engine, "last_merge_stats", None):
-            record["rows_merged"] = engine.last_merge_stats["rows_merged"]
-            record["saturated"] = engine.last_merge_stats["saturated"]
+        if merge is not None:
+            record["rows_merged"], record["saturated"], record["nonfinite"] = (int(v) for v in values[3:6])
         return record
 
     def save(self, step: int) -> None:
@@ -186,6 +198,12 @@ class Trainer:
         for step in range(self.start_step + 1, s.max_steps + 1):
             record = self.train_step()
             speeds.append(record["tokens_per_s"])
+            if record.get("nonfinite"):
+                log.warning(
+                    "step %d: %d merged FP8 elements had a non-finite update (NaN/inf in B) and were left "
+                    "unchanged; the backbone holds no NaN, but the run is diverging (lower train.lr?)",
+                    step, record["nonfinite"],
+                )
             if step % s.log_every == 0 or step == s.max_steps:
                 self.log_record({"step": step, **record})
             bar.update(1)

@@ -160,7 +160,7 @@ def main(out_root: Path) -> None:
     say("bitwise-single-process")
 
     train_steps(engine, 1, offset=100)
-    assert engine.global_steps == 3 and engine.last_merge_stats["rows_merged"] > 0
+    assert engine.global_steps == 3 and engine.last_merge_stats.to_dict()["rows_merged"] > 0
     assert resident_numel(module) == 0 and all(p.data.numel() == 0 for p in module.parameters())
     say("trains-after-export")
 

@@ -100,7 +100,7 @@ def check_training(stage: int, bf16: bool) -> None:
             assert now == before, f"{tag}: backbone changed between micro-batches (micro {micro})"
             continue
         merges += 1
-        stats = engine.last_merge_stats
+        stats = engine.last_merge_stats.to_dict()
         assert stats and stats["rows_merged"] > 0 and stats["layers"] == len(layers), f"{tag}: {stats}"
         assert now != before, f"{tag}: merge did not change the backbone"
         assert_same_on_all_ranks(now, f"{tag} qweight digest after merge {merges}")
@@ -143,10 +143,10 @@ def check_merge_bytes(engine, tag: str, rounding: str = "nearest", proxy_scale: 
     from falqon_dist.dist.merge import merge_all
 
     before = [full.clone() for full in full_qweights(engine.module)]
-    stats = merge_all(engine.module, engine._proxy_masters, step)
+    stats = merge_all(engine.module, engine._proxy_masters, step).to_dict()
     ref_stats = {"rows_merged": 0, "saturated": 0}
     for layer, proxy in zip(ref_layers, proxies):
-        s = layer.merge_proxy_(proxy, step=step)
+        s = layer.merge_proxy_(proxy, step=step).to_dict()
         ref_stats = {k: ref_stats[k] + s[k] for k in ref_stats}
         assert len(select_rows(proxy, layer.rows_per_merge)) == layer.rows_per_merge
     for ref, full in zip(ref_layers, full_qweights(engine.module)):

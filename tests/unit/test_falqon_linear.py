@@ -178,7 +178,7 @@ def test_merge_updates_exactly_the_topk_rows():
     proxy = layer.B.detach().clone()
     top = proxy.abs().sum(1).topk(4).indices.sort().values
 
-    stats = layer.merge_proxy_()
+    stats = layer.merge_proxy_().to_dict()
     assert stats["rows_merged"] == 4
 
     changed = (layer.qweight != before).any(dim=1).nonzero().flatten()
@@ -200,7 +200,7 @@ def test_merge_default_topk_is_rank_and_merge_moves_weights_toward_w_plus_ba():
     proxy = layer.B.detach().clone()
     target = layer.backbone_weight() + proxy @ layer.adapter_weight()
     top = proxy.abs().sum(1).topk(RANK).indices
-    stats = layer.merge_proxy_()
+    stats = layer.merge_proxy_().to_dict()
     assert stats["rows_merged"] == RANK
     # only elements already near the fixed range limit can saturate
     assert stats["saturated"] < 0.01 * RANK * IN
@@ -213,7 +213,7 @@ def test_merge_counts_saturation():
     with torch.no_grad():
         layer.B[5] = 1e6  # pushes every element of row 5 far beyond ±448
     scale = layer.scale.clone()
-    stats = layer.merge_proxy_()
+    stats = layer.merge_proxy_().to_dict()
     row = fp8.from_bits(layer.qweight, fp8.E4M3)[5].float()
     a_nonzero = (fp8.from_bits(layer.qweight, fp8.E4M3)[OUT:].float().sum(0) != 0).sum().item()
     assert stats["saturated"] == a_nonzero
@@ -224,7 +224,7 @@ def test_merge_counts_saturation():
 def test_merge_with_zero_proxy_is_a_no_op():
     _, layer = _layer()
     before = layer.qweight.clone()
-    assert layer.merge_proxy_() == {"rows_merged": 0, "saturated": 0}
+    assert layer.merge_proxy_().to_dict() == {"rows_merged": 0, "saturated": 0, "nonfinite": 0, "layers": 1}
     assert torch.equal(layer.qweight, before)
 
 
@@ -233,7 +233,7 @@ def test_merge_reads_an_external_master_copy():
     master = torch.zeros(OUT, RANK)
     master[[10, 20]] = 0.3
     before = layer.qweight.clone()
-    assert layer.merge_proxy_(master)["rows_merged"] == 2
+    assert layer.merge_proxy_(master).to_dict()["rows_merged"] == 2
     assert (layer.qweight != before).any(dim=1).nonzero().flatten().tolist() == [10, 20]
 
 
@@ -361,7 +361,10 @@ def test_cached_weight_transpose_gives_identical_results_and_follows_merges(back
     proxy = _nonzero_proxy(layer, [3, 50, 120])
     for each in (layer, cached):
         each.merge_proxy_(proxy.clone())
-    assert cached.weight_t_cache.nbytes == 0  # a merge drops the stale copy
+    # the merge rewrote the cached columns in place: the copy is kept and equals a fresh transpose
+    assert cached.weight_t_cache.nbytes == OUT * IN
+    assert torch.equal(cached.weight_t_cache.get(cached.qweight[:OUT]), cached.qweight[:OUT].t().contiguous())
+    assert torch.equal(cached.qweight, layer.qweight)
     _, grad_x, _ = _grads(cached, x, g)
     assert torch.equal(grad_x, _grads(layer, x, g)[1])  # ∂L/∂x sees the merged rows
 

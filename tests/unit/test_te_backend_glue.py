@@ -32,8 +32,13 @@ def _dequantize(operand) -> torch.Tensor:
     return bits.view(TORCH_DTYPES[operand.fp8_dtype]).double() * operand.fp8_scale_inv.double()
 
 
+#: ``use_split_accumulator`` of every stand-in GEMM call, in order.
+SPLIT_ACCUMULATOR_CALLS: list[bool] = []
+
+
 def _gemm_v2_10(A, B, out_dtype=None, quantization_params=None, layout="TN", use_split_accumulator=False, **kw):
-    assert layout == "TN" and use_split_accumulator and not kw
+    assert layout == "TN" and not kw
+    SPLIT_ACCUMULATOR_CALLS.append(use_split_accumulator)
     return (_dequantize(B) @ _dequantize(A).T).to(out_dtype), None, None, None
 
 
@@ -117,6 +122,7 @@ def test_falqon_layer_runs_on_the_te_glue(monkeypatch):
     layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated"))
     reference = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated"))
     x, g = torch.randn(40, 128), torch.randn(40, 96)
+    SPLIT_ACCUMULATOR_CALLS.clear()
     results = []
     for each, patched in ((layer, True), (reference, False)):
         if not patched:
@@ -127,3 +133,5 @@ def test_falqon_layer_runs_on_the_te_glue(monkeypatch):
         results.append((y.detach(), xi.grad, each.B.grad))
     for got, want in zip(*results, strict=True):
         assert fp8.sqnr_db(want, got) > 40
+    # forward GEMM with fast accumulation; ∂L/∂x and ∂L/∂B promote every partial sum to fp32
+    assert SPLIT_ACCUMULATOR_CALLS == [False, True, True]

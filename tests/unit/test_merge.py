@@ -1,0 +1,134 @@
+"""The proxy merge: no host synchronization, the ZeRO-3 slice writer equals the whole-tensor writer,
+nothing non-finite reaches the FP8 backbone, and the stochastic-rounding noise is a pure function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import falqon_dist as fd
+from falqon_dist import fp8
+from falqon_dist.fp8.instrument import HostSyncCounter
+from falqon_dist.method.proxy import apply_rows_, apply_rows_to_slice_, merge_noise, select_rows
+
+IN, OUT, RANK = 96, 80, 16
+
+
+def _model(layers: int, **config) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(IN, IN) for _ in range(layers)])
+    fd.convert_model(model, fd.FalqonConfig(rank=RANK, backend="emulated", **config))
+    return model
+
+
+def _train_step(model: nn.Module) -> None:
+    x = torch.randn(24, IN, requires_grad=True)
+    model(x).pow(2).mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-50.0)
+                p.grad = None
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_forward_backward_and_merge_issue_no_host_sync(rounding):
+    """0 syncs per layer for fwd+bwd and for the merge of any number of layers; 1 to read the stats."""
+    for layers in (1, 6):
+        model = _model(layers, merge_rounding=rounding)
+        x = torch.randn(24, IN, requires_grad=True)
+        with HostSyncCounter() as fwd_bwd:
+            model(x).pow(2).mean().backward()
+        assert fwd_bwd.total == 0, fwd_bwd.by_op
+        _train_step(model)
+        with HostSyncCounter() as merge:
+            stats = fd.merge_proxies_(model, step=3)
+        assert merge.total == 0, merge.by_op
+        with HostSyncCounter() as read:
+            counts = stats.to_dict()
+        assert read.total == 1 and counts["layers"] == layers and counts["rows_merged"] == layers * RANK
+
+
+def test_sync_counter_sees_what_the_old_merge_did():
+    """The counter itself must be able to fail: a boolean mask, .item() and a data-dependent shape."""
+    t = torch.arange(10.0)
+    with HostSyncCounter() as c:
+        t[t > 4].sum().item()
+        torch.nonzero(t)
+        bool(t.any())
+    assert c.by_op["index[bool mask]"] == 1 and c.by_op["nonzero"] == 1 and c.by_op["_local_scalar_dense"] >= 2
+
+
+def _merge_inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    bits = fp8.to_bits((torch.randn(OUT + RANK, IN, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3)).clone()
+    proxy = torch.randn(OUT, RANK, generator=gen) * 0.5
+    rows = select_rows(proxy, 12)
+    adapter_q = fp8.from_bits(bits, fp8.E4M3)[OUT:].float()
+    return bits, rows, proxy[rows], adapter_q
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("world", [2, 3, 5, 8])
+def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stochastic):
+    bits, rows, proxy_rows, adapter_q = _merge_inputs()
+    whole = bits.clone()
+    stats, _ = apply_rows_(whole, rows, proxy_rows, adapter_q, seed=7, step=11, stochastic=stochastic)
+    flat = bits.clone().view(-1)
+    part = -(-flat.numel() // world)  # ZeRO-3-style equal partitions; slices split rows anywhere
+    saturated = nonfinite = 0
+    for rank in range(world):
+        piece = flat[rank * part : (rank + 1) * part].clone()
+        s = apply_rows_to_slice_(piece, rank * part, IN, rows, proxy_rows, adapter_q, seed=7, step=11,
+                                 stochastic=stochastic)
+        flat[rank * part : rank * part + piece.numel()] = piece
+        saturated += int(s.saturated)
+        nonfinite += int(s.nonfinite)
+        assert int(s.rows_merged) == int(stats.rows_merged)
+    assert torch.equal(flat.view_as(whole), whole)
+    assert saturated == int(stats.saturated) and nonfinite == int(stats.nonfinite) == 0
+
+
+def test_slice_merge_leaves_a_slice_without_selected_rows_untouched():
+    bits, rows, proxy_rows, adapter_q = _merge_inputs()
+    last = int(rows.max())
+    start = (last + 1) * IN  # a slice that starts after the last selected row
+    piece = bits.view(-1)[start : start + 3 * IN].clone()
+    before = piece.clone()
+    stats = apply_rows_to_slice_(piece, start, IN, rows, proxy_rows, adapter_q)
+    assert torch.equal(piece, before) and int(stats.saturated) == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_update_never_reaches_the_backbone(bad):
+    model = _model(1)
+    layer = model[0]
+    before = layer.qweight.clone()
+    with torch.no_grad():
+        layer.B.normal_(std=0.01)
+        layer.B[3, 0] = bad  # row 3 (and only row 3) has a non-finite update
+    stats = fd.merge_proxies_(model).to_dict()
+    codes = layer.qweight.view(-1)
+    assert not ((codes & 0x7F) == 0x7F).any(), "NaN codes (0x7F/0xFF) written into qweight"
+    adapter_nonzero = int((layer.adapter_q()[0] != 0).sum())
+    assert stats["nonfinite"] == adapter_nonzero  # every element of row 3 that A touches
+    changed = (layer.qweight != before).any(dim=1)
+    assert not changed[3] and changed[:IN].sum() > 0  # the bad row kept, the others merged
+
+
+def test_merge_noise_is_uniform_and_a_pure_function_of_seed_step_and_element():
+    index = torch.arange(200_000)
+    noise = merge_noise(5, 9, index)
+    assert noise.dtype == torch.float32 and noise.min() >= 0 and noise.max() < 1
+    assert abs(float(noise.mean()) - 0.5) < 0.005 and abs(float(noise.var()) - 1 / 12) < 0.002
+    histogram = torch.histc(noise, bins=10, min=0, max=1) / noise.numel()
+    assert (histogram - 0.1).abs().max() < 0.005
+    assert torch.equal(merge_noise(5, 9, index[1000:2000]), noise[1000:2000])  # any subset: same values
+    assert not torch.equal(merge_noise(5, 10, index), noise) and not torch.equal(merge_noise(6, 9, index), noise)
+    # neighbouring elements and steps are uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([noise[:-1], noise[1:]]))[0, 1])) < 0.01
+    assert abs(float(torch.corrcoef(torch.stack([noise, merge_noise(5, 10, index)]))[0, 1])) < 0.01
+    # large element indices (layers beyond 2^32 elements) are mixed too
+    big = merge_noise(5, 9, index + (1 << 32))
+    assert not torch.equal(big, noise)
