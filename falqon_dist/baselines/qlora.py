@@ -8,7 +8,7 @@ adapters (``A`` kaiming-uniform, ``B = 0``, in the compute dtype) are the only t
     y = dequant_nf4(W_q, absmax) x  +  (α/r) · B A dropout(x)
 
 Why it is here: QLoRA is what people pick when the backbone does not fit in bf16, so FALQON's
-memory and speed are measured against it (``launch/bench.py``) and it trains through the same
+memory and speed are measured against it (``benchmarks/bench_model.py``) and it trains through the same
 launcher (``method=qlora``).
 
 Memory of the backbone, per parameter: NF4 codes 4 bits (two per ``uint8``) + one ``absmax`` scale

@@ -70,7 +70,7 @@ def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeSt
         else:
             totals.add_(layer.merge_proxy_(proxy, step=step))
         masters.zero_(layer.B)
-    if group is not None:  # each rank counted the elements of its own slice; rows are counted once
+    if group is not None and partitioned.layers:  # each rank counted its own slice's elements; rows once
         counts = partitioned.counts()
         tdist.all_reduce(counts[1:], group=group)
         totals.add_(MergeStats(counts[0], counts[1], counts[2], partitioned.layers))

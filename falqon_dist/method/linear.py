@@ -38,7 +38,8 @@ from falqon_dist.method.proxy import MergeStats, apply_rows_, select_rows
 
 
 #: One cast of an input tensor shared by the layers that read it in the same forward (q/k/v, gate/up).
-_input_casts = SharedCast()
+#: Benchmarks that feed the very same tensor step after step clear it to time a fresh cast each step.
+shared_input_casts = SharedCast()
 
 
 class _MeldedFP8Matmul(torch.autograd.Function):
@@ -47,7 +48,7 @@ class _MeldedFP8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str, weight_t_cache):
         backend = resolve_backend(backend_name, x_hp.device)
-        x_fp8, x_scale, _ = _input_casts.get(
+        x_fp8, x_scale, _ = shared_input_casts.get(
             x_hp, (backend.name, E4M3), lambda: backend.quantize(x_hp.reshape(-1, x_hp.shape[-1]), E4M3)
         )
         melded_fp8 = from_bits(qweight, E4M3)

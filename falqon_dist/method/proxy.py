@@ -47,24 +47,32 @@ class MergeStats:
 
     ``rows_merged``: rows with a non-zero update; ``saturated``: elements clamped at ±448;
     ``nonfinite``: elements left unchanged because their update was NaN/inf; ``layers``: layers merged.
+    An empty total (``MergeStats()``) holds None until the first :meth:`add_`: creating zeros on the
+    host and copying them to a GPU would itself synchronize.
     """
 
-    rows_merged: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    saturated: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    nonfinite: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    rows_merged: torch.Tensor | None = None
+    saturated: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
     layers: int = 0
 
     def add_(self, other: MergeStats) -> MergeStats:
-        """Accumulate ``other`` in place (moves this object's tensors to ``other``'s device)."""
-        device = other.rows_merged.device
-        self.rows_merged = self.rows_merged.to(device) + other.rows_merged
-        self.saturated = self.saturated.to(device) + other.saturated
-        self.nonfinite = self.nonfinite.to(device) + other.nonfinite
+        """Accumulate ``other`` in place."""
+        if other.rows_merged is None:
+            return self
+        if self.rows_merged is None:
+            self.rows_merged, self.saturated, self.nonfinite = other.rows_merged, other.saturated, other.nonfinite
+        else:
+            self.rows_merged = self.rows_merged + other.rows_merged
+            self.saturated = self.saturated + other.saturated
+            self.nonfinite = self.nonfinite + other.nonfinite
         self.layers += other.layers
         return self
 
     def counts(self) -> torch.Tensor:
         """``[rows_merged, saturated, nonfinite]`` as one int64 device tensor (e.g. to all-reduce)."""
+        if self.rows_merged is None:
+            return torch.zeros(3, dtype=torch.int64)
         return torch.stack([self.rows_merged, self.saturated, self.nonfinite])
 
     def to_dict(self) -> dict[str, int]:
@@ -222,12 +230,8 @@ def apply_rows_to_slice_(
     """
     n = flat.numel()
     if n == 0 or rows.numel() == 0:
-        return MergeStats(
-            rows_merged=proxy_rows.abs().sum(dim=1).gt(0).sum(),
-            saturated=torch.zeros((), dtype=torch.int64, device=proxy_rows.device),
-            nonfinite=torch.zeros((), dtype=torch.int64, device=proxy_rows.device),
-            layers=1,
-        )
+        nothing = torch.zeros((1, 1), dtype=torch.bool, device=proxy_rows.device)
+        return _stats(proxy_rows, nothing, nothing)
     device = flat.device
     rows = rows.to(device)
     elements = _row_elements(rows, in_features, device)  # global flat indices, k × in
@@ -243,7 +247,8 @@ def apply_rows_to_slice_(
     def final_value(position: int) -> torch.Tensor:
         """What local ``position`` holds after the merge, as a (1,) uint8 tensor."""
         row, col = divmod(offset + position, in_features)
-        slot = torch.searchsorted(rows, torch.tensor([row], device=device, dtype=rows.dtype)).clamp_(max=rows.numel() - 1)
+        wanted = torch.full((1,), row, device=device, dtype=rows.dtype)  # a fill, not a host-to-device copy
+        slot = torch.searchsorted(rows, wanted).clamp_(max=rows.numel() - 1)
         selected = rows.index_select(0, slot) == row
         merged = new_flat.index_select(0, slot * in_features + col)
         return torch.where(selected, merged, flat[position : position + 1])

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from falqon_dist.baselines import prepare_model
 from falqon_dist.dist.zero3_init import load_pretrained_zero3
+from falqon_dist.fp8.cast import set_cast_kernels
 from falqon_dist.method import FalqonConfig
 from falqon_dist.train.settings import RunSettings
 
@@ -56,6 +57,19 @@ def _local_accelerator() -> torch.device | None:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def parameter_facts(model: torch.nn.Module) -> dict[str, int]:
+    """``params`` and ``trainable_params`` (elements each stands for) and ``param_bytes`` (their
+    storage: an FP8 ``qweight`` counts 1 byte per element, an NF4 weight its packed bytes), whole
+    model, whatever the ZeRO stage."""
+    params = list(model.parameters())
+    stored = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in params)
+    return {
+        "params": sum(_numel(p) for p in params),
+        "trainable_params": sum(_numel(p) for p in params if p.requires_grad),
+        "param_bytes": stored,
+    }
+
+
 def _numel(param: torch.Tensor) -> int:
     """Elements a parameter stands for: whole under ZeRO-3, unpacked for bitsandbytes 4-bit weights."""
     if hasattr(param, "ds_numel"):
@@ -82,6 +96,7 @@ def falqon_config(settings: RunSettings) -> FalqonConfig:
 def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.Module:
     """Load ``path`` and apply the configured method; returns the model ready for ``initialize``."""
     method, dtype = settings.method, TORCH_DTYPES[settings.model.dtype]
+    set_cast_kernels(settings.fp8.cast)
     if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
         model, names = load_pretrained_zero3(path, ds_config, falqon_config(settings), dtype=dtype)
     else:
@@ -102,7 +117,7 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
         )
     if settings.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(_numel(p) for p in model.parameters())
+    facts = parameter_facts(model)
+    trainable, total = facts["trainable_params"], facts["params"]
     log.info("method=%s: %d modules targeted, %s trainable of %s parameters", method.name, len(names), f"{trainable:,}", f"{total:,}")
     return model

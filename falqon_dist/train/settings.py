@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from falqon_dist.baselines import METHODS
 from falqon_dist.data import DataConfig
 from falqon_dist.fp8 import BACKEND_NAMES, check_backend
+from falqon_dist.fp8.cast import CAST_KERNELS
 from falqon_dist.method.config import MERGE_ROUNDINGS
 from falqon_dist.train.wandb_logger import VALID_MODES
 
@@ -111,6 +112,8 @@ class DeepSpeedSettings:
 @dataclass(frozen=True)
 class Fp8Settings:
     backend: str
+    #: How dynamic FP8 casts run: "compiled" (fused by torch.compile) or "eager" (op by op, same bits).
+    cast: str
     #: FALQON only: keep a transposed copy of the W rows for the ∂L/∂x GEMM (ZeRO 0–2).
     cache_weight_transpose: bool
 
@@ -225,7 +228,8 @@ def _fp8(f: DictConfig, method: MethodSettings, deepspeed: DeepSpeedSettings) ->
             "fp8.cache_weight_transpose=true needs deepspeed.zero_stage 0, 1 or 2, got 3: the cached copy of "
             "each layer's W rows would be a full, unpartitioned matrix on every rank (set it to false)"
         )
-    return Fp8Settings(backend=backend, cache_weight_transpose=cache)
+    cast = _choice(f.get("cast", "compiled"), "fp8.cast", CAST_KERNELS)  # absent from older saved configs
+    return Fp8Settings(backend=backend, cast=cast, cache_weight_transpose=cache)
 
 
 def _model(m: DictConfig) -> ModelSettings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from falqon_dist.train.batches import BatchStream
 from falqon_dist.train.ds_config import build_ds_config
 from falqon_dist.train.evaluate import exact_match, response_loss
 from falqon_dist.train.logging_utils import MetricsWriter, progress_bar, setup_logging
-from falqon_dist.train.model_setup import build_model, load_tokenizer, resolve_model_path
+from falqon_dist.train.model_setup import build_model, load_tokenizer, parameter_facts, resolve_model_path
 from falqon_dist.train.settings import RunSettings, validate
 from falqon_dist.train.wandb_logger import WandbLogger
 
@@ -55,7 +56,7 @@ def step_totals(losses: list[torch.Tensor], tokens: list[torch.Tensor], device: 
     totals = torch.stack(
         [
             torch.stack([loss.detach().double() for loss in losses]).sum(),
-            torch.tensor(float(len(losses)), dtype=torch.float64, device=device),
+            torch.full((), float(len(losses)), dtype=torch.float64, device=device),  # a fill: no copy
             torch.stack([t.double() for t in tokens]).sum(),
         ]
     ).to(device)
@@ -64,11 +65,18 @@ def step_totals(losses: list[torch.Tensor], tokens: list[torch.Tensor], device: 
     return totals
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This rank's peak memory so far: CUDA allocator peak on a GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _input_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Non-padding input tokens as a device tensor (packed rows count whole: their padding is a short tail)."""
     if "attention_mask" in batch:
         return batch["attention_mask"].sum()
-    return torch.tensor(batch["input_ids"].numel(), device=batch["input_ids"].device)
+    return torch.full((), batch["input_ids"].numel(), dtype=torch.int64, device=batch["input_ids"].device)
 
 
 class Trainer:
@@ -106,6 +114,7 @@ class Trainer:
                  len(self.data.train), len(self.data.eval), self.data.train_stats.dropped)
         ds_config = build_ds_config(s, self.world)
         model = build_model(model_path, s, ds_config)
+        self.model_facts = parameter_facts(model)
         self.engine = initialize(
             model,
             ds_config,
@@ -180,6 +189,7 @@ class Trainer:
             record["grad_norm"] = float(grad_norm)
         if merge is not None:
             record["rows_merged"], record["saturated"], record["nonfinite"] = (int(v) for v in values[3:6])
+        record["mem_peak_mb"] = peak_memory_mb(engine.device)
         return record
 
     def save(self, step: int) -> None:
@@ -190,8 +200,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         s = self.settings.train
         before = self.evaluate() if self.start_step == 0 else {}
-        if before:
-            self.log_record({"step": 0, **before})
+        if self.start_step == 0:
+            self.log_record({"step": 0, **self.model_facts, **before})
         bar = progress_bar(s.max_steps, self.start_step, self.is_main)
         speeds = []
         step = self.start_step

@@ -13,9 +13,11 @@ they differ only by accumulation order (float32 on both) and by output rounding:
   5·10⁶ elements lands on the neighbouring FP8 value, which moves a float32 layer output by ~1e-4
   relative, so whole-layer comparisons of ``te`` with ``emulated`` use SQNR > 40 dB (as for bf16);
   its GEMM on shared operands keeps the float32 tolerance below;
-* float32 outputs: relative Frobenius error < 1e-5 between backends and against a float64
-  dequantized reference (< 1e-4 at K = 4096–11008, where float32 summation of ~10⁴ terms and the
-  tensor cores' accumulation order add up);
+* float32 outputs: Hopper's FP8 tensor cores keep ~13 mantissa bits in their accumulator between
+  promotions to float32, so a promoted GEMM (every backward GEMM) agrees with a float64 dequantized
+  reference and with ``emulated`` to ~3e-4 relative (Frobenius), not to the 1e-5 that holds between
+  CPU backends. FALQON's forward GEMM runs with fast accumulation (fewer promotions: ~10–20%
+  faster), which is compared by SQNR > 40 dB like a bf16 output;
 * bf16 outputs: one or two bf16 roundings (2⁻⁸ relative each) — SQNR > 40 dB (bf16 rounding noise
   alone is ~50 dB);
 * ∂L/∂B is formed from ``o_A`` re-quantized to E4M3 with a dynamic scale: when ``o_A`` differs in
@@ -80,11 +82,17 @@ def _pair(layer: nn.Module, backend: str) -> tuple[nn.Module, nn.Module]:
     return emulated, other
 
 
+#: Relative error of a promoted float32 FP8 GEMM against an exact reference (Hopper accumulator).
+FP32_PROMOTED_RTOL = 3e-4
+
+
 def _assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, same_casts: bool = True
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, same_casts: bool = True,
+    fast_accum: bool = False,
 ) -> None:
-    if dtype == torch.float32 and same_casts:
-        assert _rel(actual, expected) < 1e-5, f"{what}: relative error {_rel(actual, expected):.2e}"
+    if dtype == torch.float32 and same_casts and not fast_accum:
+        rel = _rel(actual, expected)
+        assert rel < FP32_PROMOTED_RTOL, f"{what}: relative error {rel:.2e}"
     else:
         sqnr = fp8.sqnr_db(expected, actual)
         assert sqnr > 40, f"{what}: SQNR {sqnr:.1f} dB"
@@ -113,7 +121,7 @@ def test_falqon_linear_gpu_backend_matches_emulated(backend, dtype, bias, cache_
     y_e, gx_e = _run(emulated, x, grad)
     y_s, gx_s = _run(scaled, x, grad)
     assert y_s.dtype == dtype and gx_s.dtype == dtype and y_s.shape == (4, 256, 768)
-    _assert_close(y_s, y_e, dtype, "y", same_casts=backend != "te")
+    _assert_close(y_s, y_e, dtype, "y", same_casts=backend != "te", fast_accum=True)
     _assert_close(gx_s, gx_e, dtype, "grad_x", same_casts=backend != "te")
     assert fp8.sqnr_db(emulated.B.grad, scaled.B.grad) > 30
     assert scaled.qweight.grad is None and scaled.scale.dtype == torch.float32
@@ -133,8 +141,8 @@ def test_falqon_merge_on_cuda_is_deterministic_and_matches_cpu():
     torch.manual_seed(1)
     proxy = torch.randn(384, 16) * 0.05
     first, second, on_cpu = copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer).cpu()
-    stats = first.merge_proxy_(proxy.to(CUDA))
-    assert second.merge_proxy_(proxy.to(CUDA)) == stats and stats["rows_merged"] == 16
+    stats = first.merge_proxy_(proxy.to(CUDA)).to_dict()
+    assert second.merge_proxy_(proxy.to(CUDA)).to_dict() == stats and stats["rows_merged"] == 16
     assert torch.equal(first.qweight, second.qweight)
     assert not first.B.any()
     on_cpu.merge_proxy_(proxy)
@@ -192,11 +200,13 @@ def test_gpu_gemm_matches_exact_reference_at_llm_shapes(backend, m, k, n, fmt_a,
     ref = _exact(a, b, sa, sb)
     out32 = backend.gemm(a, b, sa, sb, torch.float32)
     assert out32.shape == (m, n) and out32.dtype == torch.float32
-    assert _rel(out32, ref) < 1e-4, f"fp32 relative error {_rel(out32, ref):.2e}"
+    assert _rel(out32, ref) < FP32_PROMOTED_RTOL, f"fp32 relative error {_rel(out32, ref):.2e}"
     out16 = backend.gemm(a, b, sa, sb, torch.bfloat16)
     assert out16.dtype == torch.bfloat16 and fp8.sqnr_db(ref, out16) > 40
     emulated = fp8.resolve_backend("emulated", CUDA).gemm(a, b, sa, sb, torch.float32)
-    assert _rel(out32, emulated) < 1e-4
+    assert _rel(out32, emulated) < FP32_PROMOTED_RTOL
+    fast = backend.gemm(a, b, sa, sb, torch.float32, fast_accum=True)  # what FALQON's forward runs
+    assert fp8.sqnr_db(ref, fast) > 40, f"fast accumulation: SQNR {fp8.sqnr_db(ref, fast):.1f} dB"
 
 
 @pytest.mark.parametrize("fmt", [fp8.E4M3, fp8.E5M2])
@@ -240,6 +250,54 @@ def test_conversion_on_the_gpu_matches_the_cpu():
         assert gpu_layer.qweight.is_cuda and gpu_layer.B.is_cuda and gpu_layer.scale.dtype == torch.float32
         assert fp8.sqnr_db(cpu_layer.backbone_weight(), gpu_layer.backbone_weight().cpu()) > 40
     assert on_gpu.model.embed_tokens.weight.device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- fused casts, sync-free steps
+
+
+@pytest.mark.parametrize("fmt", [fp8.E4M3, fp8.E5M2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_cast_on_cuda_is_bit_identical_to_eager(fmt, dtype):
+    """The Triton kernel inductor writes for the fused cast gives the eager reference's bits."""
+    _needs_fp8_hardware()
+    from falqon_dist.fp8 import cast as fp8_cast
+
+    x = (torch.randn(4096, 4096 + 64, device=CUDA) * 3).to(dtype)
+    q, s, q_t = fp8_cast.dynamic_cast(x, fmt, transpose_copy=True)
+    ref_q, ref_s = fp8.quantize_dynamic(x, fmt)
+    assert torch.equal(s, ref_s) and torch.equal(fp8.to_bits(q), fp8.to_bits(ref_q))
+    assert q_t.is_contiguous() and torch.equal(fp8.to_bits(q_t), fp8.to_bits(ref_q).t().contiguous())
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_falqon_step_and_merge_never_synchronize_on_cuda(rounding):
+    """CUDA's sync debug mode raises on any host synchronization: fwd + bwd + merge of 4 layers run under it."""
+    _needs_fp8_hardware()
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(4)]).to(CUDA, torch.bfloat16)
+    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="scaled_mm", merge_rounding=rounding))
+    x = torch.randn(256, 512, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    model(x).float().pow(2).mean().backward()  # first call: compile the casts outside the check
+    with torch.no_grad():
+        for layer in model:
+            layer.B.normal_(std=0.01)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(x).float().pow(2).mean().backward()
+        stats = fd.merge_proxies_(model, step=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert stats.to_dict()["rows_merged"] == 4 * 16 and stats.to_dict()["nonfinite"] == 0
+
+
+def test_stochastic_merge_noise_is_the_same_on_cuda_and_cpu():
+    """The counter-hash noise is integer arithmetic: identical bits on every device."""
+    from falqon_dist.method.proxy import merge_noise
+
+    _needs_fp8_hardware()
+    index = torch.arange(1 << 20)
+    assert torch.equal(merge_noise(3, 7, index.to(CUDA)).cpu(), merge_noise(3, 7, index))
 
 
 # --------------------------------------------------------------------------- whole-model steps

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -258,33 +256,3 @@ def test_every_method_runs_forward_backward(method: str, dtype: torch.dtype) -> 
     grads = [p.grad for p in trainable]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
-
-
-# ---------------------------------------------------------------------------------------------------
-# launch/bench_layer.py
-
-
-def test_bench_layer_quick_runs_every_method(
-    tmp_path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "launch" / "bench_layer.py"
-    spec = importlib.util.spec_from_file_location("bench_layer", path)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_layer", bench)  # dataclasses look their module up there
-    spec.loader.exec_module(bench)
-
-    out = tmp_path / "bench.json"
-    results = bench.main(["--quick", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)])
-    assert all(r.error is None for r in results), [r.error for r in results]
-    rows = {(r.method, r.backend): r for r in results}
-    assert rows[("fp8_lora", "emulated")].quantize_ops == QUANTIZE_OPS_PER_STEP
-    assert rows[("falqon", "scaled_mm")].quantize_ops == 3
-    assert rows[("peft LoRA", None)].quantize_ops == 0 and rows[("peft LoRA", None)].ratio_vs_lora == 1.0
-    assert rows[("fp8_lora", "emulated")].backbone_bytes_per_param == 1.0
-    assert rows[("bf16 linear, frozen W", None)].backbone_bytes_per_param == 2.0
-    assert "| falqon | scaled_mm |" in capsys.readouterr().out
-    assert len(json.loads(out.read_text())["results"]) == len(results)

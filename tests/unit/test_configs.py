@@ -61,6 +61,7 @@ def test_every_shipped_config_composes(group, option, tmp_path):
         ("deepspeed.config=/no/such/ds.json", "deepspeed.config"),
         ("fp8.backend=cutlass", "fp8.backend"),
         ("fp8.cache_weight_transpose=sometimes", "fp8.cache_weight_transpose"),
+        ("fp8.cast=triton", "fp8.cast"),
         ("wandb.mode=sometimes", "wandb.mode"),
         ("data.num_train=0", "data.num_train"),
         ("data.task=poetry", "data.task"),
@@ -126,6 +127,11 @@ def test_dropout_of_one_is_rejected():
 
 
 # --------------------------------------------------------------------------------------------- fp8
+def test_fp8_cast_defaults_to_compiled_and_accepts_eager():
+    assert validate(compose_cfg([])).fp8.cast == "compiled"
+    assert validate(compose_cfg(["fp8.cast=eager"])).fp8.cast == "eager"
+
+
 def test_fp8_cache_weight_transpose_reaches_the_layers_and_refuses_zero3(tmp_path):
     settings = validate(compose_cfg(["fp8.cache_weight_transpose=true", "deepspeed.zero_stage=2"]))
     assert settings.fp8.cache_weight_transpose and settings.fp8.backend == "auto"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """ZeRO stage × method on 2 ranks: step time, per-rank peak memory, backbone all-gather volume.
 
-    python launch/bench_zero.py                       # CPU: 2 gloo ranks, a ~60M-parameter Llama
-    python launch/bench_zero.py --stages 3 --hidden 1024 --layers 12 --out runs/bench_zero
+    python benchmarks/bench_zero.py                       # CPU: 2 gloo ranks, a ~60M-parameter Llama
+    python benchmarks/bench_zero.py --stages 3 --hidden 1024 --layers 12 --out runs/bench_zero
 
 The driver saves one bf16 checkpoint, then launches one ``torchrun`` job per (stage, method), so each
 job's peak memory is its own (reported as private/anonymous memory, sampled, and as ``ru_maxrss``,

@@ -1,0 +1,138 @@
+"""The benchmarks end to end on CPU: every row measured, the numbers that must hold do, reports written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"falqon_benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------- one layer
+
+
+@pytest.fixture(scope="module")
+def layer_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_layer")
+    payload = _load("bench_layer").main(["--quick", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)])
+    return out, payload
+
+
+def test_layer_bench_measures_every_method(layer_run):
+    out, payload = layer_run
+    assert len(payload["shapes"]) == 2
+    for block in payload["shapes"]:
+        rows = {(r["method"], r["backend"]): r for r in block["methods"]}
+        assert all("error" not in r for r in rows.values()), [r.get("error") for r in rows.values()]
+        assert all(math.isfinite(r["median_ms"]) and r["median_ms"] > 0 for r in rows.values())
+        falqon = rows[("falqon", "emulated")]
+        assert falqon["casts"] == 3 and falqon["host_syncs"] == 0  # fwd + bwd + merge: no host sync
+        assert rows[("falqon, cached Wᵀ", "scaled_mm")]["host_syncs"] == 0
+        assert rows[("fp8_lora", "emulated")]["casts"] == 6 and rows[("peft LoRA", None)]["casts"] == 0
+        assert rows[("peft LoRA", None)]["x_lora"] == 1.0
+        assert rows[("fp8_lora", "emulated")]["backbone_bytes_per_param"] == 1.0
+        assert rows[("bf16 linear, frozen W", None)]["backbone_bytes_per_param"] == 2.0
+        d_out = int(block["shape"].split("x")[1])
+        assert falqon["backbone_bytes_per_param"] == pytest.approx(1 + 16 / d_out)  # the melded A rows
+        # the cached copy is built by the first backward and kept current by every merge: +1 byte/param
+        assert rows[("falqon, cached Wᵀ", "scaled_mm")]["backbone_bytes_per_param"] == pytest.approx(2 + 16 / d_out)
+        parts = block["falqon_breakdown"]["parts_ms"]
+        assert len(parts) == 8 and all(v > 0 for v in parts.values())
+    assert payload["merge"]["host_syncs"] == 0 and payload["merge"]["layers"] == 4
+    assert payload["cast"]["eager_ms"] > 0 and payload["cast"]["compiled_ms"] > 0
+    text = (out / "results.md").read_text()
+    assert text.startswith("# falqon_dist one-layer benchmark") and "| falqon | emulated |" in text
+    assert json.loads((out / "results.json").read_text())["merge"]["layers"] == 4
+    pytest.importorskip("matplotlib")
+    assert (out / "results.png").stat().st_size > 1000
+
+
+def test_layer_bench_flop_counts():
+    bench = _load("bench_layer")
+    n, i, o, r = 8, 32, 48, 4
+    assert bench.gemm_flops("bf16 linear, frozen W", n, i, o, r) == 4 * n * i * o
+    assert bench.gemm_flops("full", n, i, o, r) == 6 * n * i * o
+    assert bench.gemm_flops("falqon", n, i, o, r) == 2 * n * i * (o + r) + 2 * n * o * i + 2 * n * o * r
+    assert bench.gemm_flops("peft LoRA", n, i, o, r) == 4 * n * i * o + 6 * n * r * (i + o)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", "4096by4096"])
+
+
+# ---------------------------------------------------------------- whole model, through the trainer
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_model")
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_model.py"), "--quick", "--methods", "falqon", "lora", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+def test_model_bench_reads_the_trainers_own_metrics(model_run):
+    out, payload, stdout = model_run
+    rows = payload["methods"]
+    for method in ("falqon", "lora"):
+        row = rows[method]
+        assert row["status"] == "ok", row
+        assert row["steps"] == 6 and (out / method / "metrics.jsonl").exists()  # the trainer's own run dir
+        for key in ("step_time_ms", "tokens_per_s", "peak_mem_mb", "eval_loss_before", "eval_loss", "param_bytes_per_param"):
+            assert math.isfinite(row[key]) and row[key] > 0, (method, key, row[key])
+        assert row["eval_loss"] < row["eval_loss_before"], row
+    assert rows["falqon"]["trainable_params"] < rows["lora"]["trainable_params"]  # B only vs A and B
+    assert rows["falqon"]["param_bytes_per_param"] < rows["lora"]["param_bytes_per_param"]  # FP8 vs bf16 backbone
+    assert "deepspeed.zero_stage=2" in payload["config"]["set"]
+    assert "| falqon |" in stdout and (out / "results.md").read_text().startswith("# falqon_dist whole-model")
+
+
+def test_model_bench_arguments_and_metrics_reader(tmp_path):
+    bench = _load("bench_model")
+    args = bench.parse_args(["--lr", "falqon=0.05", "--set", "deepspeed.zero_stage=3", "--out", str(tmp_path)])
+    assert args.lr_by_method == {"falqon": 0.05} and args.set == ["deepspeed.zero_stage=3"]
+    command = bench.train_command(args, "falqon", None)
+    assert "method=falqon" in command and "train.lr=0.05" in command and f"run.dir={tmp_path / 'falqon'}" in command
+    for bad in (["--lr", "nope=1"], ["--set", "novalue"], ["--shape", "custom", "--hidden", "64"], ["--steps", "3", "--warmup", "3"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 0, "params": 100, "trainable_params": 10, "param_bytes": 150, "eval_loss": 5.0}]
+    lines += [{"step": s, "loss": 4.0 - s / 10, "step_time_s": 0.1 * s, "tokens_per_s": 100.0 * s, "mem_peak_mb": 10.0 + s}
+              for s in range(1, 7)]
+    lines += [{"step": 6, "eval_loss": 3.0, "eval_exact_match": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = bench.read_metrics(run, warmup=2)
+    assert result["step_time_ms"] == pytest.approx(450.0)  # median of steps 3..6
+    assert result["tokens_per_s"] == pytest.approx(450.0)
+    assert result["peak_mem_mb"] == 16.0 and result["param_bytes_per_param"] == 1.5
+    assert (result["eval_loss_before"], result["eval_loss"], result["exact_match"]) == (5.0, 3.0, 0.5)
+
+
+def test_model_bench_writes_a_loadable_shape_model(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bench = _load("bench_model")
+    args = bench.parse_args(["--shape", "custom", "--hidden", "64", "--intermediate", "128", "--layers", "1", "--out", str(tmp_path)])
+    path, spec = bench.write_shape_model(args)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 1 and spec["params"] > 0
+    assert len(AutoTokenizer.from_pretrained(path)) <= model.config.vocab_size
