@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 # torch is pinned for CPU installs: a bare "torch" requirement pulls a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test wheels clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: setup
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(ARGS)
+
+# Wheels for the lent GPU machine (no registry there): DeepSpeed, Hydra, pydantic, bitsandbytes, pytest,
+# at this venv's versions, within its 64 MiB carry limit. Then: OUT=... bash launch/gpu_check.sh there.
+wheels: setup
+	$(PY) launch/make_wheels.py --out wheels
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -105,7 +105,7 @@ def fp8_backends(device: torch.device) -> list[str]:
     return backends
 
 
-def methods(rank: int, backends: list[str]) -> list[tuple[str, str | None, Callable[[torch.Tensor], nn.Module]]]:
+def methods(rank: int, backends: list[str], init: str = "svd") -> list[tuple[str, str | None, Callable[[torch.Tensor], nn.Module]]]:
     """``(method, backend, builder(weight) -> module)`` for every row, in table order."""
     rows: list[tuple[str, str | None, Callable[[torch.Tensor], nn.Module]]] = [
         ("bf16 linear, frozen W", None, lambda w: _bf16_linear(w, trainable=False)),
@@ -117,9 +117,9 @@ def methods(rank: int, backends: list[str]) -> list[tuple[str, str | None, Calla
     for b in backends:
         rows.append(("fp8_lora", b, lambda w, b=b: Fp8LoraLinear.from_linear(_bf16_linear(w, False), rank=rank, backend=b)))
     for b in backends:
-        rows.append(("falqon", b, lambda w, b=b: _falqon(w, rank, b)))
+        rows.append(("falqon", b, lambda w, b=b: _falqon(w, rank, b, init=init)))
         if b != "emulated":  # the emulated GEMM does not care about operand layout
-            rows.append(("falqon, cached Wᵀ", b, lambda w, b=b: _falqon(w, rank, b, cache=True)))
+            rows.append(("falqon, cached Wᵀ", b, lambda w, b=b: _falqon(w, rank, b, cache=True, init=init)))
     return rows
 
 
@@ -198,7 +198,7 @@ def run_methods(args, device, d_in: int, d_out: int, tokens: int) -> list[dict[s
     x = torch.randn(tokens, d_in, generator=gen).to(device, torch.bfloat16).requires_grad_()
     grad = (torch.randn(tokens, d_out, generator=gen) * 1e-3).to(device, torch.bfloat16)
     rows, steps = [], {}
-    for name, backend, build in common.progress(methods(args.rank, fp8_backends(device)), f"{d_in}x{d_out}, {tokens} tok: build", "method"):
+    for name, backend, build in common.progress(methods(args.rank, fp8_backends(device), args.init), f"{d_in}x{d_out}, {tokens} tok: build", "method"):
         row: dict[str, Any] = {"method": name, "backend": backend, "shape": f"{d_in}x{d_out}", "tokens": tokens}
         try:
             module = build(weight)
@@ -385,6 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (after one counting step)")
     p.add_argument("--lr-falqon", type=float, default=0.05, help="AdamW lr of FALQON's B (others: 1e-3)")
     p.add_argument("--merge-layers", type=int, default=32, help="layers in the merge benchmark (0 = skip)")
+    p.add_argument("--init", default="svd", choices=["svd", "random"],
+                   help="FALQON's adapter init (random skips the SVD: same speed, faster set-up)")
     p.add_argument("--cast", default="compiled", choices=fp8_cast.CAST_KERNELS, help="FP8 cast kernels of the rows")
     p.add_argument("--no-breakdown", action="store_true", help="skip FALQON's per-part timing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,79 +1,97 @@
 #!/usr/bin/env bash
-# One-command check of falqon_dist on a CUDA machine (at most BUDGET_S = 450 s; about 3-5 minutes on one H200).
+# One-command check of falqon_dist on a CUDA machine, sized for the H200 this project borrows
+# (~15 min of device time per session, start-up included; at most 8 files come back from $OUT).
 #
+#   OUT=/some/dir bash launch/gpu_check.sh    # the lent device collects $OUT
 #   bash launch/gpu_check.sh                  # writes runs/gpu_check/<timestamp>/
-#   OUT=/some/dir bash launch/gpu_check.sh    # writes into $OUT (the lent device collects $OUT)
-#   PYTHON=/path/to/python bash launch/gpu_check.sh
 #
-# Needs only python with torch (CUDA build), transformers and peft; DeepSpeed, Transformer Engine,
-# bitsandbytes and matplotlib are optional and reported. Steps (each runs even when an earlier one
-# failed; a summary of passed / failed steps is printed and written to summary.txt at the end):
+# $OUT receives exactly two files, both rewritten after every step, so a time-out still returns
+# everything that finished:
+#   summary.txt       PASS/FAIL/SKIP per step with its time, then the headline tables
+#   results.tar.gz    every step's log and output folder (bench JSON/markdown/PNG, run dirs, junit)
 #
-#   env        GPU, torch / CUDA versions, which optional packages import, whether fp8.backend=te can
-#              run here (Transformer Engine >= 2.2 on CUDA)
-#   imports    falqon_dist, .method, .baselines, .fp8, .data, .models import without DeepSpeed
-#   pytest     tests/gpu tests/unit/test_fp8.py tests/unit/test_falqon_linear.py
-#   bench_7b   launch/bench.py on two Llama-7B-shaped layers, bf16, FP8 backend auto, every method
-#              (its GEMM table times scaled_mm, and te where it runs)
-#   bench_layer launch/bench_layer.py at 4096x4096, rank 64, on cuda (te rows where it runs)
-#   bench_7b_te bench_7b for the FP8 methods with fp8.backend=te -- only where Transformer Engine runs
+# Steps, in this order (each runs even when an earlier one failed):
+#   env          GPU, versions, which optional packages import, whether fp8.backend=te can run
+#   wheels       install from $WHEELS (no registry on the device) what does not import: DeepSpeed,
+#                Hydra/OmegaConf, pydantic, bitsandbytes, pytest ... (fill it here: make wheels)
+#   bench_layer  benchmarks/bench_layer.py on cuda: 4096x4096 and 4096x11008, 4096 and 16384 tokens,
+#                rank 64, every method, per-GEMM TFLOP/s, casts/GEMMs/merge/optimizer split, 32-layer merge
+#   bench_model  benchmarks/bench_model.py: two Llama-7B-shaped layers through launch/train.py
+#                (1 GPU, NCCL, DeepSpeed ZeRO-2, bf16) for every method
+#   smoke_z0     launch/train.py, 1 GPU over NCCL, ZeRO-0, 3 steps, export on; then launch/eval.py
+#   smoke_z3     the same under ZeRO-3
+#   pytest       the GPU test tier and the FP8/layer/merge unit tests, on this GPU
 #
-# Knobs (environment): BUDGET_S (450: every step's timeout is cut so the whole check ends within it),
-# BENCH_STEPS (12), BENCH_BATCH (8), BENCH_SEQ (512), BENCH_LAYERS (2), WHEELS (default: wheels/ in
-# the repo when present): a folder of wheels installed with --no-index for what is missing -- pytest
-# (the GPU test tier) and bitsandbytes (the qlora rows) -- made beforehand on a machine with a registry:
-#   pip download pytest -d wheels/                                           # about 1 MB
-#   pip download bitsandbytes --no-deps --only-binary :all: -d wheels/       # about 41 MB (CUDA kernels)
-# wheels/ is git-ignored; on the lent device carry it (carry=["wheels"], 64 MiB at most in all).
+# Knobs (environment): PYTHON (python3), BUDGET_S (540: every step's timeout is cut so the whole
+# check ends within it), WHEELS (wheels/ in the repo), LAYER_REPEATS (10), MODEL_STEPS (12).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 OUT="${OUT:-runs/gpu_check/$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/falqon_gpu_check.XXXXXX")"  # everything but the two files lives here
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled PYTHONWARNINGS=ignore
-BENCH_STEPS="${BENCH_STEPS:-12}"
-BENCH_BATCH="${BENCH_BATCH:-8}"
-BENCH_SEQ="${BENCH_SEQ:-512}"
-BENCH_LAYERS="${BENCH_LAYERS:-2}"
-BUDGET_S="${BUDGET_S:-450}"
+export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1
+export FALQON_CACHE="${FALQON_CACHE:-$WORK/cache}"  # the embedded tiny model is built here on first use
+BUDGET_S="${BUDGET_S:-540}"
+LAYER_REPEATS="${LAYER_REPEATS:-10}"
+MODEL_STEPS="${MODEL_STEPS:-12}"
+WHEELS="${WHEELS:-$PWD/wheels}"
 
 declare -a SUMMARY=()
 FAILED=0
 SKIPPED=0
 START=$SECONDS
 
+# pack: rewrite summary.txt and results.tar.gz from what exists now (atomic renames).
+pack() {
+    {
+        echo "gpu_check: $(( ${#SUMMARY[@]} - FAILED - SKIPPED ))/${#SUMMARY[@]} steps passed, $SKIPPED skipped," \
+            "$((SECONDS - START))s of ${BUDGET_S}s | $(date -u +%FT%TZ) | commit $(git rev-parse --short HEAD 2>/dev/null)"
+        printf '  %s\n' "${SUMMARY[@]}"
+        for table in "$WORK"/bench_layer/results.md "$WORK"/bench_model/results.md; do
+            [[ -f "$table" ]] && { echo; cat "$table"; }
+        done
+        [[ -f "$WORK/env.log" ]] && { echo; echo "## env"; cat "$WORK/env.log"; }
+    } > "$OUT/summary.txt.tmp" && mv "$OUT/summary.txt.tmp" "$OUT/summary.txt"
+    tar -czf "$OUT/results.tar.gz.tmp" -C "$WORK" --exclude=cache --exclude='*.safetensors' --exclude='*.pt' . 2>/dev/null \
+        && mv "$OUT/results.tar.gz.tmp" "$OUT/results.tar.gz"
+}
+
 # step NAME TIMEOUT_S COMMAND...: run COMMAND with a timeout (cut to what is left of BUDGET_S),
-# log to $OUT/NAME.log, record the result.
+# log to $WORK/NAME.log, record the result, pack.
 step() {
     local name="$1" limit="$2"
     shift 2
     local left=$((BUDGET_S - (SECONDS - START)))
     (( limit > left )) && limit=$left
-    if (( limit < 15 )); then  # reported, not a failure: raise BUDGET_S to run it
+    if (( limit < 20 )); then  # reported, not a failure: raise BUDGET_S to run it
         SUMMARY+=("SKIP  $name (time budget of ${BUDGET_S}s spent)")
         SKIPPED=$((SKIPPED + 1))
+        pack
         return
     fi
     local t0=$SECONDS
     echo "=== [$name] $* (timeout ${limit}s)"
     # bash -c so that the shell functions below (exported) run under timeout as well as programs
-    timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee "$OUT/$name.log"
-    local rc=${PIPESTATUS[0]}
+    timeout --kill-after=10 "$limit" bash -c '"$@"' "$name" "$@" > "$WORK/$name.log" 2>&1
+    local rc=$?
+    tail -n 5 "$WORK/$name.log"
     local took=$((SECONDS - t0))
     if [[ $rc -eq 0 ]]; then
         SUMMARY+=("PASS  $name (${took}s)")
     else
         [[ $rc -eq 124 || $rc -eq 137 ]] && rc="$rc, timed out"
-        SUMMARY+=("FAIL  $name (exit $rc, ${took}s, see $name.log)")
+        SUMMARY+=("FAIL  $name (exit $rc, ${took}s): $(grep -E 'Error|error|FAILED' "$WORK/$name.log" | tail -n 1 | cut -c1-200)")
         FAILED=$((FAILED + 1))
     fi
+    pack
 }
 
 env_report() {
-    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     "$PYTHON" - <<'EOF'
 import importlib, platform, sys
 import torch
@@ -86,7 +104,7 @@ if ok:
     print(f"gpu: {torch.cuda.get_device_name()} (compute capability {cap[0]}.{cap[1]}, "
           f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB); "
           f"FP8 scaled_mm: {'yes' if cap >= (8, 9) else 'no (needs >= 8.9)'}")
-for name in ("transformers", "peft", "deepspeed", "transformer_engine", "bitsandbytes", "matplotlib", "pytest"):
+for name in ("transformers", "peft", "triton", "deepspeed", "hydra", "transformer_engine", "bitsandbytes", "pytest"):
     try:
         module = importlib.import_module(name)
         print(f"{name}: {getattr(module, '__version__', '?')}")
@@ -97,74 +115,61 @@ try:
     check_backend("te")
     print("fp8.backend=te: available")
 except ImportError as exc:
-    print(f"fp8.backend=te: not available here, its tests skip and GPU numbers use scaled_mm ({str(exc)[:200]})")
+    print(f"fp8.backend=te: not available here; GPU numbers use scaled_mm ({str(exc)[:160]})")
 if not ok:
     sys.exit("no CUDA device: the GPU checks cannot run")
 EOF
 }
 
-imports_without_deepspeed() {
-    "$PYTHON" - <<'EOF'
-import importlib, sys
-bad = []
-for name in ("falqon_dist", "falqon_dist.method", "falqon_dist.baselines", "falqon_dist.fp8",
-             "falqon_dist.data", "falqon_dist.models"):
-    try:
-        importlib.import_module(name)
-        print(f"ok   {name}")
-    except Exception as exc:
-        print(f"FAIL {name}: {type(exc).__name__}: {exc}")
-        bad.append(name)
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("deepspeed", "transformer_engine"))
-print("deepspeed / transformer_engine modules loaded by these imports:", loaded[:5] or "none")
-sys.exit(1 if bad or loaded else 0)
-EOF
+# install_wheels: every package of $WHEELS whose module does not import, with --no-index.
+install_wheels() {
+    local missing=()
+    for spec in deepspeed:deepspeed hydra:hydra-core omegaconf:omegaconf pydantic:pydantic hjson:hjson \
+                cpuinfo:py-cpuinfo msgpack:msgpack einops:einops ninja:ninja psutil:psutil \
+                bitsandbytes:bitsandbytes pytest:pytest; do
+        "$PYTHON" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec##*:}")
+    done
+    (( ${#missing[@]} == 0 )) && { echo "nothing missing"; return 0; }
+    echo "installing from $WHEELS: ${missing[*]}"
+    [[ -d "$WHEELS" ]] || { echo "$WHEELS does not exist: run 'make wheels' where a registry is reachable and carry it"; return 1; }
+    "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" "${missing[@]}"
 }
 
-# install_missing PACKAGE: install it from $WHEELS (no registry) if it does not import; fails with a hint.
-install_missing() {
-    "$PYTHON" -c "import $1" 2>/dev/null && return 0
-    if compgen -G "$WHEELS/$1-*.whl" >/dev/null; then
-        "$PYTHON" -m pip install --quiet --no-index --find-links "$WHEELS" "$1" && return 0
-    fi
-    echo "$1 is not installed and $WHEELS has no wheel for it: 'pip download $1 -d wheels/' where a registry is reachable"
-    return 1
+# smoke STAGE: the real trainer on this GPU over NCCL (3 steps, export), then eval of the run.
+smoke() {
+    local stage="$1" run="$WORK/smoke_z$1"
+    "$PYTHON" launch/train.py run.dir="$run" train.max_steps=3 deepspeed.zero_stage="$stage" \
+        deepspeed.config="$WORK/ds_torch_adam.json" export.enabled=true train.eval_samples=32 \
+        train.eval_generate_samples=8 || return 1
+    grep -q '"rows_merged"' "$run/metrics.jsonl" || { echo "no merge statistics in $run/metrics.jsonl"; return 1; }
+    "$PYTHON" launch/eval.py path="$run" || return 1
+    rm -rf "$run/checkpoints" "$run/export"/*.safetensors  # keep logs and metrics, not weights
 }
 
 run_pytest() {
-    install_missing pytest || return 1
-    install_missing bitsandbytes || echo "(qlora rows and tests will be skipped)"
-    "$PYTHON" -m pytest tests/gpu tests/unit/test_fp8.py tests/unit/test_falqon_linear.py \
-        tests/unit/test_te_backend_glue.py -q -p no:cacheprovider -rs \
-        --junitxml "$OUT/pytest.xml"
+    "$PYTHON" -m pytest tests/gpu tests/unit/test_fp8.py tests/unit/test_cast.py tests/unit/test_merge.py \
+        tests/unit/test_falqon_linear.py tests/unit/test_te_backend_glue.py -q -p no:cacheprovider -rs \
+        --junitxml "$WORK/pytest.xml"
 }
 
-te_usable() {
-    "$PYTHON" -c "from falqon_dist.fp8 import check_backend; check_backend('te')" >/dev/null 2>&1
-}
+# torch_adam: DeepSpeed's fused Adam would first be JIT-built with nvcc (minutes of the budget)
+printf '{"optimizer": {"type": "AdamW", "params": {"torch_adam": true}}}\n' > "$WORK/ds_torch_adam.json"
 
-WHEELS="${WHEELS:-$PWD/wheels}"
-export PYTHON OUT WHEELS
-export -f env_report imports_without_deepspeed install_missing run_pytest
+export PYTHON WORK WHEELS
+export -f env_report install_wheels smoke run_pytest
 
 step env 60 env_report
-step imports 60 imports_without_deepspeed
-step pytest 150 run_pytest
-step bench_7b 240 "$PYTHON" launch/bench.py --shape llama-7b --layers "$BENCH_LAYERS" --train-steps "$BENCH_STEPS" \
-    --warmup 3 --batch "$BENCH_BATCH" --seq "$BENCH_SEQ" --eval-samples 64 --backend auto --dtype bf16 \
-    --device cuda --method-timeout 60 --out "$OUT/bench_7b"
-step bench_layer 90 "$PYTHON" launch/bench_layer.py --device cuda --in-features 4096 --out-features 4096 --rank 64 \
-    --tokens 4096 --repeats 20 --warmup 3 --json "$OUT/bench_layer.json"
+step wheels 90 install_wheels
+step bench_layer 170 "$PYTHON" benchmarks/bench_layer.py --device cuda --shapes 4096x4096 4096x11008 \
+    --tokens 4096 16384 --rank 64 --repeats "$LAYER_REPEATS" --warmup 3 --merge-layers 32 --init random \
+    --out "$WORK/bench_layer"
+step bench_model 200 "$PYTHON" benchmarks/bench_model.py --shape llama-7b --layers 2 --steps "$MODEL_STEPS" --warmup 4 \
+    --timeout 60 --set train.micro_batch_size=4 model.max_length=512 data.num_train=400 train.eval_samples=16 \
+    train.eval_generate_samples=0 "deepspeed.config=$WORK/ds_torch_adam.json" --out "$WORK/bench_model"
+step smoke_z0 90 smoke 0
+step smoke_z3 90 smoke 3
+step pytest 120 run_pytest
 
-if te_usable; then
-    step bench_7b_te 150 "$PYTHON" launch/bench.py --shape llama-7b --layers "$BENCH_LAYERS" --train-steps "$BENCH_STEPS" \
-        --warmup 3 --batch "$BENCH_BATCH" --seq "$BENCH_SEQ" --eval-samples 64 --backend te --dtype bf16 \
-        --methods falqon fp8_lora --device cuda --method-timeout 60 --out "$OUT/bench_7b_te"
-fi
-
-{
-    echo "gpu_check: $(( ${#SUMMARY[@]} - FAILED - SKIPPED ))/${#SUMMARY[@]} steps passed, $SKIPPED skipped" \
-        "in $((SECONDS - START))s -> $OUT"
-    printf '  %s\n' "${SUMMARY[@]}"
-} | tee "$OUT/summary.txt"
+pack
+cat "$OUT/summary.txt"
 exit $(( FAILED > 0 ? 1 : 0 ))
