@@ -25,6 +25,7 @@ since (same ``_version``), for the same format and backend.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -117,15 +118,41 @@ def dynamic_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, *, transpose_copy: 
         raise ValueError(f"unsupported FP8 format {fp8_dtype}; valid: {list(FP8_MAX)}")
     if _mode == "eager" or x_hp.numel() == 0 or _dispatch_mode_active():
         return _cast_eager(x_hp, fp8_dtype, transpose_copy)
+    # Few distinct graphs per entry point (dynamo caps them at recompile_limit): detached (graphs are
+    # specialized on requires_grad), contiguous (and on strides: only small strided inputs such as
+    # o_A = Y[:, out:] pay a copy) and, without the transposed copy, flat (one dynamic size).
+    x = x_hp.detach()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not transpose_copy:
+        x = x.reshape(-1)
     try:
-        # detached: a compiled graph is specialized on requires_grad, and casts need no autograd
-        return _compiled_cast(fp8_dtype, transpose_copy)(x_hp.detach())
-    except Exception as exc:  # inductor could not build the kernel on this machine
+        x_fp8, scale, x_fp8_t = _compiled_cast(fp8_dtype, transpose_copy)(x)
+    except Exception as exc:
+        if "RecompileLimit" in type(exc).__name__:  # more input variants than dynamo keeps: same bits eagerly
+            _warn_recompile_limit(exc)
+            return _cast_eager(x_hp, fp8_dtype, transpose_copy)
         raise RuntimeError(
             f"the compiled FP8 cast failed on {x_hp.device} ({type(exc).__name__}: {exc}); "
             "torch.compile needs a C++ compiler on CPU and Triton on CUDA. "
             "Select the eager casts instead: fp8.cast=eager (or falqon_dist.fp8.set_cast_kernels('eager'))"
         ) from exc
+    return x_fp8.view(x_hp.shape), scale, x_fp8_t
+
+
+_warned_recompile_limit = False
+
+
+def _warn_recompile_limit(exc: Exception) -> None:
+    global _warned_recompile_limit
+    if _warned_recompile_limit:
+        return
+    _warned_recompile_limit = True
+    warnings.warn(
+        f"falqon_dist: the compiled FP8 cast met more input variants (dtype, layout, size 1) than torch.compile "
+        f"keeps ({type(exc).__name__}); those casts run eagerly (bit-identical, slower)",
+        stacklevel=3,
+    )
 
 
 _compiled_scale_epilogue = None

@@ -117,3 +117,21 @@ def test_shared_cast_misses_after_an_in_place_write_or_on_another_tensor():
         assert not torch.equal(layer(h), first) and casts.count(fp8.E4M3) == 5
         layer(h.clone())  # equal values, another tensor: cast again
         assert casts.count(fp8.E4M3) == 7
+
+
+def test_many_input_variants_stay_bit_identical_beyond_the_recompile_limit():
+    """dtypes × layouts × sizes (1 included) × formats: never an error, always the eager bits."""
+    torch.manual_seed(0)
+    shapes = [(1, 64), (3, 5), (64, 1), (17, 33), (256, 48)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for rows, cols in shapes:
+            base = torch.randn(rows, cols * 2, dtype=dtype)
+            for x in (base, base[:, ::2], base.t(), base[:, cols:]):
+                for fmt in (fp8.E4M3, fp8.E5M2):
+                    for copy in (False, True):
+                        got_q, got_s, got_t = fp8_cast.dynamic_cast(x, fmt, transpose_copy=copy)
+                        want_q, want_s = fp8.quantize_dynamic(x, fmt)
+                        assert got_q.shape == x.shape and torch.equal(got_s, want_s)
+                        assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+                        if copy:
+                            assert torch.equal(got_t.view(torch.uint8), want_q.t().contiguous().view(torch.uint8))
