@@ -6,7 +6,11 @@ have dimensions that are multiples of 16, so FALQON converts every one but the L
 on CPU for a fixed number of AdamW steps on the pretraining tasks of
 :mod:`falqon_dist.data.synthetic` (it learns copy / reverse / the world facts well, addition
 poorly). The held-out tasks (``shift`` by default, ``sort``, ``sub``) are what fine-tuning then has
-to learn. The build takes ~1000 single-thread AdamW steps: 60-90 s on 2 CPU cores.
+to learn. Pretraining takes ~1000 single-thread AdamW steps (60-90 s on 2 CPU cores) and its result
+depends on the CPU kind (float summation order): the package therefore ships the weights one build
+produced (``tiny_weights/``, 3.6 MB), and a build copies them when they match the recipe, so every
+machine fine-tunes the same bytes. ``python -m falqon_dist.models.tiny --regenerate`` pretrains anew
+and replaces them.
 
 :func:`build_tiny_model` builds it once and caches it under ``$FALQON_CACHE`` (default
 ``~/.cache/falqon_dist``) in a versioned directory. The build goes to a temporary directory that is
@@ -171,7 +175,35 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _build_into(directory: Path, settings: PretrainSettings) -> dict:
+#: The tiny model as built by the recipe, shipped with the package (3.6 MB) so that every machine
+#: starts from the same bytes: a build on another CPU kind differs (float summation order), and
+#: FALQON's results amplify the difference. ``python -m falqon_dist.models.tiny --regenerate``
+#: rebuilds it by pretraining and replaces these files.
+SHIPPED_DIR = Path(__file__).with_name("tiny_weights")
+
+
+def _shipped_info(settings: PretrainSettings) -> dict | None:
+    """The shipped build's info when it exists and matches the current recipe, else None."""
+    try:
+        info = json.loads((SHIPPED_DIR / BUILD_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if info.get("recipe") == recipe_fingerprint(settings) else None
+
+
+def _build_into(directory: Path, settings: PretrainSettings, *, pretrain_anew: bool = False) -> dict:
+    """Fill ``directory`` with the tiny model: a copy of the shipped build, or (``pretrain_anew``,
+    or no shipped build of this recipe) the result of pretraining it here."""
+    info = None if pretrain_anew else _shipped_info(settings)
+    if info is not None:
+        for item in SHIPPED_DIR.iterdir():
+            shutil.copy2(item, directory / item.name)
+        _log(f"{TINY_NAME}: using the shipped weights ({SHIPPED_DIR})")
+        return info
+    return _pretrain_into(directory, settings)
+
+
+def _pretrain_into(directory: Path, settings: PretrainSettings) -> dict:
     start = time.perf_counter()
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(settings.seed)
@@ -214,8 +246,11 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_tiny_model(cache_dir: str | Path | None = None, *, force: bool = False) -> Path:
+def build_tiny_model(cache_dir: str | Path | None = None, *, force: bool = False, pretrain_anew: bool = False) -> Path:
     """Directory of the tiny base model (built on first use; ``force`` rebuilds).
+
+    The build copies the shipped weights (:data:`SHIPPED_DIR`) when they match the recipe, so every
+    machine gets the same bytes; ``pretrain_anew`` (with ``force``) pretrains them here instead.
 
     Load it with ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)``.
     Safe to call from several processes at once (see module docstring).
@@ -235,7 +270,10 @@ def build_tiny_model(cache_dir: str | Path | None = None, *, force: bool = False
         staging = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.tmp-", dir=root))
         try:
             staging.chmod(0o755)
-            _build_into(staging, settings)
+            if pretrain_anew:
+                _build_into(staging, settings, pretrain_anew=True)
+            else:
+                _build_into(staging, settings)
             if target.exists():  # forced rebuild, stale recipe, or an incomplete crashed build
                 stale = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.old-", dir=root))
                 os.replace(target, stale / "old")
@@ -244,3 +282,23 @@ def build_tiny_model(cache_dir: str | Path | None = None, *, force: bool = False
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def regenerate_shipped() -> Path:
+    """Pretrain the tiny model here and replace the shipped weights with the result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        _pretrain_into(directory, PretrainSettings())
+        if SHIPPED_DIR.exists():
+            shutil.rmtree(SHIPPED_DIR)
+        shutil.copytree(directory, SHIPPED_DIR)
+    return SHIPPED_DIR
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The embedded tiny model: build the cache, or regenerate the shipped weights.")
+    parser.add_argument("--regenerate", action="store_true", help=f"pretrain anew and replace {SHIPPED_DIR}")
+    cli = parser.parse_args()
+    print(regenerate_shipped() if cli.regenerate else build_tiny_model())

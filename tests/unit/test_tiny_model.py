@@ -143,3 +143,31 @@ def test_second_build_reuses_cache(tiny_path):
     assert tiny.build_tiny_model() == tiny_path
     assert time.perf_counter() - start < 1.0
     assert (tiny_path / tiny.BUILD_INFO).stat().st_mtime_ns == stamp
+
+
+# ---------------------------------------------------------------- shipped weights and the recipe itself
+
+
+def test_shipped_weights_match_the_current_recipe():
+    """Change the recipe and this fails: regenerate with ``python -m falqon_dist.models.tiny --regenerate``."""
+    info = json.loads((tiny.SHIPPED_DIR / tiny.BUILD_INFO).read_text())
+    assert info["recipe"] == tiny.recipe_fingerprint(tiny.PretrainSettings()), "shipped tiny weights are stale"
+    assert (tiny.SHIPPED_DIR / "model.safetensors").stat().st_size < 4 * 2**20
+    model = AutoModelForCausalLM.from_pretrained(tiny.SHIPPED_DIR)
+    assert sum(p.numel() for p in model.parameters()) == info["parameters"]
+
+
+def test_a_build_copies_the_shipped_bytes(tmp_path):
+    path = tiny.build_tiny_model(tmp_path)
+    assert (path / "model.safetensors").read_bytes() == (tiny.SHIPPED_DIR / "model.safetensors").read_bytes()
+
+
+def test_the_pretraining_recipe_still_runs_and_learns(tmp_path):
+    """What ``--regenerate`` and ``pretrain_anew`` run, shortened to 40 steps."""
+    info = tiny._pretrain_into(tmp_path, tiny.PretrainSettings(steps=40, warmup=4))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    torch.manual_seed(0)
+    untrained = LlamaForCausalLM(tiny.tiny_config())
+    assert _pretrain_loss(model, tokenizer) < _pretrain_loss(untrained, tokenizer)
+    assert info["pretrain"]["steps"] == 40
