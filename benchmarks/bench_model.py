@@ -34,10 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,30 +123,25 @@ def write_shape_model(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
 def train_command(args: argparse.Namespace, method: str, model_path: Path | None) -> list[str]:
     """The launcher command line of one method's run."""
-    run_dir = args.out / method
     overrides = [
-        f"method={method}", f"train.max_steps={args.steps}", f"run.dir={run_dir}", "train.save_every=0",
+        f"method={method}", f"train.max_steps={args.steps}", f"run.dir={args.out / method}", "train.save_every=0",
         "train.eval_every=0", "logger=none", *args.set,
     ]
     if model_path is not None:
         overrides.append(f"model.name_or_path={model_path}")
     if method in args.lr_by_method:
         overrides.append(f"train.lr={args.lr_by_method[method]}")
-    train_py = str(common.REPO / "launch" / "train.py")
-    if args.ranks == 1:
-        return [args.python, train_py, *overrides]
-    launcher = shutil.which("deepspeed", path=str(Path(args.python).parent)) or "deepspeed"
-    return [launcher, "--num_gpus", str(args.ranks), train_py, *overrides]
+    return common.trainer_command(args.python, args.ranks, overrides)
 
 
 def read_metrics(run_dir: Path, warmup: int) -> dict[str, Any]:
     """The trainer's ``metrics.jsonl`` → the benchmark's numbers for one method."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = common.read_run_metrics(run_dir)
     steps = [r for r in records if "loss" in r and "step_time_s" in r]
     evals = [r for r in records if "eval_loss" in r]
     facts = next((r for r in records if "params" in r), {})
     timed = steps[warmup:] or steps
-    result = {
+    return {
         "status": "ok",
         "steps": len(steps),
         "step_time_ms": 1e3 * statistics.median(r["step_time_s"] for r in timed),
@@ -164,7 +157,6 @@ def read_metrics(run_dir: Path, warmup: int) -> dict[str, Any]:
         "param_bytes_per_param": facts["param_bytes"] / facts["params"] if facts.get("params") else float("nan"),
         "saturated_last": steps[-1].get("saturated") if steps else None,
     }
-    return result
 
 
 def run_method(args: argparse.Namespace, method: str, model_path: Path | None) -> dict[str, Any]:
@@ -173,19 +165,13 @@ def run_method(args: argparse.Namespace, method: str, model_path: Path | None) -
         shutil.rmtree(run_dir)
     command = train_command(args, method, model_path)
     common.log(f"{method}: {' '.join(command)}")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.time()
-    try:
-        proc = subprocess.run(command, cwd=common.REPO, capture_output=True, text=True, timeout=args.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"status": "failed", "reason": f"timed out after {args.timeout:.0f} s", "command": command}
-    output = proc.stdout + proc.stderr
+    code, output = common.run_trainer(command, args.timeout)
     result: dict[str, Any] = {"command": command, "wall_s": time.time() - started}
-    if proc.returncode != 0:
-        reason = next((line.strip() for line in reversed(output.splitlines()) if "Error" in line or "error" in line), "")
-        skipped = "bitsandbytes" in output or ("qlora" in output and "zero_stage" in output and method == "qlora")
-        result.update(status="skipped" if skipped else "failed", reason=reason or f"exit code {proc.returncode}",
-                      tail=output[-3000:])
+    if code != 0:
+        reason = common.failure_reason(output, code)
+        skipped = "bitsandbytes" in output or (method == "qlora" and "zero_stage" in reason)
+        result.update(status="skipped" if skipped else "failed", reason=reason, tail=output[-3000:])
         return result
     result.update(read_metrics(run_dir, args.warmup))
     return result
@@ -260,10 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r = payload["methods"][method]
         common.log(f"{method}: {r.get('status')}" + (f", {r['step_time_ms']:.1f} ms/step" if r.get("status") == "ok" else f" ({r.get('reason')})"))
         write_reports(payload)
-    text = write_reports(payload)
-    print(text)
-    common.log(f"wrote {args.out}/results.{{json,md,png}}")
-    return payload
+    return common.finish(payload, write_reports)
 
 
 if __name__ == "__main__":

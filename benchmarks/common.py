@@ -173,6 +173,46 @@ def backbone_storage(module: torch.nn.Module) -> tuple[int, int]:
     return weight.data.numel() * weight.data.element_size(), weight.numel()
 
 
+# --------------------------------------------------------------------------- the real trainer
+
+
+def trainer_command(python: str, ranks: int, overrides: list[str]) -> list[str]:
+    """``launch/train.py`` with Hydra ``overrides``: plain python for one rank, the deepspeed launcher else."""
+    train_py = str(REPO / "launch" / "train.py")
+    if ranks == 1:
+        return [python, train_py, *overrides]
+    import shutil
+
+    launcher = shutil.which("deepspeed", path=str(Path(python).parent)) or "deepspeed"
+    return [launcher, "--num_gpus", str(ranks), train_py, *overrides]
+
+
+def run_trainer(command: list[str], timeout: float) -> tuple[int | None, str]:
+    """Run one training command from the repository root: ``(exit code or None on time-out, output)``."""
+    import os
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or ""
+        return None, out.decode(errors="replace") if isinstance(out, bytes) else out
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def failure_reason(output: str, code: int | None) -> str:
+    """The last line of a failed run's output that names an error, else its exit code."""
+    if code is None:
+        return "timed out"
+    return next((line.strip() for line in reversed(output.splitlines()) if "Error" in line or "error" in line),
+                f"exit code {code}")
+
+
+def read_run_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 # --------------------------------------------------------------------------- environment
 
 
@@ -248,6 +288,13 @@ def bar_chart(path: Path, panels: list[tuple[str, list[str], list[float]]], titl
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def finish(payload: dict[str, Any], write_reports: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Write the final reports, print the markdown, say where they are; return the payload."""
+    print(write_reports(payload))
+    log(f"wrote {payload['out']}/results.{{json,md,png}}")
+    return payload
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

@@ -29,12 +29,13 @@ def prepare_model(
     double_quant: bool = True,
     cache_weight_transpose: bool = False,
     merge_rounding: str = "nearest",
+    unmerged: str = "keep",
     device: torch.device | str | None = None,
 ) -> list[str]:
     """Apply ``method`` to ``model`` in place and return what it targeted.
 
     * ``falqon`` — :func:`falqon_dist.convert_model` with ``FalqonConfig(rank, topk, init, backend,
-      cache_weight_transpose, merge_rounding)``; returns the converted module names. ``alpha`` does not apply (B is
+      cache_weight_transpose, merge_rounding, unmerged)``; returns the converted module names. ``alpha`` does not apply (B is
       in real units).
     * ``lora`` — bf16 LoRA via peft (:func:`~falqon_dist.baselines.lora.apply_lora`, ``rank``,
       ``alpha``, ``dropout``); returns the adapted module names. ``alpha`` defaults to ``rank``.
@@ -53,7 +54,7 @@ def prepare_model(
     (default: where each weight already is).
 
     Options a method does not use (``topk``/``init`` outside FALQON, ``dropout`` outside the peft
-    methods, ``double_quant`` outside QLoRA, ``cache_weight_transpose`` / ``merge_rounding`` outside FALQON, ``rank`` for
+    methods, ``double_quant`` outside QLoRA, ``cache_weight_transpose`` / ``merge_rounding`` / ``unmerged`` outside FALQON, ``rank`` for
     ``full``) are
     ignored, so one config can drive every method. Afterwards exactly the method's parameters have
     ``requires_grad``. Raises ``ValueError`` for an unknown ``method``.
@@ -66,6 +67,7 @@ def prepare_model(
             backend=backend,
             cache_weight_transpose=cache_weight_transpose,
             merge_rounding=merge_rounding,
+            unmerged=unmerged,
         )
         return convert_model(model, config, device=device)
     if method == "lora":

@@ -37,9 +37,8 @@ def _gather_adapter_rows(qweight: nn.Parameter, out_features: int, in_features: 
     return pieces.to(torch.uint8).view(E4M3).float().view(rank, in_features)
 
 
-def _merge_partitioned(layer, proxy: torch.Tensor, step: int) -> MergeStats:
+def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor, step: int) -> MergeStats:
     qweight = layer.qweight
-    rows = select_rows(proxy, layer.rows_per_merge)
     proxy_rows = proxy.index_select(0, rows)
     adapter_q = _gather_adapter_rows(qweight, layer.out_features, layer.in_features, layer.rank)
     rounding = {"seed": layer.seed, "step": step, "stochastic": layer.merge_rounding == "stochastic"}
@@ -58,20 +57,24 @@ def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeSt
     """Merge every FALQON layer of a DeepSpeed-wrapped model; same result on every rank.
 
     ``step`` (the engine's global step) keys stochastic merge rounding. No host synchronization of
-    our own (DeepSpeed's master-copy accessors may add theirs): the totals are device tensors,
-    ``saturated`` and ``nonfinite`` summed over the ranks' partitions under ZeRO-3 in one all-reduce.
+    our own (DeepSpeed's master-copy accessors may add theirs): the totals are device tensors, the
+    element counts summed over the ranks' partitions under ZeRO-3 in one all-reduce.
     """
     totals, partitioned, group = MergeStats(), MergeStats(), None
     for _, layer in falqon_layers(model):
         proxy = masters.read_full(layer.B)
+        rows = select_rows(proxy, layer.rows_per_merge)
         if hasattr(layer.qweight, "ds_id"):
-            partitioned.add_(_merge_partitioned(layer, proxy, step))
+            partitioned.add_(_merge_partitioned(layer, proxy, rows, step))
             group = layer.qweight.ds_process_group
         else:
-            totals.add_(layer.merge_proxy_(proxy, step=step))
-        masters.zero_(layer.B)
+            totals.add_(layer.merge_proxy_(proxy, step=step, rows=rows))
+        if layer.unmerged == "keep":  # the rows not merged stay, in the master copy too
+            masters.write_(layer.B, layer.remainder(proxy, rows))
+        else:
+            masters.zero_(layer.B)
     if group is not None and partitioned.layers:  # each rank counted its own slice's elements; rows once
         counts = partitioned.counts()
         tdist.all_reduce(counts[1:], group=group)
-        totals.add_(MergeStats(counts[0], counts[1], counts[2], partitioned.layers))
+        totals.add_(MergeStats(*counts, layers=partitioned.layers))
     return totals

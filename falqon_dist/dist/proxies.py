@@ -16,13 +16,16 @@ stage 0 + bf16              FP16_(Unfused)Optimizer's       its ``fp32_groups`` 
 stage 0, fp32               the parameter itself            ``param.data``
 ==========================  =============================  ======================================
 
-The low-precision parameter (and its ZeRO-3 partition) is zeroed too. Adam's moments are left as
-they are, as in the authors' code: the method resets B, not the optimizer.
+The low-precision parameter (and its ZeRO-3 partition) is zeroed too (``zero_``, the paper's merge);
+with ``unmerged="keep"`` the merge instead writes B with only its merged rows zeroed (``write_``,
+through the same accessors, each ZeRO-3 rank its own partition). Adam's moments are left as they
+are, as in the authors' code: the method resets B, not the optimizer.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as tdist
 from deepspeed.utils import (
     safe_get_full_fp32_param,
     safe_get_local_fp32_param,
@@ -56,6 +59,29 @@ class ProxyMasters:
         if id(param) in self._unfused:
             return self._unfused[id(param)].detach().float()
         return param.detach().float()
+
+    @torch.no_grad()
+    def write_(self, param: torch.nn.Parameter, full: torch.Tensor) -> None:
+        """Set B's master copy, the parameter and its ZeRO-3 partition to ``full`` (B's whole shape).
+
+        Every rank passes the same ``full``; under ZeRO-3 each writes only its own partition.
+        """
+        if hasattr(param, "ds_id"):
+            flat = full.detach().reshape(-1).float()
+            local = safe_get_local_fp32_param(param)
+            count = local.numel()
+            start = count * tdist.get_rank(group=param.ds_process_group)
+            piece = flat[start : start + count]
+            padded = torch.zeros(count, dtype=torch.float32, device=local.device)
+            padded[: piece.numel()] = piece.to(local.device)
+            safe_set_local_fp32_param(param, padded.view_as(local))
+            param.ds_tensor.view(-1).copy_(padded.to(param.ds_tensor.dtype))
+        elif hasattr(param, "_hp_mapping"):
+            safe_set_full_fp32_param(param, full.detach().float().reshape(param.shape).to(param.device))
+        elif id(param) in self._unfused:
+            self._unfused[id(param)].copy_(full.reshape(param.shape))
+        if param.data.numel():
+            param.data.copy_(full.reshape(param.data.shape))
 
     @torch.no_grad()
     def zero_(self, param: torch.nn.Parameter) -> None:

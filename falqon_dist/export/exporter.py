@@ -89,7 +89,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def merge_pending_proxies_(model: nn.Module) -> list[str]:
     """Merge every FALQON layer whose proxy B is non-zero; return the names of the merged layers.
 
-    The trainer merges after every optimizer step, so B is normally zero here. The merge changes the
+    The trainer merges after every optimizer step, so B is normally zero here (with
+    ``unmerged="keep"`` it holds the rows no merge took yet: every row is merged). The merge changes the
     model in place (under ZeRO-3, on every rank). An optimizer's fp32 master copy of B is NOT zeroed:
     to keep training afterwards, merge through the trainer's post-step hook before exporting.
     """
@@ -99,9 +100,12 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
             pending = bool(layer.B.detach().ne(0).any())
         if pending:
             with gathered(list(layer.parameters(recurse=False)), modify=True):
-                layer.merge_proxy_()
+                # every row: what B still holds (unmerged="keep") must reach the exported weights
+                layer.merge_proxy_(rows=torch.arange(layer.out_features, device=layer.B.device))
             merged.append(name)
-    if merged:
+    if merged and all(layer.unmerged == "keep" for name, layer in falqon_layers(model) if name in merged):
+        logger.info("export_fp8 merged the rows of B no training merge took (unmerged=keep) in %d layer(s)", len(merged))
+    elif merged:
         logger.warning(
             "export_fp8 merged pending proxy updates of %d FALQON layer(s) (first: %s); an optimizer "
             "master copy of B, if any, was not zeroed",

@@ -8,6 +8,7 @@ from falqon_dist.fp8.backends import BACKEND_NAMES
 
 INIT_NAMES = ("svd", "random")
 MERGE_ROUNDINGS = ("nearest", "stochastic")
+UNMERGED = ("discard", "keep")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class FalqonConfig:
     #: an update below half an FP8 step still moves the weight on average; seeded by ``seed`` and the
     #: optimizer step, so every rank draws the same noise).
     merge_rounding: str = "nearest"
+    #: What happens to the rows of B a merge does not take: "keep" (only merged rows are zeroed;
+    #: the rest keeps accumulating until it is picked, and the forward adds their LoRA term o_A·Bᵀ:
+    #: one small bf16 GEMM, no cast) or "discard" (zero all of B after every merge: the paper).
+    #: "keep" is the default: on the demo task it learns at a third of the paper's learning rate and
+    #: beats it by far (benchmarks/bench_learning.py; README).
+    unmerged: str = "keep"
     #: Keep a transposed copy of each layer's W rows for the backward GEMM ∂L/∂x (FP8 tensor cores
     #: need W column-major there): saves one transpose per layer per backward pass, costs one more
     #: byte per backbone parameter. Not with ZeRO-3 (the copy would be a full W per rank).
@@ -54,6 +61,8 @@ class FalqonConfig:
             raise ValueError(f"FalqonConfig.backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
         if self.merge_rounding not in MERGE_ROUNDINGS:
             raise ValueError(f"FalqonConfig.merge_rounding must be one of {MERGE_ROUNDINGS}, got {self.merge_rounding!r}")
+        if self.unmerged not in UNMERGED:
+            raise ValueError(f"FalqonConfig.unmerged must be one of {UNMERGED}, got {self.unmerged!r}")
         if not isinstance(self.cache_weight_transpose, bool):
             raise ValueError(
                 f"FalqonConfig.cache_weight_transpose must be true or false, got {self.cache_weight_transpose!r}"

@@ -6,8 +6,9 @@ Forward (``x``: N × in, ``M_q = Q([W; A]/s)`` stored as uint8 bits, s fixed):
     Y   = (x_q · M_qᵀ) · s_x · s         ONE FP8 GEMM, N × (out + r)
     y   = Y[:, :out] (+ bias)            o_A = Y[:, out:] is kept (in E4M3) for backward
 
-B is zero at every forward (the proxy merge zeroes it after each optimizer step), so the LoRA term
-``o_A · Bᵀ`` would add nothing and is not computed.
+With the paper's merge (``unmerged="discard"``) B is zero at every forward (the merge zeroes it after
+each optimizer step), so the LoRA term ``o_A · Bᵀ`` would add nothing and is not computed. With
+``unmerged="keep"`` the rows a merge does not take stay in B, and ``y += o_A · Bᵀ``.
 
 Backward (``g = ∂L/∂y``):
 
@@ -43,10 +44,15 @@ shared_input_casts = SharedCast()
 
 
 class _MeldedFP8Matmul(torch.autograd.Function):
-    """``y = x Wᵀ`` through the melded FP8 GEMM, with ``∂L/∂B`` from the saved adapter output."""
+    """``y = x Wᵀ (+ o_A·Bᵀ)`` through the melded FP8 GEMM, with ``∂L/∂B`` from the saved adapter output.
+
+    ``keep_unmerged``: B holds rows that earlier merges did not take, so the LoRA term is live:
+    ``y += o_A·Bᵀ`` (bf16 GEMM on the GEMM's own o_A output) and ``∂L/∂x += (g·B)·A`` (two small
+    bf16 GEMMs with A dequantized from the melded rows). ``∂L/∂B = gᵀ·o_A`` either way.
+    """
 
     @staticmethod
-    def forward(ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str, weight_t_cache):
+    def forward(ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str, weight_t_cache, keep_unmerged: bool):
         backend = resolve_backend(backend_name, x_hp.device)
         x_fp8, x_scale, _ = shared_input_casts.get(
             x_hp, (backend.name, E4M3), lambda: backend.quantize(x_hp.reshape(-1, x_hp.shape[-1]), E4M3)
@@ -55,17 +61,21 @@ class _MeldedFP8Matmul(torch.autograd.Function):
         # One rounding to the activation dtype: E4M3 re-quantization of o_A loses far more than bf16.
         # Fast accumulation in the forward only (as torchao): the backward GEMMs promote to fp32.
         y_full = backend.gemm(x_fp8, melded_fp8.t(), x_scale, scale, x_hp.dtype, fast_accum=True)
+        adapter_out = y_full[:, out_features:]
         # Only Q(o_A)ᵀ is needed (as the b operand of ∂L/∂B = g_qᵀ · Q(o_A)).
-        _, adapter_out_scale, adapter_out_fp8_t = backend.quantize(y_full[:, out_features:], E4M3, transpose=True)
-        # qweight is saved as the Parameter itself: under ZeRO-3 its data is re-gathered for backward.
-        ctx.save_for_backward(qweight, scale, adapter_out_fp8_t, adapter_out_scale)
+        _, adapter_out_scale, adapter_out_fp8_t = backend.quantize(adapter_out, E4M3, transpose=True)
+        y = y_full[:, :out_features]
+        if keep_unmerged:
+            y = torch.addmm(y, adapter_out, proxy.detach().to(y.dtype).t())
+        # qweight (and B) are saved as the Parameters: under ZeRO-3 their data is re-gathered for backward.
+        ctx.save_for_backward(qweight, scale, adapter_out_fp8_t, adapter_out_scale, proxy if keep_unmerged else None)
         ctx.out_features, ctx.backend_name, ctx.proxy_dtype = out_features, backend_name, proxy.dtype
-        ctx.x_shape, ctx.weight_t_cache = x_hp.shape, weight_t_cache
-        return y_full[:, :out_features].reshape(*x_hp.shape[:-1], out_features)
+        ctx.x_shape, ctx.weight_t_cache, ctx.keep_unmerged = x_hp.shape, weight_t_cache, keep_unmerged
+        return y.reshape(*x_hp.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_out):
-        qweight, scale, adapter_out_fp8_t, adapter_out_scale = ctx.saved_tensors
+        qweight, scale, adapter_out_fp8_t, adapter_out_scale, proxy = ctx.saved_tensors
         backend = resolve_backend(ctx.backend_name, grad_out.device)
         need_x, need_proxy = ctx.needs_input_grad[:2]
         g2d = grad_out.reshape(-1, ctx.out_features)
@@ -77,11 +87,15 @@ class _MeldedFP8Matmul(torch.autograd.Function):
                 weight_fp8 = from_bits(ctx.weight_t_cache.get(weight_bits), E4M3).t()
             else:
                 weight_fp8 = from_bits(weight_bits, E4M3)
-            grad_x = backend.gemm(g_fp8, weight_fp8, g_scale, scale, grad_out.dtype).reshape(ctx.x_shape)
+            grad_x = backend.gemm(g_fp8, weight_fp8, g_scale, scale, grad_out.dtype)
+            if ctx.keep_unmerged:  # the live LoRA term: ∂(o_A·Bᵀ)/∂x = (g·B)·A
+                adapter = dequantize(from_bits(qweight[ctx.out_features :], E4M3), scale, g2d.dtype)
+                grad_x = torch.addmm(grad_x, g2d @ proxy.to(g2d.dtype), adapter)
+            grad_x = grad_x.reshape(ctx.x_shape)
         if need_proxy:
             grad_proxy = backend.gemm(g_fp8_t, adapter_out_fp8_t.t(), g_scale, adapter_out_scale, torch.float32)
             grad_proxy = grad_proxy.to(ctx.proxy_dtype)
-        return grad_x, grad_proxy, None, None, None, None, None
+        return grad_x, grad_proxy, None, None, None, None, None, None
 
 
 class FalqonLinear(Float32ScaleMixin):
@@ -106,6 +120,7 @@ class FalqonLinear(Float32ScaleMixin):
         topk: int | None = None,
         cache_weight_transpose: bool = False,
         merge_rounding: str = "nearest",
+        unmerged: str = "discard",
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
@@ -120,6 +135,7 @@ class FalqonLinear(Float32ScaleMixin):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.backend, self.topk = backend, topk
         self.merge_rounding, self.seed = merge_rounding, seed
+        self.unmerged = unmerged
         self.weight_t_cache = TransposedBitsCache() if cache_weight_transpose else None
         self.qweight = nn.Parameter(
             torch.zeros(out_features + rank, in_features, dtype=torch.uint8, device=device), requires_grad=False
@@ -144,6 +160,7 @@ class FalqonLinear(Float32ScaleMixin):
             topk=config.topk,
             cache_weight_transpose=config.cache_weight_transpose,
             merge_rounding=config.merge_rounding,
+            unmerged=config.unmerged,
             seed=config.seed,
             device=weight.device,
             dtype=weight.dtype if weight.is_floating_point() else torch.float32,
@@ -179,24 +196,29 @@ class FalqonLinear(Float32ScaleMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _MeldedFP8Matmul.apply(
-            x, self.B, self.qweight, self.scale, self.out_features, self.backend, self.weight_t_cache
+            x, self.B, self.qweight, self.scale, self.out_features, self.backend, self.weight_t_cache,
+            self.unmerged == "keep",
         )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
 
     @torch.no_grad()
-    def merge_proxy_(self, proxy: torch.Tensor | None = None, *, step: int = 0) -> MergeStats:
-        """Merge the top-k rows of B into the FP8 backbone, then zero B (DESIGN.md §1).
+    def merge_proxy_(
+        self, proxy: torch.Tensor | None = None, *, step: int = 0, rows: torch.Tensor | None = None
+    ) -> MergeStats:
+        """Merge the top-k rows of B into the FP8 backbone, then reset B (DESIGN.md §1).
 
-        ``proxy`` overrides the B that is read (e.g. an optimizer's fp32 master copy); zeroing that
-        copy is then the caller's job, ``self.B`` is zeroed here in any case. ``step`` (the optimizer
-        step) keys stochastic merge rounding; nearest rounding ignores it. No host synchronization:
-        the returned :class:`~falqon_dist.method.proxy.MergeStats` holds device tensors. A cached
-        ``Wᵀ`` is updated in place (only the merged rows, i.e. its columns, change).
+        ``proxy`` overrides the B that is read (e.g. an optimizer's fp32 master copy); resetting that
+        copy to :meth:`remainder` is then the caller's job, ``self.B`` is reset here in any case.
+        ``rows`` overrides the top-k choice (``select_rows(proxy, out_features)`` merges every row).
+        ``step`` (the optimizer step) keys stochastic merge rounding; nearest rounding ignores it. No
+        host synchronization: the returned :class:`~falqon_dist.method.proxy.MergeStats` holds
+        device tensors. A cached ``Wᵀ`` is updated in place (only the merged rows, i.e. its columns,
+        change).
         """
         proxy = (self.B if proxy is None else proxy).detach()
-        rows = select_rows(proxy, self.rows_per_merge)
+        rows = select_rows(proxy, self.rows_per_merge) if rows is None else rows
         stats, new_bits = apply_rows_(
             self.qweight.data,
             rows,
@@ -207,8 +229,15 @@ class FalqonLinear(Float32ScaleMixin):
             stochastic=self.merge_rounding == "stochastic",
         )
         self.rows_rewritten(rows, new_bits)
-        self.B.zero_()
+        self.B.copy_(self.remainder(proxy, rows))
         return stats
+
+    def remainder(self, proxy: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """What B holds after merging ``rows`` of ``proxy``: zeros (``unmerged="discard"``, the paper)
+        or ``proxy`` with the merged rows zeroed (``unmerged="keep"``)."""
+        if self.unmerged == "keep":
+            return proxy.index_fill(0, rows.to(proxy.device), 0)
+        return torch.zeros_like(proxy)
 
     def adapter_q(self) -> torch.Tensor:
         """The adapter rows ``A_q = M_q[out:]`` as float32 in the scaled FP8 domain (rank × in)."""
@@ -234,4 +263,5 @@ class FalqonLinear(Float32ScaleMixin):
             f"bias={self.bias is not None}, topk={self.rows_per_merge}, backend={self.backend}"
             + (", cache_weight_transpose=True" if self.weight_t_cache is not None else "")
             + (", merge_rounding=stochastic" if self.merge_rounding == "stochastic" else "")
+            + (", unmerged=keep" if self.unmerged == "keep" else "")
         )

@@ -39,6 +39,8 @@ import torch
 from falqon_dist.fp8 import E4M3, E4M3_MAX, to_bits
 
 _MASK32 = 0xFFFFFFFF
+#: The counts of :class:`MergeStats`, in :meth:`MergeStats.counts` order.
+COUNT_NAMES = ("rows_merged", "saturated", "nonfinite", "changed")
 
 
 @dataclass
@@ -46,7 +48,9 @@ class MergeStats:
     """Totals of one merge as 0-dim int64 device tensors (no host sync until :meth:`to_dict`).
 
     ``rows_merged``: rows with a non-zero update; ``saturated``: elements clamped at ±448;
-    ``nonfinite``: elements left unchanged because their update was NaN/inf; ``layers``: layers merged.
+    ``nonfinite``: elements left unchanged because their update was NaN/inf; ``changed``: elements
+    whose FP8 bits the merge actually changed (0 while rows are merged means every update was
+    rounded away: the learning rate is too small for FP8); ``layers``: layers merged.
     An empty total (``MergeStats()``) holds None until the first :meth:`add_`: creating zeros on the
     host and copying them to a GPU would itself synchronize.
     """
@@ -54,6 +58,7 @@ class MergeStats:
     rows_merged: torch.Tensor | None = None
     saturated: torch.Tensor | None = None
     nonfinite: torch.Tensor | None = None
+    changed: torch.Tensor | None = None
     layers: int = 0
 
     def add_(self, other: MergeStats) -> MergeStats:
@@ -61,24 +66,25 @@ class MergeStats:
         if other.rows_merged is None:
             return self
         if self.rows_merged is None:
-            self.rows_merged, self.saturated, self.nonfinite = other.rows_merged, other.saturated, other.nonfinite
+            self.rows_merged, self.saturated = other.rows_merged, other.saturated
+            self.nonfinite, self.changed = other.nonfinite, other.changed
         else:
             self.rows_merged = self.rows_merged + other.rows_merged
             self.saturated = self.saturated + other.saturated
             self.nonfinite = self.nonfinite + other.nonfinite
+            self.changed = self.changed + other.changed
         self.layers += other.layers
         return self
 
     def counts(self) -> torch.Tensor:
-        """``[rows_merged, saturated, nonfinite]`` as one int64 device tensor (e.g. to all-reduce)."""
+        """``[rows_merged, saturated, nonfinite, changed]`` as one int64 device tensor (e.g. to all-reduce)."""
         if self.rows_merged is None:
-            return torch.zeros(3, dtype=torch.int64)
-        return torch.stack([self.rows_merged, self.saturated, self.nonfinite])
+            return torch.zeros(len(COUNT_NAMES), dtype=torch.int64)
+        return torch.stack([self.rows_merged, self.saturated, self.nonfinite, self.changed])
 
     def to_dict(self) -> dict[str, int]:
         """Plain integers: ONE host synchronization for all counts."""
-        rows_merged, saturated, nonfinite = self.counts().tolist()
-        return {"rows_merged": rows_merged, "saturated": saturated, "nonfinite": nonfinite, "layers": self.layers}
+        return {**dict(zip(COUNT_NAMES, self.counts().tolist())), "layers": self.layers}
 
 
 def select_rows(proxy: torch.Tensor, k: int) -> torch.Tensor:
@@ -158,7 +164,7 @@ def merged_row_bits(
 
     ``old_bits`` (k × in, uint8), ``proxy_rows`` (k × r), ``adapter_q`` (r × in, float32, scaled
     domain), ``noise`` (k × in uniform [0, 1) for stochastic rounding, or None for nearest).
-    Returns ``(new_bits, saturated, nonfinite)``: uint8 (k × in) and two boolean (k × in) masks.
+    Returns ``(new_bits, saturated, nonfinite, changed)``: uint8 (k × in) and three boolean masks.
     """
     old = old_bits.view(E4M3).float()
     updated = old + proxy_rows.float() @ adapter_q.float()
@@ -166,7 +172,8 @@ def merged_row_bits(
     saturated = finite & (updated.abs() > E4M3_MAX)
     updated = torch.where(finite, updated.clamp(-E4M3_MAX, E4M3_MAX), old)
     rounded = updated.to(E4M3) if noise is None else stochastic_round_e4m3(updated, noise)
-    return to_bits(rounded), saturated, ~finite
+    new_bits = to_bits(rounded)
+    return new_bits, saturated, ~finite, new_bits != old_bits
 
 
 def _row_elements(rows: torch.Tensor, in_features: int, device: torch.device) -> torch.Tensor:
@@ -174,11 +181,12 @@ def _row_elements(rows: torch.Tensor, in_features: int, device: torch.device) ->
     return rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device)
 
 
-def _stats(proxy_rows: torch.Tensor, saturated: torch.Tensor, nonfinite: torch.Tensor) -> MergeStats:
+def _stats(proxy_rows: torch.Tensor, saturated: torch.Tensor, nonfinite: torch.Tensor, changed: torch.Tensor) -> MergeStats:
     return MergeStats(
         rows_merged=proxy_rows.abs().sum(dim=1).gt(0).sum(),
         saturated=saturated.sum(),
         nonfinite=nonfinite.sum(),
+        changed=changed.sum(),
         layers=1,
     )
 
@@ -201,11 +209,11 @@ def apply_rows_(
     in_features = bits.shape[1]
     rows = rows.to(bits.device)
     noise = merge_noise(seed, step, _row_elements(rows, in_features, bits.device)) if stochastic else None
-    new_bits, saturated, nonfinite = merged_row_bits(
+    new_bits, saturated, nonfinite, changed = merged_row_bits(
         bits.index_select(0, rows), proxy_rows.to(bits.device), adapter_q.to(bits.device), noise
     )
     bits.index_copy_(0, rows, new_bits)
-    return _stats(proxy_rows, saturated, nonfinite), new_bits
+    return _stats(proxy_rows, saturated, nonfinite, changed), new_bits
 
 
 def apply_rows_to_slice_(
@@ -231,7 +239,7 @@ def apply_rows_to_slice_(
     n = flat.numel()
     if n == 0 or rows.numel() == 0:
         nothing = torch.zeros((1, 1), dtype=torch.bool, device=proxy_rows.device)
-        return _stats(proxy_rows, nothing, nothing)
+        return _stats(proxy_rows, nothing, nothing, nothing)
     device = flat.device
     rows = rows.to(device)
     elements = _row_elements(rows, in_features, device)  # global flat indices, k × in
@@ -239,7 +247,7 @@ def apply_rows_to_slice_(
     inside = (local >= 0) & (local < n)
     clamped = local.clamp(0, n - 1)
     noise = merge_noise(seed, step, elements) if stochastic else None
-    new_bits, saturated, nonfinite = merged_row_bits(
+    new_bits, saturated, nonfinite, changed = merged_row_bits(
         flat[clamped], proxy_rows.to(device), adapter_q.to(device), noise
     )
     new_flat = new_bits.reshape(-1)
@@ -255,4 +263,4 @@ def apply_rows_to_slice_(
 
     fill = torch.where(local < 0, final_value(0), final_value(n - 1))
     flat.index_put_((clamped.reshape(-1),), torch.where(inside, new_bits, fill).reshape(-1))
-    return _stats(proxy_rows, saturated & inside, nonfinite & inside)
+    return _stats(proxy_rows, saturated & inside, nonfinite & inside, changed & inside)

@@ -89,6 +89,7 @@ def falqon_config(settings: RunSettings) -> FalqonConfig:
         init=method.init,
         backend=settings.fp8.backend,
         merge_rounding=method.merge_rounding,
+        unmerged=method.unmerged,
         cache_weight_transpose=settings.fp8.cache_weight_transpose,
     )
 
@@ -113,6 +114,7 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
             init=method.init,
             double_quant=method.double_quant,
             merge_rounding=method.merge_rounding,
+            unmerged=method.unmerged,
             device=_local_accelerator(),
         )
     if settings.model.gradient_checkpointing:

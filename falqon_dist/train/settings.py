@@ -17,7 +17,7 @@ from falqon_dist.baselines import METHODS
 from falqon_dist.data import DataConfig
 from falqon_dist.fp8 import BACKEND_NAMES, check_backend
 from falqon_dist.fp8.cast import CAST_KERNELS
-from falqon_dist.method.config import MERGE_ROUNDINGS
+from falqon_dist.method.config import MERGE_ROUNDINGS, UNMERGED
 from falqon_dist.train.wandb_logger import VALID_MODES
 
 DTYPES = ("bf16", "fp32")
@@ -90,6 +90,8 @@ class MethodSettings:
     double_quant: bool
     #: FALQON only: "nearest" | "stochastic" rounding of merged weights.
     merge_rounding: str
+    #: FALQON: rows of B a merge does not take are discarded (the paper) or kept.
+    unmerged: str
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ def _method(m: DictConfig) -> MethodSettings:
     if not isinstance(double_quant, bool):
         raise ConfigError(f"method.double_quant must be true or false, got {double_quant!r}")
     merge_rounding = _choice(m.get("merge_rounding", "nearest"), "method.merge_rounding", MERGE_ROUNDINGS)
+    unmerged = _choice(m.get("unmerged", "discard"), "method.unmerged", UNMERGED)
     return MethodSettings(
         name=name,
         rank=rank,
@@ -187,6 +190,7 @@ def _method(m: DictConfig) -> MethodSettings:
         dropout=dropout,
         double_quant=double_quant,
         merge_rounding=merge_rounding,
+        unmerged=unmerged,
     )
 
 

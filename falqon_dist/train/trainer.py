@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from falqon_dist.data import build_data
 from falqon_dist.dist import checkpoint, initialize
+from falqon_dist.method.proxy import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
 from falqon_dist.train.ds_config import build_ds_config
 from falqon_dist.train.evaluate import exact_match, response_loss
@@ -30,6 +31,9 @@ from falqon_dist.train.settings import RunSettings, validate
 from falqon_dist.train.wandb_logger import WandbLogger
 
 log = logging.getLogger("falqon_dist")
+
+#: Consecutive steps whose merges change no FP8 weight before the learning-rate warning.
+ROUNDED_AWAY_STEPS = 5
 
 
 def lr_lambda(settings: RunSettings):
@@ -97,6 +101,7 @@ class Trainer:
         setup_logging(self.run_dir, self.rank)
         self.resolved_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
         self.wandb: WandbLogger | None = None
+        self._rounded_away = 0  # consecutive steps whose merges changed no FP8 byte
 
     # ------------------------------------------------------------------ setup
 
@@ -188,9 +193,30 @@ class Trainer:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if merge is not None:
-            record["rows_merged"], record["saturated"], record["nonfinite"] = (int(v) for v in values[3:6])
+            record.update(zip(COUNT_NAMES, (int(v) for v in values[3:])))
         record["mem_peak_mb"] = peak_memory_mb(engine.device)
         return record
+
+    def watch_merges(self, step: int, record: dict[str, Any]) -> None:
+        """Warn (rank 0's log) when FALQON's merges stop doing their job: every update rounded away
+        for several steps in a row (the learning rate is too small for FP8), or non-finite updates
+        that the merge refused to write into the backbone."""
+        stalled = record.get("rows_merged") and record.get("changed") == 0
+        self._rounded_away = self._rounded_away + 1 if stalled else 0
+        if self._rounded_away == ROUNDED_AWAY_STEPS and step > self.settings.train.warmup_steps:
+            log.warning(
+                "FALQON: %d steps in a row merged rows of B without changing a single FP8 weight: every "
+                "update is below half an FP8 step and is rounded away (lr %.3g). FALQON needs far larger "
+                "rates than LoRA (10-50x; DESIGN.md §1): raise train.lr, or keep the unmerged rows "
+                "(method.unmerged=keep) / round stochastically (method.merge_rounding=stochastic)",
+                ROUNDED_AWAY_STEPS, record["lr"],
+            )
+        if record.get("nonfinite"):
+            log.warning(
+                "step %d: %d merged FP8 elements had a non-finite update (NaN/inf in B) and were left "
+                "unchanged; the backbone holds no NaN, but the run is diverging (lower train.lr?)",
+                step, record["nonfinite"],
+            )
 
     def save(self, step: int) -> None:
         state = {"data": self.batches.state(), "step": step}
@@ -208,12 +234,7 @@ class Trainer:
         for step in range(self.start_step + 1, s.max_steps + 1):
             record = self.train_step()
             speeds.append(record["tokens_per_s"])
-            if record.get("nonfinite"):
-                log.warning(
-                    "step %d: %d merged FP8 elements had a non-finite update (NaN/inf in B) and were left "
-                    "unchanged; the backbone holds no NaN, but the run is diverging (lower train.lr?)",
-                    step, record["nonfinite"],
-                )
+            self.watch_merges(step, record)
             if step % s.log_every == 0 or step == s.max_steps:
                 self.log_record({"step": step, **record})
             bar.update(1)

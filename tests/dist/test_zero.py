@@ -4,7 +4,8 @@ Each stage runs ``worker_zero.py`` once; the worker checks, for bf16 off and on:
 accumulation boundaries, bit-identical backbone bytes across ranks (sha256 digest all-gathered),
 the fp32 master copy of B zeroed, scales float32 and unchanged, partition sizes (ZeRO-3), and that the
 distributed merge writes exactly the bytes of a single-process merge for the same B, with nearest and
-with stochastic rounding (the noise is drawn for whole rows, each ZeRO-3 rank uses its slice).
+with stochastic rounding (the noise is a pure function of the element index, each ZeRO-3 rank uses
+its slice), and with ``unmerged="keep"`` (the fp32 master then holds exactly the unmerged rows).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ CHECKS = [
     "master-zeroed",
     "merge-bytes-match-reference",
     "stochastic-merge-bytes-match-reference",
+    "keep-merge-bytes-match-reference",
 ]
 
 

@@ -17,7 +17,7 @@ from falqon_dist.dist import initialize
 from falqon_dist.method.proxy import select_rows
 from tests.models import tiny_llama  # seeded: identical weights on every rank
 
-RANK_CFG = fd.FalqonConfig(rank=8, backend="emulated")
+RANK_CFG = fd.FalqonConfig(rank=8, backend="emulated", unmerged="discard")  # the paper: B zeroed by every merge
 GRAD_ACCUM = 2
 
 
@@ -117,11 +117,15 @@ def check_training(stage: int, bf16: bool) -> None:
     say(f"{tag} master-zeroed")
     check_merge_bytes(engine, tag)
     check_merge_bytes(engine, tag, rounding="stochastic", proxy_scale=0.02, step=5)
+    check_merge_bytes(engine, tag, unmerged="keep", step=6)
 
 
-def check_merge_bytes(engine, tag: str, rounding: str = "nearest", proxy_scale: float = 0.5, step: int = 0) -> None:
+def check_merge_bytes(
+    engine, tag: str, rounding: str = "nearest", proxy_scale: float = 0.5, step: int = 0, unmerged: str = "discard"
+) -> None:
     """The distributed merge writes exactly the bytes a single-process merge writes for the same B
-    (with stochastic rounding too: small proxies, so the noise decides many elements)."""
+    (with stochastic rounding too: small proxies, so the noise decides many elements); with
+    ``unmerged="keep"`` the fp32 master of B then holds exactly the reference's unmerged rows."""
     reference = tiny_llama()
     fd.convert_model(reference, RANK_CFG)
     dist_layers = [layer for _, layer in fd.falqon_layers(engine.module)]
@@ -129,7 +133,7 @@ def check_merge_bytes(engine, tag: str, rounding: str = "nearest", proxy_scale: 
     for ref, full in zip(ref_layers, full_qweights(engine.module)):
         ref.qweight.data.copy_(full)
     for layer in (*dist_layers, *ref_layers):
-        layer.merge_rounding = rounding
+        layer.merge_rounding, layer.unmerged = rounding, unmerged
     g = torch.Generator().manual_seed(7)  # the same proxies on every rank
     proxies = [torch.randn(layer.out_features, layer.rank, generator=g) * proxy_scale for layer in ref_layers]
     from deepspeed.utils import safe_set_full_fp32_param
@@ -155,9 +159,15 @@ def check_merge_bytes(engine, tag: str, rounding: str = "nearest", proxy_scale: 
     assert stats["saturated"] == ref_stats["saturated"], (stats, ref_stats)
     changed = sum(int((a != b).sum()) for a, b in zip(before, full_qweights(engine.module)))
     assert changed > 0, f"{tag}: the {rounding} merge changed nothing"
-    for layer in dist_layers:
-        layer.merge_rounding = "nearest"
-    say(f"{tag} {'' if rounding == 'nearest' else rounding + '-'}merge-bytes-match-reference")
+    for dist_layer, ref in zip(dist_layers, ref_layers):
+        master = engine._proxy_masters.read_full(dist_layer.B)
+        assert torch.equal(master, ref.B.detach().float()), f"{tag}: B master after an unmerged={unmerged} merge"
+        if unmerged == "keep":
+            assert master.any() and (master.ne(0).any(dim=1).sum() == ref.out_features - ref.rows_per_merge)
+        dist_layer.merge_rounding, dist_layer.unmerged = "nearest", "discard"
+        engine._proxy_masters.zero_(dist_layer.B)
+    label = ("" if rounding == "nearest" else f"{rounding}-") + ("keep-" if unmerged == "keep" else "")
+    say(f"{tag} {label}merge-bytes-match-reference")
 
 
 if __name__ == "__main__":

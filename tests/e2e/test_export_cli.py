@@ -121,18 +121,29 @@ def test_training_with_export_enabled_leaves_a_loadable_export(run_dir):
 
 
 def test_cli_export_writes_the_checkpoint_fp8_bytes(run_dir, cli_export):
+    """The checkpoint's FP8 codes, with the rows B still holds (unmerged=keep) merged by the same
+    merge code, and nothing requantized."""
+    import falqon_dist as fd
+    from falqon_dist.export.exporter import merge_pending_proxies_
+    from falqon_dist.train.restore import restore_run
+
     out, stdout = cli_export
     ckpt = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     frozen, buffers = checkpoint_tensors(ckpt)
     exported = read_tensors(out)
     qweights = {k[: -len(".qweight")]: v for k, v in frozen.items() if k.endswith(".qweight")}
     assert len(qweights) == 28  # 4 layers × (q, k, v, o, gate, up, down)
+    restored = restore_run(run_dir)
+    for name, layer in fd.falqon_layers(restored.model):
+        assert torch.equal(layer.qweight, qweights[name]), f"{name}: restored bytes differ from the checkpoint"
+    merge_pending_proxies_(restored.model)
+    merged = {name: layer.qweight for name, layer in fd.falqon_layers(restored.model)}
     for layer, codes in qweights.items():
         weight = exported[f"{layer}.weight"]
         assert weight.dtype == torch.float8_e4m3fn
         out_features = weight.shape[0]
         assert codes.shape[0] > out_features  # the melded A rows are dropped from the export
-        assert torch.equal(weight.view(torch.uint8), codes[:out_features]), f"{layer}: FP8 bytes differ"
+        assert torch.equal(weight.view(torch.uint8), merged[layer][:out_features]), f"{layer}: FP8 bytes differ"
         scale = exported[f"{layer}.weight_scale"]
         assert scale.dtype == torch.float32 and torch.equal(scale, buffers[f"{layer}.scale"]), layer
     for name, tensor in frozen.items():  # embeddings, norms, lm_head: unchanged, in the run's dtype
@@ -158,8 +169,11 @@ def test_exported_logits_match_the_dequantized_checkpoint(run_dir, cli_export):
     import falqon_dist as fd
     from falqon_dist.train.restore import restore_run
 
+    from falqon_dist.export.exporter import merge_pending_proxies_
+
     out, _ = cli_export
     restored = restore_run(run_dir)
+    merge_pending_proxies_(restored.model)  # what the export does with the rows B still holds (unmerged=keep)
     reference = copy.deepcopy(restored.model).float()
     for name, layer in fd.falqon_layers(reference):
         parent, _, child = name.rpartition(".")

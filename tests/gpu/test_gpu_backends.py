@@ -137,7 +137,7 @@ def test_falqon_merge_on_cuda_is_deterministic_and_matches_cpu():
     """
     _needs_fp8_hardware()
     linear = _linear(512, 384, bias=False, dtype=torch.float32)
-    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="scaled_mm"))
+    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="scaled_mm", unmerged="discard"))
     torch.manual_seed(1)
     proxy = torch.randn(384, 16) * 0.05
     first, second, on_cpu = copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer).cpu()
@@ -269,13 +269,14 @@ def test_compiled_cast_on_cuda_is_bit_identical_to_eager(fmt, dtype):
     assert q_t.is_contiguous() and torch.equal(fp8.to_bits(q_t), fp8.to_bits(ref_q).t().contiguous())
 
 
+@pytest.mark.parametrize("unmerged", ["keep", "discard"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_falqon_step_and_merge_never_synchronize_on_cuda(rounding):
+def test_falqon_step_and_merge_never_synchronize_on_cuda(rounding, unmerged):
     """CUDA's sync debug mode raises on any host synchronization: fwd + bwd + merge of 4 layers run under it."""
     _needs_fp8_hardware()
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(4)]).to(CUDA, torch.bfloat16)
-    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="scaled_mm", merge_rounding=rounding))
+    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="scaled_mm", merge_rounding=rounding, unmerged=unmerged))
     x = torch.randn(256, 512, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
     model(x).float().pow(2).mean().backward()  # first call: compile the casts outside the check
     with torch.no_grad():
@@ -339,8 +340,8 @@ def test_falqon_tiny_model_training_on_cuda_bf16(backend):
     _needs_fp8_hardware(backend)
     model, batch = _tiny_model_and_batch()
     reference = copy.deepcopy(model)
-    names = prepare_model(model, "falqon", rank=16, backend=backend)
-    prepare_model(reference, "falqon", rank=16, backend="emulated")
+    names = prepare_model(model, "falqon", rank=16, backend=backend, unmerged="discard")
+    prepare_model(reference, "falqon", rank=16, backend="emulated", unmerged="discard")
     layers = fd.falqon_layers(model)
     assert len(layers) == len(names) > 0
     expected = "scaled_mm" if backend == "auto" else backend

@@ -21,7 +21,7 @@ def compose_cfg(overrides: list[str]):
 def test_default_composes_and_validates():
     settings = validate(compose_cfg([]))
     assert settings.method.name == "falqon" and settings.deepspeed.zero_stage == 3
-    assert settings.train.lr == 0.1  # FALQON's own default rate, interpolated from method.lr
+    assert settings.train.lr == 0.05  # FALQON's own default rate, interpolated from method.lr
     assert settings.data.name == "synthetic"
 
 
@@ -56,6 +56,7 @@ def test_every_shipped_config_composes(group, option, tmp_path):
         ("method.rank=0", "method.rank"),
         ("method.topk=0", "method.topk"),
         ("method.merge_rounding=up", "method.merge_rounding"),
+        ("method.unmerged=hold", "method.unmerged"),
         ("model.dtype=fp16", "model.dtype"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("deepspeed.config=/no/such/ds.json", "deepspeed.config"),
@@ -145,6 +146,23 @@ def test_fp8_cache_weight_transpose_reaches_the_layers_and_refuses_zero3(tmp_pat
     model = tiny_llama()
     prepare_model(model, "falqon", rank=4, backend="emulated", cache_weight_transpose=True)
     assert all(layer.weight_t_cache is not None for _, layer in falqon_layers(model))
+
+
+def test_unmerged_keep_reaches_the_layers():
+    settings = validate(compose_cfg(["method.unmerged=keep"]))
+    assert settings.method.unmerged == "keep"
+    assert validate(compose_cfg([])).method.unmerged == "keep"  # the default, chosen by the learning benchmark
+    assert validate(compose_cfg(["method.unmerged=discard"])).method.unmerged == "discard"  # the paper
+    assert validate(compose_cfg(["method=lora"])).method.unmerged == "discard"  # not in its file: saved
+    # configs from before the option existed were trained the paper's way
+
+    from falqon_dist.baselines import prepare_model
+    from falqon_dist.method import falqon_layers
+    from tests.models import tiny_llama
+
+    model = tiny_llama()
+    prepare_model(model, "falqon", rank=4, backend="emulated", unmerged="keep")
+    assert all(layer.unmerged == "keep" for _, layer in falqon_layers(model))
 
 
 def test_stochastic_merge_rounding_reaches_the_layers():

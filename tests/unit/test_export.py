@@ -162,7 +162,8 @@ def test_exported_bytes_and_scales_are_the_trained_ones(exported):
 def test_pending_proxies_are_merged_before_export(exported):
     model, before, _ = exported
     merged_by_hand = copy.deepcopy(before)
-    fd.merge_proxies_(merged_by_hand)
+    for _, layer in fd.falqon_layers(merged_by_hand):  # the export merges every row of a pending B
+        layer.merge_proxy_(rows=torch.arange(layer.out_features))
     changed = 0
     for (name, layer), (_, reference), (_, original) in zip(
         fd.falqon_layers(model), fd.falqon_layers(merged_by_hand), fd.falqon_layers(before)
@@ -328,3 +329,27 @@ def test_parse_size():
     for bad in ("2 parsecs", "-1GB", 0, True):
         with pytest.raises(ValueError, match="max_shard_size"):
             parse_size(bad)
+
+
+def test_pending_keep_mode_proxies_are_merged_row_for_row():
+    """With unmerged="keep", B holds rows no merge took yet: the export merges every one of them."""
+    import copy
+
+    from torch import nn
+
+    import falqon_dist as fd
+    from falqon_dist.export.exporter import merge_pending_proxies_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48, bias=False))
+    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="emulated", unmerged="keep"))
+    layer = model[0]
+    with torch.no_grad():
+        layer.B.normal_(std=0.2)
+    before = layer.qweight.clone()
+    expected = copy.deepcopy(layer)
+    expected.merge_proxy_(rows=torch.arange(48))
+    assert merge_pending_proxies_(model) == ["0"]
+    assert torch.equal(layer.qweight, expected.qweight) and not layer.B.any()
+    changed_rows = int((layer.qweight[:48] != before[:48]).any(dim=1).sum())
+    assert changed_rows > layer.rows_per_merge  # not just one step's top-k

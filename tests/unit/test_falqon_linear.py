@@ -28,7 +28,8 @@ IN, OUT, RANK, TOKENS = 256, 192, 16, 96
 def _layer(bias=True, backend="emulated", init="svd", topk=None, rank=RANK):
     linear = nn.Linear(IN, OUT, bias=bias)
     nn.init.normal_(linear.weight, std=0.02)  # bell-shaped like trained LLM weights, not uniform
-    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=rank, backend=backend, init=init, topk=topk))
+    config = fd.FalqonConfig(rank=rank, backend=backend, init=init, topk=topk, unmerged="discard")  # the paper
+    layer = fd.FalqonLinear.from_linear(linear, config)
     return linear, layer
 
 
@@ -224,7 +225,7 @@ def test_merge_counts_saturation():
 def test_merge_with_zero_proxy_is_a_no_op():
     _, layer = _layer()
     before = layer.qweight.clone()
-    assert layer.merge_proxy_().to_dict() == {"rows_merged": 0, "saturated": 0, "nonfinite": 0, "layers": 1}
+    assert layer.merge_proxy_().to_dict() == {"rows_merged": 0, "saturated": 0, "nonfinite": 0, "changed": 0, "layers": 1}
     assert torch.equal(layer.qweight, before)
 
 
@@ -438,3 +439,94 @@ def test_stochastic_merge_applies_small_updates_on_average_and_is_seeded():
     assert stochastic_error < 0.35 * nearest_error
     assert torch.equal(realized("stochastic", 3), realized("stochastic", 3))
     assert not torch.equal(realized("stochastic", 3), realized("stochastic", 4))
+
+
+# ---------------------------------------------------------------- unmerged="keep"
+
+
+def _keep_twin(layer):
+    twin = copy.deepcopy(layer)
+    twin.unmerged = "keep"
+    return twin
+
+
+def test_keep_mode_forward_and_gradients_include_the_live_lora_term():
+    """With B ≠ 0 the layer is y = x·Wᵀ + (x·Aᵀ)·Bᵀ (+ bias), as a LoRA layer on the FP8 backbone."""
+    _, layer = _layer()
+    keep = _keep_twin(layer)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        keep.B.normal_(std=0.05)
+    x = torch.randn(TOKENS, IN)
+    # reference in float64 from the same quantized operands: x_q, W_q, A_q (scales applied)
+    x_q, s_x = fp8.quantize_dynamic(x)
+    x_deq = fp8.dequantize(x_q, s_x).double().requires_grad_()
+    w, a = layer.backbone_weight().double(), layer.adapter_weight().double()
+    b = keep.B.detach().double().requires_grad_()
+    y_ref = x_deq @ w.t() + (x_deq @ a.t()) @ b.t() + layer.bias.double()
+    xi = x.clone().requires_grad_()
+    y = keep(xi)
+    assert fp8.sqnr_db(y_ref, y.detach()) > 60
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    assert fp8.sqnr_db(x_deq.grad, xi.grad) > 20  # g in E5M2 (2 mantissa bits) on the backbone path
+    assert fp8.sqnr_db(b.grad, keep.B.grad) > 20  # gᵀ·Q(o_A): E5M2 × E4M3 operands
+    # the extra ∂L/∂x term is (g·B)·A with g unquantized: exact up to float32 rounding; the paper's
+    # mode leaves B out of the forward (it is zero there by construction)
+    discard = copy.deepcopy(keep)
+    discard.unmerged = "discard"
+    xd = x.clone().requires_grad_()
+    y_discard = discard(xd)
+    y_discard.backward(g)
+    assert not torch.allclose(y_discard, y)
+    extra = (g.double() @ keep.B.detach().double()) @ a
+    assert fp8.sqnr_db(extra, (xi.grad - xd.grad).double()) > 60
+
+
+def test_keep_mode_merge_zeroes_only_the_merged_rows():
+    _, layer = _layer(topk=4)
+    keep = _keep_twin(layer)
+    torch.manual_seed(4)
+    proxy = torch.randn(OUT, RANK) * 0.1
+    for each in (layer, keep):
+        with torch.no_grad():
+            each.B.copy_(proxy)
+    rows = fd.method.proxy.select_rows(proxy, 4)
+    layer.merge_proxy_()
+    keep.merge_proxy_()
+    assert torch.equal(layer.qweight, keep.qweight)  # the same rows, merged the same way
+    assert not layer.B.any()
+    expected = proxy.clone()
+    expected[rows] = 0
+    assert torch.equal(keep.B, expected)
+    assert torch.equal(keep.remainder(proxy, rows), expected)
+
+
+def test_keep_mode_learns_the_reachable_target_faster_than_discard():
+    """The teacher-student task of the AdamW test, at a learning rate where the paper's merge
+    (topk = rank of 128 rows per step, the rest discarded) makes little progress."""
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 128, bias=False)
+    nn.init.normal_(linear.weight, std=0.05)
+    base = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated"))
+    adapter = base.adapter_weight()
+    mixing = torch.randn(128, 16)
+    mixing = mixing / (mixing @ adapter).std() * 0.02
+    teacher = base.backbone_weight() + mixing @ adapter
+    final = {}
+    for mode in ("discard", "keep"):
+        layer = copy.deepcopy(base)
+        layer.unmerged = mode
+        optimizer = torch.optim.AdamW([layer.B], lr=0.02, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(60):
+            x = torch.randn(256, 128, generator=gen)
+            loss = (layer(x) - x @ teacher.T).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            layer.merge_proxy_()
+        final[mode] = loss.item()
+    print(final)
+    assert final["keep"] < 0.5 * final["discard"], final

@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Learning efficacy: a learning-rate sweep of LoRA and each FALQON variant, side by side, in one run.
+
+    python benchmarks/bench_learning.py                              # the demo task, 300 steps, 1 process
+    python benchmarks/bench_learning.py --variants lora falqon_keep --lr-scale 0.5 1 2
+    python benchmarks/bench_learning.py --quick --out /tmp/bl        # seconds (used by the tests)
+
+Every (variant, learning rate) is one run of the real trainer (``launch/train.py``, same data, seed
+and steps); its ``metrics.jsonl`` gives the final eval loss and exact match. A variant is a method
+plus overrides and a default learning rate; each is swept over ``--lr-scale`` × its default (so
+the same relative grid serves LoRA's 3e-3 and FALQON's 0.05):
+
+==================  =====================================================  ========
+variant             overrides                                              lr
+==================  =====================================================  ========
+lora                method=lora                                            3e-3
+falqon_paper        method=falqon method.unmerged=discard (the paper)      0.1
+falqon_stochastic   falqon_paper + method.merge_rounding=stochastic        0.1
+falqon_keep         method=falqon method.unmerged=keep (the default)       0.05
+falqon_keep_sr      falqon_keep + method.merge_rounding=stochastic         0.05
+==================  =====================================================  ========
+
+Reported: final eval loss and exact match per (variant, lr), each variant's best, its ratio to the
+best LoRA run, and the median step time (× the paper's). Writes ``results.json``, ``results.md``
+and ``results.png`` (eval loss and exact match against the learning rate, log scale) into ``--out``,
+rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+#: name -> (Hydra overrides, default learning rate)
+VARIANTS: dict[str, tuple[list[str], float]] = {
+    "lora": (["method=lora"], 3e-3),
+    "falqon_paper": (["method=falqon", "method.unmerged=discard"], 0.1),
+    "falqon_stochastic": (["method=falqon", "method.unmerged=discard", "method.merge_rounding=stochastic"], 0.1),
+    "falqon_keep": (["method=falqon", "method.unmerged=keep"], 0.05),
+    "falqon_keep_sr": (["method=falqon", "method.unmerged=keep", "method.merge_rounding=stochastic"], 0.05),
+}
+QUICK = ["train.micro_batch_size=4", "model.max_length=64", "data.num_train=200", "data.num_eval=16",
+         "train.eval_samples=16", "train.eval_generate_samples=8"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--lr-scale", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="multiples of each variant's lr")
+    p.add_argument("--lr", action="append", default=[], metavar="VARIANT=VALUE", help="a variant's default lr")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every run")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--out", type=Path, default=None, help="default runs/bench_learning/<timestamp>")
+    p.add_argument("--quick", action="store_true", help="6 steps, tiny batches: " + " ".join(QUICK))
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.base_lr = {name: lr for name, (_, lr) in VARIANTS.items()}
+    for item in args.lr:
+        name, sep, value = item.partition("=")
+        if not sep or name not in VARIANTS:
+            p.error(f"--lr expects VARIANT=VALUE with VARIANT in {list(VARIANTS)}, got {item!r}")
+        args.base_lr[name] = float(value)
+    if args.quick:
+        args.steps, args.set = 6, QUICK + args.set
+    if any(s <= 0 for s in args.lr_scale):
+        p.error("--lr-scale values must be positive")
+    args.out = (args.out or common.REPO / "runs" / "bench_learning" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    return args
+
+
+def run_one(args: argparse.Namespace, variant: str, scale: float) -> dict[str, Any]:
+    lr = args.base_lr[variant] * scale
+    run_dir = args.out / f"{variant}_lr{lr:.3g}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    overrides = [*VARIANTS[variant][0], f"train.lr={lr:.6g}", f"train.max_steps={args.steps}", f"run.dir={run_dir}",
+                 "train.save_every=0", "train.eval_every=0", "logger=none", *args.set]
+    command = common.trainer_command(args.python, args.ranks, overrides)
+    common.log(f"{variant} lr={lr:.3g}: {' '.join(command)}")
+    code, output = common.run_trainer(command, args.timeout)
+    row: dict[str, Any] = {"variant": variant, "lr": lr, "scale": scale}
+    if code != 0:
+        row.update(status="failed", reason=common.failure_reason(output, code), tail=output[-2000:])
+        return row
+    records = common.read_run_metrics(run_dir)
+    steps = [r for r in records if "step_time_s" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    row.update(
+        status="ok",
+        eval_loss=evals[-1]["eval_loss"],
+        eval_loss_before=evals[0]["eval_loss"],
+        exact_match=evals[-1].get("eval_exact_match"),
+        step_time_ms=1e3 * statistics.median(r["step_time_s"] for r in steps[len(steps) // 10 :]),
+        saturated_per_step=statistics.mean(r.get("saturated", 0) for r in steps[-50:]) if steps else None,
+    )
+    return row
+
+
+def summarize(payload: dict[str, Any]) -> dict[str, Any]:
+    """Each variant's best run, its ratio to the best LoRA run, and step time × the paper's."""
+    ok = [r for r in payload["runs"] if r.get("status") == "ok"]
+    best: dict[str, dict[str, Any]] = {}
+    for r in ok:
+        if r["variant"] not in best or r["eval_loss"] < best[r["variant"]]["eval_loss"]:
+            best[r["variant"]] = r
+    lora = best.get("lora", {}).get("eval_loss")
+    paper_time = statistics.median([r["step_time_ms"] for r in ok if r["variant"] == "falqon_paper"] or [math.nan])
+    out = {}
+    for name, r in best.items():
+        times = [x["step_time_ms"] for x in ok if x["variant"] == name]
+        out[name] = {
+            "best_lr": r["lr"], "eval_loss": r["eval_loss"], "exact_match": r["exact_match"],
+            "x_best_lora": r["eval_loss"] / lora if lora else None,
+            "step_time_x_paper": statistics.median(times) / paper_time if math.isfinite(paper_time) else None,
+            "worst_exact_match_over_grid": min((x["exact_match"] or 0) for x in ok if x["variant"] == name),
+        }
+    return out
+
+
+def markdown(payload: dict[str, Any]) -> str:
+    scales = payload["config"]["lr_scale"]
+    lines = ["# falqon_dist learning benchmark (through launch/train.py)", "", f"`{payload['command']}`", "",
+             f"{payload['config']['steps']} steps · overrides {' '.join(payload['config']['set']) or '—'} · "
+             f"torch {payload['env']['torch']} · commit {payload['env']['commit']}", "",
+             "Final eval loss / exact match per learning rate (× the variant's default):", ""]
+    by_key = {(r["variant"], r["scale"]): r for r in payload["runs"]}
+    rows = []
+    for name in payload["config"]["variants"]:
+        cells = [name]
+        for scale in scales:
+            r = by_key.get((name, scale))
+            if r is None:
+                cells.append("")
+            elif r.get("status") != "ok":
+                cells.append(f"{r['lr']:.3g}: failed")
+            else:
+                em = "—" if r["exact_match"] is None else f"{100 * r['exact_match']:.0f}%"
+                cells.append(f"{r['lr']:.3g}: {r['eval_loss']:.3f} / {em}")
+        rows.append(cells)
+    lines.append(common.markdown_table(["variant", *[f"lr × {s:g}" for s in scales]], rows, "l" + "r" * len(scales)))
+    summary = payload.get("summary", {})
+    if summary:
+        lines += ["", "Best run of each variant:", ""]
+        lines.append(common.markdown_table(
+            ["variant", "best lr", "eval loss", "× best LoRA", "exact match", "worst EM on the grid", "step time × paper"],
+            [[n, f"{s['best_lr']:.3g}", f"{s['eval_loss']:.3f}", common.fmt(s["x_best_lora"], ".2f"),
+              common.fmt(s["exact_match"], ".3f"), common.fmt(s["worst_exact_match_over_grid"], ".3f"),
+              common.fmt(s["step_time_x_paper"], ".2f")] for n, s in summary.items()]))
+    return "\n".join(lines) + "\n"
+
+
+def plot(payload: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        common.log("matplotlib is not installed: PNG skipped")
+        return
+    fig, (ax_loss, ax_em) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in payload["config"]["variants"]:
+        runs = sorted((r for r in payload["runs"] if r["variant"] == name and r.get("status") == "ok"), key=lambda r: r["lr"])
+        if not runs:
+            continue
+        lrs = [r["lr"] for r in runs]
+        ax_loss.plot(lrs, [r["eval_loss"] for r in runs], marker="o", label=name)
+        if all(r["exact_match"] is not None for r in runs):
+            ax_em.plot(lrs, [100 * r["exact_match"] for r in runs], marker="o", label=name)
+    for ax, label in ((ax_loss, "final eval loss"), (ax_em, "exact match (%)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(payload: dict[str, Any]) -> str:
+    out = Path(payload["out"])
+    payload["summary"] = summarize(payload)
+    common.write_json(out / "results.json", payload)
+    text = markdown(payload)
+    (out / "results.md").write_text(text)
+    plot(payload, out / "results.png")
+    return text
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import torch
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "command": "python benchmarks/bench_learning.py " + " ".join(args.argv), "out": str(args.out),
+        "env": common.environment(torch.device("cpu")),
+        "config": {"variants": args.variants, "lr_scale": args.lr_scale, "base_lr": args.base_lr,
+                   "steps": args.steps, "set": args.set, "ranks": args.ranks},
+        "runs": [],
+    }
+    grid = [(v, s) for v in args.variants for s in args.lr_scale]
+    for variant, scale in common.progress(grid, "runs", "run"):
+        payload["runs"].append(run_one(args, variant, scale))
+        write_reports(payload)
+    return common.finish(payload, write_reports)
+
+
+if __name__ == "__main__":
+    main()
