@@ -238,6 +238,17 @@ def test_merge_reads_an_external_master_copy():
     assert (layer.qweight != before).any(dim=1).nonzero().flatten().tolist() == [10, 20]
 
 
+def _reachable_target() -> tuple[fd.FalqonLinear, torch.Tensor]:
+    """A 128×128 FALQON layer (rank 16) and a teacher W + C·A whose change lies in A's row space."""
+    linear = nn.Linear(128, 128, bias=False)
+    nn.init.normal_(linear.weight, std=0.05)
+    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated"))
+    adapter = layer.adapter_weight()
+    mixing = torch.randn(128, 16)
+    mixing = mixing / (mixing @ adapter).std() * 0.02
+    return layer, layer.backbone_weight() + mixing @ adapter
+
+
 def test_adamw_with_merges_learns_a_reachable_target():
     """Teacher-student: the target W + C·A lies in the span FALQON can reach (A is frozen).
 
@@ -245,13 +256,7 @@ def test_adamw_with_merges_learns_a_reachable_target():
     learnable by construction, so the teacher's change is built inside it. lr 0.1: FP8 needs large
     steps (DESIGN.md §1). Measured: loss falls to ~8% of its start in 60 steps.
     """
-    linear = nn.Linear(128, 128, bias=False)
-    nn.init.normal_(linear.weight, std=0.05)
-    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated"))
-    adapter = layer.adapter_weight()
-    mixing = torch.randn(128, 16)
-    mixing = mixing / (mixing @ adapter).std() * 0.02
-    teacher = layer.backbone_weight() + mixing @ adapter
+    layer, teacher = _reachable_target()
     optimizer = torch.optim.AdamW([layer.B], lr=0.1, weight_decay=0.0)
     losses = []
     for _ in range(60):
@@ -507,13 +512,7 @@ def test_keep_mode_learns_the_reachable_target_faster_than_discard():
     """The teacher-student task of the AdamW test, at a learning rate where the paper's merge
     (topk = rank of 128 rows per step, the rest discarded) makes little progress."""
     torch.manual_seed(0)
-    linear = nn.Linear(128, 128, bias=False)
-    nn.init.normal_(linear.weight, std=0.05)
-    base = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated"))
-    adapter = base.adapter_weight()
-    mixing = torch.randn(128, 16)
-    mixing = mixing / (mixing @ adapter).std() * 0.02
-    teacher = base.backbone_weight() + mixing @ adapter
+    base, teacher = _reachable_target()
     final = {}
     for mode in ("discard", "keep"):
         layer = copy.deepcopy(base)
