@@ -13,8 +13,9 @@ methods alike; CUDA is synchronized around each step); the median per method is 
 
 Rows: ``bf16 linear, frozen W`` (the floor: only ∂L/∂x), ``full`` (W trained), ``peft LoRA``,
 ``qlora`` (NF4 + peft, where bitsandbytes imports), ``fp8_lora <backend>`` (separate FP8 adapter
-path), ``falqon <backend>`` and ``falqon, cached Wᵀ`` (the cache is kept current by the merges of
-the timed steps). ``te`` rows appear where Transformer Engine runs.
+path), ``falqon <backend>`` (the default ``unmerged=keep``: its live ``o_A·Bᵀ`` term included),
+``falqon, paper merge`` (``unmerged=discard``) and ``falqon, cached Wᵀ`` (the cache is kept current
+by the merges of the timed steps). ``te`` rows appear where Transformer Engine runs.
 
 Columns: median ms; × peft LoRA; × fp8_lora (same backend); effective TFLOP/s (the method's own
 GEMM FLOPs per step / its step time); dynamic casts per step; host synchronizations per step
@@ -88,8 +89,10 @@ def _qlora(weight: torch.Tensor, rank: int) -> nn.Module:
     return holder
 
 
-def _falqon(weight: torch.Tensor, rank: int, backend: str, cache: bool = False, init: str = "svd") -> FalqonLinear:
-    config = FalqonConfig(rank=rank, backend=backend, cache_weight_transpose=cache, init=init)
+def _falqon(
+    weight: torch.Tensor, rank: int, backend: str, cache: bool = False, init: str = "svd", unmerged: str = "keep"
+) -> FalqonLinear:
+    config = FalqonConfig(rank=rank, backend=backend, cache_weight_transpose=cache, init=init, unmerged=unmerged)
     return FalqonLinear.from_linear(_bf16_linear(weight, trainable=False), config)
 
 
@@ -118,6 +121,7 @@ def methods(rank: int, backends: list[str], init: str = "svd") -> list[tuple[str
         rows.append(("fp8_lora", b, lambda w, b=b: Fp8LoraLinear.from_linear(_bf16_linear(w, False), rank=rank, backend=b)))
     for b in backends:
         rows.append(("falqon", b, lambda w, b=b: _falqon(w, rank, b, init=init)))
+        rows.append(("falqon, paper merge", b, lambda w, b=b: _falqon(w, rank, b, init=init, unmerged="discard")))
         if b != "emulated":  # the emulated GEMM does not care about operand layout
             rows.append(("falqon, cached Wᵀ", b, lambda w, b=b: _falqon(w, rank, b, cache=True, init=init)))
     return rows
@@ -131,7 +135,10 @@ def gemm_flops(method: str, tokens: int, d_in: int, d_out: int, rank: int) -> fl
     if method == "full":
         return frozen + 2 * tokens * d_in * d_out  # + ∂L/∂W
     if method.startswith("falqon"):  # x·[W;A]ᵀ, g·W, gᵀ·o_A
-        return 2 * tokens * d_in * (d_out + rank) + 2 * tokens * d_out * d_in + 2 * tokens * d_out * rank
+        melded = 2 * tokens * d_in * (d_out + rank) + 2 * tokens * d_out * d_in + 2 * tokens * d_out * rank
+        if "paper merge" in method:
+            return melded
+        return melded + 2 * tokens * rank * (2 * d_out + d_in)  # unmerged=keep: o_A·Bᵀ, g·B, (g·B)·A
     # LoRA paths: x·Aᵀ, h·Bᵀ forward; ∂B, ∂h, ∂A, ∂x through A backward
     return frozen + 3 * 2 * tokens * rank * (d_in + d_out)
 

@@ -43,6 +43,8 @@ def test_layer_bench_measures_every_method(layer_run):
         assert all(math.isfinite(r["median_ms"]) and r["median_ms"] > 0 for r in rows.values())
         falqon = rows[("falqon", "emulated")]
         assert falqon["casts"] == 3 and falqon["host_syncs"] == 0  # fwd + bwd + merge: no host sync
+        paper = rows[("falqon, paper merge", "emulated")]
+        assert paper["casts"] == 3 and paper["host_syncs"] == 0 and paper["gemm_flops"] < falqon["gemm_flops"]
         assert rows[("falqon, cached Wᵀ", "scaled_mm")]["host_syncs"] == 0
         assert rows[("fp8_lora", "emulated")]["casts"] == 6 and rows[("peft LoRA", None)]["casts"] == 0
         assert rows[("peft LoRA", None)]["x_lora"] == 1.0
@@ -68,7 +70,9 @@ def test_layer_bench_flop_counts():
     n, i, o, r = 8, 32, 48, 4
     assert bench.gemm_flops("bf16 linear, frozen W", n, i, o, r) == 4 * n * i * o
     assert bench.gemm_flops("full", n, i, o, r) == 6 * n * i * o
-    assert bench.gemm_flops("falqon", n, i, o, r) == 2 * n * i * (o + r) + 2 * n * o * i + 2 * n * o * r
+    melded = 2 * n * i * (o + r) + 2 * n * o * i + 2 * n * o * r
+    assert bench.gemm_flops("falqon, paper merge", n, i, o, r) == melded
+    assert bench.gemm_flops("falqon", n, i, o, r) == melded + 2 * n * r * (2 * o + i)  # the live LoRA term
     assert bench.gemm_flops("peft LoRA", n, i, o, r) == 4 * n * i * o + 6 * n * r * (i + o)
     with pytest.raises(SystemExit):
         bench.parse_args(["--shapes", "4096by4096"])
