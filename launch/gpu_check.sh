@@ -17,12 +17,12 @@
 #   bench_layer  benchmarks/bench_layer.py on cuda: 4096x4096 and 4096x11008, 4096 and 16384 tokens,
 #                rank 64, every method, per-GEMM TFLOP/s, casts/GEMMs/merge/optimizer split, 32-layer merge
 #   bench_model  benchmarks/bench_model.py: two Llama-7B-shaped layers through launch/train.py
-#                (1 GPU, NCCL, DeepSpeed ZeRO-2, bf16) for every method
+#                (1 GPU, NCCL, DeepSpeed ZeRO-2, bf16, packed rows): falqon, lora, fp8_lora, qlora
 #   smoke_z0     launch/train.py, 1 GPU over NCCL, ZeRO-0, 3 steps, export on; then launch/eval.py
 #   smoke_z3     the same under ZeRO-3
 #   pytest       the GPU test tier and the FP8/layer/merge unit tests, on this GPU
 #
-# Knobs (environment): PYTHON (python3), BUDGET_S (540: every step's timeout is cut so the whole
+# Knobs (environment): PYTHON (python3), BUDGET_S (560: every step's timeout is cut so the whole
 # check ends within it), WHEELS (wheels/ in the repo), LAYER_REPEATS (10), MODEL_STEPS (12).
 set -uo pipefail
 
@@ -35,7 +35,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/falqon_gpu_check.XXXXXX")"  # everything but 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1
 export FALQON_CACHE="${FALQON_CACHE:-$WORK/cache}"  # the embedded tiny model is built here on first use
-BUDGET_S="${BUDGET_S:-540}"
+BUDGET_S="${BUDGET_S:-560}"
 LAYER_REPEATS="${LAYER_REPEATS:-10}"
 MODEL_STEPS="${MODEL_STEPS:-12}"
 WHEELS="${WHEELS:-$PWD/wheels}"
@@ -160,12 +160,13 @@ export -f env_report install_wheels smoke run_pytest
 
 step env 60 env_report
 step wheels 90 install_wheels
-step bench_layer 170 "$PYTHON" benchmarks/bench_layer.py --device cuda --shapes 4096x4096 4096x11008 \
+step bench_layer 150 "$PYTHON" benchmarks/bench_layer.py --device cuda --shapes 4096x4096 4096x11008 \
     --tokens 4096 16384 --rank 64 --repeats "$LAYER_REPEATS" --warmup 3 --merge-layers 32 --init random \
     --out "$WORK/bench_layer"
-step bench_model 200 "$PYTHON" benchmarks/bench_model.py --shape llama-7b --layers 2 --steps "$MODEL_STEPS" --warmup 4 \
-    --timeout 60 --set train.micro_batch_size=4 model.max_length=512 data.num_train=400 train.eval_samples=16 \
-    train.eval_generate_samples=0 "deepspeed.config=$WORK/ds_torch_adam.json" --out "$WORK/bench_model"
+step bench_model 240 "$PYTHON" benchmarks/bench_model.py --shape llama-7b --layers 2 --steps "$MODEL_STEPS" --warmup 4 \
+    --methods falqon lora fp8_lora qlora --timeout 70 --set train.micro_batch_size=4 model.max_length=512 \
+    data.packing=true data.num_train=400 train.eval_samples=16 train.eval_generate_samples=0 \
+    "deepspeed.config=$WORK/ds_torch_adam.json" --out "$WORK/bench_model"
 step smoke_z0 90 smoke 0
 step smoke_z3 90 smoke 3
 step pytest 120 run_pytest
