@@ -171,3 +171,12 @@ def test_learning_bench_arguments():
     for bad in (["--lr", "nope=1"], ["--lr-scale", "0"], ["--variants", "sgd"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
+
+
+def test_kjv_task_rows_split_each_verse_at_half_its_words():
+    kjv = _load("make_kjv_task")
+    verses = [("Ge1:3", "And God said, Let there be light: and there was light."), ("Ge1:1", "Too short."),
+              ("Joh11:35", "Jesus wept." * 20)]
+    rows = kjv.rows(verses, min_chars=20, max_chars=100)
+    assert rows == [{"prompt": "Ge1:3 And God said, Let there", "response": " be light: and there was light."}]
+    assert kjv.VERSE.match("1Th2:12 That ye would walk")["ref"] == "1Th2:12"
