@@ -96,13 +96,10 @@ def run_one(args: argparse.Namespace, variant: str, scale: float) -> dict[str, A
         return row
     records = common.read_run_metrics(run_dir)
     steps = [r for r in records if "step_time_s" in r]
-    evals = [r for r in records if "eval_loss" in r]
+    summary = common.run_summary(records, warmup=len(steps) // 10)
     row.update(
         status="ok",
-        eval_loss=evals[-1]["eval_loss"],
-        eval_loss_before=evals[0]["eval_loss"],
-        exact_match=evals[-1].get("eval_exact_match"),
-        step_time_ms=1e3 * statistics.median(r["step_time_s"] for r in steps[len(steps) // 10 :]),
+        **{key: summary[key] for key in ("eval_loss", "eval_loss_before", "exact_match", "step_time_ms")},
         saturated_per_step=statistics.mean(r.get("saturated", 0) for r in steps[-50:]) if steps else None,
     )
     return row

@@ -213,6 +213,31 @@ def read_run_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def run_summary(records: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
+    """One run's numbers from its ``metrics.jsonl`` records: medians over the steps after ``warmup``,
+    peak memory, first/last train loss, eval loss before → after, exact match, parameter facts."""
+    steps = [r for r in records if "loss" in r and "step_time_s" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    facts = next((r for r in records if "params" in r), {})
+    timed = steps[warmup:] or steps
+    return {
+        "status": "ok",
+        "steps": len(steps),
+        "step_time_ms": 1e3 * statistics.median(r["step_time_s"] for r in timed),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+        "peak_mem_mb": max((r.get("mem_peak_mb", float("nan")) for r in steps), default=float("nan")),
+        "train_loss_first": steps[0]["loss"] if steps else float("nan"),
+        "train_loss_last": statistics.mean(r["loss"] for r in steps[-max(1, len(steps) // 10):]) if steps else float("nan"),
+        "eval_loss_before": evals[0]["eval_loss"] if len(evals) > 1 else float("nan"),
+        "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
+        "exact_match": evals[-1].get("eval_exact_match") if evals else None,
+        "params": facts.get("params"),
+        "trainable_params": facts.get("trainable_params"),
+        "param_bytes_per_param": facts["param_bytes"] / facts["params"] if facts.get("params") else float("nan"),
+        "saturated_last": steps[-1].get("saturated") if steps else None,
+    }
+
+
 # --------------------------------------------------------------------------- environment
 
 

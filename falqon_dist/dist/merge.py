@@ -41,13 +41,13 @@ def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor, step: int
     qweight = layer.qweight
     proxy_rows = proxy.index_select(0, rows)
     adapter_q = _gather_adapter_rows(qweight, layer.out_features, layer.in_features, layer.rank)
-    rounding = {"seed": layer.seed, "step": step, "stochastic": layer.merge_rounding == "stochastic"}
+    rounding = layer.rounding(step)
     part = qweight.ds_tensor.view(-1)
     offset = qweight.ds_tensor.ds_numel * tdist.get_rank(group=qweight.ds_process_group)
-    stats = apply_rows_to_slice_(part, offset, layer.in_features, rows, proxy_rows, adapter_q, **rounding)
+    stats = apply_rows_to_slice_(part, offset, layer.in_features, rows, proxy_rows, adapter_q, rounding)
     if qweight.data.numel():  # resident full copy (ds_persist): same update, same bytes
         resident = qweight.data.view(layer.out_features + layer.rank, layer.in_features)
-        _, new_bits = apply_rows_(resident, rows, proxy_rows, adapter_q, **rounding)
+        _, new_bits = apply_rows_(resident, rows, proxy_rows, adapter_q, rounding)
         layer.rows_rewritten(rows, new_bits)
     return stats
 
@@ -69,10 +69,7 @@ def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeSt
             group = layer.qweight.ds_process_group
         else:
             totals.add_(layer.merge_proxy_(proxy, step=step, rows=rows))
-        if layer.unmerged == "keep":  # the rows not merged stay, in the master copy too
-            masters.write_(layer.B, layer.remainder(proxy, rows))
-        else:
-            masters.zero_(layer.B)
+        masters.write_(layer.B, layer.remainder(proxy, rows))  # zeros, or B's unmerged rows (keep)
     if group is not None and partitioned.layers:  # each rank counted its own slice's elements; rows once
         counts = partitioned.counts()
         tdist.all_reduce(counts[1:], group=group)

@@ -16,9 +16,9 @@ stage 0 + bf16              FP16_(Unfused)Optimizer's       its ``fp32_groups`` 
 stage 0, fp32               the parameter itself            ``param.data``
 ==========================  =============================  ======================================
 
-The low-precision parameter (and its ZeRO-3 partition) is zeroed too (``zero_``, the paper's merge);
-with ``unmerged="keep"`` the merge instead writes B with only its merged rows zeroed (``write_``,
-through the same accessors, each ZeRO-3 rank its own partition). Adam's moments are left as they
+The merge writes B's new value (``write_``: zeros for the paper's merge, B with only its merged rows
+zeroed for ``unmerged="keep"``) into the master, the low-precision parameter and its ZeRO-3
+partition, each ZeRO-3 rank its own partition; ``zero_`` is the all-zeros case. Adam's moments are left as they
 are, as in the authors' code: the method resets B, not the optimizer.
 """
 
@@ -83,15 +83,7 @@ class ProxyMasters:
         if param.data.numel():
             param.data.copy_(full.reshape(param.data.shape))
 
-    @torch.no_grad()
     def zero_(self, param: torch.nn.Parameter) -> None:
         """Zero B's master copy, the parameter, and its ZeRO-3 partition."""
-        if hasattr(param, "ds_id"):
-            safe_set_local_fp32_param(param, torch.zeros_like(safe_get_local_fp32_param(param)))
-            param.ds_tensor.zero_()
-        elif hasattr(param, "_hp_mapping"):
-            safe_set_full_fp32_param(param, torch.zeros(param.shape, dtype=torch.float32, device=param.device))
-        elif id(param) in self._unfused:
-            self._unfused[id(param)].zero_()
-        if param.data.numel():
-            param.data.zero_()
+        shape = param.ds_shape if hasattr(param, "ds_id") else param.shape
+        self.write_(param, torch.zeros(shape, dtype=torch.float32, device=param.device))

@@ -94,7 +94,7 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
     model in place (under ZeRO-3, on every rank). An optimizer's fp32 master copy of B is NOT zeroed:
     to keep training afterwards, merge through the trainer's post-step hook before exporting.
     """
-    merged = []
+    merged, unexpected = [], []  # unexpected: a pending B in a layer whose merges zero all of B
     for name, layer in falqon_layers(model):
         with gathered([layer.B]):
             pending = bool(layer.B.detach().ne(0).any())
@@ -103,15 +103,17 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
                 # every row: what B still holds (unmerged="keep") must reach the exported weights
                 layer.merge_proxy_(rows=torch.arange(layer.out_features, device=layer.B.device))
             merged.append(name)
-    if merged and all(layer.unmerged == "keep" for name, layer in falqon_layers(model) if name in merged):
-        logger.info("export_fp8 merged the rows of B no training merge took (unmerged=keep) in %d layer(s)", len(merged))
-    elif merged:
+            if layer.unmerged != "keep":
+                unexpected.append(name)
+    if unexpected:
         logger.warning(
             "export_fp8 merged pending proxy updates of %d FALQON layer(s) (first: %s); an optimizer "
             "master copy of B, if any, was not zeroed",
             len(merged),
             merged[0],
         )
+    elif merged:
+        logger.info("export_fp8 merged the rows of B no training merge took (unmerged=keep) in %d layer(s)", len(merged))
     return merged
 
 

@@ -59,31 +59,23 @@ def _cast_eager(x_hp: torch.Tensor, fp8_dtype: torch.dtype, transpose_copy: bool
     return x_fp8, scale, (x_fp8.t().contiguous() if transpose_copy else None)
 
 
-def _fused_cast_math(x_hp: torch.Tensor, fp8_dtype: torch.dtype, transpose_copy: bool) -> CastResult:
-    """The same operations, in the same order, as formats.tensorwise_scale + formats.quantize."""
-    fmax = FP8_MAX[fp8_dtype]
-    amax = x_hp.abs().amax().float().reshape(1)
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
-    x_fp8 = (x_hp.float() / scale).clamp(-fmax, fmax).to(fp8_dtype)
-    return x_fp8, scale, (x_fp8.t().contiguous() if transpose_copy else None)
-
-
-# One function (one code object) per variant: dynamo keeps its compiled graphs per code object and
-# caps them (recompile_limit), so separate entry points keep format × copy from sharing that budget.
+# What torch.compile traces: the eager reference itself (so compiled and eager bits agree by
+# construction), behind one function (one code object) per variant: dynamo keeps its compiled graphs
+# per code object and caps them (recompile_limit), so format × copy do not share that budget.
 def _cast_e4m3(x_hp: torch.Tensor) -> CastResult:
-    return _fused_cast_math(x_hp, E4M3, False)
+    return _cast_eager(x_hp, E4M3, False)
 
 
 def _cast_e4m3_t(x_hp: torch.Tensor) -> CastResult:
-    return _fused_cast_math(x_hp, E4M3, True)
+    return _cast_eager(x_hp, E4M3, True)
 
 
 def _cast_e5m2(x_hp: torch.Tensor) -> CastResult:
-    return _fused_cast_math(x_hp, E5M2, False)
+    return _cast_eager(x_hp, E5M2, False)
 
 
 def _cast_e5m2_t(x_hp: torch.Tensor) -> CastResult:
-    return _fused_cast_math(x_hp, E5M2, True)
+    return _cast_eager(x_hp, E5M2, True)
 
 
 _VARIANTS = {
@@ -155,21 +147,21 @@ def _warn_recompile_limit(exc: Exception) -> None:
     )
 
 
-_compiled_scale_epilogue = None
+def _scale_product(product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    return (product.float() * scale).to(out_dtype)
+
+
+_compiled_scale_product = None
 
 
 def scale_epilogue(product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``(product · scale)`` formed in float32 and rounded to ``out_dtype`` (one fused pass when compiled)."""
-    global _compiled_scale_epilogue
+    global _compiled_scale_product
     if _mode == "eager" or product.numel() == 0 or _dispatch_mode_active():
-        return (product.float() * scale).to(out_dtype)
-    if _compiled_scale_epilogue is None:
-
-        def epilogue(product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-            return (product.float() * scale).to(out_dtype)
-
-        _compiled_scale_epilogue = torch.compile(epilogue, dynamic=True, fullgraph=True)
-    return _compiled_scale_epilogue(product.detach(), scale.detach(), out_dtype)
+        return _scale_product(product, scale, out_dtype)
+    if _compiled_scale_product is None:
+        _compiled_scale_product = torch.compile(_scale_product, dynamic=True, fullgraph=True)
+    return _compiled_scale_product(product.detach(), scale.detach(), out_dtype)
 
 
 class SharedCast:

@@ -35,7 +35,7 @@ from falqon_dist.fp8.cast import SharedCast
 from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.init import adapter_init, meld
-from falqon_dist.method.proxy import MergeStats, apply_rows_, select_rows
+from falqon_dist.method.proxy import MergeStats, Rounding, apply_rows_, select_rows
 
 
 #: One cast of an input tensor shared by the layers that read it in the same forward (q/k/v, gate/up).
@@ -220,17 +220,15 @@ class FalqonLinear(Float32ScaleMixin):
         proxy = (self.B if proxy is None else proxy).detach()
         rows = select_rows(proxy, self.rows_per_merge) if rows is None else rows
         stats, new_bits = apply_rows_(
-            self.qweight.data,
-            rows,
-            proxy.float().index_select(0, rows),
-            self.adapter_q(),
-            seed=self.seed,
-            step=step,
-            stochastic=self.merge_rounding == "stochastic",
+            self.qweight.data, rows, proxy.float().index_select(0, rows), self.adapter_q(), self.rounding(step)
         )
         self.rows_rewritten(rows, new_bits)
         self.B.copy_(self.remainder(proxy, rows))
         return stats
+
+    def rounding(self, step: int) -> Rounding:
+        """How this layer's merge at optimizer ``step`` rounds (its noise keyed by seed and step)."""
+        return Rounding(stochastic=self.merge_rounding == "stochastic", seed=self.seed, step=step)
 
     def remainder(self, proxy: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """What B holds after merging ``rows`` of ``proxy``: zeros (``unmerged="discard"``, the paper)

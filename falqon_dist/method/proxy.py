@@ -32,7 +32,7 @@ Two writers share :func:`merged_row_bits`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -65,14 +65,9 @@ class MergeStats:
         """Accumulate ``other`` in place."""
         if other.rows_merged is None:
             return self
-        if self.rows_merged is None:
-            self.rows_merged, self.saturated = other.rows_merged, other.saturated
-            self.nonfinite, self.changed = other.nonfinite, other.changed
-        else:
-            self.rows_merged = self.rows_merged + other.rows_merged
-            self.saturated = self.saturated + other.saturated
-            self.nonfinite = self.nonfinite + other.nonfinite
-            self.changed = self.changed + other.changed
+        for name in COUNT_NAMES:
+            mine = getattr(self, name)
+            setattr(self, name, getattr(other, name) if mine is None else mine + getattr(other, name))
         self.layers += other.layers
         return self
 
@@ -80,7 +75,7 @@ class MergeStats:
         """``[rows_merged, saturated, nonfinite, changed]`` as one int64 device tensor (e.g. to all-reduce)."""
         if self.rows_merged is None:
             return torch.zeros(len(COUNT_NAMES), dtype=torch.int64)
-        return torch.stack([self.rows_merged, self.saturated, self.nonfinite, self.changed])
+        return torch.stack([getattr(self, name) for name in COUNT_NAMES])
 
     def to_dict(self) -> dict[str, int]:
         """Plain integers: ONE host synchronization for all counts."""
@@ -137,6 +132,23 @@ def merge_noise(seed: int, step: int, element_index: torch.Tensor) -> torch.Tens
     return (mixed >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+@dataclass(frozen=True)
+class Rounding:
+    """How a merge rounds to E4M3: to nearest (the paper), or stochastically with the noise of
+    :func:`merge_noise` keyed by the layer's ``seed`` and the optimizer ``step``."""
+
+    stochastic: bool = False
+    seed: int = 0
+    step: int = 0
+
+    def noise(self, element_index: torch.Tensor) -> torch.Tensor | None:
+        """Uniform noise for these elements of ``M_q``, or None for nearest rounding."""
+        return merge_noise(self.seed, self.step, element_index) if self.stochastic else None
+
+
+NEAREST = Rounding()
+
+
 def stochastic_round_e4m3(values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Round float32 ``values`` (within ±448) to E4M3, up with probability equal to the fraction of
     the FP8 step below them (``noise`` uniform in [0, 1), same shape). Exact values stay exact."""
@@ -159,7 +171,7 @@ def merged_row_bits(
     proxy_rows: torch.Tensor,
     adapter_q: torch.Tensor,
     noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The merged E4M3 bits of k rows: ``Q(clamp(W_q + B·A_q, ±448))``, non-finite sums keep ``W_q``.
 
     ``old_bits`` (k × in, uint8), ``proxy_rows`` (k × r), ``adapter_q`` (r × in, float32, scaled
@@ -196,19 +208,16 @@ def apply_rows_(
     rows: torch.Tensor,
     proxy_rows: torch.Tensor,
     adapter_q: torch.Tensor,
-    *,
-    seed: int = 0,
-    step: int = 0,
-    stochastic: bool = False,
+    rounding: Rounding = NEAREST,
 ) -> tuple[MergeStats, torch.Tensor]:
     """Merge ``proxy_rows`` (k × r) into rows ``rows`` of the whole ``M_q`` ``bits`` ((out+r) × in).
 
     Returns the statistics and the new bits of the merged rows (k × in), e.g. to update a cached
-    transposed copy. ``seed``/``step`` key the stochastic-rounding noise.
+    transposed copy.
     """
     in_features = bits.shape[1]
     rows = rows.to(bits.device)
-    noise = merge_noise(seed, step, _row_elements(rows, in_features, bits.device)) if stochastic else None
+    noise = rounding.noise(_row_elements(rows, in_features, bits.device))
     new_bits, saturated, nonfinite, changed = merged_row_bits(
         bits.index_select(0, rows), proxy_rows.to(bits.device), adapter_q.to(bits.device), noise
     )
@@ -223,10 +232,7 @@ def apply_rows_to_slice_(
     rows: torch.Tensor,
     proxy_rows: torch.Tensor,
     adapter_q: torch.Tensor,
-    *,
-    seed: int = 0,
-    step: int = 0,
-    stochastic: bool = False,
+    rounding: Rounding = NEAREST,
 ) -> MergeStats:
     """The same merge on a flat slice: ``flat`` holds elements ``[offset, offset + n)`` of ``M_q``.
 
@@ -246,7 +252,7 @@ def apply_rows_to_slice_(
     local = elements - offset
     inside = (local >= 0) & (local < n)
     clamped = local.clamp(0, n - 1)
-    noise = merge_noise(seed, step, elements) if stochastic else None
+    noise = rounding.noise(elements)
     new_bits, saturated, nonfinite, changed = merged_row_bits(
         flat[clamped], proxy_rows.to(device), adapter_q.to(device), noise
     )

@@ -270,10 +270,7 @@ def build_tiny_model(cache_dir: str | Path | None = None, *, force: bool = False
         staging = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.tmp-", dir=root))
         try:
             staging.chmod(0o755)
-            if pretrain_anew:
-                _build_into(staging, settings, pretrain_anew=True)
-            else:
-                _build_into(staging, settings)
+            _build_into(staging, settings, pretrain_anew=pretrain_anew)
             if target.exists():  # forced rebuild, stale recipe, or an incomplete crashed build
                 stale = Path(tempfile.mkdtemp(prefix=f".{TINY_NAME}.old-", dir=root))
                 os.replace(target, stale / "old")

@@ -10,7 +10,7 @@ from torch import nn
 import falqon_dist as fd
 from falqon_dist import fp8
 from falqon_dist.fp8.instrument import HostSyncCounter
-from falqon_dist.method.proxy import apply_rows_, apply_rows_to_slice_, merge_noise, select_rows
+from falqon_dist.method.proxy import Rounding, apply_rows_, apply_rows_to_slice_, merge_noise, select_rows
 
 IN, OUT, RANK = 96, 80, 16
 
@@ -74,14 +74,14 @@ def _merge_inputs(seed: int = 0):
 def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stochastic):
     bits, rows, proxy_rows, adapter_q = _merge_inputs()
     whole = bits.clone()
-    stats, _ = apply_rows_(whole, rows, proxy_rows, adapter_q, seed=7, step=11, stochastic=stochastic)
+    rounding = Rounding(stochastic=stochastic, seed=7, step=11)
+    stats, _ = apply_rows_(whole, rows, proxy_rows, adapter_q, rounding)
     flat = bits.clone().view(-1)
     part = -(-flat.numel() // world)  # ZeRO-3-style equal partitions; slices split rows anywhere
     saturated = nonfinite = 0
     for rank in range(world):
         piece = flat[rank * part : (rank + 1) * part].clone()
-        s = apply_rows_to_slice_(piece, rank * part, IN, rows, proxy_rows, adapter_q, seed=7, step=11,
-                                 stochastic=stochastic)
+        s = apply_rows_to_slice_(piece, rank * part, IN, rows, proxy_rows, adapter_q, rounding)
         flat[rank * part : rank * part + piece.numel()] = piece
         saturated += int(s.saturated)
         nonfinite += int(s.nonfinite)

@@ -47,7 +47,7 @@ def fake_build(monkeypatch):
     """Replace the expensive pretraining build with a quick fake that counts its calls."""
     calls = []
 
-    def build_into(directory, settings):
+    def build_into(directory, settings, pretrain_anew=False):
         calls.append(directory)
         time.sleep(0.3)  # long enough for a second caller to hit the lock
         (directory / "weights.txt").write_text(str(len(calls)))
@@ -90,7 +90,7 @@ def test_stale_recipe_or_incomplete_dir_is_rebuilt(tmp_path, fake_build):
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
-    def broken(directory, settings):
+    def broken(directory, settings, pretrain_anew=False):
         (directory / "partial").write_text("x")
         raise RuntimeError("boom")
 
