@@ -2,13 +2,14 @@
 """Learning efficacy: a learning-rate sweep of LoRA and each FALQON variant, side by side, in one run.
 
     python benchmarks/bench_learning.py                              # the demo task, 300 steps, 1 process
-    python benchmarks/bench_learning.py --variants lora falqon_keep --lr-scale 0.5 1 2
+    python benchmarks/bench_learning.py --tasks demo kjv --jobs 2    # both tasks, two runs at a time
+    python benchmarks/bench_learning.py --variants lora falqon_carry --lr-scale 0.5 1 2
     python benchmarks/bench_learning.py --quick --out /tmp/bl        # seconds (used by the tests)
 
-Every (variant, learning rate) is one run of the real trainer (``launch/train.py``, same data, seed
-and steps); its ``metrics.jsonl`` gives the final eval loss and exact match. A variant is a method
-plus overrides and a default learning rate; each is swept over ``--lr-scale`` × its default (so
-the same relative grid serves LoRA's 3e-3 and FALQON's 0.05):
+Every (task, variant, learning rate) is one run of the real trainer (``launch/train.py``, same data,
+seed, steps and schedule); its ``metrics.jsonl`` gives the final eval loss and exact match. A variant
+is a method plus overrides and a default learning rate; each is swept over ``--lr-scale`` × its
+default (so the same relative grid serves LoRA's 3e-3 and FALQON's 0.05):
 
 ==================  =====================================================  ========
 variant             overrides                                              lr
@@ -16,20 +17,30 @@ variant             overrides                                              lr
 lora                method=lora                                            3e-3
 falqon_paper        method=falqon method.unmerged=discard (the paper)      0.1
 falqon_stochastic   falqon_paper + method.merge_rounding=stochastic        0.1
-falqon_keep         method=falqon method.unmerged=keep (the default)       0.05
+falqon_keep         method=falqon method.unmerged=keep                     0.05
 falqon_keep_sr      falqon_keep + method.merge_rounding=stochastic         0.05
+falqon_carry        falqon_keep + method.carry_residual=true (the default) 0.05
 ==================  =====================================================  ========
 
-Reported: final eval loss and exact match per (variant, lr), each variant's best, its ratio to the
-best LoRA run, and the median step time (× the paper's). Writes ``results.json``, ``results.md``
-and ``results.png`` (eval loss and exact match against the learning rate, log scale) into ``--out``,
-rewritten after every run.
+Tasks: ``demo`` — the embedded default (synthetic ``shift`` task, exact match on 64 prompts);
+``kjv`` — continuation of King James Bible verses (real text; build it first with
+``python benchmarks/make_kjv_task.py``). Both at micro-batch 32, ZeRO-0, one process.
+
+Reported per task: final eval loss and exact match per (variant, lr), each variant's best, its ratio
+to the best LoRA run, the median step time (× the paper's), and the acceptance check of the default
+variant (``--default``) at its default lr and at 0.5× / 2× of it: eval loss ≤ 1.02× / 1.05× the
+best LoRA's (kjv), exact match ≥ 85% / 70% (demo), step time ≤ 1.05× the paper's. Writes
+``results.json``, ``results.md`` and ``results_<task>.png`` (eval loss and exact match against the
+learning rate, log scale) into ``--out``, rewritten after every run. ``--jobs N`` runs N trainers at
+once, each with ``OMP_NUM_THREADS`` = cores / N (step times then compare within one run only).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -45,16 +56,31 @@ VARIANTS: dict[str, tuple[list[str], float]] = {
     "lora": (["method=lora"], 3e-3),
     "falqon_paper": (["method=falqon", "method.unmerged=discard"], 0.1),
     "falqon_stochastic": (["method=falqon", "method.unmerged=discard", "method.merge_rounding=stochastic"], 0.1),
-    "falqon_keep": (["method=falqon", "method.unmerged=keep"], 0.05),
-    "falqon_keep_sr": (["method=falqon", "method.unmerged=keep", "method.merge_rounding=stochastic"], 0.05),
+    "falqon_keep": (["method=falqon", "method.unmerged=keep", "method.carry_residual=false"], 0.05),
+    "falqon_keep_sr": (["method=falqon", "method.unmerged=keep", "method.carry_residual=false",
+                        "method.merge_rounding=stochastic"], 0.05),
+    "falqon_carry": (["method=falqon", "method.unmerged=keep", "method.carry_residual=true"], 0.05),
 }
+KJV_DATA = common.REPO / "runs" / "kjv" / "kjv.jsonl"
+#: name -> (Hydra overrides, acceptance metric, bound at the default lr, bound at 0.5x / 2x)
+TASKS: dict[str, tuple[list[str], str, float, float]] = {
+    "demo": (["train.micro_batch_size=32", "deepspeed.zero_stage=0"], "exact_match", 0.85, 0.70),
+    "kjv": (["data=jsonl", f"data.path={KJV_DATA}", "train.micro_batch_size=32", "deepspeed.zero_stage=0",
+             "train.eval_samples=512", "train.eval_generate_samples=0"], "x_best_lora", 1.02, 1.05),
+}
+#: Step time of the default variant against the paper's, at most.
+STEP_TIME_BOUND = 1.05
 QUICK = ["train.micro_batch_size=4", "model.max_length=64", "data.num_train=200", "data.num_eval=16",
          "train.eval_samples=16", "train.eval_generate_samples=8"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["demo"], choices=list(TASKS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--default", default="falqon_carry", choices=list(VARIANTS),
+                   help="the variant whose acceptance is checked (FALQON's shipped default)")
+    p.add_argument("--jobs", type=int, default=1, help="trainer runs at once")
     p.add_argument("--lr-scale", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="multiples of each variant's lr")
     p.add_argument("--lr", action="append", default=[], metavar="VARIANT=VALUE", help="a variant's default lr")
     p.add_argument("--steps", type=int, default=300)
@@ -76,21 +102,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.steps, args.set = 6, QUICK + args.set
     if any(s <= 0 for s in args.lr_scale):
         p.error("--lr-scale values must be positive")
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
+    if "kjv" in args.tasks and not KJV_DATA.exists():
+        p.error(f"the kjv task needs {KJV_DATA}: build it with `python benchmarks/make_kjv_task.py` (Debian's bible-kjv)")
     args.out = (args.out or common.REPO / "runs" / "bench_learning" / time.strftime("%Y%m%d-%H%M%S")).resolve()
     return args
 
 
-def run_one(args: argparse.Namespace, variant: str, scale: float) -> dict[str, Any]:
+def run_one(args: argparse.Namespace, task: str, variant: str, scale: float) -> dict[str, Any]:
     lr = args.base_lr[variant] * scale
-    run_dir = args.out / f"{variant}_lr{lr:.3g}"
+    run_dir = args.out / task / f"{variant}_lr{lr:.3g}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     overrides = [*VARIANTS[variant][0], f"train.lr={lr:.6g}", f"train.max_steps={args.steps}", f"run.dir={run_dir}",
-                 "train.save_every=0", "train.eval_every=0", "logger=none", *args.set]
+                 "train.save_every=0", "train.eval_every=0", "logger=none", *TASKS[task][0], *args.set]
     command = common.trainer_command(args.python, args.ranks, overrides)
-    common.log(f"{variant} lr={lr:.3g}: {' '.join(command)}")
-    code, output = common.run_trainer(command, args.timeout)
-    row: dict[str, Any] = {"variant": variant, "lr": lr, "scale": scale}
+    common.log(f"{task} {variant} lr={lr:.3g}: {' '.join(command)}")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    code, output = common.run_trainer(command, args.timeout, env={"OMP_NUM_THREADS": str(threads)})
+    row: dict[str, Any] = {"task": task, "variant": variant, "lr": lr, "scale": scale}
     if code != 0:
         row.update(status="failed", reason=common.failure_reason(output, code), tail=output[-2000:])
         return row
@@ -105,9 +136,9 @@ def run_one(args: argparse.Namespace, variant: str, scale: float) -> dict[str, A
     return row
 
 
-def summarize(payload: dict[str, Any]) -> dict[str, Any]:
-    """Each variant's best run, its ratio to the best LoRA run, and step time × the paper's."""
-    ok = [r for r in payload["runs"] if r.get("status") == "ok"]
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant of one task: its best run, its ratio to the best LoRA run, step time × the paper's."""
+    ok = [r for r in runs if r.get("status") == "ok"]
     best: dict[str, dict[str, Any]] = {}
     for r in ok:
         if r["variant"] not in best or r["eval_loss"] < best[r["variant"]]["eval_loss"]:
@@ -126,13 +157,34 @@ def summarize(payload: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def markdown(payload: dict[str, Any]) -> str:
+def acceptance(task: str, runs: list[dict[str, Any]], summary: dict[str, Any], variant: str) -> list[dict[str, Any]]:
+    """The default variant at 0.5x, 1x and 2x its default lr against the task's bounds."""
+    metric, bound_default, bound_off = TASKS[task][1:]
+    lora = summary.get("lora", {}).get("eval_loss")
+    rows = []
+    for scale in (0.5, 1.0, 2.0):
+        run = next((r for r in runs if r["variant"] == variant and r["scale"] == scale and r.get("status") == "ok"), None)
+        bound = bound_default if scale == 1.0 else bound_off
+        if run is None:
+            rows.append({"scale": scale, "value": None, "bound": bound, "ok": None})
+            continue
+        if metric == "x_best_lora":
+            value = run["eval_loss"] / lora if lora else None
+            ok = None if value is None else value <= bound
+        else:
+            value = run["exact_match"]
+            ok = None if value is None else value >= bound
+        rows.append({"scale": scale, "lr": run["lr"], "value": value, "bound": bound, "ok": ok})
+    step = summary.get(variant, {}).get("step_time_x_paper")
+    rows.append({"scale": None, "value": step, "bound": STEP_TIME_BOUND, "ok": None if step is None else step <= STEP_TIME_BOUND})
+    return rows
+
+
+def _task_markdown(payload: dict[str, Any], task: str) -> list[str]:
     scales = payload["config"]["lr_scale"]
-    lines = ["# falqon_dist learning benchmark (through launch/train.py)", "", f"`{payload['command']}`", "",
-             f"{payload['config']['steps']} steps · overrides {' '.join(payload['config']['set']) or '—'} · "
-             f"torch {payload['env']['torch']} · commit {payload['env']['commit']}", "",
-             "Final eval loss / exact match per learning rate (× the variant's default):", ""]
-    by_key = {(r["variant"], r["scale"]): r for r in payload["runs"]}
+    runs = [r for r in payload["runs"] if r["task"] == task]
+    lines = [f"## Task `{task}`", "", "Final eval loss / exact match per learning rate (× the variant's default):", ""]
+    by_key = {(r["variant"], r["scale"]): r for r in runs}
     rows = []
     for name in payload["config"]["variants"]:
         cells = [name]
@@ -147,7 +199,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 cells.append(f"{r['lr']:.3g}: {r['eval_loss']:.3f} / {em}")
         rows.append(cells)
     lines.append(common.markdown_table(["variant", *[f"lr × {s:g}" for s in scales]], rows, "l" + "r" * len(scales)))
-    summary = payload.get("summary", {})
+    summary = payload.get("summary", {}).get(task, {})
     if summary:
         lines += ["", "Best run of each variant:", ""]
         lines.append(common.markdown_table(
@@ -155,10 +207,34 @@ def markdown(payload: dict[str, Any]) -> str:
             [[n, f"{s['best_lr']:.3g}", f"{s['eval_loss']:.3f}", common.fmt(s["x_best_lora"], ".2f"),
               common.fmt(s["exact_match"], ".3f"), common.fmt(s["worst_exact_match_over_grid"], ".3f"),
               common.fmt(s["step_time_x_paper"], ".2f")] for n, s in summary.items()]))
-    return "\n".join(lines) + "\n"
+    check = payload.get("acceptance", {}).get(task, [])
+    if check:
+        metric = TASKS[task][1]
+        label = "eval loss × best LoRA" if metric == "x_best_lora" else "exact match"
+        lines += ["", f"Acceptance of `{payload['config']['default']}`:", ""]
+        rows = []
+        for c in check:
+            if c["scale"] is None:
+                what = "step time × paper (median over its grid)"
+            else:
+                what = f"{label} at lr × {c['scale']:g}" + (f" ({c['lr']:.3g})" if "lr" in c else "")
+            sign = "≥" if metric == "exact_match" and c["scale"] is not None else "≤"
+            verdict = "—" if c["ok"] is None else ("pass" if c["ok"] else "FAIL")
+            rows.append([what, common.fmt(c["value"], ".3f"), f"{sign} {c['bound']:g}", verdict])
+        lines.append(common.markdown_table(["check", "measured", "bound", ""], rows, "lrrl"))
+    return lines
 
 
-def plot(payload: dict[str, Any], path: Path) -> None:
+def markdown(payload: dict[str, Any]) -> str:
+    lines = ["# falqon_dist learning benchmark (through launch/train.py)", "", f"`{payload['command']}`", "",
+             f"{payload['config']['steps']} steps · overrides {' '.join(payload['config']['set']) or '—'} · "
+             f"torch {payload['env']['torch']} · commit {payload['env']['commit']}", ""]
+    for task in payload["config"]["tasks"]:
+        lines += _task_markdown(payload, task) + [""]
+    return "\n".join(lines)
+
+
+def plot(payload: dict[str, Any], task: str, path: Path) -> None:
     try:
         import matplotlib
 
@@ -169,7 +245,8 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         return
     fig, (ax_loss, ax_em) = plt.subplots(1, 2, figsize=(10, 4))
     for name in payload["config"]["variants"]:
-        runs = sorted((r for r in payload["runs"] if r["variant"] == name and r.get("status") == "ok"), key=lambda r: r["lr"])
+        runs = sorted((r for r in payload["runs"] if r["task"] == task and r["variant"] == name and r.get("status") == "ok"),
+                      key=lambda r: r["lr"])
         if not runs:
             continue
         lrs = [r["lr"] for r in runs]
@@ -179,7 +256,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     for ax, label in ((ax_loss, "final eval loss"), (ax_em, "exact match (%)")):
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
-        ax.set_title(label, fontsize=9)
+        ax.set_title(f"{task}: {label}", fontsize=9)
         ax.grid(alpha=0.3)
     ax_loss.legend(fontsize=7)
     fig.tight_layout()
@@ -189,11 +266,15 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 def write_reports(payload: dict[str, Any]) -> str:
     out = Path(payload["out"])
-    payload["summary"] = summarize(payload)
+    payload["summary"], payload["acceptance"] = {}, {}
+    for task in payload["config"]["tasks"]:
+        runs = [r for r in payload["runs"] if r["task"] == task]
+        payload["summary"][task] = summarize(runs)
+        payload["acceptance"][task] = acceptance(task, runs, payload["summary"][task], payload["config"]["default"])
+        plot(payload, task, out / f"results_{task}.png")
     common.write_json(out / "results.json", payload)
     text = markdown(payload)
     (out / "results.md").write_text(text)
-    plot(payload, out / "results.png")
     return text
 
 
@@ -205,14 +286,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "command": "python benchmarks/bench_learning.py " + " ".join(args.argv), "out": str(args.out),
         "env": common.environment(torch.device("cpu")),
-        "config": {"variants": args.variants, "lr_scale": args.lr_scale, "base_lr": args.base_lr,
-                   "steps": args.steps, "set": args.set, "ranks": args.ranks},
+        "config": {"tasks": args.tasks, "variants": args.variants, "default": args.default, "lr_scale": args.lr_scale,
+                   "base_lr": args.base_lr, "steps": args.steps, "set": args.set, "ranks": args.ranks, "jobs": args.jobs},
         "runs": [],
     }
-    grid = [(v, s) for v in args.variants for s in args.lr_scale]
-    for variant, scale in common.progress(grid, "runs", "run"):
-        payload["runs"].append(run_one(args, variant, scale))
-        write_reports(payload)
+    grid = [(t, v, s) for t in args.tasks for v in args.variants for s in args.lr_scale]
+    bar = common.progress(None, "runs", "run", total=len(grid))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for row in pool.map(lambda item: run_one(args, *item), grid):  # results in grid order, in this thread
+            payload["runs"].append(row)
+            write_reports(payload)
+            bar.update(1)
+    bar.close()
     return common.finish(payload, write_reports)
 
 

@@ -187,11 +187,12 @@ def trainer_command(python: str, ranks: int, overrides: list[str]) -> list[str]:
     return [launcher, "--num_gpus", str(ranks), train_py, *overrides]
 
 
-def run_trainer(command: list[str], timeout: float) -> tuple[int | None, str]:
-    """Run one training command from the repository root: ``(exit code or None on time-out, output)``."""
+def run_trainer(command: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int | None, str]:
+    """Run one training command from the repository root: ``(exit code or None on time-out, output)``.
+    ``env`` adds to (or overrides) this process's environment."""
     import os
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
         proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as exc:

@@ -20,7 +20,15 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from falqon_dist.train.bootstrap import agree_run_dir, init_process_group, requested_override, strip_local_rank  # noqa: E402
+from falqon_dist.dist.build_locks import StaleLockError  # noqa: E402
+from falqon_dist.dist.rendezvous import RendezvousError  # noqa: E402
+from falqon_dist.train.bootstrap import (  # noqa: E402
+    agree_run_dir,
+    init_process_group,
+    requested_override,
+    strip_local_rank,
+    timeout_from_overrides,
+)
 
 
 @hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base="1.3")
@@ -30,10 +38,19 @@ def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
+def start(argv: list[str]) -> str:
+    """Process group and run directory, before Hydra composes the config; returns the run directory."""
+    init_process_group(timeout_from_overrides(argv))
+    return agree_run_dir(requested_override(argv, "run.dir"))
+
+
 if __name__ == "__main__":
     argv = strip_local_rank(sys.argv[1:])
-    init_process_group()
-    run_dir = agree_run_dir(requested_override(argv, "run.dir"))
+    try:
+        run_dir = start(argv)
+    except (RendezvousError, StaleLockError) as exc:  # one line, no traceback: the message says it all
+        print(f"falqon_dist: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
     overrides = [a for a in argv if not a.lstrip("+~").startswith("run.dir=")]
     sys.argv = [
         sys.argv[0],

@@ -30,12 +30,14 @@ def prepare_model(
     cache_weight_transpose: bool = False,
     merge_rounding: str = "nearest",
     unmerged: str = "keep",
+    carry_residual: bool = False,
+    scale_headroom: int = 1,
     device: torch.device | str | None = None,
 ) -> list[str]:
     """Apply ``method`` to ``model`` in place and return what it targeted.
 
     * ``falqon`` — :func:`falqon_dist.convert_model` with ``FalqonConfig(rank, topk, init, backend,
-      cache_weight_transpose, merge_rounding, unmerged)``; returns the converted module names. ``alpha`` does not apply (B is
+      cache_weight_transpose, merge_rounding, unmerged, carry_residual, scale_headroom)``; returns the converted module names. ``alpha`` does not apply (B is
       in real units).
     * ``lora`` — bf16 LoRA via peft (:func:`~falqon_dist.baselines.lora.apply_lora`, ``rank``,
       ``alpha``, ``dropout``); returns the adapted module names. ``alpha`` defaults to ``rank``.
@@ -54,7 +56,7 @@ def prepare_model(
     (default: where each weight already is).
 
     Options a method does not use (``topk``/``init`` outside FALQON, ``dropout`` outside the peft
-    methods, ``double_quant`` outside QLoRA, ``cache_weight_transpose`` / ``merge_rounding`` / ``unmerged`` outside FALQON, ``rank`` for
+    methods, ``double_quant`` outside QLoRA, ``cache_weight_transpose`` / ``merge_rounding`` / ``unmerged`` / ``carry_residual`` / ``scale_headroom`` outside FALQON, ``rank`` for
     ``full``) are
     ignored, so one config can drive every method. Afterwards exactly the method's parameters have
     ``requires_grad``. Raises ``ValueError`` for an unknown ``method``.
@@ -68,6 +70,8 @@ def prepare_model(
             cache_weight_transpose=cache_weight_transpose,
             merge_rounding=merge_rounding,
             unmerged=unmerged,
+            carry_residual=carry_residual,
+            scale_headroom=scale_headroom,
         )
         return convert_model(model, config, device=device)
     if method == "lora":

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from falqon_dist.dist.waits import barrier
+
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 
@@ -72,14 +74,12 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any] |
     }
     torch.save(rng, _rng_file(ckpt_dir, tag, rank))
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state or {}), save_latest=False)
-    if tdist.is_initialized():
-        tdist.barrier()
+    barrier(f"finish writing checkpoint {tag}")
     if rank == 0:
         _atomic_write_text(ckpt_dir / LATEST, tag)
         if keep > 0:
             _prune(ckpt_dir, keep, current=tag)
-    if tdist.is_initialized():
-        tdist.barrier()
+    barrier(f"see rank 0 mark {tag} as the latest checkpoint")
     return tag
 
 

@@ -4,10 +4,11 @@ Stages 0–2 keep a full ``qweight`` replica on every rank: each rank reads the 
 makes the same top-k choice and writes the same bytes (``FalqonLinear.merge_proxy_``).
 
 Stage 3 partitions ``qweight``: rank p owns the flat elements ``[p·n, (p+1)·n)`` of the row-major
-``M_q``. A merge gathers only what it needs — the full B (out × r, fp32, via the master) and the
-adapter rows ``A_q`` (r × in bytes, one all-reduce of the pieces each rank owns) — and then updates
-only the local slice with the method's own ``apply_rows_to_slice_``. Traffic per layer: O(r·(in + out)), never
-the O(in·out) backbone. A parameter ZeRO-3 keeps resident (``ds_persist``, below the persistence
+``M_q``. A merge gathers only what it needs — the full B (out × r, fp32, via the master), the k selected
+rows and the adapter rows ``A_q`` ((k + r) × in bytes, one all-reduce of the pieces each rank owns)
+— computes the merged rows exactly as the unsharded merge does, and writes only the local slice
+with the method's own ``apply_rows_to_slice_``. Traffic per layer: O(r·out + (k + r)·in), never the
+O(in·out) backbone. A parameter ZeRO-3 keeps resident (``ds_persist``, below the persistence
 threshold) is also updated in its full resident copy.
 """
 
@@ -19,37 +20,44 @@ from torch import nn
 
 from falqon_dist.fp8 import E4M3
 from falqon_dist.method import falqon_layers
-from falqon_dist.method.proxy import MergeStats, apply_rows_, apply_rows_to_slice_, select_rows
+from falqon_dist.method.proxy import MergeStats, RowMerge, apply_rows_to_slice_, select_rows
 from falqon_dist.dist.proxies import ProxyMasters
 
 
-def _gather_adapter_rows(qweight: nn.Parameter, out_features: int, in_features: int, rank: int) -> torch.Tensor:
-    """``M_q[out:]`` as float32 (rank × in) from the ZeRO-3 partitions (one small all-reduce)."""
-    group = qweight.ds_process_group
+def _gather_rows(qweight: nn.Parameter, rows: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Rows ``rows`` of the ZeRO-3 partitioned ``M_q`` as uint8 (len(rows) × in), on every rank.
+
+    Sync-free and one all-reduce: each rank contributes the bytes it owns (zeros elsewhere), and
+    every byte has exactly one owner, so the sum is that byte.
+    """
     part, numel = qweight.ds_tensor.view(-1), qweight.ds_tensor.ds_numel
+    group = qweight.ds_process_group
     start = numel * tdist.get_rank(group=group)
-    lo_a, hi_a = out_features * in_features, (out_features + rank) * in_features
-    lo, hi = max(start, lo_a), min(start + numel, hi_a)
-    pieces = torch.zeros(hi_a - lo_a, dtype=torch.int32, device=part.device)
-    if lo < hi:
-        pieces[lo - lo_a : hi - lo_a] = part[lo - start : hi - start].to(torch.int32)
-    tdist.all_reduce(pieces, group=group)  # each byte has exactly one owner: the sum is that byte
-    return pieces.to(torch.uint8).view(E4M3).float().view(rank, in_features)
+    local = rows.to(part.device).unsqueeze(1) * in_features + torch.arange(in_features, device=part.device) - start
+    owned = (local >= 0) & (local < numel)
+    if numel:
+        pieces = torch.where(owned, part[local.clamp(0, numel - 1)].to(torch.int32), 0)
+    else:
+        pieces = torch.zeros_like(local, dtype=torch.int32)
+    tdist.all_reduce(pieces, group=group)
+    return pieces.to(torch.uint8)
 
 
-def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor, step: int) -> MergeStats:
-    qweight = layer.qweight
+def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor, step: int) -> RowMerge:
+    qweight, out, r = layer.qweight, layer.out_features, layer.rank
     proxy_rows = proxy.index_select(0, rows)
-    adapter_q = _gather_adapter_rows(qweight, layer.out_features, layer.in_features, layer.rank)
+    adapter_rows = torch.arange(out, out + r, device=rows.device, dtype=rows.dtype)
+    gathered = _gather_rows(qweight, torch.cat([rows, adapter_rows]), layer.in_features)
+    old_rows, adapter_q = gathered[: rows.numel()], gathered[rows.numel() :].view(E4M3).float()
     rounding = layer.rounding(step)
     part = qweight.ds_tensor.view(-1)
     offset = qweight.ds_tensor.ds_numel * tdist.get_rank(group=qweight.ds_process_group)
-    stats = apply_rows_to_slice_(part, offset, layer.in_features, rows, proxy_rows, adapter_q, rounding)
+    merge = apply_rows_to_slice_(part, offset, rows, old_rows, proxy_rows, adapter_q, rounding, carry=layer.carry_residual)
     if qweight.data.numel():  # resident full copy (ds_persist): same update, same bytes
-        resident = qweight.data.view(layer.out_features + layer.rank, layer.in_features)
-        _, new_bits = apply_rows_(resident, rows, proxy_rows, adapter_q, rounding)
-        layer.rows_rewritten(rows, new_bits)
-    return stats
+        resident = qweight.data.view(out + r, layer.in_features)
+        resident.index_copy_(0, rows.to(resident.device), merge.bits.to(resident.device))
+        layer.rows_rewritten(rows, merge.bits)
+    return merge
 
 
 @torch.no_grad()
@@ -65,11 +73,13 @@ def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeSt
         proxy = masters.read_full(layer.B)
         rows = select_rows(proxy, layer.rows_per_merge)
         if hasattr(layer.qweight, "ds_id"):
-            partitioned.add_(_merge_partitioned(layer, proxy, rows, step))
+            merge = _merge_partitioned(layer, proxy, rows, step)
+            partitioned.add_(merge.stats)
             group = layer.qweight.ds_process_group
         else:
-            totals.add_(layer.merge_proxy_(proxy, step=step, rows=rows))
-        masters.write_(layer.B, layer.remainder(proxy, rows))  # zeros, or B's unmerged rows (keep)
+            merge = layer.merge_rows_(proxy, rows, step=step)
+            totals.add_(merge.stats)
+        masters.write_(layer.B, layer.remainder(proxy, rows, merge.carry))  # zeros, B's unmerged rows, or + the carry
     if group is not None and partitioned.layers:  # each rank counted its own slice's elements; rows once
         counts = partitioned.counts()
         tdist.all_reduce(counts[1:], group=group)

@@ -39,6 +39,14 @@ class FalqonConfig:
     #: "keep" is the default: on the demo task it learns at a third of the paper's learning rate and
     #: beats it by far (benchmarks/bench_learning.py; README).
     unmerged: str = "keep"
+    #: With ``unmerged="keep"``: what FP8 rounding drops from a merged row (projected onto A's rows) is
+    #: put back into B instead of zero, so updates smaller than an FP8 step accumulate until they move
+    #: a byte instead of being lost (error feedback; one k × in × r matmul and an r × r solve per merge).
+    carry_residual: bool = False
+    #: The fixed tensor-wise scale is ``scale_headroom · amax([W; A])/448`` (a power of two): merged
+    #: weights can grow that many times the initial amax before they clamp at ±448. Powers of two
+    #: leave the bits of every value above E4M3's smallest normal as they are.
+    scale_headroom: int = 1
     #: Keep a transposed copy of each layer's W rows for the backward GEMM ∂L/∂x (FP8 tensor cores
     #: need W column-major there): saves one transpose per layer per backward pass, costs one more
     #: byte per backbone parameter. Not with ZeRO-3 (the copy would be a full W per rank).
@@ -63,6 +71,17 @@ class FalqonConfig:
             raise ValueError(f"FalqonConfig.merge_rounding must be one of {MERGE_ROUNDINGS}, got {self.merge_rounding!r}")
         if self.unmerged not in UNMERGED:
             raise ValueError(f"FalqonConfig.unmerged must be one of {UNMERGED}, got {self.unmerged!r}")
+        if not isinstance(self.carry_residual, bool):
+            raise ValueError(f"FalqonConfig.carry_residual must be true or false, got {self.carry_residual!r}")
+        if self.carry_residual and self.unmerged != "keep":
+            raise ValueError("FalqonConfig.carry_residual=True needs unmerged='keep' (the paper's merge zeroes all of B)")
+        if (
+            isinstance(self.scale_headroom, bool)
+            or not isinstance(self.scale_headroom, int)
+            or self.scale_headroom < 1
+            or self.scale_headroom & (self.scale_headroom - 1)
+        ):
+            raise ValueError(f"FalqonConfig.scale_headroom must be a power of two (1, 2, 4, ...), got {self.scale_headroom!r}")
         if not isinstance(self.cache_weight_transpose, bool):
             raise ValueError(
                 f"FalqonConfig.cache_weight_transpose must be true or false, got {self.cache_weight_transpose!r}"

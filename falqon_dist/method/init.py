@@ -3,7 +3,7 @@
 ``init="svd"``: with ``s0 = amax(W)/448`` the backbone's FP8 quantization error is
 ``ΔQ = W − s0·Q(W/s0)``; its rank-r truncated SVD ``ΔQ ≈ U_r Σ_r V_rᵀ`` gives
 ``A = Σ_r^{1/2} V_rᵀ`` (r × in). ``init="random"``: ``A ~ N(mean W, std W)`` clipped to
-``[min W, max W]``. Then ``s = amax(M)/448`` and ``M_q = Q(M/s)``, stored as raw E4M3 bits.
+``[min W, max W]``. Then ``s = headroom·amax(M)/448`` and ``M_q = Q(M/s)``, stored as raw E4M3 bits.
 
 Everything is computed in float32 with an explicitly seeded generator, so every rank that converts
 the same weights produces identical bytes.
@@ -61,9 +61,18 @@ def adapter_init(weight_hp: torch.Tensor, rank: int, method: str, generator: tor
     raise ValueError(f"init must be 'svd' or 'random', got {method!r}")
 
 
-def meld(weight_hp: torch.Tensor, adapter_hp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize ``M = [W; A]`` with one tensor-wise scale; returns ``(uint8 bits, scale (1,))``."""
+def meld(weight_hp: torch.Tensor, adapter_hp: torch.Tensor, *, headroom: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``M = [W; A]`` with one tensor-wise scale ``s = headroom · amax(M)/448``; returns
+    ``(uint8 bits, scale (1,))``.
+
+    ``s`` stays fixed for the run, so a merged weight that grows past ``448·s`` is clamped.
+    ``headroom`` (a power of two) leaves room to grow that many times ``amax(M)``: dividing by a
+    power of two shifts every E4M3 value by whole binades, so the bits of all values that stay above
+    E4M3's smallest normal (2⁻⁶·s) round exactly as with ``headroom=1``.
+    """
+    if headroom < 1 or headroom & (headroom - 1):
+        raise ValueError(f"headroom must be a power of two >= 1, got {headroom}")
     melded = torch.cat([weight_hp.float(), adapter_hp.float()], dim=0)
-    scale = tensorwise_scale(melded, E4M3)
+    scale = tensorwise_scale(melded, E4M3) * headroom
     bits = to_bits(quantize(melded, scale, E4M3))
     return bits, scale

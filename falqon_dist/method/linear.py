@@ -35,7 +35,7 @@ from falqon_dist.fp8.cast import SharedCast
 from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.init import adapter_init, meld
-from falqon_dist.method.proxy import MergeStats, Rounding, apply_rows_, select_rows
+from falqon_dist.method.proxy import MergeStats, Rounding, RowMerge, apply_rows_, select_rows
 
 
 #: One cast of an input tensor shared by the layers that read it in the same forward (q/k/v, gate/up).
@@ -120,7 +120,8 @@ class FalqonLinear(Float32ScaleMixin):
         topk: int | None = None,
         cache_weight_transpose: bool = False,
         merge_rounding: str = "nearest",
-        unmerged: str = "discard",
+        unmerged: str = "keep",
+        carry_residual: bool = False,
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
@@ -135,7 +136,9 @@ class FalqonLinear(Float32ScaleMixin):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.backend, self.topk = backend, topk
         self.merge_rounding, self.seed = merge_rounding, seed
-        self.unmerged = unmerged
+        if carry_residual and unmerged != "keep":
+            raise ValueError("carry_residual needs unmerged='keep' (the paper's merge zeroes all of B)")
+        self.unmerged, self.carry_residual = unmerged, carry_residual
         self.weight_t_cache = TransposedBitsCache() if cache_weight_transpose else None
         self.qweight = nn.Parameter(
             torch.zeros(out_features + rank, in_features, dtype=torch.uint8, device=device), requires_grad=False
@@ -161,6 +164,7 @@ class FalqonLinear(Float32ScaleMixin):
             cache_weight_transpose=config.cache_weight_transpose,
             merge_rounding=config.merge_rounding,
             unmerged=config.unmerged,
+            carry_residual=config.carry_residual,
             seed=config.seed,
             device=weight.device,
             dtype=weight.dtype if weight.is_floating_point() else torch.float32,
@@ -174,7 +178,7 @@ class FalqonLinear(Float32ScaleMixin):
         layer = cls.shaped_like(linear, config)
         generator = torch.Generator().manual_seed(config.seed)
         adapter = adapter_init(weight, config.rank, config.init, generator)
-        bits, scale = meld(weight, adapter)
+        bits, scale = meld(weight, adapter, headroom=config.scale_headroom)
         layer.qweight.copy_(bits)
         layer.scale.copy_(scale)
         if linear.bias is not None:
@@ -214,28 +218,43 @@ class FalqonLinear(Float32ScaleMixin):
         ``rows`` overrides the top-k choice (``select_rows(proxy, out_features)`` merges every row).
         ``step`` (the optimizer step) keys stochastic merge rounding; nearest rounding ignores it. No
         host synchronization: the returned :class:`~falqon_dist.method.proxy.MergeStats` holds
-        device tensors. A cached ``Wᵀ`` is updated in place (only the merged rows, i.e. its columns,
-        change).
+        device tensors.
         """
         proxy = (self.B if proxy is None else proxy).detach()
         rows = select_rows(proxy, self.rows_per_merge) if rows is None else rows
-        stats, new_bits = apply_rows_(
-            self.qweight.data, rows, proxy.float().index_select(0, rows), self.adapter_q(), self.rounding(step)
+        merge = self.merge_rows_(proxy, rows, step=step)
+        self.B.copy_(self.remainder(proxy, rows, merge.carry))
+        return merge.stats
+
+    @torch.no_grad()
+    def merge_rows_(self, proxy: torch.Tensor, rows: torch.Tensor, *, step: int = 0) -> RowMerge:
+        """Write rows ``rows`` of ``proxy`` (B or its master) into the backbone; B is not touched.
+
+        Returns the statistics, the new bits and, with ``carry_residual``, the carry that
+        :meth:`remainder` puts back into B. A cached ``Wᵀ`` is updated in place (only the merged rows,
+        i.e. its columns, change).
+        """
+        merge = apply_rows_(
+            self.qweight.data, rows, proxy.detach().float().index_select(0, rows), self.adapter_q(),
+            self.rounding(step), carry=self.carry_residual,
         )
-        self.rows_rewritten(rows, new_bits)
-        self.B.copy_(self.remainder(proxy, rows))
-        return stats
+        self.rows_rewritten(rows, merge.bits)
+        return merge
 
     def rounding(self, step: int) -> Rounding:
         """How this layer's merge at optimizer ``step`` rounds (its noise keyed by seed and step)."""
         return Rounding(stochastic=self.merge_rounding == "stochastic", seed=self.seed, step=step)
 
-    def remainder(self, proxy: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """What B holds after merging ``rows`` of ``proxy``: zeros (``unmerged="discard"``, the paper)
-        or ``proxy`` with the merged rows zeroed (``unmerged="keep"``)."""
-        if self.unmerged == "keep":
-            return proxy.index_fill(0, rows.to(proxy.device), 0)
-        return torch.zeros_like(proxy)
+    def remainder(self, proxy: torch.Tensor, rows: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
+        """What B holds after merging ``rows`` of ``proxy``: zeros (``unmerged="discard"``, the paper),
+        or ``proxy`` with the merged rows zeroed (``unmerged="keep"``) or set to ``carry``, what
+        rounding dropped from them (``carry_residual``)."""
+        if self.unmerged != "keep":
+            return torch.zeros_like(proxy)
+        rows = rows.to(proxy.device)
+        if carry is None:
+            return proxy.index_fill(0, rows, 0)
+        return proxy.index_copy(0, rows, carry.to(device=proxy.device, dtype=proxy.dtype))
 
     def adapter_q(self) -> torch.Tensor:
         """The adapter rows ``A_q = M_q[out:]`` as float32 in the scaled FP8 domain (rank × in)."""
@@ -261,5 +280,6 @@ class FalqonLinear(Float32ScaleMixin):
             f"bias={self.bias is not None}, topk={self.rows_per_merge}, backend={self.backend}"
             + (", cache_weight_transpose=True" if self.weight_t_cache is not None else "")
             + (", merge_rounding=stochastic" if self.merge_rounding == "stochastic" else "")
-            + (", unmerged=keep" if self.unmerged == "keep" else "")
+            + (", unmerged=discard" if self.unmerged == "discard" else "")
+            + (", carry_residual=True" if self.carry_residual else "")
         )

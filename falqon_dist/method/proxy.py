@@ -17,6 +17,16 @@ uniform noise is a counter-based hash of (layer seed, step, element index in ``M
 state, computed on the parameter's device, and the same bits on every rank, every device and every
 ZeRO-3 partitioning.
 
+**Carrying what rounding drops** (``carry=True``, for ``unmerged="keep"``): the residual of a merged
+row, ``R_j = (W_q,j + B_j A_q) − Q(W_q,j + B_j A_q)`` (zero where the sum clamped or was not
+finite), is what FP8 rounded away. Its least-squares projection onto A's rows,
+
+    C_j = R_j A_qᵀ (A_q A_qᵀ + εI)⁻¹            (k × r, one r × r Cholesky solve)
+
+goes back into B instead of zero, so an update too small to move a single FP8 byte is not lost but
+accumulates until it does (error feedback): a row whose update rounds away entirely gets its
+``B_j`` back (up to ε).
+
 **No host synchronization.** Every step below is a fixed-shape device operation (sort, gather,
 matmul, scatter); nothing is read back to the host. Statistics are 0-dim device tensors
 (:class:`MergeStats`), read once when they are logged. On a GPU the merge of a layer is then a
@@ -26,13 +36,15 @@ Two writers share :func:`merged_row_bits`:
 
 * :func:`apply_rows_` — a whole ``M_q`` (replicas under ZeRO 0–2, single process): gather the k
   rows, merge, scatter them back.
-* :func:`apply_rows_to_slice_` — one rank's flat slice of the row-major ``M_q`` (ZeRO-3): only the
-  elements inside ``[offset, offset + n)`` change, and the bytes equal the unsharded merge's.
+* :func:`apply_rows_to_slice_` — one rank's flat slice of the row-major ``M_q`` (ZeRO-3), given the
+  full current bits of the k rows: only the elements inside ``[offset, offset + n)`` change, and
+  the bytes (and the carry) equal the unsharded merge's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -166,26 +178,54 @@ def stochastic_round_e4m3(values: torch.Tensor, noise: torch.Tensor) -> torch.Te
     return (rounded * values.sign()).to(E4M3)
 
 
+class MergedRows(NamedTuple):
+    """k merged rows: their new E4M3 ``bits`` (k × in, uint8), three boolean masks (k × in) and the
+    ``residual`` (k × in, float32, scaled domain) that rounding dropped, zero where the sum clamped
+    or was not finite."""
+
+    bits: torch.Tensor
+    saturated: torch.Tensor
+    nonfinite: torch.Tensor
+    changed: torch.Tensor
+    residual: torch.Tensor
+
+
 def merged_row_bits(
     old_bits: torch.Tensor,
     proxy_rows: torch.Tensor,
     adapter_q: torch.Tensor,
     noise: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> MergedRows:
     """The merged E4M3 bits of k rows: ``Q(clamp(W_q + B·A_q, ±448))``, non-finite sums keep ``W_q``.
 
     ``old_bits`` (k × in, uint8), ``proxy_rows`` (k × r), ``adapter_q`` (r × in, float32, scaled
     domain), ``noise`` (k × in uniform [0, 1) for stochastic rounding, or None for nearest).
-    Returns ``(new_bits, saturated, nonfinite, changed)``: uint8 (k × in) and three boolean masks.
     """
     old = old_bits.view(E4M3).float()
-    updated = old + proxy_rows.float() @ adapter_q.float()
-    finite = torch.isfinite(updated)
-    saturated = finite & (updated.abs() > E4M3_MAX)
-    updated = torch.where(finite, updated.clamp(-E4M3_MAX, E4M3_MAX), old)
+    target = old + proxy_rows.float() @ adapter_q.float()
+    finite = torch.isfinite(target)
+    saturated = finite & (target.abs() > E4M3_MAX)
+    updated = torch.where(finite, target.clamp(-E4M3_MAX, E4M3_MAX), old)
     rounded = updated.to(E4M3) if noise is None else stochastic_round_e4m3(updated, noise)
     new_bits = to_bits(rounded)
-    return new_bits, saturated, ~finite, new_bits != old_bits
+    residual = torch.where(finite & ~saturated, updated - rounded.float(), 0.0)
+    return MergedRows(new_bits, saturated, ~finite, new_bits != old_bits, residual)
+
+
+def project_onto_adapter(residual: torch.Tensor, adapter_q: torch.Tensor) -> torch.Tensor:
+    """``C`` (k × r) minimizing ``‖C·A_q − R‖``: ``R A_qᵀ (A_q A_qᵀ + εI)⁻¹``, float32, sync-free.
+
+    ``ε`` (1e-6 of the Gram matrix's mean diagonal) keeps the r × r system positive definite for any
+    A (a Cholesky that could fail would need a host check); entries that still come out non-finite
+    are zero, so the carry can never put a NaN into B.
+    """
+    adapter = adapter_q.float()
+    gram = adapter @ adapter.T
+    ridge = gram.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny) * 1e-6
+    gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    factor, _ = torch.linalg.cholesky_ex(gram)  # the info flag is not read: no host sync
+    carry = torch.cholesky_solve((residual.float() @ adapter.T).T, factor).T
+    return torch.where(torch.isfinite(carry), carry, 0.0)
 
 
 def _row_elements(rows: torch.Tensor, in_features: int, device: torch.device) -> torch.Tensor:
@@ -203,60 +243,77 @@ def _stats(proxy_rows: torch.Tensor, saturated: torch.Tensor, nonfinite: torch.T
     )
 
 
+class RowMerge(NamedTuple):
+    """What a merge writer returns: the statistics, the merged rows' new bits (k × in, e.g. to update
+    a cached transposed copy) and the carry (k × r, see module docstring) or None."""
+
+    stats: MergeStats
+    bits: torch.Tensor
+    carry: torch.Tensor | None
+
+
+def _merge(
+    old_rows: torch.Tensor, rows: torch.Tensor, proxy_rows: torch.Tensor, adapter_q: torch.Tensor, rounding: Rounding
+) -> MergedRows:
+    """:func:`merged_row_bits` of the gathered rows ``rows`` (their bits ``old_rows``, k × in) of ``M_q``."""
+    device = old_rows.device
+    noise = rounding.noise(_row_elements(rows, old_rows.shape[1], device))
+    return merged_row_bits(old_rows, proxy_rows.to(device), adapter_q.to(device), noise)
+
+
+def _carry(merged: MergedRows, adapter_q: torch.Tensor, carry: bool) -> torch.Tensor | None:
+    return project_onto_adapter(merged.residual, adapter_q.to(merged.residual.device)) if carry else None
+
+
 def apply_rows_(
     bits: torch.Tensor,
     rows: torch.Tensor,
     proxy_rows: torch.Tensor,
     adapter_q: torch.Tensor,
     rounding: Rounding = NEAREST,
-) -> tuple[MergeStats, torch.Tensor]:
-    """Merge ``proxy_rows`` (k × r) into rows ``rows`` of the whole ``M_q`` ``bits`` ((out+r) × in).
-
-    Returns the statistics and the new bits of the merged rows (k × in), e.g. to update a cached
-    transposed copy.
-    """
-    in_features = bits.shape[1]
+    *,
+    carry: bool = False,
+) -> RowMerge:
+    """Merge ``proxy_rows`` (k × r) into rows ``rows`` of the whole ``M_q`` ``bits`` ((out+r) × in)."""
     rows = rows.to(bits.device)
-    noise = rounding.noise(_row_elements(rows, in_features, bits.device))
-    new_bits, saturated, nonfinite, changed = merged_row_bits(
-        bits.index_select(0, rows), proxy_rows.to(bits.device), adapter_q.to(bits.device), noise
-    )
-    bits.index_copy_(0, rows, new_bits)
-    return _stats(proxy_rows, saturated, nonfinite, changed), new_bits
+    merged = _merge(bits.index_select(0, rows), rows, proxy_rows, adapter_q, rounding)
+    bits.index_copy_(0, rows, merged.bits)
+    stats = _stats(proxy_rows, merged.saturated, merged.nonfinite, merged.changed)
+    return RowMerge(stats, merged.bits, _carry(merged, adapter_q, carry))
 
 
 def apply_rows_to_slice_(
     flat: torch.Tensor,
     offset: int,
-    in_features: int,
     rows: torch.Tensor,
+    old_rows: torch.Tensor,
     proxy_rows: torch.Tensor,
     adapter_q: torch.Tensor,
     rounding: Rounding = NEAREST,
-) -> MergeStats:
+    *,
+    carry: bool = False,
+) -> RowMerge:
     """The same merge on a flat slice: ``flat`` holds elements ``[offset, offset + n)`` of ``M_q``.
 
-    Only elements inside the slice change; the statistics count only those. Sync-free: the k × in
-    window of every selected row is gathered at indices clamped into the slice; positions outside
-    it land on the slice's first or last element and write exactly the value that element ends up
-    with (its merged value when its row is selected, else its old bits), so every duplicate write
-    carries the same byte and the result does not depend on write order.
+    ``old_rows`` (k × in) are the full current bits of ``rows`` (the caller gathers them from the
+    slices), so the merged rows, and the carry, are exactly the unsharded merge's on every rank.
+    Only elements inside the slice are written and counted. Sync-free: every merged element is
+    written at its index clamped into the slice; positions outside it land on the slice's first or
+    last element and write exactly the value that element ends up with (its merged value when its
+    row is selected, else its old bits), so every duplicate write carries the same byte and the
+    result does not depend on write order.
     """
-    n = flat.numel()
-    if n == 0 or rows.numel() == 0:
-        nothing = torch.zeros((1, 1), dtype=torch.bool, device=proxy_rows.device)
-        return _stats(proxy_rows, nothing, nothing, nothing)
-    device = flat.device
+    n, device = flat.numel(), flat.device
     rows = rows.to(device)
-    elements = _row_elements(rows, in_features, device)  # global flat indices, k × in
-    local = elements - offset
+    merged = _merge(old_rows.to(device), rows, proxy_rows, adapter_q, rounding)
+    if n == 0 or rows.numel() == 0:
+        nothing = torch.zeros((1, 1), dtype=torch.bool, device=device)
+        return RowMerge(_stats(proxy_rows, nothing, nothing, nothing), merged.bits, _carry(merged, adapter_q, carry))
+    in_features = old_rows.shape[1]
+    local = _row_elements(rows, in_features, device) - offset
     inside = (local >= 0) & (local < n)
     clamped = local.clamp(0, n - 1)
-    noise = rounding.noise(elements)
-    new_bits, saturated, nonfinite, changed = merged_row_bits(
-        flat[clamped], proxy_rows.to(device), adapter_q.to(device), noise
-    )
-    new_flat = new_bits.reshape(-1)
+    new_flat = merged.bits.reshape(-1)
 
     def final_value(position: int) -> torch.Tensor:
         """What local ``position`` holds after the merge, as a (1,) uint8 tensor."""
@@ -264,9 +321,10 @@ def apply_rows_to_slice_(
         wanted = torch.full((1,), row, device=device, dtype=rows.dtype)  # a fill, not a host-to-device copy
         slot = torch.searchsorted(rows, wanted).clamp_(max=rows.numel() - 1)
         selected = rows.index_select(0, slot) == row
-        merged = new_flat.index_select(0, slot * in_features + col)
-        return torch.where(selected, merged, flat[position : position + 1])
+        chosen = new_flat.index_select(0, slot * in_features + col)
+        return torch.where(selected, chosen, flat[position : position + 1])
 
     fill = torch.where(local < 0, final_value(0), final_value(n - 1))
-    flat.index_put_((clamped.reshape(-1),), torch.where(inside, new_bits, fill).reshape(-1))
-    return _stats(proxy_rows, saturated & inside, nonfinite & inside, changed & inside)
+    flat.index_put_((clamped.reshape(-1),), torch.where(inside, merged.bits, fill).reshape(-1))
+    stats = _stats(proxy_rows, merged.saturated & inside, merged.nonfinite & inside, merged.changed & inside)
+    return RowMerge(stats, merged.bits, _carry(merged, adapter_q, carry))

@@ -232,14 +232,33 @@ def _pretrain_into(directory: Path, settings: PretrainSettings) -> dict:
     return info
 
 
+#: How long a process waits for another one's build of the tiny model, and how often it says so.
+BUILD_WAIT_S, BUILD_NOTICE_S = 600.0, 10.0
+
+
 @contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def _exclusive(lock_path: Path, wait_s: float = BUILD_WAIT_S) -> Iterator[None]:
+    """Hold ``lock_path`` exclusively (``flock``: the kernel releases it if its holder dies, so it is
+    never stale); while another process holds it, say so every few seconds, and give up after
+    ``wait_s``."""
     with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log(f"another process is building {TINY_NAME}; waiting for {lock_path}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        start = time.monotonic()
+        notice = start - BUILD_NOTICE_S  # the first refusal is reported at once
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited > wait_s:
+                    raise TimeoutError(
+                        f"another process has been building {TINY_NAME} for over {wait_s:.0f}s (lock {lock_path}); "
+                        f"is it stuck? (the lock is released when that process exits)"
+                    ) from None
+                if time.monotonic() - notice >= BUILD_NOTICE_S:
+                    _log(f"another process is building {TINY_NAME}; waited {waited:.0f}s for {lock_path}")
+                    notice = time.monotonic()
+                time.sleep(0.2)
         try:
             yield
         finally:

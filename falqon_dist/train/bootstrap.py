@@ -5,6 +5,10 @@
 * Plain ``python`` gets a 1-process group so the same DeepSpeed path runs everywhere.
 * All ranks must write into ONE run directory: rank 0 picks ``runs/<timestamp>`` (unless ``run.dir``
   is given) and broadcasts it before Hydra composes the config.
+* Nothing here waits silently or without bound (``dist.timeout_s``, read from the command line
+  before Hydra runs): stale torch-extension build locks are cleared before DeepSpeed loads its ops
+  (:mod:`falqon_dist.train.build_locks`), and the rendezvous names the ranks that have not joined
+  while it waits and when it gives up.
 """
 
 from __future__ import annotations
@@ -15,6 +19,14 @@ import socket
 
 import torch
 import torch.distributed as tdist
+from omegaconf import OmegaConf
+
+from falqon_dist.dist.build_locks import clear_stale_build_locks
+from falqon_dist.dist.rendezvous import rendezvous
+from falqon_dist.dist.waits import announced
+
+#: The shipped default of ``dist.timeout_s`` (conf/config.yaml owns it).
+CONFIG_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "config.yaml")
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -40,8 +52,28 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_process_group() -> None:
-    """Initialize torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
+def timeout_from_overrides(argv: list[str]) -> float:
+    """``dist.timeout_s`` from the Hydra overrides, else the shipped default; validated here because
+    the process group starts before Hydra composes the config."""
+    value = requested_override(argv, "dist.timeout_s")
+    if value is None:
+        value = OmegaConf.load(CONFIG_YAML).dist.timeout_s
+    try:
+        timeout = float(value)
+    except (TypeError, ValueError):
+        timeout = float("nan")
+    if not timeout > 0 or timeout == float("inf"):
+        raise SystemExit(f"falqon_dist: dist.timeout_s must be a positive number of seconds, got {value!r}")
+    return timeout
+
+
+def init_process_group(timeout_s: float = 300.0) -> None:
+    """Initialize torch.distributed (gloo on CPU, nccl on CUDA), then DeepSpeed's communication layer.
+
+    ``timeout_s`` bounds the rendezvous and every later collective. Our own rendezvous (a TCPStore
+    as torch's ``env://`` builds it, plus a join key per rank) lets every rank say which ranks it is
+    still waiting for; stale build locks are cleared before DeepSpeed JIT-loads its ops.
+    """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -53,15 +85,23 @@ def init_process_group() -> None:
     # every rank. DeepSpeed itself only sets it inside initialize().
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    clear_stale_build_locks(remove=os.environ.get("LOCAL_RANK", "0") == "0", wait_s=timeout_s)
+    timeout = dt.timedelta(seconds=timeout_s)
+    backend = get_accelerator().communication_backend_name()
     if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = rendezvous(rank, world, timeout_s)
+        tdist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    with announced("DeepSpeed's communication set-up (its CPU op may be building)"):
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
 
 
 def agree_run_dir(requested: str | None, root: str = "runs") -> str:
     """The run directory every rank will use: ``requested`` or rank 0's ``root/<timestamp>``."""
     choice = [requested or os.path.join(root, dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))]
     if tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.broadcast_object_list(choice, src=0)
+        with announced("rank 0 to choose the run directory (a broadcast to all ranks)"):
+            tdist.broadcast_object_list(choice, src=0)
     return os.path.abspath(choice[0])
 
 

@@ -15,9 +15,10 @@ import torch.distributed as tdist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from falqon_dist.baselines import prepare_model
+from falqon_dist.dist.waits import barrier
 from falqon_dist.dist.zero3_init import load_pretrained_zero3
 from falqon_dist.fp8.cast import set_cast_kernels
-from falqon_dist.method import FalqonConfig
+from falqon_dist.method import FalqonConfig, convert_model
 from falqon_dist.train.settings import RunSettings
 
 log = logging.getLogger("falqon_dist")
@@ -34,11 +35,10 @@ def resolve_model_path(settings: RunSettings) -> str:
     from falqon_dist.models import build_tiny_model
 
     if tdist.is_initialized() and tdist.get_rank() != 0:
-        tdist.barrier()  # wait for rank 0's build, then reuse its cache
+        barrier("let rank 0 build the embedded tiny model")  # then reuse its cache
         return str(build_tiny_model())
     path = build_tiny_model()
-    if tdist.is_initialized():
-        tdist.barrier()
+    barrier("let rank 0 build the embedded tiny model")
     return str(path)
 
 
@@ -90,6 +90,8 @@ def falqon_config(settings: RunSettings) -> FalqonConfig:
         backend=settings.fp8.backend,
         merge_rounding=method.merge_rounding,
         unmerged=method.unmerged,
+        carry_residual=method.carry_residual,
+        scale_headroom=method.scale_headroom,
         cache_weight_transpose=settings.fp8.cache_weight_transpose,
     )
 
@@ -100,6 +102,9 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
     set_cast_kernels(settings.fp8.cast)
     if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
         model, names = load_pretrained_zero3(path, ds_config, falqon_config(settings), dtype=dtype)
+    elif method.name == "falqon":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        names = convert_model(model, falqon_config(settings), device=_local_accelerator())
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         names = prepare_model(

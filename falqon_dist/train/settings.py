@@ -7,6 +7,7 @@ raises :class:`ConfigError` naming the key and what would be valid, e.g.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from falqon_dist.method.config import MERGE_ROUNDINGS, UNMERGED
 from falqon_dist.train.wandb_logger import VALID_MODES
 
 DTYPES = ("bf16", "fp32")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "linear")
 LOGGERS = ("none", "wandb")
 #: Methods whose layers run FP8 GEMMs (and so use fp8.backend).
 FP8_METHODS = ("falqon", "fp8_lora")
@@ -40,10 +41,12 @@ def _positive_int(value: Any, key: str, *, allow_zero: bool = False) -> int:
 
 
 def _number(value: Any, key: str, low: float, high: float | None = None) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number in ``[low, high]`` (NaN and ±inf are never valid: ``train.lr=inf`` would put
+    NaN into every merge)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"{key} must be a number {bound}, got {value!r}")
+        raise ConfigError(f"{key} must be a finite number {bound}, got {value!r}")
     return float(value)
 
 
@@ -92,6 +95,10 @@ class MethodSettings:
     merge_rounding: str
     #: FALQON: rows of B a merge does not take are discarded (the paper) or kept.
     unmerged: str
+    #: FALQON: what rounding drops from merged rows goes back into B (needs unmerged=keep).
+    carry_residual: bool
+    #: FALQON: the fixed scale leaves room for weights to grow this many times (a power of two).
+    scale_headroom: int
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,8 @@ class RunSettings:
     logger: str
     wandb: dict[str, Any]
     export: bool
+    #: Bound of every wait on other ranks (rendezvous, collectives, barriers, op builds), seconds.
+    dist_timeout_s: float = 300.0
 
 
 def _train(t: DictConfig) -> TrainSettings:
@@ -181,6 +190,14 @@ def _method(m: DictConfig) -> MethodSettings:
         raise ConfigError(f"method.double_quant must be true or false, got {double_quant!r}")
     merge_rounding = _choice(m.get("merge_rounding", "nearest"), "method.merge_rounding", MERGE_ROUNDINGS)
     unmerged = _choice(m.get("unmerged", "discard"), "method.unmerged", UNMERGED)
+    carry_residual = m.get("carry_residual", False)
+    if not isinstance(carry_residual, bool):
+        raise ConfigError(f"method.carry_residual must be true or false, got {carry_residual!r}")
+    if carry_residual and unmerged != "keep":
+        raise ConfigError("method.carry_residual=true needs method.unmerged=keep (the paper's merge zeroes all of B)")
+    scale_headroom = _positive_int(m.get("scale_headroom", 1), "method.scale_headroom")
+    if scale_headroom & (scale_headroom - 1):
+        raise ConfigError(f"method.scale_headroom must be a power of two (1, 2, 4, 8, ...), got {scale_headroom}")
     return MethodSettings(
         name=name,
         rank=rank,
@@ -191,6 +208,8 @@ def _method(m: DictConfig) -> MethodSettings:
         double_quant=double_quant,
         merge_rounding=merge_rounding,
         unmerged=unmerged,
+        carry_residual=carry_residual,
+        scale_headroom=scale_headroom,
     )
 
 
@@ -320,4 +339,6 @@ def validate(cfg: DictConfig) -> RunSettings:
         logger=logger,
         wandb=wandb_settings,
         export=export,
+        # configs saved before dist.timeout_s existed have no `dist` section
+        dist_timeout_s=_positive_number(cfg.get("dist", {}).get("timeout_s", 300.0), "dist.timeout_s"),
     )

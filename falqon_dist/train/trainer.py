@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from falqon_dist.data import build_data
 from falqon_dist.dist import checkpoint, initialize
+from falqon_dist.dist.waits import barrier
 from falqon_dist.method.proxy import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
 from falqon_dist.train.ds_config import build_ds_config
@@ -37,7 +38,7 @@ ROUNDED_AWAY_STEPS = 5
 
 
 def lr_lambda(settings: RunSettings):
-    """Linear warm-up, then constant or cosine decay to ``min_lr_ratio`` of the peak."""
+    """Linear warm-up, then constant, cosine or linear decay to ``min_lr_ratio`` of the peak."""
     t = settings.train
 
     def factor(step: int) -> float:
@@ -46,7 +47,8 @@ def lr_lambda(settings: RunSettings):
         if t.schedule == "constant":
             return 1.0
         progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1.0 - progress
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
 
     return factor
 
@@ -96,8 +98,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        if tdist.is_initialized():
-            tdist.barrier()
+        barrier("see the run directory created by rank 0")
         setup_logging(self.run_dir, self.rank)
         self.resolved_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
         self.wandb: WandbLogger | None = None
@@ -308,5 +309,5 @@ def run(cfg: DictConfig) -> None:
     finally:
         trainer.cleanup()
         if tdist.is_initialized():
-            tdist.barrier()
+            barrier("finish the run (rank 0 writes the summary and export)")
             tdist.destroy_process_group()

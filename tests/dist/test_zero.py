@@ -5,7 +5,8 @@ accumulation boundaries, bit-identical backbone bytes across ranks (sha256 diges
 the fp32 master copy of B zeroed, scales float32 and unchanged, partition sizes (ZeRO-3), and that the
 distributed merge writes exactly the bytes of a single-process merge for the same B, with nearest and
 with stochastic rounding (the noise is a pure function of the element index, each ZeRO-3 rank uses
-its slice), and with ``unmerged="keep"`` (the fp32 master then holds exactly the unmerged rows).
+its slice), and with ``unmerged="keep"`` (the fp32 master then holds exactly the unmerged rows) with
+and without ``carry_residual`` (the carried merged rows equal the single-process merge's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ CHECKS = [
     "merge-bytes-match-reference",
     "stochastic-merge-bytes-match-reference",
     "keep-merge-bytes-match-reference",
+    "keep-carry-merge-bytes-match-reference",
 ]
 
 

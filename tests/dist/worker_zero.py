@@ -118,14 +118,17 @@ def check_training(stage: int, bf16: bool) -> None:
     check_merge_bytes(engine, tag)
     check_merge_bytes(engine, tag, rounding="stochastic", proxy_scale=0.02, step=5)
     check_merge_bytes(engine, tag, unmerged="keep", step=6)
+    check_merge_bytes(engine, tag, unmerged="keep", carry=True, proxy_scale=0.02, step=7)
 
 
 def check_merge_bytes(
-    engine, tag: str, rounding: str = "nearest", proxy_scale: float = 0.5, step: int = 0, unmerged: str = "discard"
+    engine, tag: str, rounding: str = "nearest", proxy_scale: float = 0.5, step: int = 0, unmerged: str = "discard",
+    carry: bool = False,
 ) -> None:
     """The distributed merge writes exactly the bytes a single-process merge writes for the same B
     (with stochastic rounding too: small proxies, so the noise decides many elements); with
-    ``unmerged="keep"`` the fp32 master of B then holds exactly the reference's unmerged rows."""
+    ``unmerged="keep"`` the fp32 master of B then holds exactly the reference's unmerged rows, and
+    with ``carry`` (small proxies: much is rounded away) the reference's carried merged rows too."""
     reference = tiny_llama()
     fd.convert_model(reference, RANK_CFG)
     dist_layers = [layer for _, layer in fd.falqon_layers(engine.module)]
@@ -133,7 +136,7 @@ def check_merge_bytes(
     for ref, full in zip(ref_layers, full_qweights(engine.module)):
         ref.qweight.data.copy_(full)
     for layer in (*dist_layers, *ref_layers):
-        layer.merge_rounding, layer.unmerged = rounding, unmerged
+        layer.merge_rounding, layer.unmerged, layer.carry_residual = rounding, unmerged, carry
     g = torch.Generator().manual_seed(7)  # the same proxies on every rank
     proxies = [torch.randn(layer.out_features, layer.rank, generator=g) * proxy_scale for layer in ref_layers]
     from deepspeed.utils import safe_set_full_fp32_param
@@ -162,11 +165,14 @@ def check_merge_bytes(
     for dist_layer, ref in zip(dist_layers, ref_layers):
         master = engine._proxy_masters.read_full(dist_layer.B)
         assert torch.equal(master, ref.B.detach().float()), f"{tag}: B master after an unmerged={unmerged} merge"
-        if unmerged == "keep":
+        if carry:  # every merged row got back what rounding dropped from it
+            assert master.ne(0).any(dim=1).all(), f"{tag}: a merged row carried nothing back"
+        elif unmerged == "keep":
             assert master.any() and (master.ne(0).any(dim=1).sum() == ref.out_features - ref.rows_per_merge)
-        dist_layer.merge_rounding, dist_layer.unmerged = "nearest", "discard"
+        dist_layer.merge_rounding, dist_layer.unmerged, dist_layer.carry_residual = "nearest", "discard", False
         engine._proxy_masters.zero_(dist_layer.B)
     label = ("" if rounding == "nearest" else f"{rounding}-") + ("keep-" if unmerged == "keep" else "")
+    label += "carry-" if carry else ""
     say(f"{tag} {label}merge-bytes-match-reference")
 
 

@@ -148,27 +148,32 @@ def test_model_bench_writes_a_loadable_shape_model(tmp_path):
 def test_learning_bench_sweeps_variants_through_the_trainer(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "bench_learning.py"), "--quick", "--variants", "lora", "falqon_keep",
-         "--lr-scale", "1", "--out", str(tmp_path)],
+         "falqon_carry", "--lr-scale", "1", "--jobs", "2", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((tmp_path / "results.json").read_text())
     runs = {r["variant"]: r for r in payload["runs"]}
-    assert set(runs) == {"lora", "falqon_keep"} and all(r["status"] == "ok" for r in runs.values()), runs
+    assert set(runs) == {"lora", "falqon_keep", "falqon_carry"} and all(r["status"] == "ok" for r in runs.values()), runs
     assert runs["lora"]["lr"] == 3e-3 and runs["falqon_keep"]["lr"] == 0.05
     for r in runs.values():
-        assert math.isfinite(r["eval_loss"]) and r["eval_loss"] < r["eval_loss_before"]
-    assert "unmerged: keep" in (tmp_path / "falqon_keep_lr0.05" / "config.yaml").read_text()
-    summary = payload["summary"]
+        assert r["task"] == "demo" and math.isfinite(r["eval_loss"]) and r["eval_loss"] < r["eval_loss_before"]
+    config = (tmp_path / "demo" / "falqon_carry_lr0.05" / "config.yaml").read_text()
+    assert "unmerged: keep" in config and "carry_residual: true" in config
+    summary = payload["summary"]["demo"]
     assert summary["lora"]["x_best_lora"] == 1.0 and summary["falqon_keep"]["best_lr"] == 0.05
-    assert (tmp_path / "results.md").read_text().startswith("# falqon_dist learning benchmark")
+    check = payload["acceptance"]["demo"]  # the default variant at 1x only here: 0.5x / 2x not run
+    assert [c["scale"] for c in check] == [0.5, 1.0, 2.0, None] and check[1]["value"] == runs["falqon_carry"]["exact_match"]
+    assert check[0]["value"] is None and check[3]["value"] is None  # no paper run: no step-time ratio
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# falqon_dist learning benchmark") and "Acceptance of `falqon_carry`" in text
 
 
 def test_learning_bench_arguments():
     bench = _load("bench_learning")
     args = bench.parse_args(["--lr", "falqon_keep=0.05", "--lr-scale", "0.5", "2", "--out", "/tmp/unused"])
     assert args.base_lr["falqon_keep"] == 0.05 and args.lr_scale == [0.5, 2.0]
-    for bad in (["--lr", "nope=1"], ["--lr-scale", "0"], ["--variants", "sgd"]):
+    for bad in (["--lr", "nope=1"], ["--lr-scale", "0"], ["--variants", "sgd"], ["--jobs", "0"], ["--tasks", "wiki"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
 

@@ -51,7 +51,7 @@ def test_every_shipped_config_composes(group, option, tmp_path):
         ("train.max_steps=0", "train.max_steps"),
         ("train.lr=0", "train.lr"),
         ("train.grad_accum=-1", "train.grad_accum"),
-        ("train.schedule=linear", "train.schedule"),
+        ("train.schedule=step", "train.schedule"),
         ("train.resume=maybe", "train.resume"),
         ("method.rank=0", "method.rank"),
         ("method.topk=0", "method.topk"),

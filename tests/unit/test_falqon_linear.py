@@ -529,3 +529,100 @@ def test_keep_mode_learns_the_reachable_target_faster_than_discard():
         final[mode] = loss.item()
     print(final)
     assert final["keep"] < 0.5 * final["discard"], final
+
+
+# ---------------------------------------------------------------- carry_residual
+
+
+def test_projection_onto_the_adapter_recovers_a_proxy_exactly():
+    gen = torch.Generator().manual_seed(5)
+    adapter_q = torch.randn(RANK, IN, generator=gen) * 30
+    proxy_rows = torch.randn(6, RANK, generator=gen)
+    carried = fd.method.proxy.project_onto_adapter(proxy_rows @ adapter_q, adapter_q)
+    assert torch.allclose(carried, proxy_rows, rtol=1e-4, atol=1e-5)
+    # a residual orthogonal to A's rows carries nothing back
+    orthogonal = torch.randn(6, IN, generator=gen)
+    orthogonal -= fd.method.proxy.project_onto_adapter(orthogonal, adapter_q) @ adapter_q
+    assert fd.method.proxy.project_onto_adapter(orthogonal, adapter_q).abs().max() < 1e-4
+
+
+def test_carry_puts_back_what_rounding_dropped_and_keeps_the_layer_function():
+    """With carry_residual the merged bytes are the same, and B's merged rows get the projection of
+    what rounding dropped: the layer function then changes only by the residual's part outside A's
+    rows; a row whose update rounds away entirely keeps its B."""
+    _, layer = _layer(topk=8)
+    keep = _keep_twin(layer)
+    carry = _keep_twin(layer)
+    carry.carry_residual = True
+    torch.manual_seed(6)
+    proxy = torch.randn(OUT, RANK) * 0.02  # small: much of each update is rounded away
+    proxy[5] *= 1e-3  # row 5: nothing of its update survives rounding
+    rows = torch.unique(torch.cat([fd.method.proxy.select_rows(proxy, 8), torch.tensor([5])]))
+    for each in (keep, carry):
+        with torch.no_grad():
+            each.B.copy_(proxy)
+        each.merge_proxy_(rows=rows)
+    assert torch.equal(keep.qweight, carry.qweight)  # carrying changes B, never the merged bytes
+    assert torch.equal(keep.qweight[5], layer.qweight[5])  # row 5 rounded away...
+    assert torch.allclose(carry.B[5], proxy[5], atol=1e-3 * float(proxy[5].abs().max()))  # ...carried back whole
+    a = layer.adapter_weight()
+    want = layer.backbone_weight() + proxy @ a  # the function before the merge: W + B·A (real units)
+    change_keep = keep.backbone_weight() + keep.B.detach() @ a - want
+    change_carry = carry.backbone_weight() + carry.B.detach() @ a - want
+    print(f"|function change| keep {change_keep.norm():.3e}, carry {change_carry.norm():.3e}")
+    assert change_carry.norm() < change_keep.norm()
+    # what is left is orthogonal to A's rows (relative to the size of the change)
+    assert (change_carry @ a.T).norm() < 1e-4 * change_carry.norm() * a.norm()
+    unmerged = torch.ones(OUT, dtype=torch.bool)
+    unmerged[rows] = False
+    assert torch.equal(carry.B[unmerged], proxy[unmerged]) and not keep.B[rows].any()
+
+
+def test_carry_needs_unmerged_keep():
+    with pytest.raises(ValueError, match="carry_residual"):
+        fd.FalqonConfig(rank=4, unmerged="discard", carry_residual=True)
+    with pytest.raises(ValueError, match="carry_residual"):
+        fd.FalqonLinear(32, 32, 4, unmerged="discard", carry_residual=True)
+
+
+def test_carry_learns_the_reachable_target_at_a_learning_rate_where_rounding_eats_the_updates():
+    torch.manual_seed(0)
+    base, teacher = _reachable_target()
+    final = {}
+    for carry in (False, True):
+        layer = copy.deepcopy(base)
+        layer.unmerged, layer.carry_residual = "keep", carry
+        optimizer = torch.optim.AdamW([layer.B], lr=0.002, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(60):
+            x = torch.randn(256, 128, generator=gen)
+            loss = (layer(x) - x @ teacher.T).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            layer.merge_proxy_()
+        final[carry] = loss.item()
+    print(final)
+    assert final[True] < 0.8 * final[False], final
+
+
+# ---------------------------------------------------------------- scale_headroom
+
+
+def test_scale_headroom_keeps_the_bits_and_leaves_room_to_grow():
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(OUT, IN, generator=gen) * 0.05
+    adapter = torch.randn(RANK, IN, generator=gen) * 0.01
+    bits1, scale1 = fd.method.init.meld(weight, adapter)
+    bits4, scale4 = fd.method.init.meld(weight, adapter, headroom=4)
+    assert torch.equal(scale4, scale1 * 4)
+    real1 = fp8.dequantize(fp8.from_bits(bits1, fp8.E4M3), scale1)
+    real4 = fp8.dequantize(fp8.from_bits(bits4, fp8.E4M3), scale4)
+    normal = (torch.cat([weight, adapter]) / scale4).abs() >= 2**-6  # above E4M3's smallest normal
+    assert normal.float().mean() > 0.99
+    assert torch.equal(real1[normal], real4[normal])
+    assert fp8.from_bits(bits4, fp8.E4M3).float().abs().max() <= 448 / 4
+    with pytest.raises(ValueError, match="power of two"):
+        fd.method.init.meld(weight, adapter, headroom=3)
+    with pytest.raises(ValueError, match="scale_headroom"):
+        fd.FalqonConfig(rank=4, scale_headroom=6)

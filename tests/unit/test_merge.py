@@ -75,17 +75,21 @@ def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stoch
     bits, rows, proxy_rows, adapter_q = _merge_inputs()
     whole = bits.clone()
     rounding = Rounding(stochastic=stochastic, seed=7, step=11)
-    stats, _ = apply_rows_(whole, rows, proxy_rows, adapter_q, rounding)
+    stats, _, carry = apply_rows_(whole, rows, proxy_rows, adapter_q, rounding, carry=True)
     flat = bits.clone().view(-1)
+    old_rows = bits.index_select(0, rows)  # what the ZeRO-3 writer gathers from the slices
     part = -(-flat.numel() // world)  # ZeRO-3-style equal partitions; slices split rows anywhere
     saturated = nonfinite = 0
     for rank in range(world):
         piece = flat[rank * part : (rank + 1) * part].clone()
-        s = apply_rows_to_slice_(piece, rank * part, IN, rows, proxy_rows, adapter_q, rounding)
+        s, _, slice_carry = apply_rows_to_slice_(
+            piece, rank * part, rows, old_rows, proxy_rows, adapter_q, rounding, carry=True
+        )
         flat[rank * part : rank * part + piece.numel()] = piece
         saturated += int(s.saturated)
         nonfinite += int(s.nonfinite)
         assert int(s.rows_merged) == int(stats.rows_merged)
+        assert torch.equal(slice_carry, carry)  # every rank puts the same carry back into B
     assert torch.equal(flat.view_as(whole), whole)
     assert saturated == int(stats.saturated) and nonfinite == int(stats.nonfinite) == 0
 
@@ -96,7 +100,7 @@ def test_slice_merge_leaves_a_slice_without_selected_rows_untouched():
     start = (last + 1) * IN  # a slice that starts after the last selected row
     piece = bits.view(-1)[start : start + 3 * IN].clone()
     before = piece.clone()
-    stats = apply_rows_to_slice_(piece, start, IN, rows, proxy_rows, adapter_q)
+    stats = apply_rows_to_slice_(piece, start, rows, bits.index_select(0, rows), proxy_rows, adapter_q).stats
     assert torch.equal(piece, before) and int(stats.saturated) == 0
 
 

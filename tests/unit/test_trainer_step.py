@@ -29,3 +29,21 @@ def test_input_tokens_stay_on_the_batch_device():
     batch = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1, 0, 0]] * 2)}
     assert trainer._input_tokens(batch).item() == 6
     assert trainer._input_tokens({"input_ids": torch.zeros(3, 4, dtype=torch.long)}).item() == 12
+
+
+def test_lr_schedules_warm_up_then_decay_to_the_floor():
+    from types import SimpleNamespace
+
+    import pytest
+
+    def factors(schedule: str) -> list[float]:
+        train = SimpleNamespace(warmup_steps=4, schedule=schedule, max_steps=104, min_lr_ratio=0.1)
+        factor = trainer.lr_lambda(SimpleNamespace(train=train))
+        return [factor(step) for step in (0, 3, 4, 54, 104, 200)]
+
+    assert factors("constant") == pytest.approx([0.2, 0.8, 1.0, 1.0, 1.0, 1.0])
+    assert factors("cosine") == pytest.approx([0.2, 0.8, 1.0, 0.55, 0.1, 0.1])
+    assert factors("linear") == pytest.approx([0.2, 0.8, 1.0, 0.55, 0.1, 0.1])
+    train = SimpleNamespace(warmup_steps=4, schedule="cosine", max_steps=104, min_lr_ratio=0.1)
+    cosine = trainer.lr_lambda(SimpleNamespace(train=train))
+    assert cosine(29) > 0.55 + 0.2  # cosine stays high longer than linear early in the decay
