@@ -11,6 +11,8 @@ Overrides are validated before any work starts; see conf/config.yaml for every f
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -62,4 +64,10 @@ if __name__ == "__main__":
         "hydra/job_logging=none",
         "hydra/hydra_logging=none",
     ]
-    main()
+    existed = os.path.exists(run_dir)
+    try:
+        main()
+    finally:
+        if not existed:  # Hydra creates hydra.run.dir even for a run refused before any work: leave no trace
+            with contextlib.suppress(OSError):
+                os.rmdir(run_dir)  # only ever removes an empty directory

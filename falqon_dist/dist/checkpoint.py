@@ -49,6 +49,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def saved_world_size(ckpt_dir: str | Path, tag: str) -> int:
+    """How many ranks wrote checkpoint ``tag`` (one RNG file each)."""
+    return len(list((Path(ckpt_dir) / tag).glob("rng_rank*.pt")))
+
+
 def latest_tag(ckpt_dir: str | Path) -> str | None:
     """The tag ``latest`` points to, or None when there is no complete checkpoint."""
     pointer = Path(ckpt_dir) / LATEST

@@ -90,7 +90,7 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
     """Merge every FALQON layer whose proxy B is non-zero; return the names of the merged layers.
 
     The trainer merges after every optimizer step, so B is normally zero here (with
-    ``unmerged="keep"`` it holds the rows no merge took yet: every row is merged). The merge changes the
+    ``unmerged="keep"`` it holds the rows no merge took yet: every row is merged, and B is zeroed). The merge changes the
     model in place (under ZeRO-3, on every rank). An optimizer's fp32 master copy of B is NOT zeroed:
     to keep training afterwards, merge through the trainer's post-step hook before exporting.
     """
@@ -100,8 +100,11 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
             pending = bool(layer.B.detach().ne(0).any())
         if pending:
             with gathered(list(layer.parameters(recurse=False)), modify=True):
-                # every row: what B still holds (unmerged="keep") must reach the exported weights
+                # every row: what B still holds (unmerged="keep") must reach the exported weights; what
+                # rounding drops then (carry_residual) has no FP8 representation: B ends at zero, so the
+                # live model computes exactly what the export holds
                 layer.merge_proxy_(rows=torch.arange(layer.out_features, device=layer.B.device))
+                layer.B.zero_()
             merged.append(name)
             if layer.unmerged != "keep":
                 unexpected.append(name)

@@ -42,7 +42,9 @@ class FalqonConfig:
     #: With ``unmerged="keep"``: what FP8 rounding drops from a merged row (projected onto A's rows) is
     #: put back into B instead of zero, so updates smaller than an FP8 step accumulate until they move
     #: a byte instead of being lost (error feedback; one k × in × r matmul and an r × r solve per merge).
-    carry_residual: bool = False
+    #: The default (benchmarks/bench_learning.py; README). Inert with ``unmerged="discard"``: the paper's
+    #: merge zeroes all of B, so there is nothing to carry back.
+    carry_residual: bool = True
     #: The fixed tensor-wise scale is ``scale_headroom · amax([W; A])/448`` (a power of two): merged
     #: weights can grow that many times the initial amax before they clamp at ±448. Powers of two
     #: leave the bits of every value above E4M3's smallest normal as they are.
@@ -73,8 +75,6 @@ class FalqonConfig:
             raise ValueError(f"FalqonConfig.unmerged must be one of {UNMERGED}, got {self.unmerged!r}")
         if not isinstance(self.carry_residual, bool):
             raise ValueError(f"FalqonConfig.carry_residual must be true or false, got {self.carry_residual!r}")
-        if self.carry_residual and self.unmerged != "keep":
-            raise ValueError("FalqonConfig.carry_residual=True needs unmerged='keep' (the paper's merge zeroes all of B)")
         if (
             isinstance(self.scale_headroom, bool)
             or not isinstance(self.scale_headroom, int)

@@ -136,9 +136,9 @@ class FalqonLinear(Float32ScaleMixin):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.backend, self.topk = backend, topk
         self.merge_rounding, self.seed = merge_rounding, seed
-        if carry_residual and unmerged != "keep":
-            raise ValueError("carry_residual needs unmerged='keep' (the paper's merge zeroes all of B)")
-        self.unmerged, self.carry_residual = unmerged, carry_residual
+        self.unmerged = unmerged
+        # only with keep: the paper's merge zeroes all of B, there is nothing to carry back
+        self.carry_residual = carry_residual and unmerged == "keep"
         self.weight_t_cache = TransposedBitsCache() if cache_weight_transpose else None
         self.qweight = nn.Parameter(
             torch.zeros(out_features + rank, in_features, dtype=torch.uint8, device=device), requires_grad=False
@@ -248,13 +248,16 @@ class FalqonLinear(Float32ScaleMixin):
     def remainder(self, proxy: torch.Tensor, rows: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
         """What B holds after merging ``rows`` of ``proxy``: zeros (``unmerged="discard"``, the paper),
         or ``proxy`` with the merged rows zeroed (``unmerged="keep"``) or set to ``carry``, what
-        rounding dropped from them (``carry_residual``)."""
+        rounding dropped from them (``carry_residual``). A row holding NaN/inf is zeroed whatever
+        the mode: the merge never wrote it into the backbone, and it must not poison the next forward."""
         if self.unmerged != "keep":
             return torch.zeros_like(proxy)
         rows = rows.to(proxy.device)
         if carry is None:
-            return proxy.index_fill(0, rows, 0)
-        return proxy.index_copy(0, rows, carry.to(device=proxy.device, dtype=proxy.dtype))
+            kept = proxy.index_fill(0, rows, 0)
+        else:
+            kept = proxy.index_copy(0, rows, carry.to(device=proxy.device, dtype=proxy.dtype))
+        return torch.where(torch.isfinite(kept).all(dim=1, keepdim=True), kept, 0.0)
 
     def adapter_q(self) -> torch.Tensor:
         """The adapter rows ``A_q = M_q[out:]`` as float32 in the scaled FP8 domain (rank × in)."""

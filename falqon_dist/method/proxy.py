@@ -52,7 +52,7 @@ from falqon_dist.fp8 import E4M3, E4M3_MAX, to_bits
 
 _MASK32 = 0xFFFFFFFF
 #: The counts of :class:`MergeStats`, in :meth:`MergeStats.counts` order.
-COUNT_NAMES = ("rows_merged", "saturated", "nonfinite", "changed")
+COUNT_NAMES = ("rows_merged", "saturated", "nonfinite", "changed", "elements")
 
 
 @dataclass
@@ -62,7 +62,8 @@ class MergeStats:
     ``rows_merged``: rows with a non-zero update; ``saturated``: elements clamped at ±448;
     ``nonfinite``: elements left unchanged because their update was NaN/inf; ``changed``: elements
     whose FP8 bits the merge actually changed (0 while rows are merged means every update was
-    rounded away: the learning rate is too small for FP8); ``layers``: layers merged.
+    rounded away: the learning rate is too small for FP8); ``elements``: elements the merge wrote
+    (k × in per layer; ``saturated / elements`` is the clamped fraction); ``layers``: layers merged.
     An empty total (``MergeStats()``) holds None until the first :meth:`add_`: creating zeros on the
     host and copying them to a GPU would itself synchronize.
     """
@@ -71,6 +72,7 @@ class MergeStats:
     saturated: torch.Tensor | None = None
     nonfinite: torch.Tensor | None = None
     changed: torch.Tensor | None = None
+    elements: torch.Tensor | None = None
     layers: int = 0
 
     def add_(self, other: MergeStats) -> MergeStats:
@@ -84,7 +86,7 @@ class MergeStats:
         return self
 
     def counts(self) -> torch.Tensor:
-        """``[rows_merged, saturated, nonfinite, changed]`` as one int64 device tensor (e.g. to all-reduce)."""
+        """The counts in :data:`COUNT_NAMES` order as one int64 device tensor (e.g. to all-reduce)."""
         if self.rows_merged is None:
             return torch.zeros(len(COUNT_NAMES), dtype=torch.int64)
         return torch.stack([getattr(self, name) for name in COUNT_NAMES])
@@ -233,12 +235,16 @@ def _row_elements(rows: torch.Tensor, in_features: int, device: torch.device) ->
     return rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device)
 
 
-def _stats(proxy_rows: torch.Tensor, saturated: torch.Tensor, nonfinite: torch.Tensor, changed: torch.Tensor) -> MergeStats:
+def _stats(
+    proxy_rows: torch.Tensor, saturated: torch.Tensor, nonfinite: torch.Tensor, changed: torch.Tensor, owned: torch.Tensor
+) -> MergeStats:
+    """The counts of one merge over the elements ``owned`` (a mask, or a tensor of them all)."""
     return MergeStats(
         rows_merged=proxy_rows.abs().sum(dim=1).gt(0).sum(),
         saturated=saturated.sum(),
         nonfinite=nonfinite.sum(),
         changed=changed.sum(),
+        elements=owned.sum() if owned.dtype == torch.bool else torch.full((), owned.numel(), dtype=torch.int64, device=owned.device),
         layers=1,
     )
 
@@ -278,7 +284,7 @@ def apply_rows_(
     rows = rows.to(bits.device)
     merged = _merge(bits.index_select(0, rows), rows, proxy_rows, adapter_q, rounding)
     bits.index_copy_(0, rows, merged.bits)
-    stats = _stats(proxy_rows, merged.saturated, merged.nonfinite, merged.changed)
+    stats = _stats(proxy_rows, merged.saturated, merged.nonfinite, merged.changed, merged.bits)
     return RowMerge(stats, merged.bits, _carry(merged, adapter_q, carry))
 
 
@@ -308,7 +314,7 @@ def apply_rows_to_slice_(
     merged = _merge(old_rows.to(device), rows, proxy_rows, adapter_q, rounding)
     if n == 0 or rows.numel() == 0:
         nothing = torch.zeros((1, 1), dtype=torch.bool, device=device)
-        return RowMerge(_stats(proxy_rows, nothing, nothing, nothing), merged.bits, _carry(merged, adapter_q, carry))
+        return RowMerge(_stats(proxy_rows, nothing, nothing, nothing, nothing), merged.bits, _carry(merged, adapter_q, carry))
     in_features = old_rows.shape[1]
     local = _row_elements(rows, in_features, device) - offset
     inside = (local >= 0) & (local < n)
@@ -326,5 +332,5 @@ def apply_rows_to_slice_(
 
     fill = torch.where(local < 0, final_value(0), final_value(n - 1))
     flat.index_put_((clamped.reshape(-1),), torch.where(inside, merged.bits, fill).reshape(-1))
-    stats = _stats(proxy_rows, merged.saturated & inside, merged.nonfinite & inside, merged.changed & inside)
+    stats = _stats(proxy_rows, merged.saturated & inside, merged.nonfinite & inside, merged.changed & inside, inside)
     return RowMerge(stats, merged.bits, _carry(merged, adapter_q, carry))

@@ -79,6 +79,12 @@ class TrainSettings:
     eval_generate_samples: int
     resume: bool
     log_every: int
+    #: Consecutive steps with a non-finite loss, gradient norm or merge before the run stops.
+    max_nonfinite_steps: int = 3
+    #: Fraction of merged FP8 elements clamped at ±448 in a step above which a warning is logged,
+    #: and (when set) above which the run stops.
+    saturation_warn: float = 0.01
+    saturation_abort: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,7 @@ class MethodSettings:
     merge_rounding: str
     #: FALQON: rows of B a merge does not take are discarded (the paper) or kept.
     unmerged: str
-    #: FALQON: what rounding drops from merged rows goes back into B (needs unmerged=keep).
+    #: FALQON: what rounding drops from merged rows goes back into B (with unmerged=keep; inert otherwise).
     carry_residual: bool
     #: FALQON: the fixed scale leaves room for weights to grow this many times (a power of two).
     scale_headroom: int
@@ -166,6 +172,11 @@ def _train(t: DictConfig) -> TrainSettings:
         eval_generate_samples=_positive_int(t.eval_generate_samples, "train.eval_generate_samples", allow_zero=True),
         resume=resume,
         log_every=_positive_int(t.log_every, "train.log_every"),
+        # .get(): configs saved before these keys existed
+        max_nonfinite_steps=_positive_int(t.get("max_nonfinite_steps", 3), "train.max_nonfinite_steps"),
+        saturation_warn=_number(t.get("saturation_warn", 0.01), "train.saturation_warn", 0.0, 1.0),
+        saturation_abort=None if t.get("saturation_abort") is None
+        else _number(t.saturation_abort, "train.saturation_abort", 0.0, 1.0),
     )
 
 
@@ -193,8 +204,6 @@ def _method(m: DictConfig) -> MethodSettings:
     carry_residual = m.get("carry_residual", False)
     if not isinstance(carry_residual, bool):
         raise ConfigError(f"method.carry_residual must be true or false, got {carry_residual!r}")
-    if carry_residual and unmerged != "keep":
-        raise ConfigError("method.carry_residual=true needs method.unmerged=keep (the paper's merge zeroes all of B)")
     scale_headroom = _positive_int(m.get("scale_headroom", 1), "method.scale_headroom")
     if scale_headroom & (scale_headroom - 1):
         raise ConfigError(f"method.scale_headroom must be a power of two (1, 2, 4, 8, ...), got {scale_headroom}")

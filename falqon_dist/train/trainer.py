@@ -10,6 +10,8 @@ import logging
 import math
 import random
 import resource
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,20 +23,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from falqon_dist.data import build_data
 from falqon_dist.dist import checkpoint, initialize
-from falqon_dist.dist.waits import barrier
+from falqon_dist.dist.waits import announced, barrier
 from falqon_dist.method.proxy import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
 from falqon_dist.train.ds_config import build_ds_config
 from falqon_dist.train.evaluate import exact_match, response_loss
 from falqon_dist.train.logging_utils import MetricsWriter, progress_bar, setup_logging
 from falqon_dist.train.model_setup import build_model, load_tokenizer, parameter_facts, resolve_model_path
-from falqon_dist.train.settings import RunSettings, validate
+from falqon_dist.train.guards import DivergedError, Preempted, Preemption, StepWatch
+from falqon_dist.train.run_dir import RunDirBusy, RunDirLock, check_resume
+from falqon_dist.train.settings import ConfigError, RunSettings, validate
 from falqon_dist.train.wandb_logger import WandbLogger
 
 log = logging.getLogger("falqon_dist")
-
-#: Consecutive steps whose merges change no FP8 weight before the learning-rate warning.
-ROUNDED_AWAY_STEPS = 5
 
 
 def lr_lambda(settings: RunSettings):
@@ -53,8 +54,11 @@ def lr_lambda(settings: RunSettings):
     return factor
 
 
-def step_totals(losses: list[torch.Tensor], tokens: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """``[Σ loss, micro-batches, Σ input tokens]`` of one optimizer step, summed over ranks.
+def step_totals(
+    losses: list[torch.Tensor], tokens: list[torch.Tensor], device: torch.device, *, stop: bool = False
+) -> torch.Tensor:
+    """``[Σ loss, micro-batches, Σ input tokens, ranks asking to stop]`` of one optimizer step,
+    summed over ranks (so a stop requested on any rank is seen by all, after the same step).
 
     Built and all-reduced on ``device`` — the rank's accelerator: NCCL refuses CPU tensors — and
     left there, so the step issues no host synchronization until its record is read.
@@ -64,6 +68,7 @@ def step_totals(losses: list[torch.Tensor], tokens: list[torch.Tensor], device: 
             torch.stack([loss.detach().double() for loss in losses]).sum(),
             torch.full((), float(len(losses)), dtype=torch.float64, device=device),  # a fill: no copy
             torch.stack([t.double() for t in tokens]).sum(),
+            torch.full((), float(stop), dtype=torch.float64, device=device),
         ]
     ).to(device)
     if tdist.is_initialized():
@@ -95,14 +100,41 @@ class Trainer:
         self.is_main = self.rank == 0
         self.run_dir = self.settings.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.run_lock, resume_warnings = self._claim_run_dir(cfg)  # before anything is written
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         barrier("see the run directory created by rank 0")
         setup_logging(self.run_dir, self.rank)
+        for warning in resume_warnings:
+            log.warning("train.resume=true with a changed config: %s", warning)
         self.resolved_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
         self.wandb: WandbLogger | None = None
-        self._rounded_away = 0  # consecutive steps whose merges changed no FP8 byte
+        self.watch = StepWatch(self.settings.train)
+        self.preemption = Preemption()
+        self.stop_requested = False
+
+    def _claim_run_dir(self, cfg: DictConfig) -> tuple[RunDirLock | None, list[str]]:
+        """Rank 0 locks the run directory and checks a resume against the saved config; every rank
+        gets the verdict (one broadcast), so all fail together with the same message."""
+        lock, verdict = None, [None, None, []]  # [error kind, message, resume warnings]
+        if self.is_main:
+            try:
+                lock = RunDirLock(self.run_dir)
+                if self.settings.train.resume:
+                    tag = checkpoint.latest_tag(self.ckpt_dir)
+                    saved = None if tag is None else checkpoint.saved_world_size(self.ckpt_dir, tag)
+                    verdict[2] = check_resume(self.run_dir, cfg, self.world, saved)
+            except (RunDirBusy, ConfigError) as exc:
+                verdict[:2] = [type(exc).__name__, str(exc)]
+                if lock is not None:
+                    lock.release()
+        if self.world > 1:
+            with announced("rank 0 to lock the run directory and check the resume"):
+                tdist.broadcast_object_list(verdict, src=0)
+        kind, message, warnings = verdict
+        if kind is not None:
+            raise (RunDirBusy if kind == "RunDirBusy" else ConfigError)(message)
+        return lock, warnings
 
     # ------------------------------------------------------------------ setup
 
@@ -121,11 +153,12 @@ class Trainer:
         ds_config = build_ds_config(s, self.world)
         model = build_model(model_path, s, ds_config)
         self.model_facts = parameter_facts(model)
-        self.engine = initialize(
-            model,
-            ds_config,
-            lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s)),
-        )
+        with announced("every rank's DeepSpeed engine set-up (its first collectives)"):
+            self.engine = initialize(
+                model,
+                ds_config,
+                lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s)),
+            )
         sampler = self.data.train_batch_sampler(s.train.micro_batch_size, num_replicas=self.world, rank=self.rank)
         self.batches = BatchStream(self.data.train, sampler, self.data.collate_fn)
         self.start_step = 0
@@ -141,7 +174,8 @@ class Trainer:
         if tag is None:
             log.info("train.resume=true but %s holds no checkpoint: starting from step 0", self.ckpt_dir)
             return
-        tag, client_state = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        with announced(f"every rank to load checkpoint {tag}"):
+            tag, client_state = checkpoint.load(self.engine, self.ckpt_dir, tag)
         self.batches.restore(client_state["data"])
         self.start_step = int(client_state["step"])
         log.info("resumed from %s at step %d", self.ckpt_dir / tag, self.start_step)
@@ -178,11 +212,12 @@ class Trainer:
             engine.backward(loss)
             engine.step()
             losses.append(loss)
-        totals = step_totals(losses, tokens, engine.device)
+        totals = step_totals(losses, tokens, engine.device, stop=self.preemption.requested)
         merge = getattr(engine, "last_merge_stats", None)
         if merge is not None:
             totals = torch.cat([totals, merge.counts().to(totals)])
         values = totals.tolist()  # the step's one host synchronization
+        self.stop_requested = values[3] > 0
         elapsed = time.perf_counter() - start
         record = {
             "loss": values[0] / values[1],
@@ -194,32 +229,19 @@ class Trainer:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         if merge is not None:
-            record.update(zip(COUNT_NAMES, (int(v) for v in values[3:])))
+            record.update(zip(COUNT_NAMES, (int(v) for v in values[4:])))
         record["mem_peak_mb"] = peak_memory_mb(engine.device)
         return record
 
-    def watch_merges(self, step: int, record: dict[str, Any]) -> None:
-        """Warn (rank 0's log) when FALQON's merges stop doing their job: every update rounded away
-        for several steps in a row (the learning rate is too small for FP8), or non-finite updates
-        that the merge refused to write into the backbone."""
-        stalled = record.get("rows_merged") and record.get("changed") == 0
-        self._rounded_away = self._rounded_away + 1 if stalled else 0
-        if self._rounded_away == ROUNDED_AWAY_STEPS and step > self.settings.train.warmup_steps:
-            log.warning(
-                "FALQON: %d steps in a row merged rows of B without changing a single FP8 weight: every "
-                "update is below half an FP8 step and is rounded away (lr %.3g). FALQON needs far larger "
-                "rates than LoRA (10-50x; DESIGN.md §1): raise train.lr, or keep the unmerged rows "
-                "(method.unmerged=keep) / round stochastically (method.merge_rounding=stochastic)",
-                ROUNDED_AWAY_STEPS, record["lr"],
-            )
-        if record.get("nonfinite"):
-            log.warning(
-                "step %d: %d merged FP8 elements had a non-finite update (NaN/inf in B) and were left "
-                "unchanged; the backbone holds no NaN, but the run is diverging (lower train.lr?)",
-                step, record["nonfinite"],
-            )
+    def last_checkpoint(self) -> str | None:
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        return None if tag is None else str(self.ckpt_dir / tag)
 
     def save(self, step: int) -> None:
+        if self.watch.last_step_bad:  # never replace the last good checkpoint with a diverged state
+            log.warning("step %d had non-finite values: not saving a checkpoint from it (the last good one stays: %s)",
+                        step, self.last_checkpoint())
+            return
         state = {"data": self.batches.state(), "step": step}
         tag = checkpoint.save(self.engine, self.ckpt_dir, step, client_state=state, keep=self.settings.train.keep_checkpoints)
         log.info("saved checkpoint %s", self.ckpt_dir / tag)
@@ -235,9 +257,13 @@ class Trainer:
         for step in range(self.start_step + 1, s.max_steps + 1):
             record = self.train_step()
             speeds.append(record["tokens_per_s"])
-            self.watch_merges(step, record)
-            if step % s.log_every == 0 or step == s.max_steps:
+            if step % s.log_every == 0 or step == s.max_steps or self.stop_requested:
                 self.log_record({"step": step, **record})
+            self.watch.check(step, record, last_checkpoint=self.last_checkpoint())
+            if self.stop_requested:
+                bar.close()
+                self.save(step)
+                raise Preempted(step, self.preemption.signum or signal.SIGTERM)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
             if s.eval_every and step % s.eval_every == 0 and step != s.max_steps:
@@ -297,17 +323,42 @@ class Trainer:
     def cleanup(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+
+def report(message: str, kind: str = "error") -> None:
+    """One ``falqon_dist: <kind>: ...`` line from rank 0 (stderr, and train.log once logging is up)."""
+    if (tdist.get_rank() if tdist.is_initialized() else 0) != 0:
+        return
+    if log.handlers:
+        log.error("falqon_dist: %s: %s", kind, message)
+    else:
+        print(f"falqon_dist: {kind}: {message}", file=sys.stderr, flush=True)
 
 
 def run(cfg: DictConfig) -> None:
-    trainer = Trainer(cfg)
+    """Train as ``cfg`` says. Exits non-zero with one line (rank 0) on a bad config, a diverged run
+    (1), or a preemption signal (128 + signal, after saving a checkpoint)."""
+    trainer, code = None, 0
     try:
+        trainer = Trainer(cfg)
+        trainer.preemption.install()
         trainer.setup()
         result = trainer.train()
         export_dir = trainer.export()
         trainer.summarize(result, export_dir)
+    except (ConfigError, DivergedError, RunDirBusy) as exc:
+        report(str(exc))
+        code = 1
+    except Preempted as exc:
+        report(f"{exc} (checkpoint: {trainer.last_checkpoint()})", kind="stopped")
+        code = 128 + exc.signum
     finally:
-        trainer.cleanup()
+        if trainer is not None:
+            trainer.cleanup()
         if tdist.is_initialized():
             barrier("finish the run (rank 0 writes the summary and export)")
             tdist.destroy_process_group()
+    if code:
+        raise SystemExit(code)

@@ -31,7 +31,7 @@ def check_run_dir(run_dir, steps: int, method: str = "falqon"):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:08d}"
     # only rank 0 writes: no per-rank Hydra output, no second log
     assert not (run_dir / ".hydra").exists()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoints", "config.yaml", "metrics.jsonl", "train.log"]
     return metrics
 
 

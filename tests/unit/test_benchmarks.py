@@ -162,11 +162,13 @@ def test_learning_bench_sweeps_variants_through_the_trainer(tmp_path):
     assert "unmerged: keep" in config and "carry_residual: true" in config
     summary = payload["summary"]["demo"]
     assert summary["lora"]["x_best_lora"] == 1.0 and summary["falqon_keep"]["best_lr"] == 0.05
-    check = payload["acceptance"]["demo"]  # the default variant at 1x only here: 0.5x / 2x not run
+    checks = payload["acceptance"]["demo"]  # every FALQON variant but the paper's, at 1x only here
+    assert set(checks) == {"falqon_keep", "falqon_carry"}
+    check = checks["falqon_carry"]
     assert [c["scale"] for c in check] == [0.5, 1.0, 2.0, None] and check[1]["value"] == runs["falqon_carry"]["exact_match"]
-    assert check[0]["value"] is None and check[3]["value"] is None  # no paper run: no step-time ratio
+    assert check[0]["value"] is None and check[3]["value"] is None  # not run: 0.5x, and no paper run for step time
     text = (tmp_path / "results.md").read_text()
-    assert text.startswith("# falqon_dist learning benchmark") and "Acceptance of `falqon_carry`" in text
+    assert text.startswith("# falqon_dist learning benchmark") and "| falqon_carry (default) |" in text
 
 
 def test_learning_bench_arguments():

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+import falqon_dist as fd
+from omegaconf import open_dict
 from hydra import compose, initialize_config_dir
 
 from falqon_dist.train.settings import ConfigError, validate
@@ -50,6 +53,14 @@ def test_every_shipped_config_composes(group, option, tmp_path):
     [
         ("train.max_steps=0", "train.max_steps"),
         ("train.lr=0", "train.lr"),
+        ("train.lr=inf", "train.lr"),
+        ("train.lr=nan", "train.lr"),
+        ("train.max_nonfinite_steps=0", "train.max_nonfinite_steps"),
+        ("train.saturation_warn=2", "train.saturation_warn"),
+        ("train.saturation_abort=-1", "train.saturation_abort"),
+        ("dist.timeout_s=0", "dist.timeout_s"),
+        ("method.carry_residual=maybe", "method.carry_residual"),
+        ("method.scale_headroom=3", "method.scale_headroom"),
         ("train.grad_accum=-1", "train.grad_accum"),
         ("train.schedule=step", "train.schedule"),
         ("train.resume=maybe", "train.resume"),
@@ -165,6 +176,25 @@ def test_unmerged_keep_reaches_the_layers():
     assert all(layer.unmerged == "keep" for _, layer in falqon_layers(model))
 
 
+def test_carry_residual_and_scale_headroom_reach_the_layers():
+    from falqon_dist.method import falqon_layers
+    from falqon_dist.train.model_setup import falqon_config
+    from tests.models import tiny_llama
+
+    default = validate(compose_cfg([]))
+    assert default.method.carry_residual and default.method.scale_headroom == 1  # the shipped default
+    old = compose_cfg(["method.unmerged=keep"])
+    with open_dict(old):
+        del old.method["carry_residual"]
+    assert not validate(old).method.carry_residual  # configs saved before the option: trained without it
+    settings = validate(compose_cfg(["method.carry_residual=false", "method.scale_headroom=4"]))
+    config = falqon_config(settings)
+    assert not config.carry_residual and config.scale_headroom == 4
+    model = tiny_llama()
+    fd.convert_model(model, falqon_config(default))
+    assert all(layer.carry_residual for _, layer in falqon_layers(model))
+
+
 def test_stochastic_merge_rounding_reaches_the_layers():
     settings = validate(compose_cfg(["method.merge_rounding=stochastic"]))
     assert settings.method.merge_rounding == "stochastic"
@@ -193,7 +223,7 @@ def test_te_backend_is_refused_before_work_where_it_cannot_run():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA fallback")
 def test_a_run_trained_with_te_restores_anywhere(tmp_path):
     """Export / eval of a te-trained run on a machine without TE: the bytes do not depend on the backend."""
-    from omegaconf import OmegaConf
+    from omegaconf import open_dict, OmegaConf
 
     from falqon_dist.train.restore import load_run_config
 

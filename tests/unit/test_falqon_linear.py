@@ -225,7 +225,8 @@ def test_merge_counts_saturation():
 def test_merge_with_zero_proxy_is_a_no_op():
     _, layer = _layer()
     before = layer.qweight.clone()
-    assert layer.merge_proxy_().to_dict() == {"rows_merged": 0, "saturated": 0, "nonfinite": 0, "changed": 0, "layers": 1}
+    expected = {"rows_merged": 0, "saturated": 0, "nonfinite": 0, "changed": 0, "elements": RANK * IN, "layers": 1}
+    assert layer.merge_proxy_().to_dict() == expected  # k rows rewritten with their own bytes
     assert torch.equal(layer.qweight, before)
 
 
@@ -338,7 +339,7 @@ def test_randomized_svd_for_large_layers_matches_exact_svd():
 def _cached_twin(layer):
     """A copy of ``layer`` that keeps the transposed W rows for the backward GEMM."""
     twin = fd.FalqonLinear.shaped_like(
-        nn.Linear(IN, OUT, bias=layer.bias is not None), fd.FalqonConfig(rank=RANK, cache_weight_transpose=True)
+        nn.Linear(IN, OUT, bias=layer.bias is not None), fd.FalqonConfig(rank=RANK, cache_weight_transpose=True, unmerged=layer.unmerged)
     )
     twin.backend = layer.backend
     twin.load_state_dict(layer.state_dict())
@@ -578,11 +579,10 @@ def test_carry_puts_back_what_rounding_dropped_and_keeps_the_layer_function():
     assert torch.equal(carry.B[unmerged], proxy[unmerged]) and not keep.B[rows].any()
 
 
-def test_carry_needs_unmerged_keep():
-    with pytest.raises(ValueError, match="carry_residual"):
-        fd.FalqonConfig(rank=4, unmerged="discard", carry_residual=True)
-    with pytest.raises(ValueError, match="carry_residual"):
-        fd.FalqonLinear(32, 32, 4, unmerged="discard", carry_residual=True)
+def test_carry_is_the_default_with_keep_and_inert_with_the_papers_merge():
+    assert fd.FalqonConfig(rank=4).carry_residual and fd.FalqonConfig(rank=4).unmerged == "keep"
+    assert not fd.FalqonLinear(32, 32, 4, unmerged="discard", carry_residual=True).carry_residual
+    assert fd.FalqonLinear(32, 32, 4, unmerged="keep", carry_residual=True).carry_residual
 
 
 def test_carry_learns_the_reachable_target_at_a_learning_rate_where_rounding_eats_the_updates():

@@ -79,7 +79,7 @@ def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stoch
     flat = bits.clone().view(-1)
     old_rows = bits.index_select(0, rows)  # what the ZeRO-3 writer gathers from the slices
     part = -(-flat.numel() // world)  # ZeRO-3-style equal partitions; slices split rows anywhere
-    saturated = nonfinite = 0
+    saturated = nonfinite = elements = 0
     for rank in range(world):
         piece = flat[rank * part : (rank + 1) * part].clone()
         s, _, slice_carry = apply_rows_to_slice_(
@@ -88,10 +88,12 @@ def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stoch
         flat[rank * part : rank * part + piece.numel()] = piece
         saturated += int(s.saturated)
         nonfinite += int(s.nonfinite)
+        elements += int(s.elements)
         assert int(s.rows_merged) == int(stats.rows_merged)
         assert torch.equal(slice_carry, carry)  # every rank puts the same carry back into B
     assert torch.equal(flat.view_as(whole), whole)
     assert saturated == int(stats.saturated) and nonfinite == int(stats.nonfinite) == 0
+    assert elements == int(stats.elements) == rows.numel() * IN  # each merged element owned by one slice
 
 
 def test_slice_merge_leaves_a_slice_without_selected_rows_untouched():
@@ -119,6 +121,21 @@ def test_a_non_finite_update_never_reaches_the_backbone(bad):
     assert stats["nonfinite"] == adapter_nonzero  # every element of row 3 that A touches
     changed = (layer.qweight != before).any(dim=1)
     assert not changed[3] and changed[:IN].sum() > 0  # the bad row kept, the others merged
+
+
+@pytest.mark.parametrize("carry", [False, True], ids=["keep", "keep+carry"])
+def test_non_finite_rows_of_b_are_zeroed_merged_or_not(carry):
+    """NaN rows beyond the k a merge takes (and the taken ones) leave B zeroed: the next forward is finite."""
+    model = _model(1, unmerged="keep", carry_residual=carry, topk=2)
+    layer = model[0]
+    with torch.no_grad():
+        layer.B.normal_(std=0.01)
+        layer.B[[3, 5, 7], 1] = float("nan")  # three bad rows, two merged per step
+    stats = fd.merge_proxies_(model).to_dict()
+    assert stats["nonfinite"] > 0
+    assert torch.isfinite(layer.B).all() and not layer.B[[3, 5, 7]].any()
+    assert layer.B.any()  # the good unmerged rows are kept
+    assert torch.isfinite(model(torch.randn(4, IN))).all()
 
 
 def test_merge_noise_is_uniform_and_a_pure_function_of_seed_step_and_element():

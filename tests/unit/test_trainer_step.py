@@ -16,13 +16,14 @@ def test_step_totals_are_built_and_all_reduced_on_the_engine_device(monkeypatch)
     losses = [torch.ones((), device=device, requires_grad=True) * 2 for _ in range(3)]
     tokens = [torch.tensor(7, device=device) for _ in range(3)]
     totals = trainer.step_totals(losses, tokens, device)
-    assert seen == [device] and totals.device == device and totals.shape == (3,)
+    assert seen == [device] and totals.device == device and totals.shape == (4,)
 
 
 def test_step_totals_values_on_cpu():
     losses = [torch.tensor(2.0, requires_grad=True), torch.tensor(4.0)]
     tokens = [torch.tensor(10), torch.tensor(6)]
-    assert trainer.step_totals(losses, tokens, torch.device("cpu")).tolist() == [6.0, 2.0, 16.0]
+    assert trainer.step_totals(losses, tokens, torch.device("cpu")).tolist() == [6.0, 2.0, 16.0, 0.0]
+    assert trainer.step_totals(losses, tokens, torch.device("cpu"), stop=True).tolist()[3] == 1.0
 
 
 def test_input_tokens_stay_on_the_batch_device():

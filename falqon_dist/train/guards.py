@@ -1,0 +1,225 @@
+"""What watches a run step by step: divergence, stalls, FP8 merges that stop working, and preemption.
+
+:class:`StepWatch` reads each step's record (loss, gradient norm, FALQON's merge counts) on rank 0's
+values — every rank sees the same all-reduced numbers, so every rank decides the same:
+
+* **non-finite** — a NaN/inf loss or gradient norm, or merged FP8 elements whose update was not
+  finite (the merge refused them: the backbone never holds a NaN). One such step is survivable
+  (DeepSpeed skips a NaN gradient; the merge zeroes the bad rows of B); ``max_nonfinite_steps`` in a
+  row stop the run with :class:`DivergedError`, and no checkpoint is written from a bad step;
+* **saturation** — the fraction of merged elements clamped at ±448: warned above
+  ``saturation_warn``, stops the run above ``saturation_abort`` when set;
+* **stalls** — gradients exactly zero, or merges that round every update away, for several steps.
+
+:class:`Preemption` turns SIGTERM/SIGINT into "finish this step, save, exit": the signal sets a flag
+that the step's one all-reduce carries to every rank (so all stop after the same step), and a rank
+whose launcher dies is stopped the same way: ``PR_SET_PDEATHSIG`` for its parent, and a watch on
+the launcher processes above it (the ``deepspeed`` command runs ``deepspeed.launcher.launch``, which
+runs the ranks: a signal to the ``deepspeed`` PID alone used to leave the ranks training).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from falqon_dist.train.settings import TrainSettings
+
+log = logging.getLogger("falqon_dist")
+
+#: Consecutive steps whose merges change no FP8 weight, or whose gradients are all zero, before a warning.
+STALL_STEPS = 5
+#: At most one saturation warning per this many steps.
+SATURATION_WARN_EVERY = 50
+
+
+class DivergedError(RuntimeError):
+    """The run produced non-finite values (or clamped too much) for too long and was stopped."""
+
+
+class StepWatch:
+    """Checks every step's record; warns on rank 0's log, raises :class:`DivergedError` to stop."""
+
+    def __init__(self, train: TrainSettings) -> None:
+        self.train = train
+        self.nonfinite_steps = 0
+        self._rounded_away = 0
+        self._zero_grad = 0
+        self._last_saturation_warning: int | None = None
+
+    @property
+    def last_step_bad(self) -> bool:
+        """Whether the most recent step had non-finite values (then nothing may be saved from it)."""
+        return self.nonfinite_steps > 0
+
+    def check(self, step: int, record: dict[str, Any], *, last_checkpoint: str | None) -> None:
+        self._check_nonfinite(step, record, last_checkpoint)
+        self._check_saturation(step, record, last_checkpoint)
+        self._check_stalls(step, record)
+
+    def _check_nonfinite(self, step: int, record: dict[str, Any], last_checkpoint: str | None) -> None:
+        loss, grad_norm, refused = record["loss"], record.get("grad_norm"), record.get("nonfinite", 0)
+        problems = []
+        if not math.isfinite(loss):
+            problems.append(f"loss {loss}")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            problems.append(f"gradient norm {grad_norm}")
+        if refused:
+            problems.append(f"{refused} merged FP8 elements with a non-finite update (refused; B's bad rows zeroed)")
+        self.nonfinite_steps = self.nonfinite_steps + 1 if problems else 0
+        if not problems:
+            return
+        log.warning("step %d: non-finite values: %s (%d/%d in a row before the run stops)", step,
+                    "; ".join(problems), self.nonfinite_steps, self.train.max_nonfinite_steps)
+        if self.nonfinite_steps >= self.train.max_nonfinite_steps:
+            raise DivergedError(
+                f"step {step}: {self.nonfinite_steps} consecutive steps with non-finite values ({'; '.join(problems)}); "
+                f"the run is diverging (train.lr={self.train.lr:g}). Nothing non-finite was written into the FP8 "
+                f"backbone and no checkpoint was saved from these steps. "
+                + (f"Last good checkpoint: {last_checkpoint}; resume from it (train.resume=true) with a lower train.lr."
+                   if last_checkpoint else "No checkpoint was saved yet: restart with a lower train.lr.")
+            )
+
+    def _check_saturation(self, step: int, record: dict[str, Any], last_checkpoint: str | None) -> None:
+        elements = record.get("elements")
+        if not elements:
+            return
+        fraction = record.get("saturated", 0) / elements
+        abort = self.train.saturation_abort
+        if abort is not None and fraction > abort:
+            raise DivergedError(
+                f"step {step}: {100 * fraction:.2f}% of the merged FP8 elements clamped at ±448 (train.saturation_abort="
+                f"{abort:g}): the weights are growing past the FP8 range (lower train.lr, or method.scale_headroom). "
+                + (f"Last checkpoint: {last_checkpoint}." if last_checkpoint else "")
+            )
+        recent = self._last_saturation_warning is not None and step - self._last_saturation_warning < SATURATION_WARN_EVERY
+        if fraction > self.train.saturation_warn and not recent:
+            self._last_saturation_warning = step
+            log.warning(
+                "step %d: %.2f%% of the merged FP8 elements clamped at ±448 (above train.saturation_warn=%g): the "
+                "merged weights are leaving the FP8 range; lower train.lr or raise method.scale_headroom",
+                step, 100 * fraction, self.train.saturation_warn,
+            )
+
+    def _check_stalls(self, step: int, record: dict[str, Any]) -> None:
+        after_warmup = step > self.train.warmup_steps
+        stalled = record.get("rows_merged") and record.get("changed") == 0
+        self._rounded_away = self._rounded_away + 1 if stalled else 0
+        if self._rounded_away == STALL_STEPS and after_warmup:
+            log.warning(
+                "FALQON: %d steps in a row merged rows of B without changing a single FP8 weight: every "
+                "update is below half an FP8 step and is rounded away (lr %.3g). FALQON needs far larger "
+                "rates than LoRA (10-50x; DESIGN.md §1): raise train.lr, or keep what rounding drops "
+                "(method.carry_residual=true) / round stochastically (method.merge_rounding=stochastic)",
+                STALL_STEPS, record["lr"],
+            )
+        self._zero_grad = self._zero_grad + 1 if record.get("grad_norm") == 0.0 else 0
+        if self._zero_grad == STALL_STEPS and after_warmup:
+            log.warning(
+                "%d steps in a row with a gradient norm of exactly 0: training has stalled (saturated "
+                "activations after a too-large train.lr=%g?)", STALL_STEPS, self.train.lr,
+            )
+
+
+class Preempted(Exception):
+    """A stop requested by a signal; the run saved at ``step`` and exits with ``128 + signum``."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"preempted at step {step} ({signal.Signals(signum).name}); resume with train.resume=true")
+        self.step, self.signum = step, signum
+
+
+class Preemption:
+    """SIGTERM / SIGINT → a stop request, honoured after the current step on every rank.
+
+    A second SIGINT interrupts at once (the usual Ctrl-C twice). ``install`` also asks the kernel to
+    send SIGTERM to this process when its parent (the launcher) dies.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._request)
+        signal.signal(signal.SIGINT, self._request)
+        _die_with_parent()
+        launchers = launcher_ancestors()
+        if launchers:
+            threading.Thread(target=self._watch, args=(launchers,), name="falqon-launcher-watch", daemon=True).start()
+
+    def _watch(self, launchers: dict[int, str], poll_s: float = 1.0) -> None:
+        """Request a stop (as SIGTERM would) as soon as any launcher above this rank is gone."""
+        stop = threading.Event()
+        while not stop.wait(poll_s):
+            gone = [pid for pid, started in launchers.items() if _start_time(pid) != started]
+            if gone:
+                self.signum = self.signum or signal.SIGTERM  # first: the output below may go nowhere
+                _say(f"launcher process {gone[0]} exited: stopping after this step and saving a checkpoint")
+                return
+
+    def _request(self, signum: int, _frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        _say(f"{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def _say(message: str) -> None:
+    """A line on stderr that cannot fail (a launcher that died may have taken its pipe with it)."""
+    try:
+        print(f"falqon_dist: {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def _die_with_parent() -> None:
+    """SIGTERM when the parent process exits (Linux ``prctl(PR_SET_PDEATHSIG)``; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # no prctl: the launcher's own forwarding is all there is
+        pass
+
+
+#: Command-line fragments of the launcher processes a rank must not outlive.
+LAUNCHER_MARKS = ("deepspeed", "torch.distributed.run", "torchrun")
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (so a recycled PID does not count as alive), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def launcher_ancestors() -> dict[int, str]:
+    """``{pid: start time}`` of the launcher processes above this one (Linux ``/proc``; else empty)."""
+    found: dict[int, str] = {}
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if not any(mark in cmdline for mark in LAUNCHER_MARKS):
+            break
+        started = _start_time(pid)
+        if started is not None:
+            found[pid] = started
+        pid = parent
+    return found

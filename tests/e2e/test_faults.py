@@ -1,0 +1,162 @@
+"""The fault suite: bad rates, divergence, preemption, a busy run.dir, incompatible resumes.
+
+Each case ends with a non-zero exit and ONE ``falqon_dist: error:`` line (not one per rank), and
+leaves the run directory as it was: the last good checkpoint, its config, no NaN in any FP8 byte.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from falqon_dist.train.run_dir import RunDirLock
+from tests.dist.launcher import free_port
+from tests.e2e.conftest import MODEL_CACHE, QUICK, REPO, TRAIN, VENV_BIN, launch, read_metrics
+
+SOLO = [*QUICK, "deepspeed.zero_stage=0"]
+
+
+def _errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if "falqon_dist: error:" in line]
+
+
+def _nan_codes(ckpt_dir: Path) -> int:
+    """E4M3 NaN codes (0x7F / 0xFF) in every FALQON qweight of every checkpoint under ``ckpt_dir``."""
+    total = 0
+    for states in ckpt_dir.glob("step_*/mp_rank_*_model_states.pt"):
+        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        for name, tensor in module.items():
+            if name.endswith("qweight"):
+                total += int(((tensor & 0x7F) == 0x7F).sum())
+    return total
+
+
+def test_an_infinite_learning_rate_is_refused_once_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    proc = launch("deepspeed", [*QUICK, "train.lr=inf", f"run.dir={run}"], check=False, timeout=300)
+    assert proc.returncode != 0
+    errors = _errors(proc)
+    assert len(errors) == 1 and "train.lr must be a finite number" in errors[0], errors  # rank 0 only
+    assert not run.exists()  # refused before anything was written
+
+
+def test_a_diverging_run_stops_and_never_writes_nan_into_the_backbone(tmp_path):
+    run = tmp_path / "run"
+    proc = launch("python", [*SOLO, "train.max_steps=20", "train.lr=1e30", "train.save_every=1", f"run.dir={run}"],
+                  check=False, timeout=300)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and "consecutive steps with non-finite values" in errors[0], errors
+    assert "Nothing non-finite was written into the FP8 backbone" in errors[0]
+    steps = [r for r in read_metrics(run) if "loss" in r]
+    assert len(steps) < 20  # stopped early
+    assert _nan_codes(run / "checkpoints") == 0
+    latest = (run / "checkpoints" / "latest").read_text().strip() if (run / "checkpoints" / "latest").exists() else None
+    if latest is not None:  # the last checkpoint is from a step without non-finite values
+        step = int(latest.split("_")[1])
+        record = next(r for r in steps if r["step"] == step)
+        assert record["loss"] == record["loss"] and record.get("nonfinite", 0) == 0, record
+
+
+def test_a_busy_run_dir_fails_fast_naming_its_holder(tmp_path):
+    run = tmp_path / "run"
+    lock = RunDirLock(run)  # this test process is the "other run"
+    try:
+        proc = launch("python", [*SOLO, f"run.dir={run}"], check=False, timeout=300)
+    finally:
+        lock.release()
+    assert proc.returncode == 1
+    errors = _errors(proc)
+    assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0] and "in use by another run" in errors[0], errors
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing else written
+
+
+def test_sigterm_to_the_deepspeed_launcher_alone_saves_and_stops_every_rank(tmp_path):
+    """A scheduler signals the launcher's PID only: the ranks used to train on, orphaned. Now they
+    finish the step, save, and exit; the run resumes from that checkpoint."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FALQON_CACHE": MODEL_CACHE, "PYTHONWARNINGS": "ignore",
+           "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+           *QUICK, "train.max_steps=2000", f"run.dir={run}"]
+    output = (tmp_path / "launcher.log").open("w")  # a file, not a pipe nobody reads (it would fill and block)
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            metrics = run / "metrics.jsonl"
+            if metrics.exists() and sum(1 for line in metrics.read_text().splitlines() if '"loss"' in line) >= 3:
+                break
+            assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(0.5)
+        tree = _children(launcher.pid)  # deepspeed.launcher.launch, and the two ranks below it
+        ranks = [p for p in tree if "launch/train.py" in _cmdline(p) and "deepspeed.launcher" not in _cmdline(p)]
+        assert len(ranks) == 2, [(p, _cmdline(p)) for p in tree]
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+        stopped = time.monotonic()
+        while any(_alive(p) for p in tree) and time.monotonic() - stopped < 90:
+            time.sleep(0.5)
+        assert not any(_alive(p) for p in tree), "ranks outlived their launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in _children(launcher.pid) if launcher.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+        output.close()
+    log = (run / "train.log").read_text()
+    assert "preempted at step" in log and "resume with train.resume=true" in log, log[-2000:]
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert 3 <= step < 2000
+    proc = launch("deepspeed", [*QUICK, f"train.max_steps={step + 2}", "train.resume=true", f"run.dir={run}"],
+                  timeout=400)
+    out = proc.stdout + proc.stderr
+    assert f"resumed from {run / 'checkpoints' / latest} at step {step}" in out
+    assert "the learning-rate schedule changes" in out  # max_steps changed: said, not silent
+
+
+def test_an_incompatible_resume_fails_first_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    launch("python", [*SOLO, "train.max_steps=2", f"run.dir={run}"], timeout=300)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "train.log"}
+    proc = launch("python", [*SOLO, "train.max_steps=4", "train.resume=true", "method.rank=8", "method.topk=4",
+                             f"run.dir={run}"], check=False, timeout=300)
+    assert proc.returncode == 1
+    errors = _errors(proc)
+    assert len(errors) == 1 and "method.rank: 16 -> 8" in errors[0] and "method.topk: None -> 4" in errors[0], errors
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "train.log"}
+    assert after == before  # config.yaml, checkpoints, metrics: untouched
+    # a different number of ranks is named too
+    proc = launch("deepspeed", [*QUICK, "deepspeed.zero_stage=0", "train.max_steps=4", "train.resume=true",
+                                f"run.dir={run}"], check=False, timeout=300)
+    assert proc.returncode != 0
+    errors = _errors(proc)
+    assert len(errors) == 1 and "number of ranks: 1 -> 2" in errors[0], errors
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    found = [int(p) for p in out]
+    return found + [grandchild for child in found for grandchild in _children(child)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
