@@ -19,7 +19,7 @@ falqon_paper        method=falqon method.unmerged=discard (the paper)      0.1
 falqon_stochastic   falqon_paper + method.merge_rounding=stochastic        0.1
 falqon_keep         method=falqon method.unmerged=keep                     0.05
 falqon_keep_sr      falqon_keep + method.merge_rounding=stochastic         0.05
-falqon_carry        falqon_keep + method.carry_residual=true (the default) 0.05
+falqon_carry        falqon_keep + method.carry_residual=true (the default) 0.1
 ==================  =====================================================  ========
 
 Tasks: ``demo`` — the embedded default (synthetic ``shift`` task, exact match on 64 prompts);
@@ -60,7 +60,7 @@ VARIANTS: dict[str, tuple[list[str], float]] = {
     "falqon_keep": (["method=falqon", "method.unmerged=keep", "method.carry_residual=false"], 0.05),
     "falqon_keep_sr": (["method=falqon", "method.unmerged=keep", "method.carry_residual=false",
                         "method.merge_rounding=stochastic"], 0.05),
-    "falqon_carry": (["method=falqon", "method.unmerged=keep", "method.carry_residual=true"], 0.05),
+    "falqon_carry": (["method=falqon", "method.unmerged=keep", "method.carry_residual=true"], 0.1),
 }
 KJV_DATA = common.REPO / "runs" / "kjv" / "kjv.jsonl"
 #: name -> (Hydra overrides, acceptance metric, bound at the default lr, bound at 0.5x / 2x)

@@ -7,7 +7,7 @@
   is given) and broadcasts it before Hydra composes the config.
 * Nothing here waits silently or without bound (``dist.timeout_s``, read from the command line
   before Hydra runs): stale torch-extension build locks are cleared before DeepSpeed loads its ops
-  (:mod:`falqon_dist.train.build_locks`), and the rendezvous names the ranks that have not joined
+  (:mod:`falqon_dist.dist.build_locks`), and the rendezvous names the ranks that have not joined
   while it waits and when it gives up.
 """
 
@@ -67,7 +67,7 @@ def timeout_from_overrides(argv: list[str]) -> float:
     return timeout
 
 
-def init_process_group(timeout_s: float = 300.0) -> None:
+def init_process_group(timeout_s: float) -> None:
     """Initialize torch.distributed (gloo on CPU, nccl on CUDA), then DeepSpeed's communication layer.
 
     ``timeout_s`` bounds the rendezvous and every later collective. Our own rendezvous (a TCPStore

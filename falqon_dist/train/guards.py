@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,14 @@ class StepWatch:
         """Whether the most recent step had non-finite values (then nothing may be saved from it)."""
         return self.nonfinite_steps > 0
 
-    def check(self, step: int, record: dict[str, Any], *, last_checkpoint: str | None) -> None:
+    def check(self, step: int, record: dict[str, Any], *, last_checkpoint: Callable[[], str | None]) -> None:
+        """Warn or raise for ``step``'s ``record``; ``last_checkpoint()`` (only called to name it in an
+        error) says where the last good state is."""
         self._check_nonfinite(step, record, last_checkpoint)
         self._check_saturation(step, record, last_checkpoint)
         self._check_stalls(step, record)
 
-    def _check_nonfinite(self, step: int, record: dict[str, Any], last_checkpoint: str | None) -> None:
+    def _check_nonfinite(self, step: int, record: dict[str, Any], last_checkpoint: Callable[[], str | None]) -> None:
         loss, grad_norm, refused = record["loss"], record.get("grad_norm"), record.get("nonfinite", 0)
         problems = []
         if not math.isfinite(loss):
@@ -79,25 +82,27 @@ class StepWatch:
         log.warning("step %d: non-finite values: %s (%d/%d in a row before the run stops)", step,
                     "; ".join(problems), self.nonfinite_steps, self.train.max_nonfinite_steps)
         if self.nonfinite_steps >= self.train.max_nonfinite_steps:
+            checkpoint = last_checkpoint()
             raise DivergedError(
                 f"step {step}: {self.nonfinite_steps} consecutive steps with non-finite values ({'; '.join(problems)}); "
                 f"the run is diverging (train.lr={self.train.lr:g}). Nothing non-finite was written into the FP8 "
                 f"backbone and no checkpoint was saved from these steps. "
-                + (f"Last good checkpoint: {last_checkpoint}; resume from it (train.resume=true) with a lower train.lr."
-                   if last_checkpoint else "No checkpoint was saved yet: restart with a lower train.lr.")
+                + (f"Last good checkpoint: {checkpoint}; resume from it (train.resume=true) with a lower train.lr."
+                   if checkpoint else "No checkpoint was saved yet: restart with a lower train.lr.")
             )
 
-    def _check_saturation(self, step: int, record: dict[str, Any], last_checkpoint: str | None) -> None:
+    def _check_saturation(self, step: int, record: dict[str, Any], last_checkpoint: Callable[[], str | None]) -> None:
         elements = record.get("elements")
         if not elements:
             return
         fraction = record.get("saturated", 0) / elements
         abort = self.train.saturation_abort
         if abort is not None and fraction > abort:
+            checkpoint = last_checkpoint()
             raise DivergedError(
                 f"step {step}: {100 * fraction:.2f}% of the merged FP8 elements clamped at ±448 (train.saturation_abort="
                 f"{abort:g}): the weights are growing past the FP8 range (lower train.lr, or method.scale_headroom). "
-                + (f"Last checkpoint: {last_checkpoint}." if last_checkpoint else "")
+                + (f"Last checkpoint: {checkpoint}." if checkpoint else "")
             )
         recent = self._last_saturation_warning is not None and step - self._last_saturation_warning < SATURATION_WARN_EVERY
         if fraction > self.train.saturation_warn and not recent:

@@ -259,7 +259,7 @@ class Trainer:
             speeds.append(record["tokens_per_s"])
             if step % s.log_every == 0 or step == s.max_steps or self.stop_requested:
                 self.log_record({"step": step, **record})
-            self.watch.check(step, record, last_checkpoint=self.last_checkpoint())
+            self.watch.check(step, record, last_checkpoint=self.last_checkpoint)
             if self.stop_requested:
                 bar.close()
                 self.save(step)
