@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,27 +23,32 @@ def _built_shm_op() -> Path | None:
 
 
 def test_a_stale_build_lock_is_cleared_and_the_run_trains(tmp_path, monkeypatch):
-    """A run killed while DeepSpeed JIT-loaded its op left ``<op>/lock``: the next run used to sleep
-    forever right after "Setting accelerator to CPU". Now it removes the lock, says so, and trains."""
-    root = tmp_path / "torch_extensions"  # torch then uses $TORCH_EXTENSIONS_DIR/<op>/lock
+    """A run killed while DeepSpeed JIT-built or loaded an op left ``<op>/lock``: the next run used to
+    sleep forever right after "Setting accelerator to CPU". Now it removes the lock, says so, and trains.
+
+    The lock is planted in an op directory of a temporary ``TORCH_EXTENSIONS_DIR`` (torch then uses
+    ``$TORCH_EXTENSIONS_DIR/<op>/lock``); DeepSpeed's CPU communication op is linked in from this
+    machine's build, so the run does not spend minutes compiling it again.
+    """
+    root = tmp_path / "torch_extensions"
+    root.mkdir()
     built = _built_shm_op()
     if built is not None:
-        shutil.copytree(built, root / SHM_OP, symlinks=True)
-        (root / SHM_OP / "lock").unlink(missing_ok=True)
-    else:
-        (root / SHM_OP).mkdir(parents=True)
-    lock = root / SHM_OP / "lock"
+        (root / SHM_OP).symlink_to(built, target_is_directory=True)
+    lock = root / "falqon_killed_build" / "lock"
+    lock.parent.mkdir()
+    (lock.parent / "falqon_killed_build.so").write_bytes(b"")
     lock.write_text("")
     past = time.time() - 3600  # left behind an hour ago
     for path in (*lock.parent.iterdir(), lock.parent):
-        os.utime(path, (past, past), follow_symlinks=False)
+        os.utime(path, (past, past))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
     start = time.monotonic()
-    proc = launch("deepspeed", [*QUICK, "train.max_steps=2", f"run.dir={tmp_path / 'run'}", "dist.timeout_s=120"], timeout=400)
+    proc = launch("deepspeed", [*QUICK, "train.max_steps=2", f"run.dir={tmp_path / 'run'}", "dist.timeout_s=120"], timeout=900)
     out = proc.stdout + proc.stderr
     assert f"removed the stale build lock {lock}" in out, out[-3000:]
     assert out.count(f"removed the stale build lock {lock}") == 1  # one host, one remover
-    assert (tmp_path / "run" / "checkpoints" / "latest").exists()
+    assert not lock.exists() and (tmp_path / "run" / "checkpoints" / "latest").exists()
     print(f"trained past a stale lock in {time.monotonic() - start:.0f}s")
 
 
