@@ -27,9 +27,13 @@ NOTICE_EVERY_S = 10.0
 
 
 def say(message: str) -> None:
-    """One line on stderr, tagged with this process's rank (logging may not be set up yet)."""
+    """One line on stderr, tagged with this process's rank (logging may not be set up yet). Never
+    raises: a launcher that died may have taken its pipe with it."""
     rank = os.environ.get("RANK", "0")
-    print(f"[falqon_dist rank {rank}] {message}", file=sys.stderr, flush=True)
+    try:
+        print(f"[falqon_dist rank {rank}] {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 @contextmanager

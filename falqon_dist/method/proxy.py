@@ -235,16 +235,15 @@ def _row_elements(rows: torch.Tensor, in_features: int, device: torch.device) ->
     return rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device)
 
 
-def _stats(
-    proxy_rows: torch.Tensor, saturated: torch.Tensor, nonfinite: torch.Tensor, changed: torch.Tensor, owned: torch.Tensor
-) -> MergeStats:
-    """The counts of one merge over the elements ``owned`` (a mask, or a tensor of them all)."""
+def _stats(proxy_rows: torch.Tensor, merged: MergedRows, owned: torch.Tensor | None = None) -> MergeStats:
+    """The counts of one merge over the elements ``owned`` (a k × in mask; None = all merged elements)."""
+    owned = torch.ones_like(merged.changed) if owned is None else owned
     return MergeStats(
         rows_merged=proxy_rows.abs().sum(dim=1).gt(0).sum(),
-        saturated=saturated.sum(),
-        nonfinite=nonfinite.sum(),
-        changed=changed.sum(),
-        elements=owned.sum() if owned.dtype == torch.bool else torch.full((), owned.numel(), dtype=torch.int64, device=owned.device),
+        saturated=(merged.saturated & owned).sum(),
+        nonfinite=(merged.nonfinite & owned).sum(),
+        changed=(merged.changed & owned).sum(),
+        elements=owned.sum(),
         layers=1,
     )
 
@@ -284,7 +283,7 @@ def apply_rows_(
     rows = rows.to(bits.device)
     merged = _merge(bits.index_select(0, rows), rows, proxy_rows, adapter_q, rounding)
     bits.index_copy_(0, rows, merged.bits)
-    stats = _stats(proxy_rows, merged.saturated, merged.nonfinite, merged.changed, merged.bits)
+    stats = _stats(proxy_rows, merged)
     return RowMerge(stats, merged.bits, _carry(merged, adapter_q, carry))
 
 
@@ -313,8 +312,8 @@ def apply_rows_to_slice_(
     rows = rows.to(device)
     merged = _merge(old_rows.to(device), rows, proxy_rows, adapter_q, rounding)
     if n == 0 or rows.numel() == 0:
-        nothing = torch.zeros((1, 1), dtype=torch.bool, device=device)
-        return RowMerge(_stats(proxy_rows, nothing, nothing, nothing, nothing), merged.bits, _carry(merged, adapter_q, carry))
+        owned_here = torch.zeros_like(merged.changed)  # this slice holds none of the merged elements
+        return RowMerge(_stats(proxy_rows, merged, owned_here), merged.bits, _carry(merged, adapter_q, carry))
     in_features = old_rows.shape[1]
     local = _row_elements(rows, in_features, device) - offset
     inside = (local >= 0) & (local < n)
@@ -332,5 +331,5 @@ def apply_rows_to_slice_(
 
     fill = torch.where(local < 0, final_value(0), final_value(n - 1))
     flat.index_put_((clamped.reshape(-1),), torch.where(inside, merged.bits, fill).reshape(-1))
-    stats = _stats(proxy_rows, merged.saturated & inside, merged.nonfinite & inside, merged.changed & inside, inside)
+    stats = _stats(proxy_rows, merged, inside)
     return RowMerge(stats, merged.bits, _carry(merged, adapter_q, carry))

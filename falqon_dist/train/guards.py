@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from falqon_dist.dist.waits import say
 from falqon_dist.train.settings import TrainSettings
 
 log = logging.getLogger("falqon_dist")
@@ -166,26 +167,18 @@ class Preemption:
             gone = [pid for pid, started in launchers.items() if _start_time(pid) != started]
             if gone:
                 self.signum = self.signum or signal.SIGTERM  # first: the output below may go nowhere
-                _say(f"launcher process {gone[0]} exited: stopping after this step and saving a checkpoint")
+                say(f"launcher process {gone[0]} exited: stopping after this step and saving a checkpoint")
                 return
 
     def _request(self, signum: int, _frame) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        _say(f"{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint")
+        say(f"{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint")
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
-
-
-def _say(message: str) -> None:
-    """A line on stderr that cannot fail (a launcher that died may have taken its pipe with it)."""
-    try:
-        print(f"falqon_dist: {message}", file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 def _die_with_parent() -> None:

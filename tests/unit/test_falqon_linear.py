@@ -509,6 +509,21 @@ def test_keep_mode_merge_zeroes_only_the_merged_rows():
     assert torch.equal(keep.remainder(proxy, rows), expected)
 
 
+def _final_loss_on_target(layer: fd.FalqonLinear, teacher: torch.Tensor, lr: float, steps: int = 60) -> float:
+    """Train ``layer``'s B with AdamW and a merge after every step on the teacher's outputs (fixed
+    data seed); the last step's loss."""
+    optimizer = torch.optim.AdamW([layer.B], lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(256, 128, generator=gen)
+        loss = (layer(x) - x @ teacher.T).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        layer.merge_proxy_()
+    return loss.item()
+
+
 def test_keep_mode_learns_the_reachable_target_faster_than_discard():
     """The teacher-student task of the AdamW test, at a learning rate where the paper's merge
     (topk = rank of 128 rows per step, the rest discarded) makes little progress."""
@@ -518,16 +533,7 @@ def test_keep_mode_learns_the_reachable_target_faster_than_discard():
     for mode in ("discard", "keep"):
         layer = copy.deepcopy(base)
         layer.unmerged = mode
-        optimizer = torch.optim.AdamW([layer.B], lr=0.02, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(60):
-            x = torch.randn(256, 128, generator=gen)
-            loss = (layer(x) - x @ teacher.T).pow(2).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            layer.merge_proxy_()
-        final[mode] = loss.item()
+        final[mode] = _final_loss_on_target(layer, teacher, lr=0.02)
     print(final)
     assert final["keep"] < 0.5 * final["discard"], final
 
@@ -592,16 +598,7 @@ def test_carry_learns_the_reachable_target_at_a_learning_rate_where_rounding_eat
     for carry in (False, True):
         layer = copy.deepcopy(base)
         layer.unmerged, layer.carry_residual = "keep", carry
-        optimizer = torch.optim.AdamW([layer.B], lr=0.002, weight_decay=0.0)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(60):
-            x = torch.randn(256, 128, generator=gen)
-            loss = (layer(x) - x @ teacher.T).pow(2).mean()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            layer.merge_proxy_()
-        final[carry] = loss.item()
+        final[carry] = _final_loss_on_target(layer, teacher, lr=0.002)
     print(final)
     assert final[True] < 0.8 * final[False], final
 
