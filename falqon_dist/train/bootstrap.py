@@ -5,6 +5,8 @@
 * Plain ``python`` gets a 1-process group so the same DeepSpeed path runs everywhere.
 * All ranks must write into ONE run directory: rank 0 picks ``runs/<timestamp>`` (unless ``run.dir``
   is given) and broadcasts it before Hydra composes the config.
+* DeepSpeed's CPU communication op leaves a shared-memory segment per rank in /dev/shm forever; each
+  rank unlinks its own once all have mapped them (:mod:`falqon_dist.dist.shm_segments`).
 * Nothing here waits silently or without bound (``dist.timeout_s``, read from the command line
   before Hydra runs): stale torch-extension build locks are cleared before DeepSpeed loads its ops
   (:mod:`falqon_dist.dist.build_locks`), and the rendezvous names the ranks that have not joined
@@ -23,7 +25,8 @@ from omegaconf import OmegaConf
 
 from falqon_dist.dist.build_locks import clear_stale_build_locks
 from falqon_dist.dist.rendezvous import rendezvous
-from falqon_dist.dist.waits import announced
+from falqon_dist.dist.shm_segments import release_own_segment, sweep_stale_segments
+from falqon_dist.dist.waits import announced, barrier
 
 #: The shipped default of ``dist.timeout_s`` (conf/config.yaml owns it).
 CONFIG_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "config.yaml")
@@ -72,7 +75,9 @@ def init_process_group(timeout_s: float) -> None:
 
     ``timeout_s`` bounds the rendezvous and every later collective. Our own rendezvous (a TCPStore
     as torch's ``env://`` builds it, plus a join key per rank) lets every rank say which ranks it is
-    still waiting for; stale build locks are cleared before DeepSpeed JIT-loads its ops.
+    still waiting for; stale build locks are cleared before DeepSpeed JIT-loads its ops. DeepSpeed's
+    CPU shared-memory segments are unlinked as soon as every rank has mapped them, so no run leaves
+    RAM behind in /dev/shm (:mod:`falqon_dist.dist.shm_segments`).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -85,7 +90,10 @@ def init_process_group(timeout_s: float) -> None:
     # every rank. DeepSpeed itself only sets it inside initialize().
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    clear_stale_build_locks(remove=os.environ.get("LOCAL_RANK", "0") == "0", wait_s=timeout_s)
+    local_leader = os.environ.get("LOCAL_RANK", "0") == "0"
+    clear_stale_build_locks(remove=local_leader, wait_s=timeout_s)
+    if local_leader:
+        sweep_stale_segments()
     timeout = dt.timedelta(seconds=timeout_s)
     backend = get_accelerator().communication_backend_name()
     if not tdist.is_initialized():
@@ -94,6 +102,8 @@ def init_process_group(timeout_s: float) -> None:
         tdist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     with announced("DeepSpeed's communication set-up (its CPU op may be building)"):
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+    barrier("map each other's DeepSpeed shared-memory segments")
+    release_own_segment()
 
 
 def agree_run_dir(requested: str | None, root: str = "runs") -> str:

@@ -1,12 +1,14 @@
-"""Run a worker script on 2 gloo ranks with torchrun and fail the test with its output on error."""
+"""Run a worker script on 2 gloo ranks (torchrun, or the deepspeed launcher) and fail the test with
+its output on error."""
 
 from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
+
+from tests import processes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,14 +19,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(script: Path, *args: str, nproc: int = 2, timeout: int = 600) -> str:
-    """``torchrun --nproc_per_node nproc script args``; returns combined output, asserts exit 0."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), *args,
-    ]
+def run_ranks(script: Path, *args: str, nproc: int = 2, timeout: int = 600, launcher: str = "torchrun") -> str:
+    """``torchrun --nproc_per_node nproc script args`` (or ``deepspeed --num_gpus nproc
+    --no_local_rank``, which also exports LOCAL_SIZE); returns combined output, asserts exit 0."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
+    elif launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+               str(free_port()), "--no_local_rank"]  # fmt: skip
+    else:
+        raise ValueError(launcher)
+    cmd += [str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = processes.run(cmd, cwd=REPO, env=env, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{output[-8000:]}"
     return output

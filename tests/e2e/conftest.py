@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import processes
 from tests.dist.launcher import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,7 +49,7 @@ def launch(kind: str, args: list[str], *, timeout: int = 600, check: bool = True
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "FALQON_CACHE": MODEL_CACHE}
     env.pop("WANDB_MODE", None)
     env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
-    proc = subprocess.run([*cmd, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = processes.run([*cmd, *args], cwd=REPO, env=env, timeout=timeout)
     if check:
         assert proc.returncode == 0, f"{' '.join(cmd + args)} exited {proc.returncode}\n{(proc.stdout + proc.stderr)[-6000:]}"
     return proc

@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from tests import processes
 from tests.e2e.conftest import MODEL_CACHE, QUICK, REPO, launch
 from tests.unit.test_export import read_tensors
 
@@ -57,8 +58,7 @@ def _env() -> dict[str, str]:
 
 
 def run_cli(script: Path, args: list[str], *, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = processes.run([sys.executable, str(script), *args], cwd=REPO, env=_env(), timeout=300)
     if check:
         output = (proc.stdout + proc.stderr)[-4000:]
         assert proc.returncode == 0, f"{script.name} {args} exited {proc.returncode}\n{output}"
@@ -208,19 +208,22 @@ def test_cli_export_of_a_replicated_zero2_checkpoint(tmp_path):
 def test_eval_of_run_dir_and_export_agree(run_dir, cli_export, tmp_path):
     out, _ = cli_export
     args = ["samples=16", "generate=8"]
-    procs = {
-        kind: subprocess.Popen(
-            [sys.executable, str(EVAL), f"path={path}", *args, f"json={tmp_path / kind}.json"],
-            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+    groups = {
+        kind: processes.ProcessGroup([sys.executable, str(EVAL), f"path={path}", *args, f"json={tmp_path / kind}.json"],
+                                     cwd=REPO, env=_env())
         for kind, path in (("run", run_dir), ("export", out))
     }  # fmt: skip
     results = {}
-    for kind, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"eval {kind} exited {proc.returncode}\n{(stdout + stderr)[-4000:]}"
-        assert "eval loss" in stdout and "perplexity" in stdout and "exact match" in stdout, stdout
-        results[kind] = json.loads((tmp_path / f"{kind}.json").read_text())
+    try:
+        for kind, group in groups.items():
+            proc = group.wait(timeout=300)
+            output = proc.stdout + proc.stderr
+            assert proc.returncode == 0, f"eval {kind} exited {proc.returncode}\n{output[-4000:]}"
+            assert "eval loss" in proc.stdout and "perplexity" in proc.stdout and "exact match" in proc.stdout, output
+            results[kind] = json.loads((tmp_path / f"{kind}.json").read_text())
+    finally:
+        for group in groups.values():
+            group.kill()
     run, export = results["run"], results["export"]
     assert run["kind"] == "run" and run["tag"] == f"step_{STEPS:08d}"
     assert export["kind"] == "export" and export["config_source"].endswith("falqon_run.json")

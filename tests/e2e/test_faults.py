@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from falqon_dist.train.run_dir import RunDirLock
+from tests import processes
 from tests.dist.launcher import free_port
 from tests.e2e.conftest import MODEL_CACHE, QUICK, REPO, TRAIN, VENV_BIN, launch, read_metrics
 
@@ -85,31 +86,23 @@ def test_sigterm_to_the_deepspeed_launcher_alone_saves_and_stops_every_rank(tmp_
            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
            *QUICK, "train.max_steps=2000", f"run.dir={run}"]
-    output = (tmp_path / "launcher.log").open("w")  # a file, not a pipe nobody reads (it would fill and block)
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
-    try:
+    with processes.ProcessGroup(cmd, cwd=REPO, env=env) as launcher:  # the group is killed if this fails
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             metrics = run / "metrics.jsonl"
             if metrics.exists() and sum(1 for line in metrics.read_text().splitlines() if '"loss"' in line) >= 3:
                 break
-            assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+            assert launcher.poll() is None, "".join(launcher.output())[-3000:]
             time.sleep(0.5)
         tree = _children(launcher.pid)  # deepspeed.launcher.launch, and the two ranks below it
         ranks = [p for p in tree if "launch/train.py" in _cmdline(p) and "deepspeed.launcher" not in _cmdline(p)]
         assert len(ranks) == 2, [(p, _cmdline(p)) for p in tree]
         launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=60)
+        launcher.proc.wait(timeout=60)
         stopped = time.monotonic()
         while any(_alive(p) for p in tree) and time.monotonic() - stopped < 90:
             time.sleep(0.5)
         assert not any(_alive(p) for p in tree), "ranks outlived their launcher"
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-        for pid in _children(launcher.pid) if launcher.poll() is None else []:
-            os.kill(pid, signal.SIGKILL)
-        output.close()
     log = (run / "train.log").read_text()
     assert "preempted at step" in log and "resume with train.resume=true" in log, log[-2000:]
     latest = (run / "checkpoints" / "latest").read_text().strip()

@@ -3,12 +3,13 @@ outputs in run.dir written by rank 0 only, and fail-fast errors for bad override
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 
 import pytest
 import yaml
 
+from tests import processes
 from tests.e2e.conftest import QUICK, REPO, launch, read_metrics
 
 REQUIRED = {"step", "loss", "lr", "tokens_per_s", "step_time_s"}
@@ -70,13 +71,17 @@ def test_two_ranks_qlora_zero2(tmp_path):
     assert {f"{key}.absmax", f"{key}.nested_absmax", f"{key}.quant_state.bitsandbytes__nf4"} <= state.keys()
     assert "model.layers.0.mlp.up_proj.lora_B.default.weight" in state
     # the FP8 CLIs refuse a qlora run with one clear line, no traceback
-    procs = [subprocess.Popen([sys.executable, str(REPO / "launch" / script), arg], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for script, arg in (("eval.py", f"path={run_dir}"), ("export.py", f"run.dir={run_dir}"))]  # fmt: skip
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, out + err
-        assert "method.name='qlora'" in err and "need method=falqon" in err and "Traceback" not in err, err
+    groups = [processes.ProcessGroup([sys.executable, str(REPO / "launch" / script), arg], cwd=REPO, env=dict(os.environ))
+              for script, arg in (("eval.py", f"path={run_dir}"), ("export.py", f"run.dir={run_dir}"))]  # fmt: skip
+    try:
+        for group in groups:
+            proc = group.wait(timeout=120)
+            err = proc.stderr
+            assert proc.returncode == 2, proc.stdout + err
+            assert "method.name='qlora'" in err and "need method=falqon" in err and "Traceback" not in err, err
+    finally:
+        for group in groups:
+            group.kill()
 
 
 @pytest.mark.parametrize(

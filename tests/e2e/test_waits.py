@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests import processes
 from tests.dist.launcher import free_port
 from tests.e2e.conftest import MODEL_CACHE, QUICK, REPO, TRAIN, VENV_BIN, launch
 
@@ -59,8 +60,8 @@ def test_a_rank_that_never_starts_is_named_within_the_bound(tmp_path):
            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, TRAIN, *QUICK, f"run.dir={tmp_path / 'run'}", "dist.timeout_s=10"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = processes.run([sys.executable, TRAIN, *QUICK, f"run.dir={tmp_path / 'run'}", "dist.timeout_s=10"],
+                         cwd=REPO, env=env, timeout=120)
     elapsed = time.monotonic() - start
     err = proc.stderr
     assert proc.returncode == 1, (proc.returncode, err[-3000:])

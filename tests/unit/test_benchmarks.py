@@ -5,11 +5,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import processes
 
 REPO = Path(__file__).resolve().parents[2]
 BENCHMARKS = REPO / "benchmarks"
@@ -84,9 +86,9 @@ def test_layer_bench_flop_counts():
 @pytest.fixture(scope="module")
 def model_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_model")
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, str(BENCHMARKS / "bench_model.py"), "--quick", "--methods", "falqon", "lora", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=dict(os.environ), timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, json.loads((out / "results.json").read_text()), proc.stdout
@@ -146,10 +148,10 @@ def test_model_bench_writes_a_loadable_shape_model(tmp_path):
 
 
 def test_learning_bench_sweeps_variants_through_the_trainer(tmp_path):
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, str(BENCHMARKS / "bench_learning.py"), "--quick", "--variants", "lora", "falqon_keep",
          "falqon_carry", "--lr-scale", "1", "--jobs", "2", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env=dict(os.environ), timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((tmp_path / "results.json").read_text())
