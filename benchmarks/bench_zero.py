@@ -75,8 +75,9 @@ def worker(args: argparse.Namespace) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from falqon_dist.baselines import prepare_model
-    from falqon_dist.dist import initialize
-    from falqon_dist.dist.zero3_init import load_pretrained_zero3
+    from falqon_dist.distributed import initialize
+    from falqon_dist.distributed.zero3_init import load_pretrained_zero3
+    from falqon_dist.distributed.zero_facts import is_partitioned
     from falqon_dist.method import FalqonConfig
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -103,7 +104,7 @@ def worker(args: argparse.Namespace) -> None:
     load_private_mb = max(sampler.peak_mb, sampler.current_mb()) - private_baseline_mb
     engine = initialize(model, ds_config)
 
-    partitioned = sum(p.ds_numel for p in engine.module.parameters() if hasattr(p, "ds_id"))
+    partitioned = sum(p.ds_numel for p in engine.module.parameters() if is_partitioned(p))
     gathered: dict[str, list[int]] = {}  # dtype -> [bytes, elements]
     backend = deepspeed.comm.comm.cdb  # ZeRO-3 gathers through the torch backend's all_gather_function
     original_all_gather = backend.all_gather_function

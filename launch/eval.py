@@ -46,7 +46,6 @@ SPEC = {
     "dequantize": (bool, True),
     "json": (str, None),
 }
-RUN_INFO = "falqon_run.json"  # see launch/export.py
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -73,6 +72,8 @@ def export_settings(export_dir: Path, config: str | None):
     """The run settings (data, batch size) for an export; returns (settings, where they came from)."""
     from omegaconf import OmegaConf
 
+    from falqon_dist.export.run_info import RUN_INFO, read_run_info
+
     if config is not None:
         path = Path(config).expanduser()
         if path.is_dir():
@@ -80,9 +81,13 @@ def export_settings(export_dir: Path, config: str | None):
         if not path.is_file():
             raise RestoreError(f"config={config!r}: no such file (a run's config.yaml)")
         return _settings_from(OmegaConf.load(path), str(path)), str(path)
-    info = export_dir / RUN_INFO
-    if info.is_file():
-        return _settings_from(json.loads(info.read_text())["config"], str(info)), str(info)
+    try:
+        info = read_run_info(export_dir)
+    except ValueError as error:
+        raise RestoreError(str(error)) from None
+    if info is not None:
+        where = str(export_dir / RUN_INFO)
+        return _settings_from(info["config"], where), where
     parent = export_dir.parent / "config.yaml"
     if parent.is_file():
         return _settings_from(OmegaConf.load(parent), str(parent)), str(parent)
@@ -113,7 +118,7 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from falqon_dist.data import build_data
-    from falqon_dist.train.evaluate import exact_match, response_loss
+    from falqon_dist.train.evaluate import greedy_exact_match, response_loss
     from falqon_dist.train.model_setup import load_tokenizer, resolve_model_path
     from falqon_dist.train.restore import restore_run
 
@@ -153,7 +158,7 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     result["perplexity"] = math.exp(loss) if loss is not None and loss < 700 else None
     generate = min(args["generate"], len(data.eval_records))
     if settings.data.name == "synthetic" and generate:
-        result["exact_match"] = exact_match(model, tokenizer, data.eval_records, generate, batch_size=64)
+        result["exact_match"] = greedy_exact_match(model, tokenizer, data.eval_records, generate, batch_size=64)
         result["generate_samples"] = generate
     result["seconds"] = time.perf_counter() - start
     return result

@@ -14,7 +14,6 @@ non-empty ``out`` is refused unless ``overwrite=true``. Besides the model files 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,6 @@ SPEC = {
     "overwrite": (bool, False),
     "max_shard_size": (str, "2GB"),
 }
-#: Written next to the model files: where the export came from (read by launch/eval.py).
-RUN_INFO = "falqon_run.json"
 
 
 def fp8_tensor_count(directory: Path) -> int:
@@ -51,6 +48,7 @@ def export_run(run_dir: str, tag: str, out: str | None, overwrite: bool, max_sha
     import logging
 
     from falqon_dist.export import export_fp8
+    from falqon_dist.export.run_info import write_run_info
     from falqon_dist.export.staging import check_destination
     from falqon_dist.export.writer import parse_size
     from falqon_dist.train.restore import restore_run
@@ -67,14 +65,8 @@ def export_run(run_dir: str, tag: str, out: str | None, overwrite: bool, max_sha
     restored = restore_run(run_path, tag)
     export_fp8(restored.model, out_dir, tokenizer=restored.tokenizer, max_shard_size=max_shard_size,
                overwrite=overwrite)  # fmt: skip
-    info = {
-        "run_dir": str(restored.run_dir),
-        "tag": restored.tag,
-        "step": restored.step,
-        "base_model": restored.model_path,
-        "config": restored.config,
-    }
-    (out_dir / RUN_INFO).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_run_info(out_dir, run_dir=restored.run_dir, tag=restored.tag, step=restored.step,
+                   base_model=restored.model_path, config=restored.config)  # fmt: skip
     files = [p for p in out_dir.iterdir() if p.is_file()]
     return {
         "out": str(out_dir),

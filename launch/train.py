@@ -22,8 +22,8 @@ from omegaconf import DictConfig
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from falqon_dist.dist.build_locks import StaleLockError  # noqa: E402
-from falqon_dist.dist.rendezvous import RendezvousError  # noqa: E402
+from falqon_dist.distributed.build_locks import StaleLockError  # noqa: E402
+from falqon_dist.distributed.rendezvous import RendezvousError  # noqa: E402
 from falqon_dist.train.bootstrap import (  # noqa: E402
     agree_run_dir,
     init_process_group,

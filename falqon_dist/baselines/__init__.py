@@ -17,7 +17,7 @@ from falqon_dist.baselines.full import prepare_full_finetune
 from falqon_dist.baselines.lora import apply_lora
 from falqon_dist.baselines.qlora import apply_qlora
 from falqon_dist.baselines.registry import METHODS, prepare_model
-from falqon_dist.baselines.targets import target_module_names
+from falqon_dist.method.swap import target_module_names
 
 __all__ = [
     "METHODS",

@@ -45,10 +45,9 @@ import math
 import torch
 from torch import nn
 
-from falqon_dist.baselines.targets import target_module_names
 from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, resolve_backend, to_bits
 from falqon_dist.fp8.module import Float32ScaleMixin
-from falqon_dist.method.convert import ModuleFilter
+from falqon_dist.method.swap import ModuleFilter, swap_linears, target_module_names
 
 #: Dynamic quantizations per layer per forward + backward: x, A, B, h (forward), g, ∂L/∂h (backward).
 QUANTIZE_OPS_PER_STEP = 6
@@ -206,23 +205,15 @@ def convert_fp8_lora(
 ) -> list[str]:
     """Swap eligible linears of ``model`` in place for :class:`Fp8LoraLinear`; freeze everything else.
 
-    Eligible layers are FALQON's (:func:`~falqon_dist.baselines.targets.target_module_names`, or
+    Eligible layers are FALQON's (:func:`~falqon_dist.method.swap.target_module_names`, or
     ``module_filter_fn(module, fqn)``). ``alpha`` defaults to ``rank`` (scaling 1). Every ``A`` is
     drawn from one generator seeded with ``seed`` in module order, so every rank builds the same
     bytes. ``device`` moves each linear there just before it is converted (default: stay put).
     Afterwards ``lora_A`` / ``lora_B`` are the only trainable parameters. Returns the names.
     """
-    targets = target_module_names(model, module_filter_fn)
-    for param in model.parameters():
-        param.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
-    for name in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child_name)
-        if device is not None:  # built where it will run, one layer at a time
-            linear.to(device)
-        layer = Fp8LoraLinear.from_linear(linear, rank=rank, alpha=alpha, backend=backend, generator=generator)
-        setattr(parent, child_name, layer)
-        del linear
-    return targets
+
+    def build(name: str, linear: nn.Linear) -> nn.Module:
+        return Fp8LoraLinear.from_linear(linear, rank=rank, alpha=alpha, backend=backend, generator=generator)
+
+    return swap_linears(model, build, target_module_names(model, module_filter_fn), device=device)

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from falqon_dist.baselines.targets import target_module_names
+from falqon_dist.method.swap import target_module_names
 
 
 def check_lora_args(rank: int, dropout: float, caller: str) -> None:
@@ -51,7 +51,7 @@ def apply_lora(
 
     ``alpha`` defaults to ``rank`` (scaling α/r = 1, the same footing as FALQON, which has no
     scaling). ``target_modules`` are fully qualified module names; the default is
-    :func:`~falqon_dist.baselines.targets.target_module_names` (FALQON's layers). Afterwards only the
+    :func:`~falqon_dist.method.swap.target_module_names` (FALQON's layers). Afterwards only the
     adapter weights are trainable.
     """
     check_lora_args(rank, dropout, "apply_lora")

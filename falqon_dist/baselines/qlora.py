@@ -54,7 +54,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from falqon_dist.baselines.lora import apply_lora, check_lora_args
-from falqon_dist.baselines.targets import target_module_names
+from falqon_dist.method.swap import swap_linears, target_module_names
 
 #: What to run when bitsandbytes is missing (the ``qlora`` extra pins the tested minimum).
 INSTALL_HINT = "`pip install bitsandbytes` (or `pip install -e .[qlora]`)"
@@ -101,7 +101,7 @@ def apply_qlora(
     """Quantize the targeted linears of ``model`` to NF4 in place, add LoRA adapters, return the names.
 
     ``target_modules`` are fully qualified names of ``nn.Linear`` modules with floating-point
-    weights; the default is :func:`~falqon_dist.baselines.targets.target_module_names` (FALQON's
+    weights; the default is :func:`~falqon_dist.method.swap.target_module_names` (FALQON's
     layers). Each is replaced by a ``bitsandbytes.nn.Linear4bit`` (NF4, ``compress_statistics =
     double_quant``, ``uint8`` storage) quantized on ``device`` — default: where its weight is (CPU
     included); pass the GPU when the model was loaded on the CPU, which quantizes one layer at a time
@@ -136,17 +136,14 @@ def apply_qlora(
             raise ValueError(f"apply_qlora: target {name!r} is on the meta device; load its weights first")
     bnb = import_bitsandbytes()
 
-    for param in model.parameters():
-        param.requires_grad_(False)
     adapter_dtypes = {}
-    for name in names:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child_name)
+
+    def build(name: str, linear: nn.Linear) -> nn.Module:
         layer = _nf4_linear(bnb, linear, double_quant=double_quant, compute_dtype=compute_dtype, device=device)
-        setattr(parent, child_name, layer)
         adapter_dtypes[name] = layer.compute_dtype
-        del linear
+        return layer
+
+    swap_linears(model, build, names)  # _nf4_linear quantizes on `device` itself
     # transformers' own 4-bit loader sets this flag; peft reads it to wrap Linear4bit with its
     # bitsandbytes-aware LoRA layer, transformers to count 4-bit parameters in num_parameters().
     model.is_loaded_in_4bit = True

@@ -9,7 +9,7 @@ from falqon_dist.baselines.fp8_lora import convert_fp8_lora
 from falqon_dist.baselines.full import prepare_full_finetune
 from falqon_dist.baselines.lora import apply_lora
 from falqon_dist.baselines.qlora import apply_qlora
-from falqon_dist.baselines.targets import target_module_names
+from falqon_dist.method.swap import target_module_names
 from falqon_dist.method import FalqonConfig, convert_model
 
 #: Method names accepted by :func:`prepare_model`.

@@ -107,22 +107,29 @@ def evaluate_exact_match(
 
 
 @torch.no_grad()
-def mean_response_loss(model, dataset, collate_fn, *, batch_size: int = 64) -> float:
-    """Token-weighted mean cross-entropy over all target (non-masked) tokens of ``dataset``."""
+def response_loss_sums(model, dataset, collate_fn, indices: Sequence[int], *, batch_size: int = 64) -> torch.Tensor:
+    """``[sum of cross-entropy, number of target tokens]`` (float64, on the model's device) over the
+    target (non-masked) tokens of ``dataset[i] for i in indices``: sums, so shards add up exactly."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
     try:
-        for start in range(0, len(dataset), batch_size):
-            batch = collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        for start in range(0, len(indices), batch_size):
+            batch = collate_fn([dataset[i] for i in indices[start : start + batch_size]])
             labels = batch.pop("labels").to(device)
             logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
             shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-            total += float(
-                F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-            )
-            count += int((shift_labels != IGNORE_INDEX).sum())
+            totals[0] += F.cross_entropy(
+                shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+            ).double()
+            totals[1] += (shift_labels != IGNORE_INDEX).sum()
     finally:
         model.train(was_training)
-    return total / max(count, 1)
+    return totals
+
+
+def mean_response_loss(model, dataset, collate_fn, *, batch_size: int = 64) -> float:
+    """Token-weighted mean cross-entropy over all target (non-masked) tokens of ``dataset``."""
+    totals = response_loss_sums(model, dataset, collate_fn, range(len(dataset)), batch_size=batch_size)
+    return float(totals[0] / totals[1].clamp(min=1))

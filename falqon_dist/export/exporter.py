@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from falqon_dist.distributed.zero_facts import is_partitioned
 from falqon_dist.export.format import SCALE_SUFFIX, WEIGHT_SUFFIX, quantization_config
 from falqon_dist.export.staging import StagedDirectory, check_destination
 from falqon_dist.export.writer import ShardWriter, parse_size
@@ -32,18 +33,13 @@ logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- ranks
-def _is_partitioned(param: torch.Tensor) -> bool:
-    """Whether ``param`` is a ZeRO-3 partitioned parameter (its data lives in shards across ranks)."""
-    return hasattr(param, "ds_id")
-
-
 def gathered(params: list[nn.Parameter], *, modify: bool = False) -> AbstractContextManager:
     """Context in which ``params`` hold their full data (a no-op unless they are ZeRO-3 partitioned).
 
     ``modify=True`` keeps rank 0's in-place changes (DeepSpeed re-partitions them to every rank);
     otherwise changes made inside are discarded on exit.
     """
-    partitioned = [p for p in params if _is_partitioned(p)]
+    partitioned = [p for p in params if is_partitioned(p)]
     if not partitioned:
         return nullcontext()
     import deepspeed  # needed only for ZeRO-3 models

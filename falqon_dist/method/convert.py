@@ -11,19 +11,11 @@ from torch import nn
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.linear import FalqonLinear
 from falqon_dist.method.proxy import MergeStats
+from falqon_dist.method.swap import ModuleFilter, default_filter, swap_linears, target_module_names
 
-ModuleFilter = Callable[[nn.Module, str], bool]
 LayerBuilder = Callable[[nn.Linear, FalqonConfig], nn.Module]
 
-
-def default_filter(module: nn.Module, fqn: str) -> bool:
-    """Convert every ``nn.Linear`` except the LM head whose dimensions are both multiples of 16."""
-    return (
-        isinstance(module, nn.Linear)
-        and fqn.split(".")[-1] != "lm_head"
-        and module.in_features % 16 == 0
-        and module.out_features % 16 == 0
-    )
+__all__ = ["LayerBuilder", "ModuleFilter", "convert_model", "default_filter", "falqon_layers", "merge_proxies_"]
 
 
 def convert_model(
@@ -46,25 +38,16 @@ def convert_model(
     conversion the proxies ``B`` are the model's only trainable parameters. Returns the converted
     module names.
     """
-    accept = module_filter_fn or default_filter
-    targets = [
-        name for name, module in model.named_modules() if isinstance(module, nn.Linear) and accept(module, name)
-    ]
+    targets = target_module_names(model, module_filter_fn)
     for name in targets:  # check every layer before changing anything: no half-converted model
         _check_compatible(name, model.get_submodule(name), config)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for index, name in enumerate(targets):
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child_name)
-        if device is not None:
-            linear.to(device)
+    index = {name: i for i, name in enumerate(targets)}
+
+    def build(name: str, linear: nn.Linear) -> nn.Module:
         # a distinct, reproducible seed per layer: random inits must not repeat across layers
-        layer_config = dataclasses.replace(config, seed=config.seed + index)
-        setattr(parent, child_name, layer_builder(linear, layer_config))
-        del linear
-    return targets
+        return layer_builder(linear, dataclasses.replace(config, seed=config.seed + index[name]))
+
+    return swap_linears(model, build, targets, device=device)
 
 
 def _check_compatible(name: str, linear: nn.Linear, config: FalqonConfig) -> None:

@@ -1,6 +1,6 @@
 """The training loop, evaluation, checkpoint/resume, metrics and W&B logging.
 
-Knows nothing of FP8: the DeepSpeed engine from :mod:`falqon_dist.dist` applies FALQON's merges.
+Knows nothing of FP8: the DeepSpeed engine from :mod:`falqon_dist.distributed` applies FALQON's merges.
 """
 
 from falqon_dist.train.settings import ConfigError, RunSettings, validate

@@ -6,10 +6,10 @@
 * All ranks must write into ONE run directory: rank 0 picks ``runs/<timestamp>`` (unless ``run.dir``
   is given) and broadcasts it before Hydra composes the config.
 * DeepSpeed's CPU communication op leaves a shared-memory segment per rank in /dev/shm forever; each
-  rank unlinks its own once all have mapped them (:mod:`falqon_dist.dist.shm_segments`).
+  rank unlinks its own once all have mapped them (:mod:`falqon_dist.distributed.shm_segments`).
 * Nothing here waits silently or without bound (``dist.timeout_s``, read from the command line
   before Hydra runs): stale torch-extension build locks are cleared before DeepSpeed loads its ops
-  (:mod:`falqon_dist.dist.build_locks`), and the rendezvous names the ranks that have not joined
+  (:mod:`falqon_dist.distributed.build_locks`), and the rendezvous names the ranks that have not joined
   while it waits and when it gives up.
 """
 
@@ -23,10 +23,10 @@ import torch
 import torch.distributed as tdist
 from omegaconf import OmegaConf
 
-from falqon_dist.dist.build_locks import clear_stale_build_locks
-from falqon_dist.dist.rendezvous import rendezvous
-from falqon_dist.dist.shm_segments import release_own_segment, sweep_stale_segments
-from falqon_dist.dist.waits import announced, barrier
+from falqon_dist.distributed.build_locks import clear_stale_build_locks
+from falqon_dist.distributed.rendezvous import rendezvous
+from falqon_dist.distributed.shm_segments import release_own_segment, sweep_stale_segments
+from falqon_dist.distributed.waits import announced, barrier
 
 #: The shipped default of ``dist.timeout_s`` (conf/config.yaml owns it).
 CONFIG_YAML = os.path.join(os.path.dirname(__file__), "..", "..", "conf", "config.yaml")
@@ -77,7 +77,7 @@ def init_process_group(timeout_s: float) -> None:
     as torch's ``env://`` builds it, plus a join key per rank) lets every rank say which ranks it is
     still waiting for; stale build locks are cleared before DeepSpeed JIT-loads its ops. DeepSpeed's
     CPU shared-memory segments are unlinked as soon as every rank has mapped them, so no run leaves
-    RAM behind in /dev/shm (:mod:`falqon_dist.dist.shm_segments`).
+    RAM behind in /dev/shm (:mod:`falqon_dist.distributed.shm_segments`).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from falqon_dist.dist.waits import say
+from falqon_dist.distributed.waits import say
 from falqon_dist.train.settings import TrainSettings
 
 log = logging.getLogger("falqon_dist")

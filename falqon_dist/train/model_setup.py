@@ -1,7 +1,7 @@
 """Building the model a run trains: base weights, tokenizer, and the fine-tuning method applied.
 
 FALQON under ZeRO-3 is loaded partitioned from the start and converted layer by layer
-(:mod:`falqon_dist.dist.zero3_init`); every other combination loads the model on each rank and lets
+(:mod:`falqon_dist.distributed.zero3_init`); every other combination loads the model on each rank and lets
 ``deepspeed.initialize`` partition it.
 """
 
@@ -15,8 +15,8 @@ import torch.distributed as tdist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from falqon_dist.baselines import prepare_model
-from falqon_dist.dist.waits import barrier
-from falqon_dist.dist.zero3_init import load_pretrained_zero3
+from falqon_dist.distributed.waits import barrier
+from falqon_dist.distributed.zero3_init import load_pretrained_zero3
 from falqon_dist.fp8.cast import set_cast_kernels
 from falqon_dist.method import FalqonConfig, convert_model
 from falqon_dist.train.settings import RunSettings

@@ -39,7 +39,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from falqon_dist.dist import checkpoint
+from falqon_dist.distributed import checkpoint
 from falqon_dist.fp8 import check_backend
 from falqon_dist.method import FalqonLinear, convert_model, falqon_layers
 from falqon_dist.train.bootstrap import strip_local_rank
@@ -92,15 +92,13 @@ def load_run_config(run_dir: str | Path) -> tuple[DictConfig, RunSettings]:
 def validate_saved_config(cfg: DictConfig | dict, where: str) -> RunSettings:
     """Validate a config saved by a training run, for work after training (restore, export, eval).
 
-    What training needed but this work does not is neutralized first, so a run stays usable on
-    another machine: the user's DeepSpeed JSON (the stage is in the config and checked against the
-    checkpoint files), ``export.enabled`` (the method check names that problem itself), and
-    ``fp8.backend=te`` where Transformer Engine cannot run (the FP8 bytes do not depend on the
-    backend; eval then runs on the one ``auto`` picks). Raises :class:`RestoreError` naming ``where``.
+    Only coherence is checked (:func:`validate`; the training data, the DeepSpeed JSON and the
+    training libraries need not exist here: that is :func:`preflight`'s job). ``export.enabled`` is
+    switched off (the method check names that problem itself), and ``fp8.backend=te`` becomes
+    ``auto`` where Transformer Engine cannot run (the FP8 bytes do not depend on the backend; eval
+    runs on the one ``auto`` picks). Raises :class:`RestoreError` naming ``where``.
     """
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    if OmegaConf.select(cfg, "deepspeed.config") is not None:
-        cfg.deepspeed.config = None
     if OmegaConf.select(cfg, "export.enabled"):
         cfg.export.enabled = False
     if OmegaConf.select(cfg, "fp8.backend") == "te":

@@ -22,12 +22,12 @@ import torch.distributed as tdist
 from omegaconf import DictConfig, OmegaConf
 
 from falqon_dist.data import build_data
-from falqon_dist.dist import checkpoint, initialize
-from falqon_dist.dist.waits import announced, barrier
+from falqon_dist.distributed import checkpoint, initialize
+from falqon_dist.distributed.waits import announced, barrier
 from falqon_dist.method.proxy import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
-from falqon_dist.train.ds_config import build_ds_config
-from falqon_dist.train.evaluate import exact_match, response_loss
+from falqon_dist.train.preflight import preflight
+from falqon_dist.train.evaluate import greedy_exact_match, response_loss
 from falqon_dist.train.logging_utils import MetricsWriter, progress_bar, setup_logging
 from falqon_dist.train.model_setup import build_model, load_tokenizer, parameter_facts, resolve_model_path
 from falqon_dist.train.guards import DivergedError, Preempted, Preemption, StepWatch
@@ -97,6 +97,7 @@ class Trainer:
         self.settings = validate(cfg)  # fail before any work starts
         self.rank = tdist.get_rank() if tdist.is_initialized() else 0
         self.world = tdist.get_world_size() if tdist.is_initialized() else 1
+        self.ds_config = preflight(self.settings, self.world)  # files, libraries, the user's DeepSpeed JSON
         self.is_main = self.rank == 0
         self.run_dir = self.settings.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -145,12 +146,12 @@ class Trainer:
         torch.manual_seed(s.seed)
         log.info("run dir %s | %d rank(s) | method=%s | ZeRO-%d | %s", self.run_dir, self.world, s.method.name,
                  s.deepspeed.zero_stage, s.model.dtype)
-        model_path = resolve_model_path(s)
+        model_path = self.model_path = resolve_model_path(s)
         self.tokenizer = load_tokenizer(model_path)
         self.data = build_data(s.data, self.tokenizer)
         log.info("data=%s: %d train rows, %d eval rows (%d train examples dropped: too long)", s.data.name,
                  len(self.data.train), len(self.data.eval), self.data.train_stats.dropped)
-        ds_config = build_ds_config(s, self.world)
+        ds_config = self.ds_config
         model = build_model(model_path, s, ds_config)
         self.model_facts = parameter_facts(model)
         with announced("every rank's DeepSpeed engine set-up (its first collectives)"):
@@ -190,7 +191,7 @@ class Trainer:
                 module, self.data.eval, self.data.collate_fn, s.train.eval_samples, s.train.micro_batch_size
             )
         if s.train.eval_generate_samples and s.data.name == "synthetic":
-            out["eval_exact_match"] = exact_match(
+            out["eval_exact_match"] = greedy_exact_match(
                 module, self.tokenizer, self.data.eval_records, s.train.eval_generate_samples, batch_size=64
             )
         return out
@@ -288,9 +289,14 @@ class Trainer:
         if not self.settings.export:
             return None
         from falqon_dist.export import export_fp8
+        from falqon_dist.export.run_info import write_run_info
 
         out = self.run_dir / "export"
         export_fp8(self.engine.module, out, tokenizer=self.tokenizer, overwrite=True)
+        if self.is_main:  # where it came from, for launch/eval.py wherever the export is copied
+            step = self.settings.train.max_steps
+            write_run_info(out, run_dir=self.run_dir, tag=checkpoint.tag_for(step), step=step,
+                           base_model=self.model_path, config=self.resolved_config)  # fmt: skip
         log.info("exported FP8 model to %s", out)
         return out
 

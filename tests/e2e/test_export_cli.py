@@ -112,6 +112,9 @@ def test_training_with_export_enabled_leaves_a_loadable_export(run_dir):
     export = run_dir / "export"
     config = json.loads((export / "config.json").read_text())
     assert config["quantization_config"]["format"] == "float-quantized"
+    info = json.loads((export / "falqon_run.json").read_text())  # as launch/export.py writes it
+    assert (info["tag"], info["step"], info["run_dir"]) == (f"step_{STEPS:08d}", STEPS, str(run_dir))
+    assert info["config"]["train"]["max_steps"] == STEPS
     tokens = torch.tensor([[1, 5, 9, 13, 17, 21]])
     for kwargs in ({}, {"dequantize": True}):  # compressed-tensors W8A8 forward, and float weights
         model = load_export(export, **kwargs)
@@ -192,11 +195,20 @@ def test_exported_logits_match_the_dequantized_checkpoint(run_dir, cli_export):
 
 
 def test_cli_export_of_a_replicated_zero2_checkpoint(tmp_path):
-    """ZeRO-0/1/2 checkpoints hold the whole module in mp_rank_00_model_states.pt: same export."""
-    run = tmp_path / "run"
-    launch("python", [*QUICK, "train.max_steps=2", "train.eval_samples=0", "train.eval_generate_samples=0",
+    """ZeRO-0/1/2 checkpoints hold the whole module in mp_rank_00_model_states.pt: same export. The
+    run trained on a JSONL file with a DeepSpeed JSON; both are gone when it is exported (export
+    reads neither: it used to fail with ``data.path=...: no such file``)."""
+    run, data, ds_json = tmp_path / "run", tmp_path / "train.jsonl", tmp_path / "ds.json"
+    data.write_text("".join(json.dumps({"prompt": f"add {i} and {i + 1}", "response": str(2 * i + 1)}) + "\n"
+                            for i in range(96)))  # fmt: skip
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False}}))
+    quick = [arg for arg in QUICK if not arg.startswith("data.")]  # the synthetic task's sizes
+    launch("python", [*quick, "train.max_steps=2", "train.eval_samples=0", "train.eval_generate_samples=0",
+                      "data=jsonl", f"data.path={data}", f"deepspeed.config={ds_json}",
                       "deepspeed.zero_stage=2", "export.enabled=true", f"run.dir={run}"])  # fmt: skip
     assert (run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt").is_file()
+    data.unlink()
+    ds_json.unlink()
     run_cli(EXPORT, [f"run.dir={run}", "tag=2", f"out={tmp_path / 'cli'}"])
     want, got = read_tensors(run / "export"), read_tensors(tmp_path / "cli")
     assert want.keys() == got.keys()

@@ -9,15 +9,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from falqon_dist.train.run_dir import RunDirLock
 from tests import processes
-from tests.dist.launcher import free_port
+from tests.distributed.launcher import free_port
 from tests.e2e.conftest import MODEL_CACHE, QUICK, REPO, TRAIN, VENV_BIN, launch, read_metrics
 
 SOLO = [*QUICK, "deepspeed.zero_stage=0"]
@@ -38,12 +38,22 @@ def _nan_codes(ckpt_dir: Path) -> int:
     return total
 
 
-def test_an_infinite_learning_rate_is_refused_once_before_any_work(tmp_path):
+@pytest.mark.parametrize("bad", ["lr", "deepspeed-json"])
+def test_a_bad_value_is_refused_once_before_any_work(bad, tmp_path):
+    """An infinite rate, or a DeepSpeed JSON with fp16 (DeepSpeed used to assert after the model load)."""
     run = tmp_path / "run"
-    proc = launch("deepspeed", [*QUICK, "train.lr=inf", f"run.dir={run}"], check=False, timeout=300)
+    if bad == "lr":
+        override, message = "train.lr=inf", "train.lr must be a finite number"
+    else:
+        ds_json = tmp_path / "ds.json"
+        ds_json.write_text('{"fp16": {"enabled": true}}')
+        override = f"deepspeed.config={ds_json}"
+        message = f"deepspeed.config='{ds_json}': fp16.enabled=true is not supported"
+    proc = launch("deepspeed", [*QUICK, override, f"run.dir={run}"], check=False, timeout=300)
     assert proc.returncode != 0
     errors = _errors(proc)
-    assert len(errors) == 1 and "train.lr must be a finite number" in errors[0], errors  # rank 0 only
+    assert len(errors) == 1 and message in errors[0], errors  # rank 0 only
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert not run.exists()  # refused before anything was written
 
 

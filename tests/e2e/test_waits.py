@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tests import processes
-from tests.dist.launcher import free_port
+from tests.distributed.launcher import free_port
 from tests.e2e.conftest import MODEL_CACHE, QUICK, REPO, TRAIN, VENV_BIN, launch
 
 SHM_OP = "deepspeed_shm_comm"
@@ -17,7 +16,7 @@ SHM_OP = "deepspeed_shm_comm"
 
 def _built_shm_op() -> Path | None:
     """This machine's build of DeepSpeed's CPU communication op, if any (copied to spare a rebuild)."""
-    from falqon_dist.dist.build_locks import extensions_root
+    from falqon_dist.distributed.build_locks import extensions_root
 
     directory = extensions_root() / SHM_OP
     return directory if (directory / f"{SHM_OP}.so").exists() else None

@@ -10,6 +10,7 @@ import falqon_dist as fd
 from omegaconf import open_dict
 from hydra import compose, initialize_config_dir
 
+from falqon_dist.train.preflight import preflight
 from falqon_dist.train.settings import ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -19,6 +20,13 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=["run.dir=/tmp/falqon-test-run", *overrides])
+
+
+def check_for_training(overrides: list[str]):
+    """What the trainer does first: the coherence checks, then the machine and file checks."""
+    settings = validate(compose_cfg(overrides))
+    preflight(settings, world_size=2)
+    return settings
 
 
 def test_default_composes_and_validates():
@@ -82,12 +90,22 @@ def test_every_shipped_config_composes(group, option, tmp_path):
 )
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose_cfg([override]))
+        check_for_training([override])
+
+
+@pytest.mark.parametrize("override", ["deepspeed.config=/no/such/ds.json", "model.name_or_path=./no/such/model",
+                                      "data.path=/no/such/file.jsonl"])  # fmt: skip
+def test_missing_files_are_preflights_job_not_the_configs(override):
+    """A finished run's config.yaml must validate where its training files are gone (export, eval)."""
+    overrides = [override] + (["data=jsonl"] if override.startswith("data.") else [])
+    settings = validate(compose_cfg(overrides))
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        preflight(settings, world_size=2)
 
 
 def test_jsonl_needs_an_existing_path():
     with pytest.raises(ConfigError, match=r"data\.path"):
-        validate(compose_cfg(["data=jsonl", "data.path=/no/such/file.jsonl"]))
+        check_for_training(["data=jsonl", "data.path=/no/such/file.jsonl"])
     with pytest.raises(ConfigError, match=r"data\.path"):
         validate(compose_cfg(["data=jsonl"]))
 
@@ -123,7 +141,7 @@ def test_qlora_without_bitsandbytes_names_the_install_command(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
     with pytest.raises(ConfigError, match=r"method=qlora needs bitsandbytes.*pip install -e \.\[qlora\]"):
-        validate(compose_cfg(["method=qlora", "deepspeed.zero_stage=2"]))
+        check_for_training(["method=qlora", "deepspeed.zero_stage=2"])
 
 
 @pytest.mark.parametrize("method", ["lora", "fp8_lora", "full", "qlora"])
@@ -214,16 +232,16 @@ def test_stochastic_merge_rounding_reaches_the_layers():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA refusal")
 def test_te_backend_is_refused_before_work_where_it_cannot_run():
     with pytest.raises(ConfigError, match=r"fp8\.backend='te' needs NVIDIA Transformer Engine.*scaled_mm"):
-        validate(compose_cfg(["fp8.backend=te"]))
+        check_for_training(["fp8.backend=te"])
     with pytest.raises(ConfigError, match=r"fp8\.backend='te'"):
-        validate(compose_cfg(["fp8.backend=te", "method=fp8_lora"]))
-    validate(compose_cfg(["fp8.backend=te", "method=lora"]))  # no FP8 GEMMs: the backend is not used
+        check_for_training(["fp8.backend=te", "method=fp8_lora"])
+    check_for_training(["fp8.backend=te", "method=lora"])  # no FP8 GEMMs: the backend is not used
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA fallback")
 def test_a_run_trained_with_te_restores_anywhere(tmp_path):
     """Export / eval of a te-trained run on a machine without TE: the bytes do not depend on the backend."""
-    from omegaconf import open_dict, OmegaConf
+    from omegaconf import OmegaConf
 
     from falqon_dist.train.restore import load_run_config
 
@@ -244,3 +262,42 @@ def test_configs_saved_before_a_key_existed_still_restore(tmp_path):
     OmegaConf.save(OmegaConf.create(cfg), tmp_path / "config.yaml")
     _, settings = load_run_config(tmp_path)
     assert settings.fp8.cache_weight_transpose is False and settings.method.init == "svd"
+
+
+# ------------------------------------------------------------------------- the user's DeepSpeed JSON
+@pytest.mark.parametrize(
+    "user, message",
+    [
+        ({"fp16": {"enabled": True}}, "fp16.enabled=true is not supported"),
+        ({"zero_optimization": {"stage": 2}}, "sets zero_optimization.stage=2 but deepspeed.zero_stage=3"),
+        ({"bf16": {"enabled": False}}, "sets bf16.enabled=false but model.dtype='bf16'"),
+        ({"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}, "zero_quantized_weights=true"),
+        ([1, 2], "must hold a JSON object"),
+    ],
+)
+def test_a_deepspeed_json_that_contradicts_the_run_names_file_and_key(user, message, tmp_path):
+    import json
+
+    from falqon_dist.train.ds_config import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    settings = validate(compose_cfg([f"deepspeed.config={path}"]))
+    with pytest.raises(ConfigError, match=rf"deepspeed\.config='{path}'") as err:
+        build_ds_config(settings, world_size=2)
+    assert message in str(err.value)
+
+
+def test_a_coherent_deepspeed_json_is_the_base_of_the_run(tmp_path):
+    import json
+
+    from falqon_dist.train.ds_config import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "bf16": {"enabled": True},
+                                "optimizer": {"type": "AdamW", "params": {"betas": [0.9, 0.95]}}}))
+    settings = validate(compose_cfg([f"deepspeed.config={path}", "train.micro_batch_size=4"]))
+    config = build_ds_config(settings, world_size=2)
+    assert config["zero_optimization"]["overlap_comm"] is True and config["zero_optimization"]["stage"] == 3
+    assert config["optimizer"]["params"] == {"betas": [0.9, 0.95], "lr": settings.train.lr, "weight_decay": 0.0}
+    assert config["train_batch_size"] == 4 * settings.train.grad_accum * 2

@@ -1,6 +1,6 @@
 """The DeepSpeed internals falqon_dist relies on are still there (pyproject pins the tested range).
 
-``falqon_dist.dist`` re-classes the engine and finds B's fp32 master copy through names DeepSpeed
+``falqon_dist.distributed`` re-classes the engine and finds B's fp32 master copy through names DeepSpeed
 does not document: ``DeepSpeedEngine.global_steps`` (the merge runs when it advances), the stage-0
 ``FP16_Optimizer.fp32_groups_flat`` / ``FP16_UnfusedOptimizer.fp32_groups``, ZeRO-1/2's
 ``_hp_mapping`` fragments and ZeRO-3's ``ds_tensor`` / ``ds_numel`` / ``ds_process_group`` /

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from falqon_dist.dist import DeepSpeedConfigError, prepare_ds_config
+from falqon_dist.distributed import DeepSpeedConfigError, prepare_ds_config
 
 
 def test_fills_optimizer_and_keeps_user_values():

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from falqon_dist.dist import shm_segments
+from falqon_dist.distributed import shm_segments
 
 
 @pytest.fixture

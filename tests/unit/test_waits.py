@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from falqon_dist.dist import build_locks
-from falqon_dist.dist.build_locks import StaleLockError, clear_stale_build_locks, extensions_root, lock_holders
-from falqon_dist.dist.rendezvous import RendezvousError, rendezvous
-from falqon_dist.dist.waits import announced
-from tests.dist.launcher import free_port
+from falqon_dist.distributed import build_locks
+from falqon_dist.distributed.build_locks import StaleLockError, clear_stale_build_locks, extensions_root, lock_holders
+from falqon_dist.distributed.rendezvous import RendezvousError, rendezvous
+from falqon_dist.distributed.waits import announced
+from tests.distributed.launcher import free_port
 
 
 def test_a_long_wait_is_announced_and_a_short_one_is_not():
@@ -96,7 +96,7 @@ def test_only_the_remover_removes(tmp_path, monkeypatch):
 def _spawn_rank(rank: int, world: int, port: int, timeout_s: float) -> subprocess.Popen:
     code = (
         "import datetime, os, sys; import torch.distributed as tdist\n"
-        "from falqon_dist.dist.rendezvous import rendezvous, RendezvousError\n"
+        "from falqon_dist.distributed.rendezvous import rendezvous, RendezvousError\n"
         f"os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='{port}')\n"
         f"try:\n    store = rendezvous({rank}, {world}, {timeout_s})\n"
         "except RendezvousError as e:\n    print('ERROR', e); sys.exit(3)\n"

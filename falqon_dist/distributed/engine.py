@@ -17,9 +17,9 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
 
-from falqon_dist.dist.config import prepare_ds_config
-from falqon_dist.dist.merge import merge_all
-from falqon_dist.dist.proxies import ProxyMasters
+from falqon_dist.distributed.config import prepare_ds_config
+from falqon_dist.distributed.merge import merge_all
+from falqon_dist.distributed.proxies import ProxyMasters
 from falqon_dist.method import falqon_layers
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as tdist
 
 import falqon_dist as fd
-from falqon_dist.dist import initialize
+from falqon_dist.distributed import initialize
 from falqon_dist.method.proxy import select_rows
 from tests.models import tiny_llama  # seeded: identical weights on every rank
 
@@ -147,7 +147,7 @@ def check_merge_bytes(
         else:
             masters = engine._proxy_masters
             masters._unfused.get(id(layer.B), layer.B).data.copy_(proxy)
-    from falqon_dist.dist.merge import merge_all
+    from falqon_dist.distributed.merge import merge_all
 
     before = [full.clone() for full in full_qweights(engine.module)]
     stats = merge_all(engine.module, engine._proxy_masters, step).to_dict()

@@ -26,10 +26,10 @@ import torch.distributed as tdist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 import falqon_dist as fd
-from falqon_dist.dist import initialize
+from falqon_dist.distributed import initialize
 from falqon_dist.export import export_fp8
 from falqon_dist.export import exporter
-from tests.dist.worker_zero import RANK_CFG, batch, ds_config, tiny_llama
+from tests.distributed.worker_zero import RANK_CFG, batch, ds_config, tiny_llama
 
 
 def say(name: str) -> None:

@@ -16,9 +16,9 @@ import torch.distributed as tdist
 from transformers import AutoModelForCausalLM
 
 import falqon_dist as fd
-from falqon_dist.dist import initialize
-from falqon_dist.dist.zero3_init import load_pretrained_zero3
-from tests.dist.worker_zero import batch, ds_config, full_qweights, say, tiny_llama
+from falqon_dist.distributed import initialize
+from falqon_dist.distributed.zero3_init import load_pretrained_zero3
+from tests.distributed.worker_zero import batch, ds_config, full_qweights, say, tiny_llama
 
 CFG = fd.FalqonConfig(rank=8, backend="emulated")
 

@@ -4,7 +4,7 @@
 consistently on every rank (sharded under ZeRO-3). The method package never imports this one.
 """
 
-from falqon_dist.dist.config import DeepSpeedConfigError, prepare_ds_config
-from falqon_dist.dist.engine import FalqonEngine, initialize
+from falqon_dist.distributed.config import DeepSpeedConfigError, prepare_ds_config
+from falqon_dist.distributed.engine import FalqonEngine, initialize
 
 __all__ = ["DeepSpeedConfigError", "FalqonEngine", "initialize", "prepare_ds_config"]

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as tdist
 
 import falqon_dist as fd
-from falqon_dist.dist import checkpoint, initialize
-from tests.dist.worker_zero import batch, digest, ds_config, full_qweights, say, tiny_llama
+from falqon_dist.distributed import checkpoint, initialize
+from tests.distributed.worker_zero import batch, digest, ds_config, full_qweights, say, tiny_llama
 
 
 def build(stage: int, init: str):

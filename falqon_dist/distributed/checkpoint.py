@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from falqon_dist.dist.waits import barrier
+from falqon_dist.distributed.waits import barrier
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")

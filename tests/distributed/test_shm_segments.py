@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.launcher import run_ranks
+from tests.distributed.launcher import run_ranks
 
 HERE = Path(__file__).parent
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from falqon_dist.dist.waits import announced, say
+from falqon_dist.distributed.waits import announced, say
 
 
 class StaleLockError(RuntimeError):

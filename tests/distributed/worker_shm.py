@@ -14,7 +14,7 @@ import deepspeed.comm as dscomm
 import torch
 import torch.distributed as tdist
 
-from falqon_dist.dist.shm_segments import own_segment
+from falqon_dist.distributed.shm_segments import own_segment
 from falqon_dist.train.bootstrap import init_process_group
 
 if __name__ == "__main__":

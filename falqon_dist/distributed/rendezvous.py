@@ -16,7 +16,7 @@ import time
 
 import torch.distributed as tdist
 
-from falqon_dist.dist.waits import NOTICE_EVERY_S, announced
+from falqon_dist.distributed.waits import NOTICE_EVERY_S, announced
 
 
 class RendezvousError(RuntimeError):

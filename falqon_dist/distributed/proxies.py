@@ -33,6 +33,8 @@ from deepspeed.utils import (
     safe_set_local_fp32_param,
 )
 
+from falqon_dist.distributed.zero_facts import full_shape, is_partitioned
+
 
 class ProxyMasters:
     """Locates the fp32 master of each B for one DeepSpeed optimizer."""
@@ -53,9 +55,8 @@ class ProxyMasters:
 
     def read_full(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The full B at full precision, identical on every rank (a collective under ZeRO-1/2/3)."""
-        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
-            full = safe_get_full_fp32_param(param)
-            return full.reshape(param.ds_shape if hasattr(param, "ds_id") else param.shape).float()
+        if is_partitioned(param) or hasattr(param, "_hp_mapping"):
+            return safe_get_full_fp32_param(param).reshape(full_shape(param)).float()
         if id(param) in self._unfused:
             return self._unfused[id(param)].detach().float()
         return param.detach().float()
@@ -66,7 +67,7 @@ class ProxyMasters:
 
         Every rank passes the same ``full``; under ZeRO-3 each writes only its own partition.
         """
-        if hasattr(param, "ds_id"):
+        if is_partitioned(param):
             flat = full.detach().reshape(-1).float()
             local = safe_get_local_fp32_param(param)
             count = local.numel()
@@ -85,5 +86,4 @@ class ProxyMasters:
 
     def zero_(self, param: torch.nn.Parameter) -> None:
         """Zero B's master copy, the parameter, and its ZeRO-3 partition."""
-        shape = param.ds_shape if hasattr(param, "ds_id") else param.shape
-        self.write_(param, torch.zeros(shape, dtype=torch.float32, device=param.device))
+        self.write_(param, torch.zeros(full_shape(param), dtype=torch.float32, device=param.device))

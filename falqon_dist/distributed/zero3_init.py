@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from falqon_dist.method import FalqonConfig, FalqonLinear, convert_model
+from falqon_dist.distributed.zero_facts import has_partitions
 from falqon_dist.method.convert import LayerBuilder, ModuleFilter
 
 
@@ -54,7 +55,7 @@ def zero3_layer_builder(ds_config: dict[str, Any]) -> LayerBuilder:
 
 def is_zero3_partitioned(model: nn.Module) -> bool:
     """True when the model's parameters are ZeRO-3 partitioned (built under ``zero.Init``)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
+    return has_partitions(model)
 
 
 def load_pretrained_zero3(

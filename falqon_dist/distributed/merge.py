@@ -21,7 +21,8 @@ from torch import nn
 from falqon_dist.fp8 import E4M3
 from falqon_dist.method import falqon_layers
 from falqon_dist.method.proxy import MergeStats, RowMerge, apply_rows_to_slice_, select_rows
-from falqon_dist.dist.proxies import ProxyMasters
+from falqon_dist.distributed.proxies import ProxyMasters
+from falqon_dist.distributed.zero_facts import is_partitioned
 
 
 def _gather_rows(qweight: nn.Parameter, rows: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -72,7 +73,7 @@ def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeSt
     for _, layer in falqon_layers(model):
         proxy = masters.read_full(layer.B)
         rows = select_rows(proxy, layer.rows_per_merge)
-        if hasattr(layer.qweight, "ds_id"):
+        if is_partitioned(layer.qweight):
             merge = _merge_partitioned(layer, proxy, rows, step)
             partitioned.add_(merge.stats)
             group = layer.qweight.ds_process_group

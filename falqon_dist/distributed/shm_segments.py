@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from falqon_dist.dist.waits import say
+from falqon_dist.distributed.waits import say
 
 SHM_DIR = Path("/dev/shm")
 #: DeepSpeed's name for the segments (``SHM_BUFFER_NAME`` in its ``csrc/cpu/comm/shm.cpp``).

@@ -1,0 +1,59 @@
+"""The one module-swap primitive: replace chosen ``nn.Linear`` layers of a model, one at a time.
+
+Every method that adapts a model in place (FALQON's :func:`~falqon_dist.method.convert_model`, the
+FP8-LoRA and QLoRA baselines) goes through :func:`swap_linears`, so they all adapt the same layers
+(:func:`default_filter` unless told otherwise), freeze the same way, and never hold more than one
+extra layer in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+
+def default_filter(module: nn.Module, fqn: str) -> bool:
+    """Every ``nn.Linear`` except the LM head whose dimensions are both multiples of 16."""
+    return (
+        isinstance(module, nn.Linear)
+        and fqn.split(".")[-1] != "lm_head"
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def target_module_names(model: nn.Module, module_filter_fn: ModuleFilter | None = None) -> list[str]:
+    """Fully qualified names of the ``nn.Linear`` modules ``module_filter_fn(module, fqn)`` accepts
+    (default :func:`default_filter`), in module order."""
+    accept = module_filter_fn or default_filter
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and accept(module, name)]
+
+
+def swap_linears(
+    model: nn.Module,
+    build: Callable[[str, nn.Linear], nn.Module],
+    names: Sequence[str],
+    *,
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """Freeze every parameter of ``model``, then replace each linear in ``names`` by
+    ``build(name, linear)``, in order, releasing each original as soon as its replacement is in
+    place. ``device`` moves each original there just before ``build`` sees it (so an SVD or a
+    quantization runs on the GPU one layer at a time while the model waits on the CPU). The caller
+    checks ``names`` first, so a bad target leaves the model untouched. Returns ``names``.
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child_name)
+        if device is not None:
+            linear.to(device)
+        setattr(parent, child_name, build(name, linear))
+        del linear
+    return list(names)
