@@ -15,7 +15,8 @@ from falqon_dist.method.swap import ModuleFilter, default_filter, swap_linears, 
 
 LayerBuilder = Callable[[nn.Linear, FalqonConfig], nn.Module]
 
-__all__ = ["LayerBuilder", "ModuleFilter", "convert_model", "default_filter", "falqon_layers", "merge_proxies_"]
+__all__ = ["LayerBuilder", "ModuleFilter", "check_convertible", "convert_model", "default_filter", "falqon_layers",
+           "merge_proxies_"]
 
 
 def convert_model(
@@ -38,9 +39,7 @@ def convert_model(
     conversion the proxies ``B`` are the model's only trainable parameters. Returns the converted
     module names.
     """
-    targets = target_module_names(model, module_filter_fn)
-    for name in targets:  # check every layer before changing anything: no half-converted model
-        _check_compatible(name, model.get_submodule(name), config)
+    targets = check_convertible(model, config, module_filter_fn=module_filter_fn)  # no half-converted model
     index = {name: i for i, name in enumerate(targets)}
 
     def build(name: str, linear: nn.Linear) -> nn.Module:
@@ -48,6 +47,16 @@ def convert_model(
         return layer_builder(linear, dataclasses.replace(config, seed=config.seed + index[name]))
 
     return swap_linears(model, build, targets, device=device)
+
+
+def check_convertible(model: nn.Module, config: FalqonConfig, *, module_filter_fn: ModuleFilter | None = None) -> list[str]:
+    """The names :func:`convert_model` would convert; ``ValueError`` naming the first layer that
+    ``config`` does not fit (rank or topk too large). Reads only shapes: works on a model built on
+    the meta device, so a run can be checked before any weight is loaded."""
+    targets = target_module_names(model, module_filter_fn)
+    for name in targets:
+        _check_compatible(name, model.get_submodule(name), config)
+    return targets
 
 
 def _check_compatible(name: str, linear: nn.Linear, config: FalqonConfig) -> None:

@@ -5,7 +5,10 @@ values go together), which holds wherever the run's ``config.yaml`` is read agai
 of a finished run need no training data, no DeepSpeed JSON, no bitsandbytes. :func:`preflight`
 checks the rest, for training only, before the data or the model is loaded:
 
-* the files: ``model.name_or_path`` (a local directory), ``data.path`` (a local file or directory),
+* the model: ``model.name_or_path`` (a local directory with a ``config.json``) and, for FALQON,
+  ``method.rank`` / ``method.topk`` against every layer it will convert (the model is built from its
+  config on the meta device: no weight is read);
+* the files: ``data.path`` (a local file or directory),
   ``deepspeed.config`` (a JSON, merged with the run's settings and validated: see
   :mod:`falqon_dist.train.ds_config`);
 * the libraries: the FP8 backend (``fp8.backend=te`` needs Transformer Engine and an FP8 GPU) and
@@ -30,6 +33,7 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 def preflight(settings: RunSettings, world_size: int) -> dict[str, Any]:
     """Check the machine and the files for ``settings``; return the run's DeepSpeed config."""
     _check_model_dir(settings.model.name_or_path)
+    _check_model_fits(settings)
     _check_data_path(settings.data.name, settings.data.path)
     config = settings.deepspeed.config
     if config is not None and not config.is_file():
@@ -49,10 +53,63 @@ def preflight(settings: RunSettings, world_size: int) -> dict[str, Any]:
     return build_ds_config(settings, world_size)
 
 
+def _is_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).exists()
+
+
 def _check_model_dir(path: str | None) -> None:
-    if path is not None and (path.startswith((".", "/", "~")) or Path(path).exists()):
-        if not Path(path).expanduser().is_dir():
-            raise ConfigError(f"model.name_or_path={path!r}: no such model directory")
+    if path is None or not _is_local(path):
+        return
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ConfigError(f"model.name_or_path={path!r}: no such model directory")
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path={path!r}: no config.json there (a Hugging Face model directory)")
+
+
+def _check_model_fits(settings: RunSettings) -> None:
+    """FALQON's rank and topk against every layer it will convert, as ``convert_model`` checks them
+    after the load, from the model's config alone."""
+    if settings.method.name != "falqon":
+        return
+    config = _model_config(settings.model.name_or_path)
+    if config is None:  # a hub name not in the local cache: checked at conversion
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from falqon_dist.method.convert import check_convertible
+    from falqon_dist.train.model_setup import falqon_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:
+        names = check_convertible(model, falqon_config(settings))
+    except ValueError as error:
+        key = "method.topk" if "topk" in str(error) else "method.rank"
+        raise ConfigError(f"{key}={getattr(settings.method, key.split('.')[1])}: {error}") from None
+    if not names:
+        model_name = settings.model.name_or_path or "the embedded tiny model"
+        raise ConfigError(f"method=falqon: {model_name} has no nn.Linear besides lm_head whose dimensions are "
+                          "multiples of 16: nothing to convert")  # fmt: skip
+
+
+def _model_config(name_or_path: str | None):
+    """The model's transformers config, read locally (None where only the hub has it)."""
+    if name_or_path is None:
+        from falqon_dist.models import tiny_config
+
+        return tiny_config()
+    from transformers import AutoConfig
+
+    local = _is_local(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(str(Path(name_or_path).expanduser()) if local else name_or_path,
+                                          local_files_only=True)  # fmt: skip
+    except (OSError, ValueError) as error:
+        if local:
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: its config.json cannot be read ({error})") from None
+        return None
 
 
 def _check_data_path(name: str, path: str | None) -> None:

@@ -301,3 +301,27 @@ def test_a_coherent_deepspeed_json_is_the_base_of_the_run(tmp_path):
     assert config["zero_optimization"]["overlap_comm"] is True and config["zero_optimization"]["stage"] == 3
     assert config["optimizer"]["params"] == {"betas": [0.9, 0.95], "lr": settings.train.lr, "weight_decay": 0.0}
     assert config["train_batch_size"] == 4 * settings.train.grad_accum * 2
+
+
+# ------------------------------------------------------------------------------ the model, before its load
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.rank=256", r"method\.rank=256: cannot convert 'model\.layers\.0\.self_attn\.q_proj' \(128→128\): rank 256"),
+        ("method.topk=512", r"method\.topk=512: cannot convert 'model\.layers\.0\.self_attn\.q_proj': topk 512 exceeds"),
+    ],
+)
+def test_falqon_rank_and_topk_are_checked_against_the_models_layers(override, message):
+    """From the model's config on the meta device: no weight loaded, the failing layer named."""
+    with pytest.raises(ConfigError, match=message):
+        check_for_training([override])
+    check_for_training(["method.rank=128"])  # the smallest converted layer is 128 x 128
+
+
+def test_a_model_directory_needs_its_config_json(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ConfigError, match=r"model\.name_or_path=.*: no config\.json there"):
+        check_for_training([f"model.name_or_path={tmp_path / 'model'}"])
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"model\.name_or_path=.*: its config\.json cannot be read"):
+        check_for_training([f"model.name_or_path={tmp_path / 'model'}"])
