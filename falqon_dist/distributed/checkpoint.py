@@ -7,11 +7,17 @@ DeepSpeed saves the module (FP8 ``qweight`` bytes, fp32 ``scale`` buffers, B), t
 * ``client_state`` (e.g. the trainer's data position);
 * a crash-safe ``latest`` pointer: each checkpoint goes to its own ``step_N`` directory and only when
   every rank has finished writing does rank 0 atomically replace ``latest``. A crash mid-save leaves
-  ``latest`` naming the previous, complete checkpoint.
+  ``latest`` naming the previous, complete checkpoint;
+* a full disk is found before the save starts: every rank checks the free space of ``ckpt_dir``
+  against the expected size (the last checkpoint's, or the caller's estimate for the first) and all
+  agree in one all-reduce, so the run stops with :class:`CheckpointSpaceError` on every rank instead
+  of half-writing. A write that still fails (``ENOSPC`` mid-save, an I/O error) raises
+  :class:`CheckpointWriteError` on that rank, after removing the incomplete directory it wrote into.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -27,6 +33,20 @@ from falqon_dist.distributed.waits import barrier
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
+#: Free space required beyond the expected size of a checkpoint (metadata, DeepSpeed's extra files).
+SPACE_MARGIN = 1.10
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written; ``latest`` still names the last complete one."""
+
+
+class CheckpointSpaceError(CheckpointError):
+    """Not enough free space for the next checkpoint (found before anything was written)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed on this rank (e.g. the disk filled up during the save)."""
 
 
 def tag_for(step: int) -> str:
@@ -39,6 +59,15 @@ def _rng_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
 
 def _rank() -> int:
     return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def _from_rank0(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (its view of the checkpoint directory decides)."""
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return flag
+    box = [flag]
+    tdist.broadcast_object_list(box, src=0)  # on the backend's device (NCCL needs CUDA tensors)
+    return bool(box[0])
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -63,22 +92,73 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     return tag if (Path(ckpt_dir) / tag).is_dir() else None
 
 
-def save(engine, ckpt_dir: str | Path, step: int, client_state: dict[str, Any] | None = None, keep: int = 0) -> str:
+def checkpoint_bytes(ckpt_dir: str | Path, tag: str | None) -> int:
+    """Bytes of checkpoint ``tag`` on disk (0 when there is none)."""
+    if tag is None or not (Path(ckpt_dir) / tag).is_dir():
+        return 0
+    return sum(p.stat().st_size for p in (Path(ckpt_dir) / tag).rglob("*") if p.is_file())
+
+
+def check_free_space(ckpt_dir: str | Path, tag: str, needed_bytes: int) -> None:
+    """Raise :class:`CheckpointSpaceError` on every rank when any rank's ``ckpt_dir`` has less than
+    ``needed_bytes`` × ``SPACE_MARGIN`` free (one all-reduce of the smallest free space)."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(ckpt_dir).free
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        every = [0] * tdist.get_world_size()
+        tdist.all_gather_object(every, free)  # on the backend's device (NCCL needs CUDA tensors)
+        free = min(every)
+    wanted = needed_bytes * SPACE_MARGIN
+    if free < wanted:
+        last = latest_tag(ckpt_dir)
+        raise CheckpointSpaceError(
+            f"not enough space for checkpoint {tag} in {ckpt_dir}: it needs about {wanted / 2**20:,.0f} MiB, "
+            f"{free / 2**20:,.0f} MiB are free (the least on any rank); nothing was written, the last "
+            f"good checkpoint is {ckpt_dir / last if last else 'none'}; free space (or lower "
+            f"train.keep_checkpoints) and resume with train.resume=true"
+        )
+
+
+def save(
+    engine,
+    ckpt_dir: str | Path,
+    step: int,
+    client_state: dict[str, Any] | None = None,
+    keep: int = 0,
+    *,
+    expected_bytes: int = 0,
+) -> str:
     """Save a complete checkpoint for ``step`` on every rank; returns its tag.
 
-    ``keep`` > 0 deletes all but the newest ``keep`` complete checkpoints afterwards.
+    ``keep`` > 0 deletes all but the newest ``keep`` complete checkpoints afterwards. Before writing,
+    the free space is checked against the last checkpoint's size, or ``expected_bytes`` when there
+    is none yet (:func:`check_free_space`).
     """
     ckpt_dir = Path(ckpt_dir)
     tag, rank = tag_for(step), _rank()
-    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    if _from_rank0(latest_tag(ckpt_dir) == tag):
+        return tag  # this step is the latest complete checkpoint already: rewriting it in place could only corrupt it
+    check_free_space(ckpt_dir, tag, checkpoint_bytes(ckpt_dir, latest_tag(ckpt_dir)) or expected_bytes)
     rng = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    torch.save(rng, _rng_file(ckpt_dir, tag, rank))
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state or {}), save_latest=False)
+    try:
+        (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+        torch.save(rng, _rng_file(ckpt_dir, tag, rank))
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state or {}), save_latest=False)
+    except (OSError, RuntimeError) as error:  # torch.save wraps a failed write in a RuntimeError
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never left half-written, never marked latest
+        last = latest_tag(ckpt_dir)
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+        cause = "the disk filled up" if full else f"{type(error).__name__}: {error}"
+        raise CheckpointWriteError(
+            f"rank {rank} could not write checkpoint {tag} to {ckpt_dir} ({cause}); the incomplete directory was "
+            f"removed and the last good checkpoint is {ckpt_dir / last if last else 'none'}"
+        ) from error
     barrier(f"finish writing checkpoint {tag}")
     if rank == 0:
         _atomic_write_text(ckpt_dir / LATEST, tag)

@@ -244,7 +244,11 @@ class Trainer:
                         step, self.last_checkpoint())
             return
         state = {"data": self.batches.state(), "step": step}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, step, client_state=state, keep=self.settings.train.keep_checkpoints)
+        # the first checkpoint's size, for the free-space check: the weights as stored, plus an fp32
+        # master and two Adam moments per trainable element
+        expected = self.model_facts["param_bytes"] + 12 * self.model_facts["trainable_params"]
+        tag = checkpoint.save(self.engine, self.ckpt_dir, step, client_state=state,
+                              keep=self.settings.train.keep_checkpoints, expected_bytes=expected)  # fmt: skip
         log.info("saved checkpoint %s", self.ckpt_dir / tag)
 
     def train(self) -> dict[str, Any]:
@@ -333,9 +337,10 @@ class Trainer:
             self.run_lock.release()
 
 
-def report(message: str, kind: str = "error") -> None:
-    """One ``falqon_dist: <kind>: ...`` line from rank 0 (stderr, and train.log once logging is up)."""
-    if (tdist.get_rank() if tdist.is_initialized() else 0) != 0:
+def report(message: str, kind: str = "error", *, this_rank: bool = False) -> None:
+    """One ``falqon_dist: <kind>: ...`` line from rank 0 (stderr, and train.log once logging is up);
+    ``this_rank=True`` for a failure only this rank saw (it names the rank itself)."""
+    if not this_rank and (tdist.get_rank() if tdist.is_initialized() else 0) != 0:
         return
     if log.handlers:
         log.error("falqon_dist: %s: %s", kind, message)
@@ -354,8 +359,11 @@ def run(cfg: DictConfig) -> None:
         result = trainer.train()
         export_dir = trainer.export()
         trainer.summarize(result, export_dir)
-    except (ConfigError, DivergedError, RunDirBusy) as exc:
-        report(str(exc))
+    except (ConfigError, DivergedError, RunDirBusy, checkpoint.CheckpointSpaceError) as exc:
+        report(str(exc))  # every rank raised the same error: rank 0 says it
+        code = 1
+    except checkpoint.CheckpointWriteError as exc:
+        report(str(exc), this_rank=True)
         code = 1
     except Preempted as exc:
         report(f"{exc} (checkpoint: {trainer.last_checkpoint()})", kind="stopped")

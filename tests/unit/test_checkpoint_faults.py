@@ -1,0 +1,76 @@
+"""A full disk never costs the last good checkpoint: refused before writing, or cleaned up mid-write."""
+
+from __future__ import annotations
+
+import errno
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+
+from falqon_dist.distributed import checkpoint
+
+Usage = namedtuple("Usage", "total used free")
+
+
+class FakeEngine:
+    """``save_checkpoint`` writes ``size`` bytes into the tag's directory, or fails after half of them."""
+
+    def __init__(self, size: int = 4096, fail: OSError | None = None) -> None:
+        self.size, self.fail, self.calls = size, fail, 0
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        self.calls += 1
+        target = Path(save_dir) / tag / "mp_rank_00_model_states.pt"
+        if self.fail is not None:
+            target.write_bytes(b"\0" * (self.size // 2))
+            raise self.fail
+        target.write_bytes(b"\0" * self.size)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A checkpoint directory whose latest complete checkpoint is step 1."""
+    ckpt = tmp_path / "checkpoints"
+    assert checkpoint.save(FakeEngine(), ckpt, 1) == "step_00000001"
+    return ckpt
+
+
+def test_too_little_space_is_refused_before_anything_is_written(saved, monkeypatch):
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    engine = FakeEngine()
+    with pytest.raises(checkpoint.CheckpointSpaceError) as err:
+        checkpoint.save(engine, saved, 2)
+    message = str(err.value)
+    assert "not enough space for checkpoint step_00000002" in message and "nothing was written" in message
+    assert f"the last good checkpoint is {saved / 'step_00000001'}" in message and "train.resume=true" in message
+    assert engine.calls == 0 and not (saved / "step_00000002").exists()
+    assert checkpoint.latest_tag(saved) == "step_00000001"
+
+
+def test_the_first_checkpoint_is_checked_against_the_callers_estimate(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: Usage(10**9, 0, 10**6))
+    with pytest.raises(checkpoint.CheckpointSpaceError, match="the last good checkpoint is none"):
+        checkpoint.save(FakeEngine(), tmp_path / "ckpt", 1, expected_bytes=10**7)
+    assert checkpoint.save(FakeEngine(), tmp_path / "ckpt", 1, expected_bytes=10**5) == "step_00000001"
+
+
+@pytest.mark.parametrize("error, cause", [(OSError(errno.ENOSPC, "No space left on device"), "the disk filled up"),
+                                          (OSError(errno.EIO, "Input/output error"), "OSError")])  # fmt: skip
+def test_a_write_that_fails_midway_is_removed_and_latest_stays(saved, error, cause):
+    with pytest.raises(checkpoint.CheckpointWriteError) as err:
+        checkpoint.save(FakeEngine(fail=error), saved, 2)
+    message = str(err.value)
+    assert "rank 0 could not write checkpoint step_00000002" in message and cause in message
+    assert f"the last good checkpoint is {saved / 'step_00000001'}" in message
+    assert not (saved / "step_00000002").exists()  # its space is given back
+    assert checkpoint.latest_tag(saved) == "step_00000001"
+    assert (saved / "step_00000001" / "mp_rank_00_model_states.pt").stat().st_size == 4096  # untouched
+
+
+def test_saving_the_latest_step_again_never_rewrites_it(saved):
+    """A run preempted right after resuming saves the step it resumed from: in place, a crash would
+    corrupt the only good checkpoint."""
+    engine = FakeEngine(fail=OSError(errno.ENOSPC, "No space left on device"))
+    assert checkpoint.save(engine, saved, 1) == "step_00000001"
+    assert engine.calls == 0 and (saved / "step_00000001" / "mp_rank_00_model_states.pt").is_file()
