@@ -9,8 +9,8 @@ from falqon_dist.baselines.fp8_lora import convert_fp8_lora
 from falqon_dist.baselines.full import prepare_full_finetune
 from falqon_dist.baselines.lora import apply_lora
 from falqon_dist.baselines.qlora import apply_qlora
-from falqon_dist.method.swap import target_module_names
 from falqon_dist.method import FalqonConfig, convert_model
+from falqon_dist.method.swap import ModuleFilter, target_module_names
 
 #: Method names accepted by :func:`prepare_model`.
 METHODS = ("falqon", "lora", "fp8_lora", "full", "qlora")
@@ -33,6 +33,7 @@ def prepare_model(
     carry_residual: bool = False,
     scale_headroom: int = 1,
     device: torch.device | str | None = None,
+    module_filter_fn: ModuleFilter | None = None,
 ) -> list[str]:
     """Apply ``method`` to ``model`` in place and return what it targeted.
 
@@ -50,6 +51,10 @@ def prepare_model(
       ``double_quant``; compute dtype = the model's; quantized on ``device``, default where each
       weight is); returns the adapted module names. Needs
       bitsandbytes (``ImportError`` with the install command otherwise).
+
+    ``module_filter_fn(module, fqn)`` chooses the layers (falqon, lora, fp8_lora, qlora; default
+    :func:`~falqon_dist.method.swap.default_filter`, e.g. :func:`~falqon_dist.method.swap.module_filter`
+    for names / regexes), the same for every method.
 
     ``device`` (falqon, fp8_lora, qlora): build each converted layer there, one at a time — pass the
     rank's GPU when the model was loaded on the CPU, so the SVD init / quantization runs on the GPU
@@ -73,15 +78,17 @@ def prepare_model(
             carry_residual=carry_residual,
             scale_headroom=scale_headroom,
         )
-        return convert_model(model, config, device=device)
+        return convert_model(model, config, device=device, module_filter_fn=module_filter_fn)
     if method == "lora":
-        names = target_module_names(model)
+        names = target_module_names(model, module_filter_fn)
         apply_lora(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=names)
         return names
     if method == "fp8_lora":
-        return convert_fp8_lora(model, rank=rank, alpha=alpha, backend=backend, device=device)
+        return convert_fp8_lora(model, rank=rank, alpha=alpha, backend=backend, device=device,
+                                module_filter_fn=module_filter_fn)  # fmt: skip
     if method == "full":
         return prepare_full_finetune(model)
     if method == "qlora":
-        return apply_qlora(model, rank=rank, alpha=alpha, dropout=dropout, double_quant=double_quant, device=device)
+        return apply_qlora(model, rank=rank, alpha=alpha, dropout=dropout, double_quant=double_quant, device=device,
+                           target_modules=target_module_names(model, module_filter_fn))  # fmt: skip
     raise ValueError(f"unknown fine-tuning method {method!r}; valid: {METHODS}")

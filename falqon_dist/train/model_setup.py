@@ -19,6 +19,7 @@ from falqon_dist.distributed.waits import barrier
 from falqon_dist.distributed.zero3_init import load_pretrained_zero3
 from falqon_dist.fp8.cast import set_cast_kernels
 from falqon_dist.method import FalqonConfig, convert_model
+from falqon_dist.method.swap import ModuleFilter, module_filter
 from falqon_dist.train.settings import RunSettings
 
 log = logging.getLogger("falqon_dist")
@@ -96,15 +97,23 @@ def falqon_config(settings: RunSettings) -> FalqonConfig:
     )
 
 
+def layer_filter(settings: RunSettings) -> ModuleFilter:
+    """The layers a run adapts: ``method.target_modules`` minus ``method.exclude_modules`` (training
+    and restore share it; preflight has checked the patterns against the model)."""
+    return module_filter(settings.method.target_modules, settings.method.exclude_modules)
+
+
 def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.Module:
     """Load ``path`` and apply the configured method; returns the model ready for ``initialize``."""
     method, dtype = settings.method, TORCH_DTYPES[settings.model.dtype]
     set_cast_kernels(settings.fp8.cast)
+    chosen = layer_filter(settings)
     if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
-        model, names = load_pretrained_zero3(path, ds_config, falqon_config(settings), dtype=dtype)
+        model, names = load_pretrained_zero3(path, ds_config, falqon_config(settings), dtype=dtype,
+                                             module_filter_fn=chosen)  # fmt: skip
     elif method.name == "falqon":
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        names = convert_model(model, falqon_config(settings), device=_local_accelerator())
+        names = convert_model(model, falqon_config(settings), device=_local_accelerator(), module_filter_fn=chosen)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         names = prepare_model(
@@ -121,6 +130,7 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
             merge_rounding=method.merge_rounding,
             unmerged=method.unmerged,
             device=_local_accelerator(),
+            module_filter_fn=chosen,
         )
     if settings.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -68,9 +68,11 @@ def _check_model_dir(path: str | None) -> None:
 
 
 def _check_model_fits(settings: RunSettings) -> None:
-    """FALQON's rank and topk against every layer it will convert, as ``convert_model`` checks them
-    after the load, from the model's config alone."""
-    if settings.method.name != "falqon":
+    """``method.target_modules`` / ``exclude_modules`` against the model's layers, and FALQON's rank
+    and topk against every layer it will convert (as ``convert_model`` checks them after the load),
+    from the model's config alone."""
+    method = settings.method
+    if method.name == "full":
         return
     config = _model_config(settings.model.name_or_path)
     if config is None:  # a hub name not in the local cache: checked at conversion
@@ -79,12 +81,19 @@ def _check_model_fits(settings: RunSettings) -> None:
     from transformers import AutoModelForCausalLM
 
     from falqon_dist.method.convert import check_convertible
+    from falqon_dist.method.swap import select_modules
     from falqon_dist.train.model_setup import falqon_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     try:
-        names = check_convertible(model, falqon_config(settings))
+        chosen = select_modules(model, method.target_modules, method.exclude_modules)
+    except ValueError as error:
+        raise ConfigError(f"method.{error}") from None
+    if method.name != "falqon":
+        return
+    try:
+        names = check_convertible(model, falqon_config(settings), module_filter_fn=chosen)
     except ValueError as error:
         key = "method.topk" if "topk" in str(error) else "method.rank"
         raise ConfigError(f"{key}={getattr(settings.method, key.split('.')[1])}: {error}") from None

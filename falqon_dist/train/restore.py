@@ -168,10 +168,11 @@ def build_falqon_skeleton(model_path: str, settings: RunSettings) -> nn.Module:
     """The base model converted exactly as training converted it, without running the SVD init."""
     from transformers import AutoModelForCausalLM
 
-    from falqon_dist.train.model_setup import TORCH_DTYPES, falqon_config
+    from falqon_dist.train.model_setup import TORCH_DTYPES, falqon_config, layer_filter
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[settings.model.dtype])
-    convert_model(model, falqon_config(settings), layer_builder=FalqonLinear.shaped_like)
+    convert_model(model, falqon_config(settings), layer_builder=FalqonLinear.shaped_like,
+                  module_filter_fn=layer_filter(settings))  # fmt: skip
     return model
 
 

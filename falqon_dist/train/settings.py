@@ -10,6 +10,7 @@ checked by :func:`falqon_dist.train.preflight.preflight`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,10 @@ class MethodSettings:
     carry_residual: bool
     #: FALQON: the fixed scale leaves room for weights to grow this many times (a power of two).
     scale_headroom: int
+    #: Layers adapted (names, dotted suffixes or regexes; None = every eligible nn.Linear but lm_head),
+    #: minus those matching exclude_modules. The same for every method but full.
+    target_modules: tuple[str, ...] | None = None
+    exclude_modules: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,16 @@ class RunSettings:
     dist_timeout_s: float = 300.0
 
 
+def _warmup_steps(t: DictConfig) -> int:
+    """``train.warmup_steps`` when given, else ``train.warmup_ratio`` × ``train.max_steps`` (rounded)."""
+    ratio = _number(t.get("warmup_ratio", 0.0), "train.warmup_ratio", 0.0, 1.0)  # absent from older configs
+    if ratio >= 1.0:
+        raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {ratio!r}")
+    if t.warmup_steps is not None:
+        return _positive_int(t.warmup_steps, "train.warmup_steps", allow_zero=True)
+    return round(ratio * _positive_int(t.max_steps, "train.max_steps"))
+
+
 def _train(t: DictConfig) -> TrainSettings:
     resume = t.resume
     if not isinstance(resume, bool):
@@ -163,7 +178,7 @@ def _train(t: DictConfig) -> TrainSettings:
         micro_batch_size=_positive_int(t.micro_batch_size, "train.micro_batch_size"),
         grad_accum=_positive_int(t.grad_accum, "train.grad_accum"),
         lr=_positive_number(t.lr, "train.lr"),
-        warmup_steps=_positive_int(t.warmup_steps, "train.warmup_steps", allow_zero=True),
+        warmup_steps=_warmup_steps(t),
         schedule=_choice(t.schedule, "train.schedule", SCHEDULES),
         min_lr_ratio=_number(t.min_lr_ratio, "train.min_lr_ratio", 0.0, 1.0),
         weight_decay=_number(t.weight_decay, "train.weight_decay", 0.0),
@@ -210,6 +225,8 @@ def _method(m: DictConfig) -> MethodSettings:
     if scale_headroom & (scale_headroom - 1):
         raise ConfigError(f"method.scale_headroom must be a power of two (1, 2, 4, 8, ...), got {scale_headroom}")
     return MethodSettings(
+        target_modules=_patterns(m.get("target_modules"), "method.target_modules"),
+        exclude_modules=_patterns(m.get("exclude_modules"), "method.exclude_modules"),
         name=name,
         rank=rank,
         topk=topk,
@@ -222,6 +239,21 @@ def _method(m: DictConfig) -> MethodSettings:
         carry_residual=carry_residual,
         scale_headroom=scale_headroom,
     )
+
+
+def _patterns(value: Any, key: str) -> tuple[str, ...] | None:
+    """null, or a non-empty list of module names / dotted suffixes / regular expressions."""
+    if value is None:
+        return None
+    items = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else None
+    if not items or not all(isinstance(item, str) and item for item in items):
+        raise ConfigError(f"{key} must be null or a list of module names or regexes, e.g. [q_proj,v_proj], got {value!r}")
+    for item in items:
+        try:
+            re.compile(item)
+        except re.error as error:
+            raise ConfigError(f"{key}: {item!r} is not a valid regular expression ({error})") from None
+    return tuple(items)
 
 
 def _check_method_fits(method: MethodSettings, deepspeed: DeepSpeedSettings, export: bool) -> None:

@@ -204,7 +204,7 @@ def test_cli_export_of_a_replicated_zero2_checkpoint(tmp_path):
     ds_json.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False}}))
     quick = [arg for arg in QUICK if not arg.startswith("data.")]  # the synthetic task's sizes
     launch("python", [*quick, "train.max_steps=2", "train.eval_samples=0", "train.eval_generate_samples=0",
-                      "data=jsonl", f"data.path={data}", f"deepspeed.config={ds_json}",
+                      "data=jsonl", f"data.path={data}", f"deepspeed.config={ds_json}", "method.exclude_modules=[down_proj]",
                       "deepspeed.zero_stage=2", "export.enabled=true", f"run.dir={run}"])  # fmt: skip
     assert (run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt").is_file()
     data.unlink()
@@ -214,6 +214,10 @@ def test_cli_export_of_a_replicated_zero2_checkpoint(tmp_path):
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key].view(torch.uint8), got[key].view(torch.uint8)), key
+    # method.exclude_modules kept every down_proj out of FALQON, in training and in the restore
+    assert want["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
+    assert "model.layers.0.mlp.down_proj.weight_scale" not in want
+    assert want["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -325,3 +325,30 @@ def test_a_model_directory_needs_its_config_json(tmp_path):
     (tmp_path / "model" / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"model\.name_or_path=.*: its config\.json cannot be read"):
         check_for_training([f"model.name_or_path={tmp_path / 'model'}"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.target_modules=[qkv_proj]", r"method\.target_modules: 'qkv_proj' names no nn\.Linear .* q_proj"),
+        ("method.exclude_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "leave no layer to adapt"),
+        ("method.target_modules=q_proj", r"method\.target_modules must be null or a list"),
+        ("method.target_modules=['(']", r"method\.target_modules: '\(' is not a valid regular expression"),
+    ],
+)
+def test_target_modules_are_checked_before_any_work(override, message):
+    for method in ("falqon", "lora"):
+        with pytest.raises(ConfigError, match=message):
+            check_for_training([f"method={method}", override])
+    settings = check_for_training(["method.target_modules=[q_proj,v_proj]", "method.exclude_modules=[layers.0.self_attn.v_proj]"])
+    assert settings.method.target_modules == ("q_proj", "v_proj")
+
+
+def test_warmup_is_a_fraction_of_the_run_unless_steps_are_given():
+    assert validate(compose_cfg([])).train.warmup_steps == 30  # 10% of 300
+    assert validate(compose_cfg(["train.max_steps=4"])).train.warmup_steps == 0
+    assert validate(compose_cfg(["train.warmup_steps=5"])).train.warmup_steps == 5
+    assert validate(compose_cfg(["train.warmup_ratio=0.25", "train.max_steps=100"])).train.warmup_steps == 25
+    for bad in ("train.warmup_ratio=1", "train.warmup_ratio=-0.1"):
+        with pytest.raises(ConfigError, match=r"train\.warmup_ratio must be"):
+            validate(compose_cfg([bad]))
