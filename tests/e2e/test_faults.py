@@ -38,12 +38,21 @@ def _nan_codes(ckpt_dir: Path) -> int:
     return total
 
 
-@pytest.mark.parametrize("bad", ["lr", "deepspeed-json"])
+@pytest.mark.parametrize("bad", ["lr", "deepspeed-json", "rank", "model-config"])
 def test_a_bad_value_is_refused_once_before_any_work(bad, tmp_path):
-    """An infinite rate, or a DeepSpeed JSON with fp16 (DeepSpeed used to assert after the model load)."""
+    """An infinite rate, a DeepSpeed JSON with fp16 (DeepSpeed used to assert after the model load),
+    a rank wider than the model's layers (used to fail after data and model load, naming no key), a
+    corrupt config.json (used to print a traceback per rank)."""
     run = tmp_path / "run"
     if bad == "lr":
         override, message = "train.lr=inf", "train.lr must be a finite number"
+    elif bad == "rank":
+        override, message = "method.rank=1000", "method.rank=1000: cannot convert 'model.layers.0.self_attn.q_proj'"
+    elif bad == "model-config":
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "config.json").write_text("{not json")
+        override = f"model.name_or_path={tmp_path / 'model'}"
+        message = f"model.name_or_path='{tmp_path / 'model'}': its config.json cannot be read"
     else:
         ds_json = tmp_path / "ds.json"
         ds_json.write_text('{"fp16": {"enabled": true}}')
