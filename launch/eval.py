@@ -19,7 +19,8 @@ The data of an export comes from, in order: ``config=`` (a run's config.yaml), t
 ``falqon_run.json`` (written by launch/export.py), ``../config.yaml`` (an export made by training
 with export.enabled=true lives in RUN_DIR/export), else the shipped default (data=synthetic).
 ``batch_size`` defaults to the run's train.micro_batch_size (the batch size training evaluated with).
-``json=FILE`` also writes the results as JSON.
+``json=FILE`` also writes the results as JSON. Every key is documented in ``conf/eval.yaml``;
+overrides follow Hydra's grammar, as for launch/train.py.
 """
 
 from __future__ import annotations
@@ -34,18 +35,23 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from falqon_dist.train.restore import REQUIRED, RestoreError, parse_cli_args  # noqa: E402
+from falqon_dist.train.cli import boolean, compose_cli, non_negative_int, optional_str  # noqa: E402
+from falqon_dist.train.restore import RestoreError  # noqa: E402
 
-SPEC = {
-    "path": (str, REQUIRED),
-    "samples": (int, 128),
-    "generate": (int, 64),
-    "batch_size": (int, None),
-    "tag": (str, "latest"),
-    "config": (str, None),
-    "dequantize": (bool, True),
-    "json": (str, None),
-}
+
+def parse_args(argv: list[str]) -> dict[str, Any]:
+    """``argv`` as overrides of conf/eval.yaml (every key documented there)."""
+    cfg = compose_cli("eval", argv, "launch/eval.py")
+    return {
+        "path": str(cfg.path),
+        "samples": non_negative_int(cfg.samples, "samples"),
+        "generate": non_negative_int(cfg.generate, "generate"),
+        "batch_size": non_negative_int(cfg.batch_size, "batch_size", allow_none=True),
+        "tag": str(cfg.tag),
+        "config": optional_str(cfg.config, "config"),
+        "dequantize": boolean(cfg.dequantize, "dequantize"),
+        "json": optional_str(cfg.json, "json"),
+    }
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -173,7 +179,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     try:
-        args = parse_cli_args(argv, SPEC, "launch/eval.py")
+        args = parse_args(argv)
         result = evaluate(args)
     except (RestoreError, ValueError) as error:
         print(f"launch/eval.py: error: {error}", file=sys.stderr)

@@ -4,7 +4,8 @@
     python launch/export.py run.dir=RUN_DIR [tag=latest|step_00000300|300] [out=DIR] [overwrite=true]
                             [max_shard_size=2GB]
 
-Runs as ONE plain ``python`` process whatever the run's world size and ZeRO stage: the model is
+Every key is documented in ``conf/export.yaml``; overrides follow Hydra's grammar, as for
+launch/train.py. Runs as ONE plain ``python`` process whatever the run's world size and ZeRO stage: the model is
 rebuilt from ``RUN_DIR/config.yaml`` (base model, FALQON rank/filter, backend, dtype) and the chosen
 checkpoint is consolidated from its per-rank files (falqon_dist/train/restore.py). The FP8 codes and
 scales are written unchanged (no requantization). ``out`` defaults to ``RUN_DIR/export``; an existing
@@ -21,15 +22,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from falqon_dist.train.restore import REQUIRED, RestoreError, parse_cli_args  # noqa: E402
+from falqon_dist.train.cli import boolean, compose_cli, optional_str  # noqa: E402
+from falqon_dist.train.restore import RestoreError  # noqa: E402
 
-SPEC = {
-    "run.dir": (str, REQUIRED),
-    "tag": (str, "latest"),
-    "out": (str, None),
-    "overwrite": (bool, False),
-    "max_shard_size": (str, "2GB"),
-}
+
+def parse_args(argv: list[str]) -> dict:
+    """``argv`` as overrides of conf/export.yaml (every key documented there)."""
+    cfg = compose_cli("export", argv, "launch/export.py")
+    return {
+        "run.dir": str(cfg.run.dir),
+        "tag": str(cfg.tag),
+        "out": optional_str(cfg.out, "out"),
+        "overwrite": boolean(cfg.overwrite, "overwrite"),
+        "max_shard_size": str(cfg.max_shard_size),
+    }
 
 
 def fp8_tensor_count(directory: Path) -> int:
@@ -84,7 +90,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     try:
-        args = parse_cli_args(argv, SPEC, "launch/export.py")
+        args = parse_args(argv)
         summary = export_run(args["run.dir"], args["tag"], args["out"], args["overwrite"], args["max_shard_size"])
     except (RestoreError, FileExistsError, ValueError) as error:
         print(f"launch/export.py: error: {error}", file=sys.stderr)

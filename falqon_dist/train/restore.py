@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,6 @@ from torch import nn
 from falqon_dist.distributed import checkpoint
 from falqon_dist.fp8 import check_backend
 from falqon_dist.method import FalqonLinear, convert_model, falqon_layers
-from falqon_dist.train.bootstrap import strip_local_rank
 from falqon_dist.train.settings import ConfigError, RunSettings, validate
 
 log = logging.getLogger("falqon_dist")
@@ -220,58 +218,3 @@ def restore_run(run_dir: str | Path, tag: str | int | None = "latest") -> Restor
         tokenizer=load_tokenizer(model_path),
         model_path=model_path,
     )
-
-
-# --------------------------------------------------------------------------------------------- CLI
-#: Marks a required ``key=value`` argument in a :func:`parse_key_values` spec.
-REQUIRED = object()
-_BOOLS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-
-
-def parse_cli_args(argv: list[str], spec: dict[str, tuple[type, Any]], script: str) -> dict[str, Any]:
-    """``key=value`` arguments of a one-process CLI (launch/export.py, launch/eval.py).
-
-    Refuses to run on several ranks, and ignores the ``--local_rank`` a launcher may append.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"{script} runs as one plain `python` process, whatever the run's world size")
-    return parse_key_values(strip_local_rank(argv), spec)
-
-
-def parse_key_values(argv: list[str], spec: dict[str, tuple[type, Any]]) -> dict[str, Any]:
-    """``key=value`` arguments (launch/train.py's override style) checked against ``spec``.
-
-    ``spec`` maps each key to ``(type, default)`` with type ``str``, ``int`` or ``bool`` and default
-    :data:`REQUIRED` for a mandatory key. ``null``/``none`` gives ``None``. Raises ``ValueError`` naming
-    the key for an unknown key, a bad value or a missing required key.
-    """
-    values: dict[str, Any] = {}
-    for arg in argv:
-        key, sep, raw = arg.partition("=")
-        key = key.lstrip("+")
-        if not sep:
-            raise ValueError(f"expected key=value, got {arg!r} (keys: {', '.join(spec)})")
-        if key not in spec:
-            raise ValueError(f"unknown key {key!r}; valid keys: {', '.join(spec)}")
-        kind = spec[key][0]
-        if raw.lower() in ("null", "none"):
-            values[key] = None
-        elif kind is bool:
-            if raw.lower() not in _BOOLS:
-                raise ValueError(f"{key} must be true or false, got {raw!r}")
-            values[key] = _BOOLS[raw.lower()]
-        elif kind is int:
-            try:
-                values[key] = int(raw)
-            except ValueError:
-                raise ValueError(f"{key} must be an integer, got {raw!r}") from None
-            if values[key] < 0:
-                raise ValueError(f"{key} must be a non-negative integer, got {raw!r}")
-        else:
-            values[key] = raw
-    for key, (_, default) in spec.items():
-        if key not in values:
-            if default is REQUIRED:
-                raise ValueError(f"{key}=... is required")
-            values[key] = default
-    return values

@@ -352,3 +352,19 @@ def test_warmup_is_a_fraction_of_the_run_unless_steps_are_given():
     for bad in ("train.warmup_ratio=1", "train.warmup_ratio=-0.1"):
         with pytest.raises(ConfigError, match=r"train\.warmup_ratio must be"):
             validate(compose_cfg([bad]))
+
+
+# ------------------------------------------------------------------ the export / eval command lines
+def test_export_and_eval_configs_compose_with_overrides():
+    from falqon_dist.train.cli import compose_cli
+
+    cfg = compose_cli("export", ["run.dir=/some/run", "tag=300", "overwrite=true"], "launch/export.py")
+    assert (cfg.run.dir, cfg.tag, cfg.out, cfg.overwrite, cfg.max_shard_size) == ("/some/run", 300, None, True, "2GB")
+    cfg = compose_cli("eval", ["path=/some/export", "batch_size=8", "json=null"], "launch/eval.py")
+    assert (cfg.path, cfg.samples, cfg.generate, cfg.batch_size, cfg.dequantize) == ("/some/export", 128, 64, 8, True)
+    with pytest.raises(ValueError, match=r"unknown key 'outt'; valid keys: run\.dir, tag, out, overwrite, max_shard_size"):
+        compose_cli("export", ["run.dir=/r", "outt=x"], "launch/export.py")
+    with pytest.raises(ValueError, match=r"path=\.\.\. is required"):
+        compose_cli("eval", [], "launch/eval.py")
+    with pytest.raises(ValueError, match=r"cannot read the overrides path=/p samples=\[1"):
+        compose_cli("eval", ["path=/p", "samples=[1"], "launch/eval.py")
