@@ -20,7 +20,7 @@ from falqon_dist.train.bootstrap import init_process_group
 if __name__ == "__main__":
     rank = int(os.environ["RANK"])
     assert os.environ.get("LOCAL_SIZE") == os.environ["WORLD_SIZE"], "the deepspeed launcher exports LOCAL_SIZE"
-    init_process_group(60.0)
+    init_process_group(300.0)
     segment = own_segment()
     maps = [line.strip() for line in Path("/proc/self/maps").read_text().splitlines() if str(segment) in line]
     mapped_deleted = bool(maps) and all(line.endswith("(deleted)") for line in maps)  # it existed; its name is gone
