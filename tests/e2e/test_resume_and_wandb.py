@@ -9,8 +9,10 @@ import pytest
 
 from tests.e2e.conftest import QUICK, launch, read_metrics
 
+# warm-up pinned: the resumed run (max_steps 4 -> 6) must see the uninterrupted run's schedule, and
+# a warm-up of warmup_ratio x max_steps would differ between 4 and 6 steps (all 6 stay in warm-up)
 STEPS = ["train.micro_batch_size=4", "train.eval_samples=16", "train.eval_generate_samples=0",
-         "data.num_train=64", "data.num_eval=32"]
+         "data.num_train=64", "data.num_eval=32", "train.warmup_steps=6"]
 
 
 def test_resume_continues_from_the_saved_step_like_an_uninterrupted_run(tmp_path):
