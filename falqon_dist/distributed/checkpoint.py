@@ -10,7 +10,7 @@ DeepSpeed saves the module (FP8 ``qweight`` bytes, fp32 ``scale`` buffers, B), t
   ``latest`` naming the previous, complete checkpoint;
 * a full disk is found before the save starts: every rank checks the free space of ``ckpt_dir``
   against the expected size (the last checkpoint's, or the caller's estimate for the first) and all
-  agree in one all-reduce, so the run stops with :class:`CheckpointSpaceError` on every rank instead
+  agree on the smallest (one all-gather), so the run stops with :class:`CheckpointSpaceError` on every rank instead
   of half-writing. A write that still fails (``ENOSPC`` mid-save, an I/O error) raises
   :class:`CheckpointWriteError` on that rank, after removing the incomplete directory it wrote into.
 """
@@ -101,7 +101,7 @@ def checkpoint_bytes(ckpt_dir: str | Path, tag: str | None) -> int:
 
 def check_free_space(ckpt_dir: str | Path, tag: str, needed_bytes: int) -> None:
     """Raise :class:`CheckpointSpaceError` on every rank when any rank's ``ckpt_dir`` has less than
-    ``needed_bytes`` × ``SPACE_MARGIN`` free (one all-reduce of the smallest free space)."""
+    ``needed_bytes`` × ``SPACE_MARGIN`` free (one all-gather of the free space)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(ckpt_dir).free
@@ -137,9 +137,10 @@ def save(
     """
     ckpt_dir = Path(ckpt_dir)
     tag, rank = tag_for(step), _rank()
-    if _from_rank0(latest_tag(ckpt_dir) == tag):
+    last = latest_tag(ckpt_dir)
+    if _from_rank0(last == tag):
         return tag  # this step is the latest complete checkpoint already: rewriting it in place could only corrupt it
-    check_free_space(ckpt_dir, tag, checkpoint_bytes(ckpt_dir, latest_tag(ckpt_dir)) or expected_bytes)
+    check_free_space(ckpt_dir, tag, checkpoint_bytes(ckpt_dir, last) or expected_bytes)
     rng = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

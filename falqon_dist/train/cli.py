@@ -14,19 +14,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from falqon_dist.train.bootstrap import strip_local_rank
+from falqon_dist.train.run_dir import flatten
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def _keys(node: DictConfig, prefix: str = "") -> list[str]:
-    keys = []
-    for key in node:
-        value = node._get_node(key)
-        if OmegaConf.is_dict(value):
-            keys += _keys(value, f"{prefix}{key}.")
-        else:
-            keys.append(f"{prefix}{key}")
-    return keys
 
 
 def compose_cli(config_name: str, argv: list[str], script: str) -> DictConfig:
@@ -39,7 +29,7 @@ def compose_cli(config_name: str, argv: list[str], script: str) -> DictConfig:
         raise ValueError(f"{script} runs as one plain `python` process, whatever the run's world size")
     overrides = strip_local_rank(argv)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        valid = _keys(compose(config_name=config_name))
+        valid = list(flatten(OmegaConf.to_container(compose(config_name=config_name))))
         for override in overrides:
             key, sep, _ = override.partition("=")
             if not sep:
@@ -72,6 +62,6 @@ def boolean(value: object, key: str) -> bool:
 def optional_str(value: object, key: str) -> str | None:
     if value is None:
         return None
-    if isinstance(value, (DictConfig,)) or OmegaConf.is_list(value):
+    if OmegaConf.is_config(value):
         raise ValueError(f"{key} must be a path or name, got {value!r}")
     return str(value)

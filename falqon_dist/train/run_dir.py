@@ -85,11 +85,12 @@ class RunDirLock:
         self._handle.close()
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as ``{"a.b.c": leaf}`` (a config's dotted keys)."""
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
         for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: tree}
 
@@ -107,8 +108,8 @@ def check_resume(run_dir: Path, cfg: DictConfig, world_size: int, saved_world_si
     saved_path = run_dir / "config.yaml"
     if saved_world_size is None or not saved_path.is_file():
         return []
-    saved = _flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+    new = flatten(OmegaConf.to_container(cfg, resolve=True))
     errors, warnings = [], []
     for key in sorted(set(saved) | set(new)):
         if key not in saved:
