@@ -150,7 +150,7 @@ def test_model_bench_writes_a_loadable_shape_model(tmp_path):
 def test_learning_bench_sweeps_variants_through_the_trainer(tmp_path):
     proc = processes.run(
         [sys.executable, str(BENCHMARKS / "bench_learning.py"), "--quick", "--variants", "lora", "falqon_keep",
-         "falqon_carry", "--lr-scale", "1", "--jobs", "2", "--out", str(tmp_path)],
+         "falqon_carry", "--lr-scale", "1", "--jobs", "2", "--time-rounds", "1", "--out", str(tmp_path)],
         env=dict(os.environ), timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -168,16 +168,21 @@ def test_learning_bench_sweeps_variants_through_the_trainer(tmp_path):
     assert set(checks) == {"falqon_keep", "falqon_carry"}
     check = checks["falqon_carry"]
     assert [c["scale"] for c in check] == [0.5, 1.0, 2.0, None] and check[1]["value"] == runs["falqon_carry"]["exact_match"]
-    assert check[0]["value"] is None and check[3]["value"] is None  # not run: 0.5x, and no paper run for step time
+    assert check[0]["value"] is None  # not run: 0.5x
+    timing = payload["timing"]["demo"]  # the step time comes from the separate paper-vs-default runs
+    assert timing["status"] == "ok" and len(timing["ratios"]) == 1 and check[3]["value"] == timing["ratio"] > 0
+    assert (tmp_path / "demo" / "timing" / "falqon_paper_0" / "metrics.jsonl").exists()
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# falqon_dist learning benchmark") and "| falqon_carry (default) |" in text
+    assert "measured apart from the sweep" in text
 
 
 def test_learning_bench_arguments():
     bench = _load("bench_learning")
     args = bench.parse_args(["--lr", "falqon_keep=0.05", "--lr-scale", "0.5", "2", "--out", "/tmp/unused"])
     assert args.base_lr["falqon_keep"] == 0.05 and args.lr_scale == [0.5, 2.0]
-    for bad in (["--lr", "nope=1"], ["--lr-scale", "0"], ["--variants", "sgd"], ["--jobs", "0"], ["--tasks", "wiki"]):
+    for bad in (["--lr", "nope=1"], ["--lr-scale", "0"], ["--variants", "sgd"], ["--jobs", "0"], ["--tasks", "wiki"],
+                ["--time-rounds", "-1"], ["--time-steps", "2"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
 
