@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_one(args: argparse.Namespace, task: str, variant: str, scale: float, *, steps: int | None = None,
-            threads: int | None = None, name: str | None = None, extra: list[str] = ()) -> dict[str, Any]:
+            threads: int | None = None, name: str | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
     """One trainer run of ``variant`` at ``scale`` × its lr on ``task``; its final metrics as a row."""
     lr = args.base_lr[variant] * scale
     run_dir = args.out / task / (name or f"{variant}_lr{lr:.3g}")
