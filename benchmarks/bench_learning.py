@@ -3,7 +3,7 @@
 
     python benchmarks/bench_learning.py                              # the demo task, 300 steps, 1 process
     python benchmarks/bench_learning.py --tasks demo kjv --jobs 2    # both tasks, two runs at a time
-    python benchmarks/bench_learning.py --variants lora falqon_carry --lr-scale 0.5 1 2
+    python benchmarks/bench_learning.py --variants lora falqon_all --lr-scale 0.5 1 2
     python benchmarks/bench_learning.py --quick --out /tmp/bl        # seconds (used by the tests)
 
 Every (task, variant, learning rate) is one run of the real trainer (``launch/train.py``, same data,
@@ -15,11 +15,12 @@ default (so the same relative grid serves LoRA's 3e-3 and FALQON's 0.05):
 variant             overrides                                              lr
 ==================  =====================================================  ========
 lora                method=lora                                            3e-3
-falqon_paper        method=falqon method.unmerged=discard (the paper)      0.1
+falqon_paper        method=falqon method.topk=null unmerged=discard        0.1
 falqon_stochastic   falqon_paper + method.merge_rounding=stochastic        0.1
-falqon_keep         method=falqon method.unmerged=keep                     0.05
+falqon_keep         method=falqon method.topk=null unmerged=keep           0.05
 falqon_keep_sr      falqon_keep + method.merge_rounding=stochastic         0.05
-falqon_carry        falqon_keep + method.carry_residual=true (the default) 0.1
+falqon_carry        falqon_keep + method.carry_residual=true               0.1
+falqon_all          method=falqon method.topk=all (+ carry: the default)   0.1
 ==================  =====================================================  ========
 
 Tasks: ``demo`` — the embedded default (synthetic ``shift`` task, exact match on 64 prompts);
@@ -57,12 +58,14 @@ import common  # noqa: E402
 #: name -> (Hydra overrides, default learning rate)
 VARIANTS: dict[str, tuple[list[str], float]] = {
     "lora": (["method=lora"], 3e-3),
-    "falqon_paper": (["method=falqon", "method.unmerged=discard"], 0.1),
-    "falqon_stochastic": (["method=falqon", "method.unmerged=discard", "method.merge_rounding=stochastic"], 0.1),
-    "falqon_keep": (["method=falqon", "method.unmerged=keep", "method.carry_residual=false"], 0.05),
-    "falqon_keep_sr": (["method=falqon", "method.unmerged=keep", "method.carry_residual=false",
+    "falqon_paper": (["method=falqon", "method.topk=null", "method.unmerged=discard"], 0.1),
+    "falqon_stochastic": (["method=falqon", "method.topk=null", "method.unmerged=discard",
+                           "method.merge_rounding=stochastic"], 0.1),
+    "falqon_keep": (["method=falqon", "method.topk=null", "method.unmerged=keep", "method.carry_residual=false"], 0.05),
+    "falqon_keep_sr": (["method=falqon", "method.topk=null", "method.unmerged=keep", "method.carry_residual=false",
                         "method.merge_rounding=stochastic"], 0.05),
-    "falqon_carry": (["method=falqon", "method.unmerged=keep", "method.carry_residual=true"], 0.1),
+    "falqon_carry": (["method=falqon", "method.topk=null", "method.unmerged=keep", "method.carry_residual=true"], 0.1),
+    "falqon_all": (["method=falqon", "method.topk=all", "method.carry_residual=true"], 0.1),
 }
 KJV_DATA = common.REPO / "runs" / "kjv" / "kjv.jsonl"
 #: name -> (Hydra overrides, acceptance metric, bound at the default lr, bound at 0.5x / 2x)
@@ -81,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["demo"], choices=list(TASKS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--default", default="falqon_carry", choices=list(VARIANTS),
+    p.add_argument("--default", default="falqon_all", choices=list(VARIANTS),
                    help="the variant whose acceptance is checked (FALQON's shipped default)")
     p.add_argument("--jobs", type=int, default=1, help="trainer runs at once")
     p.add_argument("--lr-scale", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="multiples of each variant's lr")

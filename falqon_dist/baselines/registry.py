@@ -21,7 +21,7 @@ def prepare_model(
     method: str,
     *,
     rank: int,
-    topk: int | None = None,
+    topk: int | str | None = None,
     alpha: float | None = None,
     dropout: float = 0.0,
     backend: str = "auto",

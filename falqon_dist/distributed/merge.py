@@ -8,8 +8,10 @@ Stage 3 partitions ``qweight``: rank p owns the flat elements ``[p·n, (p+1)·n)
 rows and the adapter rows ``A_q`` ((k + r) × in bytes, one all-reduce of the pieces each rank owns)
 — computes the merged rows exactly as the unsharded merge does, and writes only the local slice
 with the method's own ``apply_rows_to_slice_``. Traffic per layer: O(r·out + (k + r)·in), never the
-O(in·out) backbone. A parameter ZeRO-3 keeps resident (``ds_persist``, below the persistence
-threshold) is also updated in its full resident copy.
+O(in·out) backbone. With ``topk="all"`` no W row is gathered at all: each element's update needs only
+its own byte, B and A_q, and the rows a slice boundary splits get their carry from one all-reduce of
+the slices' partial projections (out × r). A parameter ZeRO-3 keeps resident (``ds_persist``, below
+the persistence threshold) is merged as a replica, and its slice copied into the partition.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 
 from falqon_dist.fp8 import E4M3
 from falqon_dist.method import falqon_layers
-from falqon_dist.method.proxy import MergeStats, RowMerge, apply_rows_to_slice_, select_rows
+from falqon_dist.method.proxy import MergeStats, RowMerge, apply_all_rows_to_slice_, apply_rows_to_slice_
 from falqon_dist.distributed.proxies import ProxyMasters
 from falqon_dist.distributed.zero_facts import is_partitioned
 
@@ -44,20 +46,35 @@ def _gather_rows(qweight: nn.Parameter, rows: torch.Tensor, in_features: int) ->
     return pieces.to(torch.uint8)
 
 
-def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor, step: int) -> RowMerge:
+def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor | None, step: int) -> RowMerge:
+    """Merge into this rank's slice of a partitioned ``M_q``: the stats count only the slice."""
     qweight, out, r = layer.qweight, layer.out_features, layer.rank
-    proxy_rows = proxy.index_select(0, rows)
-    adapter_rows = torch.arange(out, out + r, device=rows.device, dtype=rows.dtype)
-    gathered = _gather_rows(qweight, torch.cat([rows, adapter_rows]), layer.in_features)
-    old_rows, adapter_q = gathered[: rows.numel()], gathered[rows.numel() :].view(E4M3).float()
-    rounding = layer.rounding(step)
+    group = qweight.ds_process_group
+    adapter_rows = torch.arange(out, out + r, device=proxy.device)
+    selected = adapter_rows if rows is None else torch.cat([rows, adapter_rows])
+    gathered = _gather_rows(qweight, selected, layer.in_features)
+    adapter_q = gathered[-r:].view(E4M3).float()
+    projector = layer.adapter_projector(adapter_q) if layer.carry_residual else None
     part = qweight.ds_tensor.view(-1)
-    offset = qweight.ds_tensor.ds_numel * tdist.get_rank(group=qweight.ds_process_group)
-    merge = apply_rows_to_slice_(part, offset, rows, old_rows, proxy_rows, adapter_q, rounding, carry=layer.carry_residual)
-    if qweight.data.numel():  # resident full copy (ds_persist): same update, same bytes
-        resident = qweight.data.view(out + r, layer.in_features)
-        resident.index_copy_(0, rows.to(resident.device), merge.bits.to(resident.device))
-        layer.rows_rewritten(rows, merge.bits)
+    offset = qweight.ds_tensor.ds_numel * tdist.get_rank(group=group)
+    if rows is None:  # every row: elementwise, nothing of W gathered; the carry summed over slices
+        merge = apply_all_rows_to_slice_(part, offset, proxy, adapter_q, layer.rounding(step), projector=projector)
+        if merge.carry is not None:
+            tdist.all_reduce(merge.carry, group=group)
+        return merge
+    return apply_rows_to_slice_(part, offset, rows, gathered[: rows.numel()], proxy.index_select(0, rows),
+                                adapter_q, layer.rounding(step), projector=projector)
+
+
+def _merge_resident(layer, proxy: torch.Tensor, rows: torch.Tensor | None, step: int) -> RowMerge:
+    """A ZeRO-3 parameter kept whole on every rank (``ds_persist``): merge the replica as ZeRO 0–2
+    do, then copy this rank's slice of it into the partition."""
+    merge = layer.merge_rows_(proxy, rows, step=step)
+    qweight = layer.qweight
+    part, numel = qweight.ds_tensor.view(-1), qweight.ds_tensor.ds_numel
+    start = numel * tdist.get_rank(group=qweight.ds_process_group)
+    owned = qweight.data.reshape(-1)[start : start + numel]
+    part[: owned.numel()].copy_(owned)
     return merge
 
 
@@ -72,13 +89,14 @@ def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeSt
     totals, partitioned, group = MergeStats(), MergeStats(), None
     for _, layer in falqon_layers(model):
         proxy = masters.read_full(layer.B)
-        rows = select_rows(proxy, layer.rows_per_merge)
-        if is_partitioned(layer.qweight):
+        rows = layer.rows_to_merge(proxy)
+        if is_partitioned(layer.qweight) and not layer.qweight.data.numel():
             merge = _merge_partitioned(layer, proxy, rows, step)
             partitioned.add_(merge.stats)
             group = layer.qweight.ds_process_group
-        else:
-            merge = layer.merge_rows_(proxy, rows, step=step)
+        else:  # a replica: every rank merges the same whole M_q (and counts it whole)
+            merge = _merge_resident(layer, proxy, rows, step) if is_partitioned(layer.qweight) else (
+                layer.merge_rows_(proxy, rows, step=step))
             totals.add_(merge.stats)
         masters.write_(layer.B, layer.remainder(proxy, rows, merge.carry))  # zeros, B's unmerged rows, or + the carry
     if group is not None and partitioned.layers:  # each rank counted its own slice's elements; rows once

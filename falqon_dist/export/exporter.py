@@ -86,7 +86,8 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
     """Merge every FALQON layer whose proxy B is non-zero; return the names of the merged layers.
 
     The trainer merges after every optimizer step, so B is normally zero here (with
-    ``unmerged="keep"`` it holds the rows no merge took yet: every row is merged, and B is zeroed). The merge changes the
+    ``unmerged="keep"`` it holds the rows no merge took yet, with ``carry_residual`` what rounding
+    dropped: every row is merged, and B is zeroed). The merge changes the
     model in place (under ZeRO-3, on every rank). An optimizer's fp32 master copy of B is NOT zeroed:
     to keep training afterwards, merge through the trainer's post-step hook before exporting.
     """
@@ -102,7 +103,7 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
                 layer.merge_proxy_(rows=torch.arange(layer.out_features, device=layer.B.device))
                 layer.B.zero_()
             merged.append(name)
-            if layer.unmerged != "keep":
+            if layer.unmerged != "keep" and not layer.carry_residual:  # B holds neither unmerged rows nor a carry
                 unexpected.append(name)
     if unexpected:
         logger.warning(
@@ -112,7 +113,7 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
             merged[0],
         )
     elif merged:
-        logger.info("export_fp8 merged the rows of B no training merge took (unmerged=keep) in %d layer(s)", len(merged))
+        logger.info("export_fp8 merged what B still held (unmerged rows or the carry) in %d layer(s)", len(merged))
     return merged
 
 

@@ -28,6 +28,7 @@ import functools
 import warnings
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils import _python_dispatch
@@ -108,7 +109,7 @@ def dynamic_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, *, transpose_copy: 
     """
     if fp8_dtype not in FP8_MAX:
         raise ValueError(f"unsupported FP8 format {fp8_dtype}; valid: {list(FP8_MAX)}")
-    if _mode == "eager" or x_hp.numel() == 0 or _dispatch_mode_active():
+    if not compiled_kernels_apply(x_hp):
         return _cast_eager(x_hp, fp8_dtype, transpose_copy)
     # Few distinct graphs per entry point (dynamo caps them at recompile_limit): detached (graphs are
     # specialized on requires_grad), contiguous (and on strides: only small strided inputs such as
@@ -118,31 +119,46 @@ def dynamic_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, *, transpose_copy: 
         x = x.contiguous()
     if not transpose_copy:
         x = x.reshape(-1)
-    try:
-        x_fp8, scale, x_fp8_t = _compiled_cast(fp8_dtype, transpose_copy)(x)
-    except Exception as exc:
-        if "RecompileLimit" in type(exc).__name__:  # more input variants than dynamo keeps: same bits eagerly
-            _warn_recompile_limit(exc)
-            return _cast_eager(x_hp, fp8_dtype, transpose_copy)
-        raise RuntimeError(
-            f"the compiled FP8 cast failed on {x_hp.device} ({type(exc).__name__}: {exc}); "
-            "torch.compile needs a C++ compiler on CPU and Triton on CUDA. "
-            "Select the eager casts instead: fp8.cast=eager (or falqon_dist.fp8.set_cast_kernels('eager'))"
-        ) from exc
+    x_fp8, scale, x_fp8_t = run_compiled(
+        _compiled_cast(fp8_dtype, transpose_copy), lambda: _cast_eager(x_hp, fp8_dtype, transpose_copy), x,
+        what="FP8 cast",
+    )
     return x_fp8.view(x_hp.shape), scale, x_fp8_t
+
+
+def compiled_kernels_apply(*tensors: torch.Tensor) -> bool:
+    """Whether the fused (``torch.compile``) kernels run on these inputs: compiled mode selected, no
+    Python dispatch mode active, and no empty input. Used by the casts and by the proxy merge."""
+    return _mode == "compiled" and all(t.numel() for t in tensors) and not _dispatch_mode_active()
+
+
+def run_compiled(compiled: Callable, eager: Callable[[], Any], *args: Any, what: str) -> Any:
+    """``compiled(*args)``; ``eager()`` (the bit-identical reference) when dynamo has met more input
+    variants than it keeps (warned once); a failure to compile raises naming ``fp8.cast=eager``."""
+    try:
+        return compiled(*args)
+    except Exception as exc:
+        if "RecompileLimit" in type(exc).__name__:
+            _warn_recompile_limit(exc, what)
+            return eager()
+        raise RuntimeError(
+            f"the compiled {what} failed on {args[0].device} ({type(exc).__name__}: {exc}); "
+            "torch.compile needs a C++ compiler on CPU and Triton on CUDA. "
+            "Select the eager kernels instead: fp8.cast=eager (or falqon_dist.fp8.set_cast_kernels('eager'))"
+        ) from exc
 
 
 _warned_recompile_limit = False
 
 
-def _warn_recompile_limit(exc: Exception) -> None:
+def _warn_recompile_limit(exc: Exception, what: str) -> None:
     global _warned_recompile_limit
     if _warned_recompile_limit:
         return
     _warned_recompile_limit = True
     warnings.warn(
-        f"falqon_dist: the compiled FP8 cast met more input variants (dtype, layout, size 1) than torch.compile "
-        f"keeps ({type(exc).__name__}); those casts run eagerly (bit-identical, slower)",
+        f"falqon_dist: the compiled {what} met more input variants (dtype, layout, size 1) than torch.compile "
+        f"keeps ({type(exc).__name__}); those calls run eagerly (bit-identical, slower)",
         stacklevel=3,
     )
 
@@ -157,7 +173,7 @@ _compiled_scale_product = None
 def scale_epilogue(product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``(product · scale)`` formed in float32 and rounded to ``out_dtype`` (one fused pass when compiled)."""
     global _compiled_scale_product
-    if _mode == "eager" or product.numel() == 0 or _dispatch_mode_active():
+    if not compiled_kernels_apply(product):
         return _scale_product(product, scale, out_dtype)
     if _compiled_scale_product is None:
         _compiled_scale_product = torch.compile(_scale_product, dynamic=True, fullgraph=True)

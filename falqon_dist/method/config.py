@@ -21,9 +21,11 @@ class FalqonConfig:
 
     #: LoRA rank r: A is (r, in) melded under the backbone rows, B is (out, r).
     rank: int = 64
-    #: Rows of W updated per proxy merge (row-wise top-k of Σ_k |B_jk|). None = rank, which is what
-    #: the authors' code does on every step.
-    topk: int | None = None
+    #: Rows of W updated per proxy merge (row-wise top-k of Σ_k |B_jk|). "all" (the default) = every
+    #: row at every merge: nothing waits in B, which then holds only the carry; the forward adds
+    #: its LoRA term (one small GEMM), the backward runs the paper's GEMMs, ``unmerged`` is moot
+    #: (benchmarks/bench_learning.py; README). None = rank, which is what the authors' code does.
+    topk: int | str | None = "all"
     #: How A is initialized: "svd" (top-r SVD of the backbone's FP8 quantization error) or "random"
     #: (N(mean W, std W) clipped to [min W, max W]).
     init: str = "svd"
@@ -33,17 +35,19 @@ class FalqonConfig:
     #: an update below half an FP8 step still moves the weight on average; seeded by ``seed`` and the
     #: optimizer step, so every rank draws the same noise).
     merge_rounding: str = "nearest"
-    #: What happens to the rows of B a merge does not take: "keep" (only merged rows are zeroed;
-    #: the rest keeps accumulating until it is picked, and the forward adds their LoRA term o_A·Bᵀ:
-    #: one small bf16 GEMM, no cast) or "discard" (zero all of B after every merge: the paper).
-    #: "keep" is the default: on the demo task it learns at a third of the paper's learning rate and
-    #: beats it by far (benchmarks/bench_learning.py; README).
+    #: With a top-k merge, what happens to the rows of B a merge does not take: "keep" (only merged
+    #: rows are zeroed; the rest keeps accumulating until it is picked, and the layer adds their
+    #: LoRA term o_A·Bᵀ forward and backward: three small bf16 GEMMs, no cast) or "discard" (zero all
+    #: of B after every merge: the paper). Moot with ``topk="all"``.
+    #: "keep" learns at a third of the paper's learning rate on the demo task and beats it by far
+    #: (benchmarks/bench_learning.py; README).
     unmerged: str = "keep"
-    #: With ``unmerged="keep"``: what FP8 rounding drops from a merged row (projected onto A's rows) is
-    #: put back into B instead of zero, so updates smaller than an FP8 step accumulate until they move
-    #: a byte instead of being lost (error feedback; one k × in × r matmul and an r × r solve per merge).
-    #: The default (benchmarks/bench_learning.py; README). Inert with ``unmerged="discard"``: the paper's
-    #: merge zeroes all of B, so there is nothing to carry back.
+    #: With ``topk="all"`` or ``unmerged="keep"``: what FP8 rounding drops from a merged row
+    #: (projected onto A's rows) is put back into B instead of zero, so updates smaller than an FP8
+    #: step accumulate until they move a byte instead of being lost (error feedback; one k × in × r
+    #: matmul per merge, A's projector computed once), and the forward sees them.
+    #: The default (benchmarks/bench_learning.py; README). Inert with ``unmerged="discard"`` and a
+    #: top-k merge: the paper's merge zeroes all of B, so there is nothing to carry back.
     carry_residual: bool = True
     #: The fixed tensor-wise scale is ``scale_headroom · amax([W; A])/448`` (a power of two): merged
     #: weights can grow that many times the initial amax before they clamp at ±448. Powers of two
@@ -59,11 +63,11 @@ class FalqonConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ValueError(f"FalqonConfig.rank must be a positive integer, got {self.rank!r}")
-        if self.topk is not None and (
+        if self.topk is not None and self.topk != "all" and (
             isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk <= 0
         ):
             raise ValueError(
-                f"FalqonConfig.topk must be None (= rank) or an integer in 1..out_features, got {self.topk!r}"
+                f"FalqonConfig.topk must be None (= rank), 'all' or an integer in 1..out_features, got {self.topk!r}"
             )
         if self.init not in INIT_NAMES:
             raise ValueError(f"FalqonConfig.init must be one of {INIT_NAMES}, got {self.init!r}")

@@ -65,10 +65,10 @@ def _check_compatible(name: str, linear: nn.Linear, config: FalqonConfig) -> Non
             f"cannot convert {name!r} ({linear.in_features}→{linear.out_features}): rank {config.rank} "
             f"exceeds min(in_features, out_features); lower the rank or exclude the layer with a filter"
         )
-    if config.topk is not None and config.topk > linear.out_features:
+    if isinstance(config.topk, int) and config.topk > linear.out_features:
         raise ValueError(
             f"cannot convert {name!r}: topk {config.topk} exceeds its out_features {linear.out_features}; "
-            f"use topk=None (= rank) or at most the smallest out_features of the converted layers"
+            f"use topk=None (= rank), 'all' or at most the smallest out_features of the converted layers"
         )
 
 

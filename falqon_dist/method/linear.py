@@ -8,7 +8,9 @@ Forward (``x``: N × in, ``M_q = Q([W; A]/s)`` stored as uint8 bits, s fixed):
 
 With the paper's merge (``unmerged="discard"``) B is zero at every forward (the merge zeroes it after
 each optimizer step), so the LoRA term ``o_A · Bᵀ`` would add nothing and is not computed. With
-``unmerged="keep"`` the rows a merge does not take stay in B, and ``y += o_A · Bᵀ``.
+``unmerged="keep"`` the rows a merge does not take stay in B, and ``y += o_A · Bᵀ``. With
+``topk="all"`` every merge takes every row: B holds at most the carry (what FP8 rounding dropped),
+which the forward adds and the backward's ∂L/∂x leaves out (:attr:`FalqonLinear.lora_terms`).
 
 Backward (``g = ∂L/∂y``):
 
@@ -35,7 +37,7 @@ from falqon_dist.fp8.cast import SharedCast
 from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.init import adapter_init, meld
-from falqon_dist.method.proxy import MergeStats, Rounding, RowMerge, apply_rows_, select_rows
+from falqon_dist.method.proxy import MergeStats, Rounding, RowMerge, adapter_projector, apply_rows_, select_rows
 
 
 #: One cast of an input tensor shared by the layers that read it in the same forward (q/k/v, gate/up).
@@ -46,13 +48,17 @@ shared_input_casts = SharedCast()
 class _MeldedFP8Matmul(torch.autograd.Function):
     """``y = x Wᵀ (+ o_A·Bᵀ)`` through the melded FP8 GEMM, with ``∂L/∂B`` from the saved adapter output.
 
-    ``keep_unmerged``: B holds rows that earlier merges did not take, so the LoRA term is live:
-    ``y += o_A·Bᵀ`` (bf16 GEMM on the GEMM's own o_A output) and ``∂L/∂x += (g·B)·A`` (two small
-    bf16 GEMMs with A dequantized from the melded rows). ``∂L/∂B = gᵀ·o_A`` either way.
+    ``lora_forward``: B may be non-zero, so the forward adds ``y += o_A·Bᵀ`` (a bf16 GEMM on the
+    GEMM's own o_A output). ``lora_dgrad``: the backward adds its ``∂L/∂x += (g·B)·A`` too (two small
+    bf16 GEMMs with A dequantized from the melded rows) — needed when B holds whole unmerged rows,
+    not when it holds only the carry (see ``FalqonLinear.lora_terms``). ``∂L/∂B = gᵀ·o_A`` either way.
     """
 
     @staticmethod
-    def forward(ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str, weight_t_cache, keep_unmerged: bool):
+    def forward(
+        ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str, weight_t_cache, lora_forward: bool,
+        lora_dgrad: bool,
+    ):
         backend = resolve_backend(backend_name, x_hp.device)
         x_fp8, x_scale, _ = shared_input_casts.get(
             x_hp, (backend.name, E4M3), lambda: backend.quantize(x_hp.reshape(-1, x_hp.shape[-1]), E4M3)
@@ -65,12 +71,13 @@ class _MeldedFP8Matmul(torch.autograd.Function):
         # Only Q(o_A)ᵀ is needed (as the b operand of ∂L/∂B = g_qᵀ · Q(o_A)).
         _, adapter_out_scale, adapter_out_fp8_t = backend.quantize(adapter_out, E4M3, transpose=True)
         y = y_full[:, :out_features]
-        if keep_unmerged:
+        if lora_forward:
             y = torch.addmm(y, adapter_out, proxy.detach().to(y.dtype).t())
         # qweight (and B) are saved as the Parameters: under ZeRO-3 their data is re-gathered for backward.
-        ctx.save_for_backward(qweight, scale, adapter_out_fp8_t, adapter_out_scale, proxy if keep_unmerged else None)
+        lora_dgrad = lora_dgrad and lora_forward
+        ctx.save_for_backward(qweight, scale, adapter_out_fp8_t, adapter_out_scale, proxy if lora_dgrad else None)
         ctx.out_features, ctx.backend_name, ctx.proxy_dtype = out_features, backend_name, proxy.dtype
-        ctx.x_shape, ctx.weight_t_cache, ctx.keep_unmerged = x_hp.shape, weight_t_cache, keep_unmerged
+        ctx.x_shape, ctx.weight_t_cache, ctx.lora_dgrad = x_hp.shape, weight_t_cache, lora_dgrad
         return y.reshape(*x_hp.shape[:-1], out_features)
 
     @staticmethod
@@ -88,14 +95,14 @@ class _MeldedFP8Matmul(torch.autograd.Function):
             else:
                 weight_fp8 = from_bits(weight_bits, E4M3)
             grad_x = backend.gemm(g_fp8, weight_fp8, g_scale, scale, grad_out.dtype)
-            if ctx.keep_unmerged:  # the live LoRA term: ∂(o_A·Bᵀ)/∂x = (g·B)·A
+            if ctx.lora_dgrad:  # the live LoRA term: ∂(o_A·Bᵀ)/∂x = (g·B)·A
                 adapter = dequantize(from_bits(qweight[ctx.out_features :], E4M3), scale, g2d.dtype)
                 grad_x = torch.addmm(grad_x, g2d @ proxy.to(g2d.dtype), adapter)
             grad_x = grad_x.reshape(ctx.x_shape)
         if need_proxy:
             grad_proxy = backend.gemm(g_fp8_t, adapter_out_fp8_t.t(), g_scale, adapter_out_scale, torch.float32)
             grad_proxy = grad_proxy.to(ctx.proxy_dtype)
-        return grad_x, grad_proxy, None, None, None, None, None, None
+        return grad_x, grad_proxy, None, None, None, None, None, None, None
 
 
 class FalqonLinear(Float32ScaleMixin):
@@ -103,10 +110,11 @@ class FalqonLinear(Float32ScaleMixin):
 
     State: ``qweight`` (frozen uint8 Parameter, (out + rank, in): E4M3 bits of ``M_q = [W; A]``),
     ``scale`` (float32 buffer, (1,): ``real = fp8 × s``, fixed for the whole run), ``B`` (the only
-    trainable Parameter, (out, rank), zero after every merge) and a frozen ``bias`` when the original
-    layer had one. With ``cache_weight_transpose`` a transposed copy of the W rows is kept outside the
-    state dict (``weight_t_cache``); whoever writes ``qweight`` bytes directly must call
-    :meth:`backbone_changed`.
+    trainable Parameter, (out, rank); after a merge it holds zeros, the unmerged rows or the carry,
+    see :meth:`remainder`) and a frozen ``bias`` when the original layer had one. With
+    ``cache_weight_transpose`` a transposed copy of the W rows is kept outside the state dict
+    (``weight_t_cache``), as is A's projector for the carry; whoever writes ``qweight`` bytes
+    directly must call :meth:`backbone_changed`.
     """
 
     def __init__(
@@ -117,7 +125,7 @@ class FalqonLinear(Float32ScaleMixin):
         *,
         bias: bool = False,
         backend: str = "auto",
-        topk: int | None = None,
+        topk: int | str | None = None,
         cache_weight_transpose: bool = False,
         merge_rounding: str = "nearest",
         unmerged: str = "keep",
@@ -127,8 +135,8 @@ class FalqonLinear(Float32ScaleMixin):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if topk is not None and not 1 <= topk <= out_features:
-            raise ValueError(f"topk must be None or in 1..out_features={out_features}, got {topk}")
+        if topk is not None and topk != "all" and not (isinstance(topk, int) and 1 <= topk <= out_features):
+            raise ValueError(f"topk must be None, 'all' or in 1..out_features={out_features}, got {topk!r}")
         if rank > min(in_features, out_features):
             raise ValueError(
                 f"rank {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}"
@@ -137,8 +145,9 @@ class FalqonLinear(Float32ScaleMixin):
         self.backend, self.topk = backend, topk
         self.merge_rounding, self.seed = merge_rounding, seed
         self.unmerged = unmerged
-        # only with keep: the paper's merge zeroes all of B, there is nothing to carry back
-        self.carry_residual = carry_residual and unmerged == "keep"
+        # the paper's merge (discard, top-k) zeroes all of B: there is nothing to carry back
+        self.carry_residual = carry_residual and (unmerged == "keep" or topk == "all")
+        self._projector: torch.Tensor | None = None  # A_q's projector, derived from qweight (not state)
         self.weight_t_cache = TransposedBitsCache() if cache_weight_transpose else None
         self.qweight = nn.Parameter(
             torch.zeros(out_features + rank, in_features, dtype=torch.uint8, device=device), requires_grad=False
@@ -186,9 +195,37 @@ class FalqonLinear(Float32ScaleMixin):
         return layer
 
     @property
+    def merges_every_row(self) -> bool:
+        """``topk="all"``: every merge takes every row, so B never holds more than the carry."""
+        return self.topk == "all"
+
+    @property
     def rows_per_merge(self) -> int:
-        """k of the row-wise top-k: ``topk``, or ``rank`` when unset (the authors' behaviour)."""
-        return self.topk or self.rank
+        """k of the row-wise top-k: ``topk``, ``out_features`` for ``"all"``, or ``rank`` when unset
+        (the authors' behaviour)."""
+        return self.out_features if self.merges_every_row else self.topk or self.rank
+
+    @property
+    def lora_terms(self) -> tuple[bool, bool]:
+        """Whether the forward adds ``o_A·Bᵀ`` and whether the backward adds its ``(g·B)·A``.
+
+        * the paper's merge: B is zero after every merge — neither.
+        * ``unmerged="keep"`` with top-k: B holds whole rows no merge took yet — both, as LoRA.
+        * ``topk="all"`` with ``carry_residual``: B holds only the carry C, what FP8 rounding dropped
+          (each element of C·A below one FP8 step of W). The forward adds it, so the layer computes
+          the unrounded ``W_q + C·A`` within A's row space (what the benchmark's real-text task
+          needs); the backward leaves it out of ``∂L/∂x``, where it is smaller than the FP8
+          rounding of W that GEMM already carries. One small GEMM over the paper's layer.
+        * ``topk="all"`` without the carry: B is zero after every merge — neither.
+        """
+        if self.merges_every_row:
+            return self.carry_residual, False
+        keep = self.unmerged == "keep"
+        return keep, keep
+
+    def rows_to_merge(self, proxy: torch.Tensor) -> torch.Tensor | None:
+        """The rows the next merge takes: the top-k of ``proxy`` (sorted), or None for every row."""
+        return None if self.merges_every_row else select_rows(proxy, self.rows_per_merge)
 
     def backbone_weight(self) -> torch.Tensor:
         """The dequantized W rows, float32 (out, in)."""
@@ -201,7 +238,7 @@ class FalqonLinear(Float32ScaleMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _MeldedFP8Matmul.apply(
             x, self.B, self.qweight, self.scale, self.out_features, self.backend, self.weight_t_cache,
-            self.unmerged == "keep",
+            *self.lora_terms,
         )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -211,32 +248,35 @@ class FalqonLinear(Float32ScaleMixin):
     def merge_proxy_(
         self, proxy: torch.Tensor | None = None, *, step: int = 0, rows: torch.Tensor | None = None
     ) -> MergeStats:
-        """Merge the top-k rows of B into the FP8 backbone, then reset B (DESIGN.md §1).
+        """Merge the top-k rows of B (every row with ``topk="all"``) into the FP8 backbone, then
+        reset B (DESIGN.md §1).
 
         ``proxy`` overrides the B that is read (e.g. an optimizer's fp32 master copy); resetting that
         copy to :meth:`remainder` is then the caller's job, ``self.B`` is reset here in any case.
-        ``rows`` overrides the top-k choice (``select_rows(proxy, out_features)`` merges every row).
-        ``step`` (the optimizer step) keys stochastic merge rounding; nearest rounding ignores it. No
-        host synchronization: the returned :class:`~falqon_dist.method.proxy.MergeStats` holds
-        device tensors.
+        ``rows`` overrides the top-k choice. ``step`` (the optimizer step) keys stochastic merge
+        rounding; nearest rounding ignores it. No host synchronization: the returned
+        :class:`~falqon_dist.method.proxy.MergeStats` holds device tensors.
         """
         proxy = (self.B if proxy is None else proxy).detach()
-        rows = select_rows(proxy, self.rows_per_merge) if rows is None else rows
+        rows = self.rows_to_merge(proxy) if rows is None else rows
         merge = self.merge_rows_(proxy, rows, step=step)
         self.B.copy_(self.remainder(proxy, rows, merge.carry))
         return merge.stats
 
     @torch.no_grad()
-    def merge_rows_(self, proxy: torch.Tensor, rows: torch.Tensor, *, step: int = 0) -> RowMerge:
-        """Write rows ``rows`` of ``proxy`` (B or its master) into the backbone; B is not touched.
+    def merge_rows_(self, proxy: torch.Tensor, rows: torch.Tensor | None, *, step: int = 0) -> RowMerge:
+        """Write rows ``rows`` of ``proxy`` (B or its master; None = every row) into the backbone;
+        B is not touched.
 
         Returns the statistics, the new bits and, with ``carry_residual``, the carry that
         :meth:`remainder` puts back into B. A cached ``Wᵀ`` is updated in place (only the merged rows,
         i.e. its columns, change).
         """
+        proxy = proxy.detach().float()
+        adapter_q = self.adapter_q()
         merge = apply_rows_(
-            self.qweight.data, rows, proxy.detach().float().index_select(0, rows), self.adapter_q(),
-            self.rounding(step), carry=self.carry_residual,
+            self.qweight.data, rows, proxy if rows is None else proxy.index_select(0, rows), adapter_q,
+            self.rounding(step), projector=self.adapter_projector(adapter_q) if self.carry_residual else None,
         )
         self.rows_rewritten(rows, merge.bits)
         return merge
@@ -245,31 +285,48 @@ class FalqonLinear(Float32ScaleMixin):
         """How this layer's merge at optimizer ``step`` rounds (its noise keyed by seed and step)."""
         return Rounding(stochastic=self.merge_rounding == "stochastic", seed=self.seed, step=step)
 
-    def remainder(self, proxy: torch.Tensor, rows: torch.Tensor, carry: torch.Tensor | None = None) -> torch.Tensor:
-        """What B holds after merging ``rows`` of ``proxy``: zeros (``unmerged="discard"``, the paper),
-        or ``proxy`` with the merged rows zeroed (``unmerged="keep"``) or set to ``carry``, what
-        rounding dropped from them (``carry_residual``). A row holding NaN/inf is zeroed whatever
-        the mode: the merge never wrote it into the backbone, and it must not poison the next forward."""
-        if self.unmerged != "keep":
+    def remainder(
+        self, proxy: torch.Tensor, rows: torch.Tensor | None, carry: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """What B holds after merging ``rows`` of ``proxy`` (None = every row): zeros (the paper's
+        ``unmerged="discard"``), or ``proxy`` with the merged rows zeroed (``unmerged="keep"``), or
+        set to ``carry``, what rounding dropped from them (``carry_residual``). A row holding NaN/inf
+        is zeroed whatever the mode: the merge never wrote it into the backbone, and it must not
+        poison the next forward."""
+        if (self.unmerged != "keep" and rows is not None) or (rows is None and carry is None):
             return torch.zeros_like(proxy)
-        rows = rows.to(proxy.device)
+        if rows is None:  # the carry alone: finite by construction (zero where the sum was not)
+            return carry.to(device=proxy.device, dtype=proxy.dtype)
         if carry is None:
-            kept = proxy.index_fill(0, rows, 0)
+            kept = proxy.index_fill(0, rows.to(proxy.device), 0)
         else:
-            kept = proxy.index_copy(0, rows, carry.to(device=proxy.device, dtype=proxy.dtype))
+            kept = proxy.index_copy(0, rows.to(proxy.device), carry.to(device=proxy.device, dtype=proxy.dtype))
         return torch.where(torch.isfinite(kept).all(dim=1, keepdim=True), kept, 0.0)
+
+    def adapter_projector(self, adapter_q: torch.Tensor | None = None) -> torch.Tensor:
+        """A_q's least-squares projector ``P`` (in × r, see :func:`~falqon_dist.method.proxy.adapter_projector`),
+        computed once: A is frozen. ``adapter_q`` supplies A_q where this rank does not hold it whole
+        (ZeRO-3). Dropped by :meth:`backbone_changed`."""
+        adapter_q = self.adapter_q() if adapter_q is None else adapter_q
+        if self._projector is None or self._projector.device != adapter_q.device:
+            self._projector = adapter_projector(adapter_q)
+        return self._projector
 
     def adapter_q(self) -> torch.Tensor:
         """The adapter rows ``A_q = M_q[out:]`` as float32 in the scaled FP8 domain (rank × in)."""
         return from_bits(self.qweight, E4M3)[self.out_features :].float()
 
-    def rows_rewritten(self, rows: torch.Tensor, new_bits: torch.Tensor) -> None:
-        """Rows ``rows`` of W now hold ``new_bits``: refresh the cached ``Wᵀ`` columns in place."""
+    def rows_rewritten(self, rows: torch.Tensor | None, new_bits: torch.Tensor) -> None:
+        """Rows ``rows`` of W (None = all) now hold ``new_bits``: refresh the cached ``Wᵀ`` in place."""
         if self.weight_t_cache is not None:
+            if rows is None:
+                rows = torch.arange(self.out_features, device=new_bits.device)
             self.weight_t_cache.update_rows_(rows, new_bits)
 
     def backbone_changed(self) -> None:
-        """Drop state derived from the ``qweight`` bytes (the transposed W cache) after they changed."""
+        """Drop state derived from the ``qweight`` bytes (the transposed W cache, A's projector)
+        after they changed."""
+        self._projector = None
         if self.weight_t_cache is not None:
             self.weight_t_cache.invalidate()
 
@@ -280,7 +337,8 @@ class FalqonLinear(Float32ScaleMixin):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.bias is not None}, topk={self.rows_per_merge}, backend={self.backend}"
+            f"bias={self.bias is not None}, topk={'all' if self.merges_every_row else self.rows_per_merge}, "
+            f"backend={self.backend}"
             + (", cache_weight_transpose=True" if self.weight_t_cache is not None else "")
             + (", merge_rounding=stochastic" if self.merge_rounding == "stochastic" else "")
             + (", unmerged=discard" if self.unmerged == "discard" else "")

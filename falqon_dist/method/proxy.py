@@ -17,11 +17,17 @@ uniform noise is a counter-based hash of (layer seed, step, element index in ``M
 state, computed on the parameter's device, and the same bits on every rank, every device and every
 ZeRO-3 partitioning.
 
-**Carrying what rounding drops** (``carry=True``, for ``unmerged="keep"``): the residual of a merged
-row, ``R_j = (W_q,j + B_j A_q) − Q(W_q,j + B_j A_q)`` (zero where the sum clamped or was not
-finite), is what FP8 rounded away. Its least-squares projection onto A's rows,
+**Merging every row** (``rows=None``, the layer's ``topk="all"``): ``T`` is all of W's rows, so no
+row waits in B and nothing is sorted, gathered or scattered. B then holds at most the carry (below
+one FP8 step of each merged element), which the forward does not need: the layer costs exactly the
+paper's GEMMs, and the backbone follows ``W_0 + Σ_t ΔB_t·A`` up to one FP8 rounding, as LoRA with
+A frozen would.
 
-    C_j = R_j A_qᵀ (A_q A_qᵀ + εI)⁻¹            (k × r, one r × r Cholesky solve)
+**Carrying what rounding drops** (a ``projector`` given, for ``unmerged="keep"`` or ``topk="all"``):
+the residual of a merged row, ``R_j = (W_q,j + B_j A_q) − Q(W_q,j + B_j A_q)`` (zero where the sum
+clamped or was not finite), is what FP8 rounded away. Its least-squares projection onto A's rows,
+
+    C_j = R_j · P,   P = A_qᵀ (A_q A_qᵀ + εI)⁻¹      (in × r, computed once per layer: A is frozen)
 
 goes back into B instead of zero, so an update too small to move a single FP8 byte is not lost but
 accumulates until it does (error feedback): a row whose update rounds away entirely gets its
@@ -32,23 +38,28 @@ matmul, scatter); nothing is read back to the host. Statistics are 0-dim device 
 (:class:`MergeStats`), read once when they are logged. On a GPU the merge of a layer is then a
 short, asynchronous stream of small kernels whatever the number of layers.
 
-Two writers share :func:`merged_row_bits`:
+Three writers share :func:`merged_row_bits`:
 
 * :func:`apply_rows_` — a whole ``M_q`` (replicas under ZeRO 0–2, single process): gather the k
-  rows, merge, scatter them back.
+  rows, merge, scatter them back (or merge every row in place).
 * :func:`apply_rows_to_slice_` — one rank's flat slice of the row-major ``M_q`` (ZeRO-3), given the
   full current bits of the k rows: only the elements inside ``[offset, offset + n)`` change, and
   the bytes (and the carry) equal the unsharded merge's.
+* :func:`apply_all_rows_to_slice_` — every row into one rank's flat slice (ZeRO-3): each element
+  needs only its own byte, so nothing is gathered; the bytes equal the unsharded merge's, the carry
+  is a per-slice partial sum for the caller to all-reduce.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from falqon_dist.fp8 import E4M3, E4M3_MAX, to_bits
+from falqon_dist.fp8.cast import compiled_kernels_apply, run_compiled
 
 _MASK32 = 0xFFFFFFFF
 #: The counts of :class:`MergeStats`, in :meth:`MergeStats.counts` order.
@@ -181,52 +192,118 @@ def stochastic_round_e4m3(values: torch.Tensor, noise: torch.Tensor) -> torch.Te
 
 
 class MergedRows(NamedTuple):
-    """k merged rows: their new E4M3 ``bits`` (k × in, uint8), three boolean masks (k × in) and the
-    ``residual`` (k × in, float32, scaled domain) that rounding dropped, zero where the sum clamped
-    or was not finite."""
+    """k merged rows: their new E4M3 ``bits`` (k × in, uint8), the ``residual`` (k × in, float32,
+    scaled domain) that rounding dropped, zero where the sum clamped or was not finite, and the
+    counts (0-dim int64) over the owned elements: ``saturated``, ``nonfinite``, ``changed`` (bytes
+    that differ from the old ones) and ``elements``."""
 
     bits: torch.Tensor
+    residual: torch.Tensor
     saturated: torch.Tensor
     nonfinite: torch.Tensor
     changed: torch.Tensor
-    residual: torch.Tensor
+    elements: torch.Tensor
 
 
-def merged_row_bits(
-    old_bits: torch.Tensor,
-    proxy_rows: torch.Tensor,
-    adapter_q: torch.Tensor,
-    noise: torch.Tensor | None = None,
-) -> MergedRows:
-    """The merged E4M3 bits of k rows: ``Q(clamp(W_q + B·A_q, ±448))``, non-finite sums keep ``W_q``.
-
-    ``old_bits`` (k × in, uint8), ``proxy_rows`` (k × r), ``adapter_q`` (r × in, float32, scaled
-    domain), ``noise`` (k × in uniform [0, 1) for stochastic rounding, or None for nearest).
-    """
+def _merge_rows(
+    old_bits: torch.Tensor, update: torch.Tensor, noise: torch.Tensor | None, owned: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """The eager reference of :func:`merged_row_bits` (and what ``torch.compile`` traces)."""
     old = old_bits.view(E4M3).float()
-    target = old + proxy_rows.float() @ adapter_q.float()
+    target = old + update
     finite = torch.isfinite(target)
     saturated = finite & (target.abs() > E4M3_MAX)
     updated = torch.where(finite, target.clamp(-E4M3_MAX, E4M3_MAX), old)
     rounded = updated.to(E4M3) if noise is None else stochastic_round_e4m3(updated, noise)
     new_bits = to_bits(rounded)
     residual = torch.where(finite & ~saturated, updated - rounded.float(), 0.0)
-    return MergedRows(new_bits, saturated, ~finite, new_bits != old_bits, residual)
+    nonfinite, changed = ~finite, new_bits != old_bits
+    if owned is None:
+        elements = torch.full((), old_bits.numel(), dtype=torch.int64, device=old_bits.device)  # a fill: no copy
+    else:
+        saturated, nonfinite, changed, elements = saturated & owned, nonfinite & owned, changed & owned, owned
+    return new_bits, residual, saturated.sum(), nonfinite.sum(), changed.sum(), elements.sum()
 
 
-def project_onto_adapter(residual: torch.Tensor, adapter_q: torch.Tensor) -> torch.Tensor:
-    """``C`` (k × r) minimizing ``‖C·A_q − R‖``: ``R A_qᵀ (A_q A_qᵀ + εI)⁻¹``, float32, sync-free.
+# One code object per variant (dynamo keeps compiled graphs per code object, see fp8/cast.py).
+def _merge_nearest(old_bits, update):
+    return _merge_rows(old_bits, update, None, None)
+
+
+def _merge_nearest_owned(old_bits, update, owned):
+    return _merge_rows(old_bits, update, None, owned)
+
+
+def _merge_stochastic(old_bits, update, noise):
+    return _merge_rows(old_bits, update, noise, None)
+
+
+def _merge_stochastic_owned(old_bits, update, noise, owned):
+    return _merge_rows(old_bits, update, noise, owned)
+
+
+_MERGE_VARIANTS = {
+    (False, False): _merge_nearest,
+    (False, True): _merge_nearest_owned,
+    (True, False): _merge_stochastic,
+    (True, True): _merge_stochastic_owned,
+}
+
+
+@functools.cache
+def _compiled_merge(stochastic: bool, owned: bool):
+    return torch.compile(_MERGE_VARIANTS[stochastic, owned], dynamic=True, fullgraph=True)
+
+
+def merged_row_bits(
+    old_bits: torch.Tensor,
+    update: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    owned: torch.Tensor | None = None,
+) -> MergedRows:
+    """The merged E4M3 bits of k rows: ``Q(clamp(W_q + U, ±448))``, non-finite sums keep ``W_q``.
+
+    ``old_bits`` (k × in, uint8), ``update`` (k × in, float32, scaled domain: ``U = B·A_q`` of those
+    rows, computed by the caller so that every writer takes it from the same GEMM), ``noise``
+    (k × in uniform [0, 1) for stochastic rounding, or None for nearest), ``owned`` (k × in bool:
+    the elements to count; None = all). With the compiled kernels (``fp8.cast=compiled``, the
+    default) this is one fused pass — read a byte and the update, write a byte and the residual,
+    reduce the counts — instead of ~15 eager ops each over the k × in block; the bits are the same.
+    """
+    extra = [t for t in (noise, owned) if t is not None]
+    eager = lambda: _merge_rows(old_bits, update, noise, owned)  # noqa: E731
+    if not compiled_kernels_apply(old_bits):
+        return MergedRows(*eager())
+    compiled = _compiled_merge(noise is not None, owned is not None)
+    return MergedRows(*run_compiled(compiled, eager, old_bits, update, *extra, what="proxy merge"))
+
+
+def row_updates(proxy_rows: torch.Tensor, adapter_q: torch.Tensor) -> torch.Tensor:
+    """``U = B_rows · A_q`` (k × in, float32): what a merge adds to those rows in the scaled domain."""
+    return proxy_rows.float() @ adapter_q.float()
+
+
+def adapter_projector(adapter_q: torch.Tensor) -> torch.Tensor:
+    """``P = A_qᵀ (A_q A_qᵀ + εI)⁻¹`` (in × r, float32): ``R·P`` is the least-squares ``C`` of ``C·A_q ≈ R``.
 
     ``ε`` (1e-6 of the Gram matrix's mean diagonal) keeps the r × r system positive definite for any
     A (a Cholesky that could fail would need a host check); entries that still come out non-finite
-    are zero, so the carry can never put a NaN into B.
+    are zero. A never changes during training, so a layer computes ``P`` once (see
+    ``FalqonLinear.adapter_projector``). Sync-free.
     """
     adapter = adapter_q.float()
     gram = adapter @ adapter.T
     ridge = gram.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny) * 1e-6
     gram = gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     factor, _ = torch.linalg.cholesky_ex(gram)  # the info flag is not read: no host sync
-    carry = torch.cholesky_solve((residual.float() @ adapter.T).T, factor).T
+    projector = torch.cholesky_solve(adapter, factor).T
+    return torch.where(torch.isfinite(projector), projector, 0.0)
+
+
+def project_onto_adapter(residual: torch.Tensor, projector: torch.Tensor) -> torch.Tensor:
+    """``C = R·P`` (k × r): the coefficients on A's rows that best reproduce ``R`` (k × in);
+    non-finite entries are zero, so the carry can never put a NaN into B."""
+    carry = residual.float() @ projector.to(residual.device)
     return torch.where(torch.isfinite(carry), carry, 0.0)
 
 
@@ -235,15 +312,14 @@ def _row_elements(rows: torch.Tensor, in_features: int, device: torch.device) ->
     return rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device)
 
 
-def _stats(proxy_rows: torch.Tensor, merged: MergedRows, owned: torch.Tensor | None = None) -> MergeStats:
-    """The counts of one merge over the elements ``owned`` (a k × in mask; None = all merged elements)."""
-    owned = torch.ones_like(merged.changed) if owned is None else owned
+def _stats(proxy_rows: torch.Tensor, merged: MergedRows) -> MergeStats:
+    """The counts of one merge (``merged`` counted its owned elements)."""
     return MergeStats(
         rows_merged=proxy_rows.abs().sum(dim=1).gt(0).sum(),
-        saturated=(merged.saturated & owned).sum(),
-        nonfinite=(merged.nonfinite & owned).sum(),
-        changed=(merged.changed & owned).sum(),
-        elements=owned.sum(),
+        saturated=merged.saturated,
+        nonfinite=merged.nonfinite,
+        changed=merged.changed,
+        elements=merged.elements,
         layers=1,
     )
 
@@ -258,33 +334,97 @@ class RowMerge(NamedTuple):
 
 
 def _merge(
-    old_rows: torch.Tensor, rows: torch.Tensor, proxy_rows: torch.Tensor, adapter_q: torch.Tensor, rounding: Rounding
+    old_rows: torch.Tensor,
+    rows: torch.Tensor,
+    proxy_rows: torch.Tensor,
+    adapter_q: torch.Tensor,
+    rounding: Rounding,
+    owned: torch.Tensor | None = None,
 ) -> MergedRows:
     """:func:`merged_row_bits` of the gathered rows ``rows`` (their bits ``old_rows``, k × in) of ``M_q``."""
     device = old_rows.device
     noise = rounding.noise(_row_elements(rows, old_rows.shape[1], device))
-    return merged_row_bits(old_rows, proxy_rows.to(device), adapter_q.to(device), noise)
+    return merged_row_bits(old_rows, row_updates(proxy_rows.to(device), adapter_q.to(device)), noise, owned)
 
 
-def _carry(merged: MergedRows, adapter_q: torch.Tensor, carry: bool) -> torch.Tensor | None:
-    return project_onto_adapter(merged.residual, adapter_q.to(merged.residual.device)) if carry else None
+def _carry(merged: MergedRows, projector: torch.Tensor | None) -> torch.Tensor | None:
+    return None if projector is None else project_onto_adapter(merged.residual, projector)
 
 
 def apply_rows_(
     bits: torch.Tensor,
-    rows: torch.Tensor,
+    rows: torch.Tensor | None,
     proxy_rows: torch.Tensor,
     adapter_q: torch.Tensor,
     rounding: Rounding = NEAREST,
     *,
-    carry: bool = False,
+    projector: torch.Tensor | None = None,
 ) -> RowMerge:
-    """Merge ``proxy_rows`` (k × r) into rows ``rows`` of the whole ``M_q`` ``bits`` ((out+r) × in)."""
-    rows = rows.to(bits.device)
-    merged = _merge(bits.index_select(0, rows), rows, proxy_rows, adapter_q, rounding)
-    bits.index_copy_(0, rows, merged.bits)
+    """Merge ``proxy_rows`` (k × r) into rows ``rows`` of the whole ``M_q`` ``bits`` ((out+r) × in).
+
+    ``rows=None`` merges every W row (``proxy_rows`` is then all of B, out × r) in place, without
+    the gather and scatter of a row selection.
+    """
+    if rows is None:
+        out, in_features = proxy_rows.shape[0], bits.shape[1]
+        weight = bits[:out]
+        noise = rounding.noise(torch.arange(out * in_features, device=bits.device).view(out, in_features))
+        merged = merged_row_bits(weight, row_updates(proxy_rows.to(bits.device), adapter_q.to(bits.device)), noise)
+        weight.copy_(merged.bits)
+    else:
+        rows = rows.to(bits.device)
+        merged = _merge(bits.index_select(0, rows), rows, proxy_rows, adapter_q, rounding)
+        bits.index_copy_(0, rows, merged.bits)
     stats = _stats(proxy_rows, merged)
-    return RowMerge(stats, merged.bits, _carry(merged, adapter_q, carry))
+    return RowMerge(stats, merged.bits, _carry(merged, projector))
+
+
+def apply_all_rows_to_slice_(
+    flat: torch.Tensor,
+    offset: int,
+    proxy: torch.Tensor,
+    adapter_q: torch.Tensor,
+    rounding: Rounding = NEAREST,
+    *,
+    projector: torch.Tensor | None = None,
+) -> RowMerge:
+    """Merge every W row into a flat slice: ``flat`` holds elements ``[offset, offset + n)`` of ``M_q``.
+
+    Every element's update ``B_i·A_q[:, j]`` needs only its own old byte, B (out × r, full) and A_q:
+    nothing of the backbone is gathered, and the bytes equal the unsharded merge's. Elements of the
+    A rows (flat index ≥ out·in) are left as they are. The returned carry is this slice's *partial*
+    projection (out × r; rows the slice does not reach are zero): a row split across slices gets
+    its carry as the sum over the slices (``Σ_slices R_slice·P_slice = R·P``), which the caller
+    all-reduces. ``bits`` of the returned merge are the merged rows the slice spans.
+    """
+    out, in_features = proxy.shape[0], adapter_q.shape[1]
+    device, n = flat.device, flat.numel()
+    lo, hi = offset, min(offset + n, out * in_features)  # the slice's W elements, flat
+    if hi <= lo:  # no W element here: nothing written, nothing counted but the rows
+        empty = merged_row_bits(torch.zeros(0, in_features, dtype=torch.uint8, device=device),
+                                torch.zeros(0, in_features, device=device))
+        stats = _stats(proxy, empty)
+        carry = None if projector is None else torch.zeros_like(proxy, dtype=torch.float32)
+        return RowMerge(stats, empty.bits, carry)
+    first, last = lo // in_features, (hi - 1) // in_features  # rows the slice spans (Python ints: no sync)
+    start = first * in_features  # flat index of the first spanned element
+    spanned = torch.zeros((last - first + 1) * in_features, dtype=torch.uint8, device=device)
+    spanned[lo - start : hi - start] = flat[lo - offset : hi - offset]  # outside the slice: +0, masked below
+    elements = torch.arange(start, start + spanned.numel(), device=device)
+    owned = ((elements >= lo) & (elements < hi)).view(-1, in_features)
+    noise = rounding.noise(elements.view(-1, in_features))
+    # the update of every row from one GEMM as in the unsharded merge (a GEMM's rows may round
+    # differently with its shape), then the rows this slice spans: the same bytes for any partitioning
+    update = row_updates(proxy.to(device), adapter_q.to(device))[first : last + 1]
+    merged = merged_row_bits(spanned.view(-1, in_features), update, noise, owned)
+    flat[lo - offset : hi - offset] = merged.bits.view(-1)[lo - start : hi - start]
+    stats = _stats(proxy, merged)  # rows: all of B's, the same count on every rank
+    carry = None
+    if projector is not None:
+        partial = project_onto_adapter(torch.where(owned, merged.residual, 0.0), projector)
+        carry = torch.zeros(out, partial.shape[1], dtype=torch.float32, device=device)
+        carry[first : last + 1] = partial
+    return RowMerge(stats, merged.bits, carry)
 
 
 def apply_rows_to_slice_(
@@ -296,7 +436,7 @@ def apply_rows_to_slice_(
     adapter_q: torch.Tensor,
     rounding: Rounding = NEAREST,
     *,
-    carry: bool = False,
+    projector: torch.Tensor | None = None,
 ) -> RowMerge:
     """The same merge on a flat slice: ``flat`` holds elements ``[offset, offset + n)`` of ``M_q``.
 
@@ -310,13 +450,12 @@ def apply_rows_to_slice_(
     """
     n, device = flat.numel(), flat.device
     rows = rows.to(device)
-    merged = _merge(old_rows.to(device), rows, proxy_rows, adapter_q, rounding)
-    if n == 0 or rows.numel() == 0:
-        owned_here = torch.zeros_like(merged.changed)  # this slice holds none of the merged elements
-        return RowMerge(_stats(proxy_rows, merged, owned_here), merged.bits, _carry(merged, adapter_q, carry))
     in_features = old_rows.shape[1]
     local = _row_elements(rows, in_features, device) - offset
-    inside = (local >= 0) & (local < n)
+    inside = (local >= 0) & (local < n)  # the merged elements this slice holds (and counts)
+    merged = _merge(old_rows.to(device), rows, proxy_rows, adapter_q, rounding, inside)
+    if n == 0 or rows.numel() == 0:
+        return RowMerge(_stats(proxy_rows, merged), merged.bits, _carry(merged, projector))
     clamped = local.clamp(0, n - 1)
     new_flat = merged.bits.reshape(-1)
 
@@ -331,5 +470,4 @@ def apply_rows_to_slice_(
 
     fill = torch.where(local < 0, final_value(0), final_value(n - 1))
     flat.index_put_((clamped.reshape(-1),), torch.where(inside, merged.bits, fill).reshape(-1))
-    stats = _stats(proxy_rows, merged, inside)
-    return RowMerge(stats, merged.bits, _carry(merged, adapter_q, carry))
+    return RowMerge(_stats(proxy_rows, merged), merged.bits, _carry(merged, projector))

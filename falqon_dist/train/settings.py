@@ -94,7 +94,7 @@ class TrainSettings:
 class MethodSettings:
     name: str
     rank: int | None
-    topk: int | None
+    topk: int | str | None
     init: str
     alpha: float | None
     dropout: float
@@ -203,8 +203,8 @@ def _method(m: DictConfig) -> MethodSettings:
     if name != "full":
         _positive_int(rank, "method.rank")
     topk = m.get("topk")
-    if topk is not None:
-        _positive_int(topk, "method.topk")
+    if topk is not None and topk != "all" and not (isinstance(topk, int) and not isinstance(topk, bool) and topk > 0):
+        raise ConfigError(f"method.topk must be null (= method.rank), 'all' or a positive integer, got {topk!r}")
     init = _choice(m.get("init", "svd"), "method.init", ("svd", "random"))
     alpha = m.get("alpha")
     if alpha is not None:

@@ -6,7 +6,8 @@ the fp32 master copy of B zeroed, scales float32 and unchanged, partition sizes 
 distributed merge writes exactly the bytes of a single-process merge for the same B, with nearest and
 with stochastic rounding (the noise is a pure function of the element index, each ZeRO-3 rank uses
 its slice), and with ``unmerged="keep"`` (the fp32 master then holds exactly the unmerged rows) with
-and without ``carry_residual`` (the carried merged rows equal the single-process merge's).
+and without ``carry_residual`` (the carried merged rows equal the single-process merge's), and with
+``topk="all"`` (every row; under ZeRO-3 nothing of W gathered, the carry summed over the slices).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ CHECKS = [
     "stochastic-merge-bytes-match-reference",
     "keep-merge-bytes-match-reference",
     "keep-carry-merge-bytes-match-reference",
+    "keep-carry-all-rows-merge-bytes-match-reference",
+    "stochastic-carry-all-rows-merge-bytes-match-reference",
 ]
 
 

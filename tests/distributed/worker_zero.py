@@ -119,16 +119,21 @@ def check_training(stage: int, bf16: bool) -> None:
     check_merge_bytes(engine, tag, rounding="stochastic", proxy_scale=0.02, step=5)
     check_merge_bytes(engine, tag, unmerged="keep", step=6)
     check_merge_bytes(engine, tag, unmerged="keep", carry=True, proxy_scale=0.02, step=7)
+    check_merge_bytes(engine, tag, unmerged="keep", carry=True, proxy_scale=0.02, step=8, topk="all")
+    check_merge_bytes(engine, tag, rounding="stochastic", carry=True, proxy_scale=0.02, step=9, topk="all")
 
 
 def check_merge_bytes(
     engine, tag: str, rounding: str = "nearest", proxy_scale: float = 0.5, step: int = 0, unmerged: str = "discard",
-    carry: bool = False,
+    carry: bool = False, topk: str | None = None,
 ) -> None:
     """The distributed merge writes exactly the bytes a single-process merge writes for the same B
     (with stochastic rounding too: small proxies, so the noise decides many elements); with
     ``unmerged="keep"`` the fp32 master of B then holds exactly the reference's unmerged rows, and
-    with ``carry`` (small proxies: much is rounded away) the reference's carried merged rows too."""
+    with ``carry`` (small proxies: much is rounded away) the reference's carried merged rows too.
+    With ``topk="all"`` every row is merged; under ZeRO-3 each rank merges its slice without
+    gathering W and the carry of rows split between slices is summed over the ranks, so the master
+    equals the reference's carry up to float rounding of that sum (and is the same on every rank)."""
     reference = tiny_llama()
     fd.convert_model(reference, RANK_CFG)
     dist_layers = [layer for _, layer in fd.falqon_layers(engine.module)]
@@ -136,7 +141,7 @@ def check_merge_bytes(
     for ref, full in zip(ref_layers, full_qweights(engine.module)):
         ref.qweight.data.copy_(full)
     for layer in (*dist_layers, *ref_layers):
-        layer.merge_rounding, layer.unmerged, layer.carry_residual = rounding, unmerged, carry
+        layer.merge_rounding, layer.unmerged, layer.carry_residual, layer.topk = rounding, unmerged, carry, topk
     g = torch.Generator().manual_seed(7)  # the same proxies on every rank
     proxies = [torch.randn(layer.out_features, layer.rank, generator=g) * proxy_scale for layer in ref_layers]
     from deepspeed.utils import safe_set_full_fp32_param
@@ -155,7 +160,7 @@ def check_merge_bytes(
     for layer, proxy in zip(ref_layers, proxies):
         s = layer.merge_proxy_(proxy, step=step).to_dict()
         ref_stats = {k: ref_stats[k] + s[k] for k in ref_stats}
-        assert len(select_rows(proxy, layer.rows_per_merge)) == layer.rows_per_merge
+        assert topk == "all" or len(select_rows(proxy, layer.rows_per_merge)) == layer.rows_per_merge
     for ref, full in zip(ref_layers, full_qweights(engine.module)):
         assert torch.equal(ref.qweight, full), f"{tag}: distributed {rounding} merge bytes differ from the reference"
     assert stats["rows_merged"] == ref_stats["rows_merged"], (stats, ref_stats)
@@ -164,15 +169,20 @@ def check_merge_bytes(
     assert changed > 0, f"{tag}: the {rounding} merge changed nothing"
     for dist_layer, ref in zip(dist_layers, ref_layers):
         master = engine._proxy_masters.read_full(dist_layer.B)
-        assert torch.equal(master, ref.B.detach().float()), f"{tag}: B master after an unmerged={unmerged} merge"
+        assert_same_on_all_ranks(digest([master]), f"{tag}: B master after a merge")
+        if topk == "all":
+            assert torch.allclose(master, ref.B.detach().float(), rtol=1e-5, atol=1e-6), f"{tag}: carry of an all-rows merge"
+        else:
+            assert torch.equal(master, ref.B.detach().float()), f"{tag}: B master after an unmerged={unmerged} merge"
         if carry:  # every merged row got back what rounding dropped from it
             assert master.ne(0).any(dim=1).all(), f"{tag}: a merged row carried nothing back"
         elif unmerged == "keep":
             assert master.any() and (master.ne(0).any(dim=1).sum() == ref.out_features - ref.rows_per_merge)
         dist_layer.merge_rounding, dist_layer.unmerged, dist_layer.carry_residual = "nearest", "discard", False
+        dist_layer.topk = None
         engine._proxy_masters.zero_(dist_layer.B)
     label = ("" if rounding == "nearest" else f"{rounding}-") + ("keep-" if unmerged == "keep" else "")
-    label += "carry-" if carry else ""
+    label += ("carry-" if carry else "") + ("all-rows-" if topk == "all" else "")
     say(f"{tag} {label}merge-bytes-match-reference")
 
 

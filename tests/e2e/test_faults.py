@@ -142,7 +142,7 @@ def test_an_incompatible_resume_fails_first_and_changes_nothing(tmp_path):
                              f"run.dir={run}"], check=False, timeout=300)
     assert proc.returncode == 1
     errors = _errors(proc)
-    assert len(errors) == 1 and "method.rank: 16 -> 8" in errors[0] and "method.topk: None -> 4" in errors[0], errors
+    assert len(errors) == 1 and "method.rank: 16 -> 8" in errors[0] and "method.topk: 'all' -> 4" in errors[0], errors
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "train.log"}
     assert after == before  # config.yaml, checkpoints, metrics: untouched
     # a different number of ranks is named too

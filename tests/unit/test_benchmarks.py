@@ -150,30 +150,30 @@ def test_model_bench_writes_a_loadable_shape_model(tmp_path):
 def test_learning_bench_sweeps_variants_through_the_trainer(tmp_path):
     proc = processes.run(
         [sys.executable, str(BENCHMARKS / "bench_learning.py"), "--quick", "--variants", "lora", "falqon_keep",
-         "falqon_carry", "--lr-scale", "1", "--jobs", "2", "--time-rounds", "1", "--out", str(tmp_path)],
+         "falqon_all", "--lr-scale", "1", "--jobs", "2", "--time-rounds", "1", "--out", str(tmp_path)],
         env=dict(os.environ), timeout=600, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((tmp_path / "results.json").read_text())
     runs = {r["variant"]: r for r in payload["runs"]}
-    assert set(runs) == {"lora", "falqon_keep", "falqon_carry"} and all(r["status"] == "ok" for r in runs.values()), runs
+    assert set(runs) == {"lora", "falqon_keep", "falqon_all"} and all(r["status"] == "ok" for r in runs.values()), runs
     assert runs["lora"]["lr"] == 3e-3 and runs["falqon_keep"]["lr"] == 0.05
     for r in runs.values():
         assert r["task"] == "demo" and math.isfinite(r["eval_loss"]) and r["eval_loss"] < r["eval_loss_before"]
-    config = (tmp_path / "demo" / "falqon_carry_lr0.1" / "config.yaml").read_text()
-    assert "unmerged: keep" in config and "carry_residual: true" in config
+    config = (tmp_path / "demo" / "falqon_all_lr0.1" / "config.yaml").read_text()
+    assert "topk: all" in config and "carry_residual: true" in config
     summary = payload["summary"]["demo"]
     assert summary["lora"]["x_best_lora"] == 1.0 and summary["falqon_keep"]["best_lr"] == 0.05
     checks = payload["acceptance"]["demo"]  # every FALQON variant but the paper's, at 1x only here
-    assert set(checks) == {"falqon_keep", "falqon_carry"}
-    check = checks["falqon_carry"]
-    assert [c["scale"] for c in check] == [0.5, 1.0, 2.0, None] and check[1]["value"] == runs["falqon_carry"]["exact_match"]
+    assert set(checks) == {"falqon_keep", "falqon_all"}
+    check = checks["falqon_all"]
+    assert [c["scale"] for c in check] == [0.5, 1.0, 2.0, None] and check[1]["value"] == runs["falqon_all"]["exact_match"]
     assert check[0]["value"] is None  # not run: 0.5x
     timing = payload["timing"]["demo"]  # the step time comes from the separate paper-vs-default runs
     assert timing["status"] == "ok" and len(timing["ratios"]) == 1 and check[3]["value"] == timing["ratio"] > 0
     assert (tmp_path / "demo" / "timing" / "falqon_paper_0" / "metrics.jsonl").exists()
     text = (tmp_path / "results.md").read_text()
-    assert text.startswith("# falqon_dist learning benchmark") and "| falqon_carry (default) |" in text
+    assert text.startswith("# falqon_dist learning benchmark") and "| falqon_all (default) |" in text
     assert "measured apart from the sweep" in text
 
 

@@ -10,6 +10,7 @@ import falqon_dist as fd
 from omegaconf import open_dict
 from hydra import compose, initialize_config_dir
 
+from falqon_dist.train.model_setup import falqon_config
 from falqon_dist.train.preflight import preflight
 from falqon_dist.train.settings import ConfigError, validate
 
@@ -34,6 +35,13 @@ def test_default_composes_and_validates():
     assert settings.method.name == "falqon" and settings.deepspeed.zero_stage == 3
     assert settings.train.lr == 0.1  # FALQON's own default rate, interpolated from method.lr
     assert settings.data.name == "synthetic"
+
+
+@pytest.mark.parametrize("value, expected", [("all", "all"), ("null", None), ("4", 4)])
+def test_falqon_topk_takes_all_null_or_a_count(value, expected):
+    settings = validate(compose_cfg([f"method.topk={value}"]))
+    assert settings.method.topk == expected
+    assert falqon_config(settings).topk == expected
 
 
 @pytest.mark.parametrize(
@@ -74,6 +82,7 @@ def test_every_shipped_config_composes(group, option, tmp_path):
         ("train.resume=maybe", "train.resume"),
         ("method.rank=0", "method.rank"),
         ("method.topk=0", "method.topk"),
+        ("method.topk=every", "method.topk"),
         ("method.merge_rounding=up", "method.merge_rounding"),
         ("method.unmerged=hold", "method.unmerged"),
         ("model.dtype=fp16", "model.dtype"),

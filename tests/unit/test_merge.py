@@ -10,7 +10,9 @@ from torch import nn
 import falqon_dist as fd
 from falqon_dist import fp8
 from falqon_dist.fp8.instrument import HostSyncCounter
-from falqon_dist.method.proxy import Rounding, apply_rows_, apply_rows_to_slice_, merge_noise, select_rows
+from falqon_dist.method.proxy import (
+    Rounding, adapter_projector, apply_all_rows_to_slice_, apply_rows_, apply_rows_to_slice_, merge_noise, select_rows,
+)
 
 IN, OUT, RANK = 96, 80, 16
 
@@ -32,11 +34,12 @@ def _train_step(model: nn.Module) -> None:
                 p.grad = None
 
 
+@pytest.mark.parametrize("topk", [None, "all"], ids=["topk", "all-rows"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_forward_backward_and_merge_issue_no_host_sync(rounding):
+def test_forward_backward_and_merge_issue_no_host_sync(rounding, topk):
     """0 syncs per layer for fwd+bwd and for the merge of any number of layers; 1 to read the stats."""
     for layers in (1, 6):
-        model = _model(layers, merge_rounding=rounding)
+        model = _model(layers, merge_rounding=rounding, topk=topk)
         x = torch.randn(24, IN, requires_grad=True)
         with HostSyncCounter() as fwd_bwd:
             model(x).pow(2).mean().backward()
@@ -47,7 +50,8 @@ def test_forward_backward_and_merge_issue_no_host_sync(rounding):
         assert merge.total == 0, merge.by_op
         with HostSyncCounter() as read:
             counts = stats.to_dict()
-        assert read.total == 1 and counts["layers"] == layers and counts["rows_merged"] == layers * RANK
+        rows = IN if topk == "all" else RANK
+        assert read.total == 1 and counts["layers"] == layers and counts["rows_merged"] == layers * rows
 
 
 def test_sync_counter_sees_what_the_old_merge_did():
@@ -75,7 +79,8 @@ def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stoch
     bits, rows, proxy_rows, adapter_q = _merge_inputs()
     whole = bits.clone()
     rounding = Rounding(stochastic=stochastic, seed=7, step=11)
-    stats, _, carry = apply_rows_(whole, rows, proxy_rows, adapter_q, rounding, carry=True)
+    projector = adapter_projector(adapter_q)
+    stats, _, carry = apply_rows_(whole, rows, proxy_rows, adapter_q, rounding, projector=projector)
     flat = bits.clone().view(-1)
     old_rows = bits.index_select(0, rows)  # what the ZeRO-3 writer gathers from the slices
     part = -(-flat.numel() // world)  # ZeRO-3-style equal partitions; slices split rows anywhere
@@ -83,7 +88,7 @@ def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stoch
     for rank in range(world):
         piece = flat[rank * part : (rank + 1) * part].clone()
         s, _, slice_carry = apply_rows_to_slice_(
-            piece, rank * part, rows, old_rows, proxy_rows, adapter_q, rounding, carry=True
+            piece, rank * part, rows, old_rows, proxy_rows, adapter_q, rounding, projector=projector
         )
         flat[rank * part : rank * part + piece.numel()] = piece
         saturated += int(s.saturated)
@@ -138,6 +143,21 @@ def test_non_finite_rows_of_b_are_zeroed_merged_or_not(carry):
     assert torch.isfinite(model(torch.randn(4, IN))).all()
 
 
+def test_non_finite_rows_of_b_leave_the_backbone_and_the_carry_finite_when_every_row_is_merged():
+    model = _model(1, topk="all", carry_residual=True)
+    layer = model[0]
+    before = layer.qweight.clone()
+    with torch.no_grad():
+        layer.B.normal_(std=0.01)
+        layer.B[[3, 5], 1] = float("nan")
+        layer.B[7, 0] = float("inf")
+    stats = fd.merge_proxies_(model).to_dict()
+    assert stats["nonfinite"] == 3 * IN and stats["changed"] > 0
+    assert torch.equal(layer.qweight[[3, 5, 7]], before[[3, 5, 7]])  # the bad rows keep their bytes
+    assert torch.isfinite(layer.B).all() and not layer.B[[3, 5, 7]].any()
+    assert torch.isfinite(model(torch.randn(4, IN))).all()
+
+
 def test_merge_noise_is_uniform_and_a_pure_function_of_seed_step_and_element():
     index = torch.arange(200_000)
     noise = merge_noise(5, 9, index)
@@ -169,3 +189,56 @@ def test_changed_counts_the_bytes_a_merge_really_wrote():
         layer.B.normal_(std=0.1)
     large = fd.merge_proxies_(model).to_dict()
     assert large["changed"] == int((layer.qweight != before).sum()) > 0
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("world", [1, 2, 3, 5, 8, 200])
+def test_all_rows_slice_merge_equals_the_whole_merge_for_any_partitioning(world, stochastic):
+    """Every row merged into slices (ZeRO-3, topk="all"): the same bytes as the whole-tensor merge,
+    A's rows untouched, each element counted by one slice, and the slices' partial carries summing
+    to the whole merge's carry (float rounding of the sum aside)."""
+    bits, _, _, adapter_q = _merge_inputs()
+    proxy = torch.randn(OUT, RANK, generator=torch.Generator().manual_seed(3)) * 0.05
+    rounding = Rounding(stochastic=stochastic, seed=7, step=11)
+    projector = adapter_projector(adapter_q)
+    whole = bits.clone()
+    stats, _, carry = apply_rows_(whole, None, proxy, adapter_q, rounding, projector=projector)
+    flat = bits.clone().view(-1)
+    part = -(-flat.numel() // world)
+    carry_sum = torch.zeros_like(carry)
+    saturated = changed = elements = 0
+    for rank in range(world):
+        piece = flat[rank * part : (rank + 1) * part].clone()
+        s, _, partial = apply_all_rows_to_slice_(piece, rank * part, proxy, adapter_q, rounding, projector=projector)
+        flat[rank * part : rank * part + piece.numel()] = piece
+        carry_sum += partial
+        saturated, changed, elements = saturated + int(s.saturated), changed + int(s.changed), elements + int(s.elements)
+        assert int(s.rows_merged) == int(stats.rows_merged) == OUT
+    assert torch.equal(flat.view_as(whole), whole) and torch.equal(whole[OUT:], bits[OUT:])
+    assert (saturated, changed, elements) == (int(stats.saturated), int(stats.changed), OUT * IN)
+    assert int(stats.changed) > 0
+    assert torch.allclose(carry_sum, carry, rtol=1e-5, atol=1e-6) and carry.any()
+
+
+@pytest.mark.parametrize("owned", [False, True], ids=["all", "owned"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_the_compiled_merge_kernel_gives_the_eager_bits_and_counts(stochastic, owned):
+    """The fused merge (fp8.cast=compiled, the default) against its eager reference, on blocks of
+    several shapes with saturating, non-finite and rounded-away updates in them."""
+    from falqon_dist.fp8 import cast as fp8_cast
+    from falqon_dist.method import proxy as proxy_module
+
+    assert fp8_cast.cast_kernels() == "compiled"
+    gen = torch.Generator().manual_seed(11)
+    for rows, cols in ((80, 96), (16, 96), (3, 40)):
+        old = fp8.to_bits((torch.randn(rows, cols, generator=gen) * 120).clamp(-448, 448).to(fp8.E4M3)).clone()
+        update = torch.randn(rows, cols, generator=gen) * torch.tensor([0.01, 1.0, 300.0])[
+            torch.randint(0, 3, (rows, cols), generator=gen)]
+        update[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        noise = merge_noise(3, 4, torch.arange(rows * cols).view(rows, cols)) if stochastic else None
+        mask = torch.rand(rows, cols, generator=gen) < 0.6 if owned else None
+        compiled = proxy_module.merged_row_bits(old, update, noise, mask)
+        eager = proxy_module._merge_rows(old, update, noise, mask)
+        for name, a, b in zip(proxy_module.MergedRows._fields, compiled, eager):
+            assert torch.equal(a, b), (name, rows, cols)
+        assert int(compiled.saturated) > 0 and int(compiled.nonfinite) == (int(mask[0, :3].sum()) if owned else 3)
