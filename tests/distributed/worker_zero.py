@@ -17,7 +17,7 @@ from falqon_dist.distributed import initialize
 from falqon_dist.method.proxy import select_rows
 from tests.models import tiny_llama  # seeded: identical weights on every rank
 
-RANK_CFG = fd.FalqonConfig(rank=8, backend="emulated", unmerged="discard")  # the paper: B zeroed by every merge
+RANK_CFG = fd.FalqonConfig(rank=8, backend="emulated", topk=None, unmerged="discard")  # the paper: B zeroed by every merge
 GRAD_ACCUM = 2
 
 

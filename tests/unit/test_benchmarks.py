@@ -160,7 +160,7 @@ def test_learning_bench_sweeps_variants_through_the_trainer(tmp_path):
     assert runs["lora"]["lr"] == 3e-3 and runs["falqon_keep"]["lr"] == 0.05
     for r in runs.values():
         assert r["task"] == "demo" and math.isfinite(r["eval_loss"]) and r["eval_loss"] < r["eval_loss_before"]
-    config = (tmp_path / "demo" / "falqon_all_lr0.1" / "config.yaml").read_text()
+    config = (tmp_path / "demo" / "falqon_all_lr0.125" / "config.yaml").read_text()
     assert "topk: all" in config and "carry_residual: true" in config
     summary = payload["summary"]["demo"]
     assert summary["lora"]["x_best_lora"] == 1.0 and summary["falqon_keep"]["best_lr"] == 0.05

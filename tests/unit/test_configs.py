@@ -33,7 +33,7 @@ def check_for_training(overrides: list[str]):
 def test_default_composes_and_validates():
     settings = validate(compose_cfg([]))
     assert settings.method.name == "falqon" and settings.deepspeed.zero_stage == 3
-    assert settings.train.lr == 0.1  # FALQON's own default rate, interpolated from method.lr
+    assert settings.train.lr == 0.125  # FALQON's own default rate, interpolated from method.lr
     assert settings.data.name == "synthetic"
 
 

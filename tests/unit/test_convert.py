@@ -109,19 +109,25 @@ def test_state_dict_round_trip_on_a_model():
         assert torch.equal(value, state[key]), key
 
 
-@pytest.mark.parametrize("unmerged", ["discard", "keep", "keep+carry"])
+@pytest.mark.parametrize("unmerged", ["discard", "keep", "keep+carry", "all"])
 def test_adamw_with_merges_trains_a_converted_llama(unmerged):
     """End-to-end on a random tiny Llama: loss falls, merges happen, B is zero after every step
     (discard, the paper) or holds only rows no merge took (keep: each step's top-k rows are zero;
-    keep+carry: they hold what rounding dropped, so B is never zeroed).
+    keep+carry: they hold what rounding dropped, so B is never zeroed; all, the default: every row
+    merged, B holds only the carry).
 
     FALQON trains only B against a frozen A (and frozen embeddings), so a random model learns slowly;
     the strong learnability check is the teacher-student test in test_falqon_linear.py.
     """
     torch.manual_seed(0)
     model = tiny_llama()
-    carry = unmerged == "keep+carry"
-    config = fd.FalqonConfig(rank=8, backend="emulated", unmerged=unmerged.split("+")[0], carry_residual=carry)
+    carry = unmerged in ("keep+carry", "all")
+    if unmerged == "all":
+        config = fd.FalqonConfig(rank=8, backend="emulated")
+        assert config.topk == "all" and config.carry_residual
+    else:
+        config = fd.FalqonConfig(rank=8, backend="emulated", topk=None, unmerged=unmerged.split("+")[0],
+                                 carry_residual=carry)
     fd.convert_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     # FALQON needs a large learning rate: small merged updates round away in E4M3 (DESIGN.md §1)

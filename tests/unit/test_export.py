@@ -342,7 +342,7 @@ def test_pending_keep_mode_proxies_are_merged_row_for_row():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48, bias=False))
-    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="emulated", unmerged="keep"))
+    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="emulated", topk=None, unmerged="keep"))
     layer = model[0]
     with torch.no_grad():
         layer.B.normal_(std=0.2)

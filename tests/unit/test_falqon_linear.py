@@ -243,7 +243,7 @@ def _reachable_target() -> tuple[fd.FalqonLinear, torch.Tensor]:
     """A 128×128 FALQON layer (rank 16) and a teacher W + C·A whose change lies in A's row space."""
     linear = nn.Linear(128, 128, bias=False)
     nn.init.normal_(linear.weight, std=0.05)
-    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated"))
+    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated", topk=None))
     adapter = layer.adapter_weight()
     mixing = torch.randn(128, 16)
     mixing = mixing / (mixing @ adapter).std() * 0.02

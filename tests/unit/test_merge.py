@@ -175,15 +175,16 @@ def test_merge_noise_is_uniform_and_a_pure_function_of_seed_step_and_element():
     assert not torch.equal(big, noise)
 
 
-def test_changed_counts_the_bytes_a_merge_really_wrote():
+@pytest.mark.parametrize("topk", [None, "all"], ids=["topk", "all-rows"])
+def test_changed_counts_the_bytes_a_merge_really_wrote(topk):
     """An update far below half an FP8 step is rounded away (changed = 0: the trainer warns about the
     learning rate); a large one changes the bytes of the merged rows."""
-    model = _model(1)
+    model = _model(1, topk=topk)
     layer = model[0]
     with torch.no_grad():
         layer.B.fill_(1e-9)
     tiny = fd.merge_proxies_(model).to_dict()
-    assert tiny["rows_merged"] == RANK and tiny["changed"] == 0
+    assert tiny["rows_merged"] == (IN if topk == "all" else RANK) and tiny["changed"] == 0
     before = layer.qweight.clone()
     with torch.no_grad():
         layer.B.normal_(std=0.1)
