@@ -67,9 +67,10 @@ def test_a_bad_value_is_refused_once_before_any_work(bad, tmp_path):
 
 
 def test_a_diverging_run_stops_and_never_writes_nan_into_the_backbone(tmp_path):
+    """With the top-k merge, B's unmerged rows grow until they overflow: the non-finite guard."""
     run = tmp_path / "run"
-    proc = launch("python", [*SOLO, "train.max_steps=20", "train.lr=1e30", "train.save_every=1", f"run.dir={run}"],
-                  check=False, timeout=300)
+    proc = launch("python", [*SOLO, "method.topk=null", "train.max_steps=20", "train.lr=1e30", "train.save_every=1",
+                             f"run.dir={run}"], check=False, timeout=300)
     assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
     errors = _errors(proc)
     assert len(errors) == 1 and "consecutive steps with non-finite values" in errors[0], errors
@@ -82,6 +83,20 @@ def test_a_diverging_run_stops_and_never_writes_nan_into_the_backbone(tmp_path):
         step = int(latest.split("_")[1])
         record = next(r for r in steps if r["step"] == step)
         assert record["loss"] == record["loss"] and record.get("nonfinite", 0) == 0, record
+
+
+def test_a_diverging_every_row_run_saturates_warns_and_stops_at_saturation_abort(tmp_path):
+    """Merging every row, B holds only the carry (zero where a sum clamped), so a huge rate clamps
+    the weights at ±448 instead of overflowing: warned above train.saturation_warn, stopped above
+    train.saturation_abort, never a NaN code."""
+    run = tmp_path / "run"
+    proc = launch("python", [*SOLO, "train.max_steps=20", "train.lr=1e30", "train.saturation_abort=0.5",
+                             f"run.dir={run}"], check=False, timeout=300)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and "clamped at ±448 (train.saturation_abort=0.5)" in errors[0], errors
+    assert len([r for r in read_metrics(run) if "loss" in r]) < 20
+    assert _nan_codes(run / "checkpoints") == 0
 
 
 def test_a_busy_run_dir_fails_fast_naming_its_holder(tmp_path):
