@@ -366,10 +366,8 @@ def apply_rows_(
     the gather and scatter of a row selection.
     """
     if rows is None:
-        out, in_features = proxy_rows.shape[0], bits.shape[1]
-        weight = bits[:out]
-        noise = rounding.noise(torch.arange(out * in_features, device=bits.device).view(out, in_features))
-        merged = merged_row_bits(weight, row_updates(proxy_rows.to(bits.device), adapter_q.to(bits.device)), noise)
+        weight = bits[: proxy_rows.shape[0]]  # rows 0..out-1 in place: no gather, no scatter
+        merged = _merge(weight, torch.arange(weight.shape[0], device=bits.device), proxy_rows, adapter_q, rounding)
         weight.copy_(merged.bits)
     else:
         rows = rows.to(bits.device)
