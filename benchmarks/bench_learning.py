@@ -32,8 +32,9 @@ to the best LoRA run, the median step time (× the paper's), and the acceptance 
 FALQON variant but the paper's (``--default`` marks the shipped one) at its default lr and at
 0.5× / 2× of it: eval loss ≤ 1.02× / 1.05× the
 best LoRA's (kjv), exact match ≥ 85% / 70% (demo), step time ≤ 1.05× the paper's. That step time
-comes from a separate comparison after the sweep (``--time-rounds`` rounds of ``--time-steps``
-steps, paper then default, one trainer at a time), not from the sweep's parallel runs. Writes
+comes from a separate, paired comparison after the sweep (``--time-rounds`` processes, each
+alternating ``--time-steps`` steps of the paper's and the default's trainer: the median ratio of
+adjacent steps, see :func:`time_against_paper`), not from the sweep's parallel runs. Writes
 ``results.json``, ``results.md`` and ``results_<task>.png`` (eval loss and exact match against the
 learning rate, log scale) into ``--out``, rewritten after every run. ``--jobs N`` runs N trainers at
 once, each with ``OMP_NUM_THREADS`` = cores / N (step times then compare within one run only).
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import math
 import os
 import shutil
@@ -76,6 +78,8 @@ TASKS: dict[str, tuple[list[str], str, float, float]] = {
 }
 #: Step time of the default variant against the paper's, at most.
 STEP_TIME_BOUND = 1.05
+#: Steps of each trainer before the paired step timing starts (compilation, allocator warm-up).
+TIME_WARMUP = 5
 QUICK = ["train.micro_batch_size=4", "model.max_length=64", "data.num_train=200", "data.num_eval=16",
          "train.eval_samples=16", "train.eval_generate_samples=8"]
 
@@ -93,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every run")
     p.add_argument("--time-rounds", type=int, default=3,
-                   help="rounds of the separate step-time comparison, default vs paper, one trainer at a time (0: none)")
-    p.add_argument("--time-steps", type=int, default=40, help="steps per timing run")
+                   help="processes of the paired step-time comparison, default vs paper (0: none)")
+    p.add_argument("--time-steps", type=int, default=60, help="paired steps per timing process")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--out", type=Path, default=None, help="default runs/bench_learning/<timestamp>")
@@ -122,18 +126,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_one(args: argparse.Namespace, task: str, variant: str, scale: float, *, steps: int | None = None,
-            threads: int | None = None, name: str | None = None, extra: Sequence[str] = ()) -> dict[str, Any]:
+def overrides_for(args: argparse.Namespace, task: str, variant: str, scale: float, run_dir: Path, *,
+                  steps: int | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """The Hydra overrides of one trainer of ``variant`` at ``scale`` × its lr on ``task``."""
+    lr = args.base_lr[variant] * scale
+    return [*VARIANTS[variant][0], f"train.lr={lr:.6g}", f"train.max_steps={steps or args.steps}", f"run.dir={run_dir}",
+            "train.save_every=0", "train.eval_every=0", "logger=none", *TASKS[task][0], *args.set, *extra]
+
+
+def run_one(args: argparse.Namespace, task: str, variant: str, scale: float) -> dict[str, Any]:
     """One trainer run of ``variant`` at ``scale`` × its lr on ``task``; its final metrics as a row."""
     lr = args.base_lr[variant] * scale
-    run_dir = args.out / task / (name or f"{variant}_lr{lr:.3g}")
+    run_dir = args.out / task / f"{variant}_lr{lr:.3g}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    overrides = [*VARIANTS[variant][0], f"train.lr={lr:.6g}", f"train.max_steps={steps or args.steps}", f"run.dir={run_dir}",
-                 "train.save_every=0", "train.eval_every=0", "logger=none", *TASKS[task][0], *args.set, *extra]
-    command = common.trainer_command(args.python, args.ranks, overrides)
+    command = common.trainer_command(args.python, args.ranks, overrides_for(args, task, variant, scale, run_dir))
     common.log(f"{task} {variant} lr={lr:.3g}: {' '.join(command)}")
-    threads = threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     code, output = common.run_trainer(command, args.timeout, env={"OMP_NUM_THREADS": str(threads)})
     row: dict[str, Any] = {"task": task, "variant": variant, "lr": lr, "scale": scale}
     if code != 0:
@@ -151,24 +160,44 @@ def run_one(args: argparse.Namespace, task: str, variant: str, scale: float, *, 
 
 
 def time_against_paper(args: argparse.Namespace, task: str) -> dict[str, Any]:
-    """Step time of the default variant against the paper's, free of the sweep's parallelism.
+    """Step time of the default variant against the paper's, paired and free of the sweep's parallelism.
 
-    ``--time-rounds`` rounds of ``--time-steps`` steps, paper then default, one trainer at a time
-    with every core, each at its default lr; the ratio is the median of the per-round ratios, so a
-    drift of the machine's speed during the call cancels within a round.
+    ``--time-rounds`` processes of ``benchmarks/paired_steps.py``, each building both trainers (at
+    their default lr, every core) and alternating their steps ``--time-steps`` times after
+    ``TIME_WARMUP`` steps each. The ratio is the median over every pair of
+    ``default step / paper step``: two steps a fraction of a second apart see the same machine, so
+    its drift cancels (separate runs on these shared machines differed by ±20% from one run to the
+    next). Reported too: each round's median pair ratio, the quartiles, the ratio of the medians.
     """
-    quick_eval = ["train.eval_samples=32", "train.eval_generate_samples=0"]
-    times: dict[str, list[float]] = {"falqon_paper": [], args.default: []}
+    variants = ["falqon_paper", args.default]
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    per_round = []
     for round_ in range(args.time_rounds):
-        for variant in times:
-            row = run_one(args, task, variant, 1.0, steps=args.time_steps, threads=os.cpu_count() or 1,
-                          name=f"timing/{variant}_{round_}", extra=quick_eval)
-            if row["status"] != "ok":
-                return {"status": "failed", "variant": variant, "reason": row["reason"]}
-            times[variant].append(row["step_time_ms"])
-    ratios = [d / p for d, p in zip(times[args.default], times["falqon_paper"])]
+        folder = args.out / task / "timing" / f"round_{round_}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        spec = {"steps": args.time_steps, "warmup": TIME_WARMUP, "variants": {
+            name: overrides_for(args, task, name, 1.0, folder / name, steps=args.time_steps + TIME_WARMUP,
+                                extra=["train.eval_samples=0", "train.eval_generate_samples=0"])
+            for name in variants}}
+        (folder / "spec.json").write_text(json.dumps(spec, indent=1))
+        command = [args.python, str(Path(__file__).with_name("paired_steps.py")), str(folder / "spec.json"),
+                   str(folder / "times.json")]
+        common.log(f"{task} step timing, round {round_ + 1}/{args.time_rounds}: {' '.join(command)}")
+        code, output = common.run_trainer(command, args.timeout, env={"OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+        if code != 0:
+            return {"status": "failed", "variant": "+".join(variants), "reason": common.failure_reason(output, code)}
+        measured = json.loads((folder / "times.json").read_text())["step_time_s"]
+        pairs = [d / p for d, p in zip(measured[args.default], measured["falqon_paper"])]
+        per_round.append(statistics.median(pairs))
+        for name in variants:
+            times[name] += [1e3 * t for t in measured[name]]
+    pairs = [d / p for d, p in zip(times[args.default], times["falqon_paper"])]
+    quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
     return {"status": "ok", "steps": args.time_steps, "rounds": args.time_rounds, "step_time_ms": times,
-            "ratios": ratios, "ratio": statistics.median(ratios)}
+            "ratios": per_round, "ratio": statistics.median(pairs), "quartiles": [quartiles[0], quartiles[2]],
+            "ratio_of_medians": statistics.median(times[args.default]) / statistics.median(times["falqon_paper"])}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -251,11 +280,14 @@ def _task_markdown(payload: dict[str, Any], task: str) -> list[str]:
     if timing and timing.get("status") == "ok":
         default = payload["config"]["default"]
         paper_ms, default_ms = timing["step_time_ms"]["falqon_paper"], timing["step_time_ms"][default]
-        lines += ["", f"Step time, measured apart from the sweep ({timing['rounds']} rounds of {timing['steps']} steps, "
-                  f"one trainer at a time, every core): falqon_paper {statistics.median(paper_ms):.0f} ms, "
-                  f"{default} {statistics.median(default_ms):.0f} ms; × paper per round "
-                  f"{' · '.join(f'{r:.3f}' for r in timing['ratios'])}, median **{timing['ratio']:.3f}** "
-                  "(the acceptance's step time; the table above is from the sweep's parallel runs)."]
+        low, high = timing["quartiles"]
+        lines += ["", f"Step time, measured apart from the sweep ({timing['rounds']} rounds of {timing['steps']} paired "
+                  f"steps: both trainers in one process, their steps alternating, every core): falqon_paper "
+                  f"{statistics.median(paper_ms):.0f} ms, {default} {statistics.median(default_ms):.0f} ms (medians); "
+                  f"{default} / paper over every pair: median **{timing['ratio']:.3f}** (quartiles {low:.3f} – "
+                  f"{high:.3f}; per round {' · '.join(f'{r:.3f}' for r in timing['ratios'])}; ratio of the medians "
+                  f"{timing['ratio_of_medians']:.3f}). The acceptance's step time is the pair median; the table "
+                  "above is from the sweep's parallel runs."]
     elif timing:
         lines += ["", f"Step timing failed ({timing['variant']}): {timing['reason']}"]
     checks = payload.get("acceptance", {}).get(task, {})

@@ -41,7 +41,8 @@ short, asynchronous stream of small kernels whatever the number of layers.
 Three writers share :func:`merged_row_bits`:
 
 * :func:`apply_rows_` — a whole ``M_q`` (replicas under ZeRO 0–2, single process): gather the k
-  rows, merge, scatter them back (or merge every row in place).
+  rows, merge, scatter them back (or merge every row in place: :func:`merge_every_row_`, one
+  compiled graph with the update and carry GEMMs).
 * :func:`apply_rows_to_slice_` — one rank's flat slice of the row-major ``M_q`` (ZeRO-3), given the
   full current bits of the k rows: only the elements inside ``[offset, offset + n)`` change, and
   the bytes (and the carry) equal the unsharded merge's.
@@ -307,15 +308,96 @@ def project_onto_adapter(residual: torch.Tensor, projector: torch.Tensor) -> tor
     return torch.where(torch.isfinite(carry), carry, 0.0)
 
 
+def _merge_every_row(
+    weight_bits: torch.Tensor, proxy: torch.Tensor, adapter_q: torch.Tensor, noise: torch.Tensor | None,
+    projector: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The eager reference of :func:`merge_every_row_` (and what ``torch.compile`` traces)."""
+    merged = _merge_rows(weight_bits, row_updates(proxy, adapter_q), noise, None)
+    weight_bits.copy_(merged[0])
+    carry = None if projector is None else project_onto_adapter(merged[1], projector)
+    return carry, _rows_merged(proxy), *merged[2:]
+
+
+# One code object per variant, as for the row kernels above.
+def _every_row_nearest(weight_bits, proxy, adapter_q):
+    return _merge_every_row(weight_bits, proxy, adapter_q, None, None)
+
+
+def _every_row_nearest_carry(weight_bits, proxy, adapter_q, projector):
+    return _merge_every_row(weight_bits, proxy, adapter_q, None, projector)
+
+
+def _every_row_stochastic(weight_bits, proxy, adapter_q, noise):
+    return _merge_every_row(weight_bits, proxy, adapter_q, noise, None)
+
+
+def _every_row_stochastic_carry(weight_bits, proxy, adapter_q, noise, projector):
+    return _merge_every_row(weight_bits, proxy, adapter_q, noise, projector)
+
+
+_EVERY_ROW_VARIANTS = {
+    (False, False): _every_row_nearest,
+    (False, True): _every_row_nearest_carry,
+    (True, False): _every_row_stochastic,
+    (True, True): _every_row_stochastic_carry,
+}
+
+
+@functools.cache
+def _compiled_every_row(stochastic: bool, carry: bool):
+    return torch.compile(_EVERY_ROW_VARIANTS[stochastic, carry], dynamic=True, fullgraph=True)
+
+
+def merge_every_row_(
+    weight_bits: torch.Tensor,
+    proxy: torch.Tensor,
+    adapter_q: torch.Tensor,
+    rounding: Rounding = NEAREST,
+    *,
+    projector: torch.Tensor | None = None,
+) -> RowMerge:
+    """Merge all of B (``proxy``, out × r) into the W rows ``weight_bits`` (out × in, uint8) in place.
+
+    The merge of :func:`merged_row_bits` with its update GEMM ``U = B·A_q`` before it and the carry
+    GEMM ``C = R·P`` (``projector`` given) and the counts after it, as ONE compiled graph
+    (``fp8.cast=compiled``): the element-wise work, the in-place write of the new bytes and the
+    reductions fuse around the two GEMMs, and the layer's merge is one call instead of a dozen
+    eager ops (their per-op dispatch is what a merge of small layers costs). The bytes are the
+    eager reference's; the update is the same GEMM :func:`apply_all_rows_to_slice_` takes, so a
+    ZeRO-3 slice merge still writes the same bytes.
+    """
+    proxy, adapter_q = proxy.float(), adapter_q.to(proxy.device).float()
+    noise = None
+    if rounding.stochastic:
+        rows = torch.arange(weight_bits.shape[0], device=weight_bits.device)
+        noise = rounding.noise(_row_elements(rows, weight_bits.shape[1], weight_bits.device))
+    inputs = [t for t in (noise, projector) if t is not None]
+    eager = lambda: _merge_every_row(weight_bits, proxy, adapter_q, noise, projector)  # noqa: E731
+    if compiled_kernels_apply(weight_bits, proxy):
+        compiled = _compiled_every_row(noise is not None, projector is not None)
+        outputs = run_compiled(compiled, eager, weight_bits, proxy, adapter_q, *inputs, what="proxy merge")
+    else:
+        outputs = eager()
+    carry, rows_merged, saturated, nonfinite, changed, elements = outputs
+    stats = MergeStats(rows_merged, saturated, nonfinite, changed, elements, layers=1)
+    return RowMerge(stats, weight_bits, carry)
+
+
 def _row_elements(rows: torch.Tensor, in_features: int, device: torch.device) -> torch.Tensor:
     """Flat indices into the row-major ``M_q`` of every element of ``rows`` (k × in, int64)."""
     return rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device)
 
 
+def _rows_merged(proxy_rows: torch.Tensor) -> torch.Tensor:
+    """How many of these rows of B are not all zero (0-dim int64)."""
+    return proxy_rows.abs().sum(dim=1).gt(0).sum()
+
+
 def _stats(proxy_rows: torch.Tensor, merged: MergedRows) -> MergeStats:
     """The counts of one merge (``merged`` counted its owned elements)."""
     return MergeStats(
-        rows_merged=proxy_rows.abs().sum(dim=1).gt(0).sum(),
+        rows_merged=_rows_merged(proxy_rows),
         saturated=merged.saturated,
         nonfinite=merged.nonfinite,
         changed=merged.changed,
@@ -343,7 +425,8 @@ def _merge(
 ) -> MergedRows:
     """:func:`merged_row_bits` of the gathered rows ``rows`` (their bits ``old_rows``, k × in) of ``M_q``."""
     device = old_rows.device
-    noise = rounding.noise(_row_elements(rows, old_rows.shape[1], device))
+    # the k × in element indices only key stochastic noise: nearest rounding never builds them
+    noise = rounding.noise(_row_elements(rows, old_rows.shape[1], device)) if rounding.stochastic else None
     return merged_row_bits(old_rows, row_updates(proxy_rows.to(device), adapter_q.to(device)), noise, owned)
 
 
@@ -363,18 +446,14 @@ def apply_rows_(
     """Merge ``proxy_rows`` (k × r) into rows ``rows`` of the whole ``M_q`` ``bits`` ((out+r) × in).
 
     ``rows=None`` merges every W row (``proxy_rows`` is then all of B, out × r) in place, without
-    the gather and scatter of a row selection.
+    the gather and scatter of a row selection (:func:`merge_every_row_`).
     """
-    if rows is None:
-        weight = bits[: proxy_rows.shape[0]]  # rows 0..out-1 in place: no gather, no scatter
-        merged = _merge(weight, torch.arange(weight.shape[0], device=bits.device), proxy_rows, adapter_q, rounding)
-        weight.copy_(merged.bits)
-    else:
-        rows = rows.to(bits.device)
-        merged = _merge(bits.index_select(0, rows), rows, proxy_rows, adapter_q, rounding)
-        bits.index_copy_(0, rows, merged.bits)
-    stats = _stats(proxy_rows, merged)
-    return RowMerge(stats, merged.bits, _carry(merged, projector))
+    if rows is None:  # rows 0..out-1 in place: no gather, no scatter
+        return merge_every_row_(bits[: proxy_rows.shape[0]], proxy_rows, adapter_q, rounding, projector=projector)
+    rows = rows.to(bits.device)
+    merged = _merge(bits.index_select(0, rows), rows, proxy_rows, adapter_q, rounding)
+    bits.index_copy_(0, rows, merged.bits)
+    return RowMerge(_stats(proxy_rows, merged), merged.bits, _carry(merged, projector))
 
 
 def apply_all_rows_to_slice_(

@@ -169,9 +169,14 @@ def test_learning_bench_sweeps_variants_through_the_trainer(tmp_path):
     check = checks["falqon_all"]
     assert [c["scale"] for c in check] == [0.5, 1.0, 2.0, None] and check[1]["value"] == runs["falqon_all"]["exact_match"]
     assert check[0]["value"] is None  # not run: 0.5x
-    timing = payload["timing"]["demo"]  # the step time comes from the separate paper-vs-default runs
+    timing = payload["timing"]["demo"]  # the step time comes from the separate, paired paper-vs-default steps
     assert timing["status"] == "ok" and len(timing["ratios"]) == 1 and check[3]["value"] == timing["ratio"] > 0
-    assert (tmp_path / "demo" / "timing" / "falqon_paper_0" / "metrics.jsonl").exists()
+    steps = timing["step_time_ms"]
+    assert len(steps["falqon_paper"]) == len(steps["falqon_all"]) == timing["steps"] == 6
+    low, high = timing["quartiles"]
+    assert low <= timing["ratio"] <= high and timing["ratio_of_medians"] > 0
+    spec = json.loads((tmp_path / "demo" / "timing" / "round_0" / "spec.json").read_text())
+    assert "method.topk=all" in spec["variants"]["falqon_all"] and "method.topk=null" in spec["variants"]["falqon_paper"]
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# falqon_dist learning benchmark") and "| falqon_all (default) |" in text
     assert "measured apart from the sweep" in text

@@ -243,3 +243,36 @@ def test_the_compiled_merge_kernel_gives_the_eager_bits_and_counts(stochastic, o
         for name, a, b in zip(proxy_module.MergedRows._fields, compiled, eager):
             assert torch.equal(a, b), (name, rows, cols)
         assert int(compiled.saturated) > 0 and int(compiled.nonfinite) == (int(mask[0, :3].sum()) if owned else 3)
+
+
+@pytest.mark.parametrize("carry", [False, True], ids=["no-carry", "carry"])
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_the_compiled_every_row_merge_gives_the_eager_bytes_carry_and_counts(stochastic, carry):
+    """The every-row merge as one compiled graph (update GEMM, element-wise merge written in place,
+    carry GEMM, counts) against its eager reference, with saturating and non-finite rows of B."""
+    from falqon_dist.fp8 import cast as fp8_cast
+    from falqon_dist.method import proxy as proxy_module
+
+    assert fp8_cast.cast_kernels() == "compiled"
+    bits, _, _, adapter_q = _merge_inputs(seed=5)
+    proxy = torch.randn(OUT, RANK, generator=torch.Generator().manual_seed(6)) * 0.05
+    proxy[2] *= 1e4  # saturates
+    proxy[5, 0] = float("nan")  # a non-finite row: its elements keep their bytes
+    proxy[7] = 0  # a row with nothing to merge
+    projector = adapter_projector(adapter_q) if carry else None
+    rounding = Rounding(stochastic=stochastic, seed=2, step=9)
+    compiled_bits, eager_bits = bits.clone(), bits.clone()
+    merge = proxy_module.merge_every_row_(compiled_bits[:OUT], proxy, adapter_q, rounding, projector=projector)
+    noise = rounding.noise(torch.arange(OUT * IN).view(OUT, IN)) if stochastic else None
+    ref_carry, *ref_counts = proxy_module._merge_every_row(eager_bits[:OUT], proxy, adapter_q, noise, projector)
+    assert torch.equal(compiled_bits, eager_bits) and not torch.equal(compiled_bits, bits)
+    assert merge.bits.data_ptr() == compiled_bits.data_ptr()  # written in place
+    counts = [merge.stats.rows_merged, merge.stats.saturated, merge.stats.nonfinite, merge.stats.changed,
+              merge.stats.elements]
+    assert [int(c) for c in counts] == [int(c) for c in ref_counts]
+    assert int(merge.stats.rows_merged) == OUT - 2 and int(merge.stats.saturated) > 0  # the NaN and zero rows
+    assert int(merge.stats.nonfinite) == IN and torch.equal(compiled_bits[5], bits[5])
+    if carry:
+        assert torch.equal(merge.carry, ref_carry) and torch.isfinite(merge.carry).all() and merge.carry.any()
+    else:
+        assert merge.carry is None and ref_carry is None
