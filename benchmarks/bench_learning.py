@@ -216,7 +216,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "best_lr": r["lr"], "eval_loss": r["eval_loss"], "exact_match": r["exact_match"],
             "x_best_lora": r["eval_loss"] / lora if lora else None,
             "step_time_x_paper": statistics.median(times) / paper_time if math.isfinite(paper_time) else None,
-            "worst_exact_match_over_grid": min((x["exact_match"] or 0) for x in ok if x["variant"] == name),
+            "worst_exact_match_over_grid": min((x["exact_match"] for x in ok if x["variant"] == name
+                                                and x["exact_match"] is not None), default=None),
         }
     return out
 
@@ -343,7 +344,8 @@ def plot(payload: dict[str, Any], task: str, path: Path) -> None:
         ax.set_xlabel("learning rate")
         ax.set_title(f"{task}: {label}", fontsize=9)
         ax.grid(alpha=0.3)
-    ax_loss.legend(fontsize=7)
+    if ax_loss.get_legend_handles_labels()[0]:  # none before the task's first run finished
+        ax_loss.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
