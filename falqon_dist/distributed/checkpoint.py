@@ -12,11 +12,14 @@ DeepSpeed saves the module (FP8 ``qweight`` bytes, fp32 ``scale`` buffers, B), t
   against the expected size (the last checkpoint's, or the caller's estimate for the first) and all
   agree on the smallest (one all-gather), so the run stops with :class:`CheckpointSpaceError` on every rank instead
   of half-writing. A write that still fails (``ENOSPC`` mid-save, an I/O error) raises
-  :class:`CheckpointWriteError` on that rank, after removing the incomplete directory it wrote into.
+  :class:`CheckpointWriteError` on that rank, after removing the incomplete directory it wrote into;
+  that rank then exits without another collective (its peers may be inside DeepSpeed's own
+  barriers) and the launcher ends the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -99,9 +102,10 @@ def checkpoint_bytes(ckpt_dir: str | Path, tag: str | None) -> int:
     return sum(p.stat().st_size for p in (Path(ckpt_dir) / tag).rglob("*") if p.is_file())
 
 
-def check_free_space(ckpt_dir: str | Path, tag: str, needed_bytes: int) -> None:
+def check_free_space(ckpt_dir: str | Path, tag: str, needed_bytes: int) -> int:
     """Raise :class:`CheckpointSpaceError` on every rank when any rank's ``ckpt_dir`` has less than
-    ``needed_bytes`` × ``SPACE_MARGIN`` free (one all-gather of the free space)."""
+    ``needed_bytes`` × ``SPACE_MARGIN`` free (one all-gather of the free space); else return the
+    least free space on any rank."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(ckpt_dir).free
@@ -118,6 +122,7 @@ def check_free_space(ckpt_dir: str | Path, tag: str, needed_bytes: int) -> None:
             f"good checkpoint is {ckpt_dir / last if last else 'none'}; free space (or lower "
             f"train.keep_checkpoints) and resume with train.resume=true"
         )
+    return free
 
 
 def save(
@@ -140,7 +145,8 @@ def save(
     last = latest_tag(ckpt_dir)
     if _from_rank0(last == tag):
         return tag  # this step is the latest complete checkpoint already: rewriting it in place could only corrupt it
-    check_free_space(ckpt_dir, tag, checkpoint_bytes(ckpt_dir, last) or expected_bytes)
+    needed = checkpoint_bytes(ckpt_dir, last) or expected_bytes
+    free = check_free_space(ckpt_dir, tag, needed)
     rng = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -152,21 +158,35 @@ def save(
         torch.save(rng, _rng_file(ckpt_dir, tag, rank))
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state or {}), save_latest=False)
     except (OSError, RuntimeError) as error:  # torch.save wraps a failed write in a RuntimeError
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never left half-written, never marked latest
-        last = latest_tag(ckpt_dir)
-        full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
-        cause = "the disk filled up" if full else f"{type(error).__name__}: {error}"
-        raise CheckpointWriteError(
-            f"rank {rank} could not write checkpoint {tag} to {ckpt_dir} ({cause}); the incomplete directory was "
-            f"removed and the last good checkpoint is {ckpt_dir / last if last else 'none'}"
-        ) from error
+        raise _write_failure(error, ckpt_dir, tag, "write", needed, free) from error
     barrier(f"finish writing checkpoint {tag}")
     if rank == 0:
-        _atomic_write_text(ckpt_dir / LATEST, tag)
+        try:
+            _atomic_write_text(ckpt_dir / LATEST, tag)
+        except OSError as error:  # complete but not marked: as good as never written
+            raise _write_failure(error, ckpt_dir, tag, "mark as the latest", needed, free) from error
         if keep > 0:
             _prune(ckpt_dir, keep, current=tag)
     barrier(f"see rank 0 mark {tag} as the latest checkpoint")
     return tag
+
+
+def _write_failure(error: Exception, ckpt_dir: Path, tag: str, action: str, needed: int, free: int) -> CheckpointWriteError:
+    """The error of a save that failed on this rank, after removing what it wrote of ``tag``.
+
+    A full disk is told apart by the error (ENOSPC) or, as torch's zip writer reports only "file
+    write failed", by less than 1 MiB left on ``ckpt_dir`` when the write failed."""
+    full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(ckpt_dir).free < 2**20
+    shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never left half-written, never marked latest
+    last = latest_tag(ckpt_dir)
+    cause = (f"the disk filled up: about {needed * SPACE_MARGIN / 2**20:,.1f} MiB expected, "
+             f"{free / 2**20:,.1f} MiB were free when the save began" if full else f"{type(error).__name__}: {error}")
+    return CheckpointWriteError(
+        f"rank {_rank()} could not {action} checkpoint {tag} in {ckpt_dir} ({cause}); the incomplete directory was "
+        f"removed and the last good checkpoint is {ckpt_dir / last if last else 'none'}"
+    )
 
 
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:

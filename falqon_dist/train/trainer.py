@@ -6,13 +6,16 @@ the DeepSpeed engine's ``step()`` applies FALQON's merges, and its stats come ba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import random
 import resource
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -348,10 +351,36 @@ def report(message: str, kind: str = "error", *, this_rank: bool = False) -> Non
         print(f"falqon_dist: {kind}: {message}", file=sys.stderr, flush=True)
 
 
+#: Set to print an unexpected failure's traceback on stderr too (it always goes to a file).
+DEBUG_ENV = "FALQON_DIST_DEBUG"
+
+
+def report_crash(exc: BaseException, run_dir: Path | None) -> None:
+    """One line for an unexpected failure on this rank (what, where); the traceback goes to
+    ``run_dir/error_rank<R>.txt`` (and to stderr with ``FALQON_DIST_DEBUG=1``)."""
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    trace = "".join(traceback.format_exception(exc))
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {frame.filename}:{frame.lineno} in {frame.name}" if frame else ""
+    saved = ""
+    if run_dir is not None and run_dir.is_dir():
+        path = run_dir / f"error_rank{rank}.txt"
+        with contextlib.suppress(OSError):
+            path.write_text(trace)
+            saved = f"; traceback in {path}"
+    if os.environ.get(DEBUG_ENV):
+        print(trace, file=sys.stderr, flush=True)
+    else:
+        saved += f" (or set {DEBUG_ENV}=1 to print it)"
+    report(f"rank {rank} failed: {type(exc).__name__}: {exc}{where}{saved}", this_rank=True)
+
+
 def run(cfg: DictConfig) -> None:
     """Train as ``cfg`` says. Exits non-zero with one line (rank 0) on a bad config, a diverged run
-    (1), or a preemption signal (128 + signal, after saving a checkpoint)."""
-    trainer, code = None, 0
+    (1), or a preemption signal (128 + signal, after saving a checkpoint); with one line per failing
+    rank on a failure of that rank alone (1), which then leaves without waiting for its peers (they
+    may be inside a collective it will never join): the launcher ends them."""
+    trainer, code, alone = None, 0, False
     try:
         trainer = Trainer(cfg)
         trainer.preemption.install()
@@ -364,15 +393,27 @@ def run(cfg: DictConfig) -> None:
         code = 1
     except checkpoint.CheckpointWriteError as exc:
         report(str(exc), this_rank=True)
-        code = 1
+        code, alone = 1, True  # only this rank failed: its peers may wait inside DeepSpeed's save
     except Preempted as exc:
         report(f"{exc} (checkpoint: {trainer.last_checkpoint()})", kind="stopped")
         code = 128 + exc.signum
+    except Exception as exc:  # a bug or an environment failure on this rank: said once, traced to a file
+        report_crash(exc, trainer.run_dir if trainer is not None else _existing_dir(cfg))
+        code, alone = 1, True
     finally:
         if trainer is not None:
             trainer.cleanup()
-        if tdist.is_initialized():
+        if tdist.is_initialized() and not alone:
             barrier("finish the run (rank 0 writes the summary and export)")
+        if tdist.is_initialized():  # a rank that failed alone leaves at once: the launcher ends its peers
             tdist.destroy_process_group()
     if code:
         raise SystemExit(code)
+
+
+def _existing_dir(cfg: DictConfig) -> Path | None:
+    """``run.dir`` when the run failed before the trainer existed (only if it is already there)."""
+    with contextlib.suppress(Exception):
+        path = Path(str(cfg.run.dir))
+        return path if path.is_dir() else None
+    return None

@@ -7,7 +7,9 @@ distributed merge writes exactly the bytes of a single-process merge for the sam
 with stochastic rounding (the noise is a pure function of the element index, each ZeRO-3 rank uses
 its slice), and with ``unmerged="keep"`` (the fp32 master then holds exactly the unmerged rows) with
 and without ``carry_residual`` (the carried merged rows equal the single-process merge's), and with
-``topk="all"`` (every row; under ZeRO-3 nothing of W gathered, the carry summed over the slices).
+``topk="all"`` (every row; under ZeRO-3 nothing of W gathered, the carry summed over the slices);
+and that nothing non-finite reaches the backbone through the engine: a NaN loss, and NaN/inf in
+B's master at a merge (those rows keep their bytes, counted, the master zeroed there).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ CHECKS = [
     "keep-carry-merge-bytes-match-reference",
     "keep-carry-all-rows-merge-bytes-match-reference",
     "stochastic-carry-all-rows-merge-bytes-match-reference",
+    "nonfinite-never-reaches-the-backbone",
 ]
 
 

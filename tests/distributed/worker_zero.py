@@ -121,6 +121,64 @@ def check_training(stage: int, bf16: bool) -> None:
     check_merge_bytes(engine, tag, unmerged="keep", carry=True, proxy_scale=0.02, step=7)
     check_merge_bytes(engine, tag, unmerged="keep", carry=True, proxy_scale=0.02, step=8, topk="all")
     check_merge_bytes(engine, tag, rounding="stochastic", carry=True, proxy_scale=0.02, step=9, topk="all")
+    check_nonfinite(engine, tag)
+
+
+def nan_codes(tensors: list[torch.Tensor]) -> int:
+    """E4M3 NaN codes (0x7F / 0xFF) in these uint8 tensors."""
+    return sum(int(((t & 0x7F) == 0x7F).sum()) for t in tensors)
+
+
+def set_master(engine, layer, full: torch.Tensor) -> None:
+    """Put ``full`` into B's fp32 master (what an optimizer step that diverged leaves there)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    if hasattr(layer.B, "ds_id") or hasattr(layer.B, "_hp_mapping"):
+        safe_set_full_fp32_param(layer.B, full)
+    else:
+        engine._proxy_masters._unfused.get(id(layer.B), layer.B).data.copy_(full)
+
+
+def check_nonfinite(engine, tag: str) -> None:
+    """Nothing non-finite reaches the FP8 backbone through the engine at any stage.
+
+    1. A NaN loss (so NaN gradients) through engine.backward/step: whoever stops it (DeepSpeed's
+       overflow check, or our merge guard), the backbone bytes hold no NaN code and stay the same
+       on every rank, and B's master stays finite.
+    2. NaN and inf in B's fp32 master at a merge (top-k and every row): the rows holding them keep
+       their bytes, the event is counted, B's master is zeroed there, equally on every rank."""
+    layers = [layer for _, layer in fd.falqon_layers(engine.module)]
+    for micro in range(GRAD_ACCUM):
+        ids = batch(100 + micro)
+        engine.backward(engine(input_ids=ids, labels=ids).loss * float("nan"))
+        engine.step()
+    after = full_qweights(engine.module)
+    assert nan_codes(after) == 0, f"{tag}: a NaN gradient put NaN codes into the backbone"
+    assert_same_on_all_ranks(digest(after), f"{tag} qweight digest after a NaN gradient")
+    for layer in layers:
+        assert torch.isfinite(engine._proxy_masters.read_full(layer.B)).all(), f"{tag}: NaN gradient reached B's master"
+    from falqon_dist.distributed.merge import merge_all
+
+    for topk in (None, "all"):
+        for layer in layers:
+            layer.topk = topk
+            poisoned = torch.zeros(layer.out_features, layer.rank)
+            poisoned[3, 1], poisoned[5, 0] = float("nan"), float("inf")
+            poisoned[[3, 5], 2:] = 0.5  # large rows: the top-k takes them
+            set_master(engine, layer, poisoned)
+        before = full_qweights(engine.module)
+        stats = merge_all(engine.module, engine._proxy_masters, 3).to_dict()
+        after = full_qweights(engine.module)
+        assert nan_codes(after) == 0 and stats["nonfinite"] > 0, f"{tag} topk={topk}: {stats}"
+        for old, new, layer in zip(before, after, layers):
+            assert torch.equal(old[[3, 5]], new[[3, 5]]), f"{tag} topk={topk}: a non-finite row was written"
+            master = engine._proxy_masters.read_full(layer.B)
+            assert torch.isfinite(master).all() and not master[[3, 5]].any(), f"{tag} topk={topk}: B master"
+        assert_same_on_all_ranks(digest(after), f"{tag} qweight digest after a non-finite merge (topk={topk})")
+        for layer in layers:
+            layer.topk = None
+            engine._proxy_masters.zero_(layer.B)
+    say(f"{tag} nonfinite-never-reaches-the-backbone")
 
 
 def check_merge_bytes(

@@ -1,4 +1,5 @@
-"""The fault suite: bad rates, divergence, preemption, a busy run.dir, incompatible resumes.
+"""The fault suite: bad rates, divergence, preemption, a rank killed mid-save, a busy run.dir,
+incompatible resumes, a full disk.
 
 Each case ends with a non-zero exit and ONE ``falqon_dist: error:`` line (not one per rank), and
 leaves the run directory as it was: the last good checkpoint, its config, no NaN in any FP8 byte.
@@ -149,6 +150,65 @@ def test_sigterm_to_the_deepspeed_launcher_alone_saves_and_stops_every_rank(tmp_
     assert "the learning-rate schedule changes" in out  # max_steps changed: said, not silent
 
 
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training ranks under a deepspeed launcher (read from their environment)."""
+    ranks = {}
+    for pid in _children(launcher_pid):
+        if "launch/train.py" in _cmdline(pid) and "deepspeed.launcher" not in _cmdline(pid):
+            env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+            ranks[int(env["RANK"])] = pid
+    return ranks
+
+
+def _latest(ckpt_dir: Path) -> str | None:
+    pointer = ckpt_dir / "latest"
+    return pointer.read_text().strip() if pointer.exists() else None
+
+
+def test_a_rank_killed_while_a_checkpoint_is_written_ends_the_job_and_latest_stays_complete(tmp_path):
+    """SIGKILL of one rank in the middle of a save (caught there: rank 1 is frozen with SIGSTOP
+    while its step directory exists and ``latest`` does not name it, then killed). The whole job
+    ends within seconds, ``latest`` still names the previous complete checkpoint, and the run
+    resumes from it."""
+    run, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FALQON_CACHE": MODEL_CACHE, "PYTHONWARNINGS": "ignore",
+           "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+           *QUICK, "train.max_steps=2000", "train.save_every=1", "train.keep_checkpoints=3", f"run.dir={run}"]
+    with processes.ProcessGroup(cmd, cwd=REPO, env=env) as launcher:
+        deadline, caught, ranks = time.monotonic() + 240, None, {}
+        while caught is None and time.monotonic() < deadline:
+            assert launcher.poll() is None, "".join(launcher.output())[-3000:]
+            ranks = ranks or (_rank_pids(launcher.pid) if _latest(ckpt) else {})
+            newest = max((p.name for p in ckpt.glob("step_*")), default=None) if ranks else None
+            if newest is None or newest == _latest(ckpt):
+                time.sleep(0.005)
+                continue
+            os.kill(ranks[1], signal.SIGSTOP)  # rank 0 cannot mark the checkpoint latest without rank 1
+            time.sleep(1.0)
+            if (ckpt / newest).is_dir() and _latest(ckpt) != newest:
+                caught = (newest, _latest(ckpt))
+            else:  # rank 1 had finished its part: let it go on to the next save
+                os.kill(ranks[1], signal.SIGCONT)
+        assert caught is not None, "never caught rank 1 inside a save"
+        killed = time.monotonic()
+        os.kill(ranks[1], signal.SIGKILL)
+        launcher.proc.wait(timeout=60)
+        took = time.monotonic() - killed
+        assert launcher.proc.returncode != 0
+        while any(_alive(p) for p in ranks.values()) and time.monotonic() - killed < 60:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in ranks.values()), "a rank outlived the job"
+    assert took < 30, f"the job took {took:.0f}s to end after a rank died"
+    in_progress, previous = caught
+    assert _latest(ckpt) == previous != in_progress  # the half-written checkpoint was never marked latest
+    saved = int(previous.split("_")[1])
+    proc = launch("deepspeed", [*QUICK, f"train.max_steps={saved + 2}", "train.save_every=1", "train.keep_checkpoints=3",
+                                "train.resume=true", f"run.dir={run}"], timeout=400)
+    assert f"resumed from {ckpt / previous} at step {saved}" in proc.stdout + proc.stderr
+    assert _latest(ckpt) == f"step_{saved + 2:08d}"
+
+
 def test_an_incompatible_resume_fails_first_and_changes_nothing(tmp_path):
     run = tmp_path / "run"
     launch("python", [*SOLO, "train.max_steps=2", f"run.dir={run}"], timeout=300)
@@ -166,6 +226,102 @@ def test_an_incompatible_resume_fails_first_and_changes_nothing(tmp_path):
     assert proc.returncode != 0
     errors = _errors(proc)
     assert len(errors) == 1 and "number of ranks: 1 -> 2" in errors[0], errors
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 8 MiB (room for about three checkpoints of the QUICK run) mounted under
+    ``tmp_path``; skipped where this machine does not let the tests mount one (then the unit tests
+    of the checkpoint writer cover a full disk with an injected ENOSPC)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)], capture_output=True,
+                          text=True)  # fmt: skip
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def _fill(disk: Path) -> Path:
+    """Take every free byte of ``disk`` (as another job writing there would)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle:
+        block = b"\0" * 65536
+        try:
+            while True:
+                handle.write(block)
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_disk_that_fills_up_stops_the_run_and_keeps_the_last_checkpoint(small_disk):
+    """Two ways a disk fills up, on a real 8 MiB tmpfs with 2 ranks:
+
+    1. between saves: the next checkpoint is refused before anything is written (one line on every
+       rank's behalf, naming the path, the MiB needed and free);
+    2. during a save (another writer takes the space while rank 0 is frozen inside it): the write
+       fails with ENOSPC, the incomplete directory is removed, and the failing rank leaves at once,
+       so the job ends in seconds, not at dist.timeout_s.
+
+    Either way ``latest`` names the previous complete checkpoint."""
+    run, ckpt = small_disk / "run", small_disk / "run" / "checkpoints"
+    # 1. a filler leaves room for about one checkpoint and a half: the second save is refused
+    ballast = small_disk / "ballast"
+    ballast.write_bytes(b"\0" * (7 * 2**19))  # 3.5 MiB
+    proc = launch("deepspeed", [*QUICK, "train.max_steps=8", "train.save_every=2", "train.keep_checkpoints=5",
+                                f"run.dir={run}"], check=False, timeout=300)  # fmt: skip
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]
+    errors = _errors(proc)
+    assert len(errors) == 1 and f"not enough space for checkpoint step_00000004 in {ckpt}" in errors[0], errors
+    assert "MiB are free" in errors[0] and "nothing was written" in errors[0]
+    assert _latest(ckpt) == "step_00000002" and not (ckpt / "step_00000004").exists()
+    files = sorted(p.name for p in (ckpt / "step_00000002").iterdir())  # ZeRO-2: every rank's part, complete
+    assert files == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                     "rng_rank00000.pt", "rng_rank00001.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                     "zero_pp_rank_1_mp_rank_00_model_states.pt"], files
+    for name in files:
+        torch.load(ckpt / "step_00000002" / name, map_location="cpu", weights_only=False)
+    ballast.unlink()
+    # 2. the space goes while a save is under way
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FALQON_CACHE": MODEL_CACHE, "PYTHONWARNINGS": "ignore",
+           "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *QUICK,
+           "train.max_steps=2000", "train.save_every=1", "train.keep_checkpoints=1", "train.resume=true",
+           f"run.dir={run}"]
+    with processes.ProcessGroup(cmd, cwd=REPO, env=env) as launcher:
+        deadline, ranks, filled = time.monotonic() + 240, {}, None
+        while filled is None and time.monotonic() < deadline:
+            assert launcher.poll() is None, "".join(launcher.output())[-3000:]
+            ranks = ranks or _rank_pids(launcher.pid)
+            latest = _latest(ckpt)
+            newest = max((p.name for p in ckpt.glob("step_*")), default=None)
+            if not ranks or newest is None or newest == latest:
+                time.sleep(0.002)
+                continue
+            os.kill(ranks[0], signal.SIGSTOP)  # rank 0 writes the model and optimizer state
+            time.sleep(0.5)
+            if _latest(ckpt) == latest:  # inside the save of `newest`: take the space now
+                filled = (newest, latest, _fill(small_disk))
+            os.kill(ranks[0], signal.SIGCONT)
+        assert filled is not None, "never caught rank 0 inside a save"
+        resumed = time.monotonic()
+        launcher.proc.wait(timeout=120)
+        took = time.monotonic() - resumed
+        stdout, stderr = launcher.output()
+    in_progress, previous, _ = filled
+    assert launcher.proc.returncode != 0
+    assert took < 60, f"the job took {took:.0f}s to end after the disk filled up"
+    errors = [line for line in (stdout + stderr).splitlines() if "falqon_dist: error:" in line]
+    assert errors and all("the disk filled up" in e for e in errors), errors
+    assert all(f"could not write checkpoint {in_progress}" in e or f"could not mark as the latest checkpoint {in_progress}" in e
+               for e in errors), errors
+    assert f"the last good checkpoint is {ckpt / previous}" in errors[0]
+    assert _latest(ckpt) == previous and not (ckpt / in_progress).exists()
 
 
 def _children(pid: int) -> list[int]:

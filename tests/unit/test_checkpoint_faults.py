@@ -62,6 +62,8 @@ def test_a_write_that_fails_midway_is_removed_and_latest_stays(saved, error, cau
         checkpoint.save(FakeEngine(fail=error), saved, 2)
     message = str(err.value)
     assert "rank 0 could not write checkpoint step_00000002" in message and cause in message
+    if error.errno == errno.ENOSPC:  # what was needed against what was there
+        assert "MiB expected" in message and "MiB were free when the save began" in message
     assert f"the last good checkpoint is {saved / 'step_00000001'}" in message
     assert not (saved / "step_00000002").exists()  # its space is given back
     assert checkpoint.latest_tag(saved) == "step_00000001"
@@ -74,3 +76,17 @@ def test_saving_the_latest_step_again_never_rewrites_it(saved):
     engine = FakeEngine(fail=OSError(errno.ENOSPC, "No space left on device"))
     assert checkpoint.save(engine, saved, 1) == "step_00000001"
     assert engine.calls == 0 and (saved / "step_00000001" / "mp_rank_00_model_states.pt").is_file()
+
+
+def test_a_latest_pointer_that_cannot_be_written_leaves_the_previous_one(saved, monkeypatch):
+    """The disk fills up between the checkpoint's files and its ``latest`` pointer: the new
+    checkpoint is removed (never marked, its space given back), ``latest`` stays."""
+    def no_space(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_atomic_write_text", no_space)
+    with pytest.raises(checkpoint.CheckpointWriteError) as err:
+        checkpoint.save(FakeEngine(), saved, 2)
+    assert "rank 0 could not mark as the latest checkpoint step_00000002" in str(err.value)
+    assert "the disk filled up" in str(err.value)
+    assert not (saved / "step_00000002").exists() and checkpoint.latest_tag(saved) == "step_00000001"
