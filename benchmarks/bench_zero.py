@@ -74,11 +74,11 @@ def worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from falqon_dist.baselines import prepare_model
     from falqon_dist.distributed import initialize
     from falqon_dist.distributed.zero3_init import load_pretrained_zero3
     from falqon_dist.distributed.zero_facts import is_partitioned
     from falqon_dist.method import FalqonConfig
+    from falqon_dist.methods import config_fields, method_config, prepare_model
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = tdist.get_rank()
@@ -98,7 +98,9 @@ def worker(args: argparse.Namespace) -> None:
     else:
         hf_ds = HfDeepSpeedConfig(ds_config) if args.stage == 3 else None  # noqa: F841  (zero.Init load)
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)
-        prepare_model(model, args.method, rank=args.rank, backend="emulated")
+        fields = {key: value for key, value in (("rank", args.rank), ("backend", "emulated"))
+                  if key in config_fields(args.method)}
+        prepare_model(model, method_config(args.method, fields))
     load_s = time.perf_counter() - start
     load_peak_mb = _rss_mb() - baseline_mb  # load + convert, before DeepSpeed allocates its buffers
     load_private_mb = max(sampler.peak_mb, sampler.current_mb()) - private_baseline_mb

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from falqon_dist.train.cli import boolean, compose_cli, non_negative_int, optional_str  # noqa: E402
-from falqon_dist.train.restore import RestoreError  # noqa: E402
+from falqon_dist.train.saved_config import RestoreError  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def _is_export_dir(path: Path) -> bool:
 
 
 def _settings_from(cfg, where: str):
-    from falqon_dist.train.restore import validate_saved_config
+    from falqon_dist.train.saved_config import validate_saved_config
 
     return validate_saved_config(cfg, where)
 
@@ -126,7 +126,7 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     from falqon_dist.data import build_data
     from falqon_dist.train.evaluate import greedy_exact_match, response_loss
     from falqon_dist.train.model_setup import load_tokenizer, resolve_model_path
-    from falqon_dist.train.restore import restore_run
+    from falqon_dist.export.restore import restore_run
 
     logging.getLogger("falqon_dist").setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging

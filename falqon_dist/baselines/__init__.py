@@ -7,26 +7,29 @@
 * ``qlora`` — NF4 backbone through bitsandbytes + peft LoRA (:func:`apply_qlora`; bitsandbytes is
   imported only when it is used).
 
-:func:`prepare_model` applies any of :data:`METHODS` (FALQON included) in place::
+Each has a frozen config in :mod:`falqon_dist.baselines.config`; :mod:`falqon_dist.methods` puts
+them and FALQON behind one entry point::
 
-    names = prepare_model(model, "fp8_lora", rank=64, backend="auto")
+    names = prepare_model(model, Fp8LoraConfig(rank=64, backend="auto"))
 """
 
+from falqon_dist.baselines.config import Fp8LoraConfig, FullConfig, LoraConfig, QloraConfig
 from falqon_dist.baselines.fp8_lora import QUANTIZE_OPS_PER_STEP, Fp8LoraLinear, convert_fp8_lora
 from falqon_dist.baselines.full import prepare_full_finetune
 from falqon_dist.baselines.lora import apply_lora
 from falqon_dist.baselines.qlora import apply_qlora
-from falqon_dist.baselines.registry import METHODS, prepare_model
 from falqon_dist.method.swap import target_module_names
 
 __all__ = [
-    "METHODS",
     "QUANTIZE_OPS_PER_STEP",
+    "Fp8LoraConfig",
     "Fp8LoraLinear",
+    "FullConfig",
+    "LoraConfig",
+    "QloraConfig",
     "apply_lora",
     "apply_qlora",
     "convert_fp8_lora",
     "prepare_full_finetune",
-    "prepare_model",
     "target_module_names",
 ]

@@ -15,12 +15,24 @@ DeepSpeed saves the module (FP8 ``qweight`` bytes, fp32 ``scale`` buffers, B), t
   :class:`CheckpointWriteError` on that rank, after removing the incomplete directory it wrote into;
   that rank then exits without another collective (its peers may be inside DeepSpeed's own
   barriers) and the launcher ends the job.
+
+This module owns the format: it also reads a checkpoint back without an engine, in one process,
+whatever world size and ZeRO stage wrote it (:func:`resolve_tag`, :func:`consolidated_state_dict`):
+
+* ZeRO-0/1/2: rank 0's ``mp_rank_00_model_states.pt`` holds the whole module state dict in the
+  module's own dtypes (``qweight`` uint8, ``scale`` fp32, the rest in the run's dtype).
+* ZeRO-3: every rank's ``zero_pp_rank_R_mp_rank_00_model_states.pt`` holds its slice of each frozen
+  parameter in its own dtype (``frozen_param_fragments``: the uint8 FP8 codes stay uint8) and the
+  buffers; the fp32 masters of the trainable proxies B are in the optimizer-state files. DeepSpeed's
+  public ``get_fp32_state_dict_from_zero_checkpoint`` concatenates the slices (no cast of frozen
+  parameters; buffers are read as fp32, which the scales already are) for any saved world size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import random
 import re
@@ -36,6 +48,10 @@ from falqon_dist.distributed.waits import barrier
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
+#: Model-state file of ZeRO-0/1/2 checkpoints (rank 0 writes the whole module).
+REPLICATED_STATES = "mp_rank_00_model_states.pt"
+#: Model-state files of ZeRO-3 checkpoints (one per rank: that rank's slices of frozen parameters).
+PARTITIONED_STATES = "zero_pp_rank_*_mp_rank_00_model_states.pt"
 #: Free space required beyond the expected size of a checkpoint (metadata, DeepSpeed's extra files).
 SPACE_MARGIN = 1.10
 
@@ -50,6 +66,10 @@ class CheckpointSpaceError(CheckpointError):
 
 class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed on this rank (e.g. the disk filled up during the save)."""
+
+
+class CheckpointReadError(CheckpointError):
+    """A checkpoint that is not there or not in the format its run's config says; names the path."""
 
 
 def tag_for(step: int) -> str:
@@ -216,3 +236,46 @@ def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dic
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return tag, client_state or {}
+
+
+# ------------------------------------------------------------------------------- reading, in one process
+def resolve_tag(ckpt_dir: Path, tag: str | int | None = "latest") -> str:
+    """``latest`` (the complete checkpoint ``checkpoints/latest`` names), ``step_00000300`` or ``300``."""
+    if not ckpt_dir.is_dir():
+        raise CheckpointReadError(f"{ckpt_dir} not found: the run saved no checkpoint")
+    if tag is None or str(tag) == LATEST:
+        found = latest_tag(ckpt_dir)
+        if found is None:
+            raise CheckpointReadError(f"{ckpt_dir / LATEST} does not name a complete checkpoint")
+        return found
+    text = str(tag)
+    if text.isdigit():
+        text = tag_for(int(text))
+    if not (ckpt_dir / text).is_dir():
+        available = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+        raise CheckpointReadError(f"checkpoint {ckpt_dir / text} not found; available tags: {available or 'none'}")
+    return text
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full module state dict saved under ``ckpt_dir/tag`` by a run with ``zero_stage``, and the
+    rest of rank 0's model-state file (client state such as ``step``; the module entry removed)."""
+    directory = ckpt_dir / tag
+    if zero_stage == 3:
+        files = sorted(directory.glob(PARTITIONED_STATES))
+        if not files:
+            raise CheckpointReadError(f"{directory}: no {PARTITIONED_STATES} (the config says deepspeed.zero_stage=3)")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # it prints a report per file and tqdm bars: keep the CLI's output to its own summary
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        meta_file = directory / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    else:
+        meta_file = directory / REPLICATED_STATES
+        if not meta_file.is_file():
+            raise CheckpointReadError(f"{meta_file} not found (the config says deepspeed.zero_stage={zero_stage})")
+        state = None
+    meta = torch.load(meta_file, map_location="cpu", weights_only=False)
+    module_state = meta.pop("module")
+    return (module_state if state is None else state), meta

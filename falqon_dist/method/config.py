@@ -1,14 +1,41 @@
-"""FALQON layer configuration."""
+"""FALQON layer configuration, and the error every method's config raises for a bad field."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from falqon_dist.fp8.backends import BACKEND_NAMES
 
 INIT_NAMES = ("svd", "random")
 MERGE_ROUNDINGS = ("nearest", "stochastic")
 UNMERGED = ("discard", "keep")
+
+
+class InvalidField(ValueError):
+    """A method config's field holds an invalid value: ``<Config>.<field> <requirement>, got <value>``.
+
+    ``field`` and ``requirement`` let a caller re-word it in its own terms (the trainer names the
+    Hydra key, ``method.rank``)."""
+
+    def __init__(self, owner: str, field: str, requirement: str, value: Any) -> None:
+        self.owner, self.field, self.requirement, self.value = owner, field, requirement, value
+        super().__init__(f"{owner}.{field} {requirement}, got {value!r}")
+
+
+def check_positive_int(owner: str, field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidField(owner, field, "must be a positive integer", value)
+
+
+def check_bool(owner: str, field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InvalidField(owner, field, "must be true or false", value)
+
+
+def check_choice(owner: str, field: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise InvalidField(owner, field, f"must be one of {valid}", value)
 
 
 @dataclass(frozen=True)
@@ -61,34 +88,20 @@ class FalqonConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"FalqonConfig.rank must be a positive integer, got {self.rank!r}")
+        owner = "FalqonConfig"
+        check_positive_int(owner, "rank", self.rank)
         if self.topk is not None and self.topk != "all" and (
             isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk <= 0
         ):
-            raise ValueError(
-                f"FalqonConfig.topk must be None (= rank), 'all' or an integer in 1..out_features, got {self.topk!r}"
-            )
-        if self.init not in INIT_NAMES:
-            raise ValueError(f"FalqonConfig.init must be one of {INIT_NAMES}, got {self.init!r}")
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"FalqonConfig.backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
-        if self.merge_rounding not in MERGE_ROUNDINGS:
-            raise ValueError(f"FalqonConfig.merge_rounding must be one of {MERGE_ROUNDINGS}, got {self.merge_rounding!r}")
-        if self.unmerged not in UNMERGED:
-            raise ValueError(f"FalqonConfig.unmerged must be one of {UNMERGED}, got {self.unmerged!r}")
-        if not isinstance(self.carry_residual, bool):
-            raise ValueError(f"FalqonConfig.carry_residual must be true or false, got {self.carry_residual!r}")
-        if (
-            isinstance(self.scale_headroom, bool)
-            or not isinstance(self.scale_headroom, int)
-            or self.scale_headroom < 1
-            or self.scale_headroom & (self.scale_headroom - 1)
-        ):
-            raise ValueError(f"FalqonConfig.scale_headroom must be a power of two (1, 2, 4, ...), got {self.scale_headroom!r}")
-        if not isinstance(self.cache_weight_transpose, bool):
-            raise ValueError(
-                f"FalqonConfig.cache_weight_transpose must be true or false, got {self.cache_weight_transpose!r}"
-            )
+            raise InvalidField(owner, "topk", "must be None (= rank), 'all' or an integer in 1..out_features", self.topk)
+        check_choice(owner, "init", self.init, INIT_NAMES)
+        check_choice(owner, "backend", self.backend, BACKEND_NAMES)
+        check_choice(owner, "merge_rounding", self.merge_rounding, MERGE_ROUNDINGS)
+        check_choice(owner, "unmerged", self.unmerged, UNMERGED)
+        check_bool(owner, "carry_residual", self.carry_residual)
+        check_positive_int(owner, "scale_headroom", self.scale_headroom)
+        if self.scale_headroom & (self.scale_headroom - 1):
+            raise InvalidField(owner, "scale_headroom", "must be a power of two (1, 2, 4, ...)", self.scale_headroom)
+        check_bool(owner, "cache_weight_transpose", self.cache_weight_transpose)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"FalqonConfig.seed must be an integer, got {self.seed!r}")
+            raise InvalidField(owner, "seed", "must be an integer", self.seed)

@@ -14,12 +14,11 @@ import torch
 import torch.distributed as tdist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from falqon_dist.baselines import prepare_model
 from falqon_dist.distributed.waits import barrier
 from falqon_dist.distributed.zero3_init import load_pretrained_zero3
 from falqon_dist.fp8.cast import set_cast_kernels
-from falqon_dist.method import FalqonConfig, convert_model
 from falqon_dist.method.swap import ModuleFilter, module_filter
+from falqon_dist.methods import prepare_model
 from falqon_dist.train.settings import RunSettings
 
 log = logging.getLogger("falqon_dist")
@@ -81,22 +80,6 @@ def _numel(param: torch.Tensor) -> int:
     return param.numel()
 
 
-def falqon_config(settings: RunSettings) -> FalqonConfig:
-    """The FALQON layer configuration a run's settings describe (training and restore share it)."""
-    method = settings.method
-    return FalqonConfig(
-        rank=method.rank,
-        topk=method.topk,
-        init=method.init,
-        backend=settings.fp8.backend,
-        merge_rounding=method.merge_rounding,
-        unmerged=method.unmerged,
-        carry_residual=method.carry_residual,
-        scale_headroom=method.scale_headroom,
-        cache_weight_transpose=settings.fp8.cache_weight_transpose,
-    )
-
-
 def layer_filter(settings: RunSettings) -> ModuleFilter:
     """The layers a run adapts: ``method.target_modules`` minus ``method.exclude_modules`` (training
     and restore share it; preflight has checked the patterns against the model)."""
@@ -109,29 +92,10 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
     set_cast_kernels(settings.fp8.cast)
     chosen = layer_filter(settings)
     if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
-        model, names = load_pretrained_zero3(path, ds_config, falqon_config(settings), dtype=dtype,
-                                             module_filter_fn=chosen)  # fmt: skip
-    elif method.name == "falqon":
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        names = convert_model(model, falqon_config(settings), device=_local_accelerator(), module_filter_fn=chosen)
+        model, names = load_pretrained_zero3(path, ds_config, method.config, dtype=dtype, module_filter_fn=chosen)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        names = prepare_model(
-            model,
-            method.name,
-            rank=method.rank or 0,
-            topk=method.topk,
-            alpha=method.alpha,
-            dropout=method.dropout,
-            backend=settings.fp8.backend,
-            cache_weight_transpose=settings.fp8.cache_weight_transpose,
-            init=method.init,
-            double_quant=method.double_quant,
-            merge_rounding=method.merge_rounding,
-            unmerged=method.unmerged,
-            device=_local_accelerator(),
-            module_filter_fn=chosen,
-        )
+        names = prepare_model(model, method.config, device=_local_accelerator(), module_filter_fn=chosen)
     if settings.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     facts = parameter_facts(model)

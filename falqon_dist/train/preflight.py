@@ -82,7 +82,6 @@ def _check_model_fits(settings: RunSettings) -> None:
 
     from falqon_dist.method.convert import check_convertible
     from falqon_dist.method.swap import select_modules
-    from falqon_dist.train.model_setup import falqon_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -93,10 +92,10 @@ def _check_model_fits(settings: RunSettings) -> None:
     if method.name != "falqon":
         return
     try:
-        names = check_convertible(model, falqon_config(settings), module_filter_fn=chosen)
+        names = check_convertible(model, settings.method.config, module_filter_fn=chosen)
     except ValueError as error:
         key = "method.topk" if "topk" in str(error) else "method.rank"
-        raise ConfigError(f"{key}={getattr(settings.method, key.split('.')[1])}: {error}") from None
+        raise ConfigError(f"{key}={getattr(settings.method.config, key.split('.')[1])}: {error}") from None
     if not names:
         model_name = settings.model.name_or_path or "the embedded tiny model"
         raise ConfigError(f"method=falqon: {model_name} has no nn.Linear besides lm_head whose dimensions are "

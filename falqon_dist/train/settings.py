@@ -17,11 +17,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from falqon_dist.baselines import METHODS
 from falqon_dist.data import DataConfig
 from falqon_dist.fp8 import BACKEND_NAMES
 from falqon_dist.fp8.cast import CAST_KERNELS
-from falqon_dist.method.config import MERGE_ROUNDINGS, UNMERGED
+from falqon_dist.method.config import InvalidField
+from falqon_dist.methods import METHODS, MethodConfig, method_config
 from falqon_dist.train.wandb_logger import VALID_MODES
 
 DTYPES = ("bf16", "fp32")
@@ -92,22 +92,11 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class MethodSettings:
+    """The method a run trains with: its typed, validated config (see :mod:`falqon_dist.methods`)
+    and the layers it adapts."""
+
     name: str
-    rank: int | None
-    topk: int | str | None
-    init: str
-    alpha: float | None
-    dropout: float
-    #: QLoRA only: double quantization of the NF4 block scales (the other methods ignore it).
-    double_quant: bool
-    #: FALQON only: "nearest" | "stochastic" rounding of merged weights.
-    merge_rounding: str
-    #: FALQON: rows of B a merge does not take are discarded (the paper) or kept.
-    unmerged: str
-    #: FALQON: what rounding drops from merged rows goes back into B (with unmerged=keep; inert otherwise).
-    carry_residual: bool
-    #: FALQON: the fixed scale leaves room for weights to grow this many times (a power of two).
-    scale_headroom: int
+    config: MethodConfig
     #: Layers adapted (names, dotted suffixes or regexes; None = every eligible nn.Linear but lm_head),
     #: minus those matching exclude_modules. The same for every method but full.
     target_modules: tuple[str, ...] | None = None
@@ -197,47 +186,34 @@ def _train(t: DictConfig) -> TrainSettings:
     )
 
 
-def _method(m: DictConfig) -> MethodSettings:
-    name = _choice(m.name, "method", METHODS)
-    rank = m.get("rank")
-    if name != "full":
-        _positive_int(rank, "method.rank")
-    topk = m.get("topk")
-    if topk is not None and topk != "all" and not (isinstance(topk, int) and not isinstance(topk, bool) and topk > 0):
-        raise ConfigError(f"method.topk must be null (= method.rank), 'all' or a positive integer, got {topk!r}")
-    init = _choice(m.get("init", "svd"), "method.init", ("svd", "random"))
-    alpha = m.get("alpha")
-    if alpha is not None:
-        alpha = _number(alpha, "method.alpha", 0.0)
-    dropout = _number(m.get("dropout", 0.0), "method.dropout", 0.0, 1.0)
-    if dropout >= 1.0:
-        raise ConfigError(f"method.dropout must be in [0, 1), got {dropout!r}")
-    # fields that only some method files define are read with .get() (the config is in struct mode)
-    double_quant = m.get("double_quant", True)
-    if not isinstance(double_quant, bool):
-        raise ConfigError(f"method.double_quant must be true or false, got {double_quant!r}")
-    merge_rounding = _choice(m.get("merge_rounding", "nearest"), "method.merge_rounding", MERGE_ROUNDINGS)
-    unmerged = _choice(m.get("unmerged", "discard"), "method.unmerged", UNMERGED)
-    carry_residual = m.get("carry_residual", False)
-    if not isinstance(carry_residual, bool):
-        raise ConfigError(f"method.carry_residual must be true or false, got {carry_residual!r}")
-    scale_headroom = _positive_int(m.get("scale_headroom", 1), "method.scale_headroom")
-    if scale_headroom & (scale_headroom - 1):
-        raise ConfigError(f"method.scale_headroom must be a power of two (1, 2, 4, 8, ...), got {scale_headroom}")
+#: Keys of the ``method/`` group that belong to the run, not to the method's config class.
+RUN_METHOD_KEYS = ("name", "lr", "target_modules", "exclude_modules")
+#: Config fields the ``fp8/`` group supplies, by method (the same FP8 backend for every FP8 method).
+FP8_FIELDS = {"falqon": ("backend", "cache_weight_transpose"), "fp8_lora": ("backend",)}
+#: What a run saved before a FALQON key existed ran with (its config.yaml lacks the key).
+SAVED_CONFIG_DEFAULTS = {"falqon": {"topk": None, "unmerged": "discard", "carry_residual": False}}
+
+
+def _method(m: DictConfig, fp8: DictConfig) -> MethodSettings:
+    """The ``method/`` group (and the ``fp8/`` fields the method takes) as the method's own config
+    class, which validates every value; its errors are re-worded to name the Hydra key."""
+    name = _choice(m.name, "method", tuple(METHODS))
+    fields = {key: m[key] for key in m if key not in RUN_METHOD_KEYS}
+    fields.update({key: fp8[key] for key in FP8_FIELDS.get(name, ()) if key in fp8})
+    for key, value in SAVED_CONFIG_DEFAULTS.get(name, {}).items():
+        fields.setdefault(key, value)
+    try:
+        config = method_config(name, fields)
+    except InvalidField as exc:
+        key = f"fp8.{exc.field}" if exc.field in FP8_FIELDS.get(name, ()) else f"method.{exc.field}"
+        raise ConfigError(f"{key} {exc.requirement}, got {exc.value!r}") from None
+    except ValueError as exc:  # a key of the method group that its config class does not have
+        raise ConfigError(f"method={name}: {exc}") from None
     return MethodSettings(
+        name=name,
+        config=config,
         target_modules=_patterns(m.get("target_modules"), "method.target_modules"),
         exclude_modules=_patterns(m.get("exclude_modules"), "method.exclude_modules"),
-        name=name,
-        rank=rank,
-        topk=topk,
-        init=init,
-        alpha=alpha,
-        dropout=dropout,
-        double_quant=double_quant,
-        merge_rounding=merge_rounding,
-        unmerged=unmerged,
-        carry_residual=carry_residual,
-        scale_headroom=scale_headroom,
     )
 
 
@@ -333,7 +309,8 @@ def validate(cfg: DictConfig) -> RunSettings:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"run.seed must be an integer, got {seed!r}")
     model = _model(cfg.model)
-    method = _method(cfg.method)
+    _choice(cfg.fp8.backend, "fp8.backend", BACKEND_NAMES)  # named as the fp8 key, before the method reads it
+    method = _method(cfg.method, cfg.fp8)
     logger = _choice(cfg.logger.backend, "logger", LOGGERS)
     wandb_settings = OmegaConf.to_container(cfg.wandb, resolve=True)
     _choice(wandb_settings.get("mode"), "wandb.mode", VALID_MODES)

@@ -128,7 +128,7 @@ def test_cli_export_writes_the_checkpoint_fp8_bytes(run_dir, cli_export):
     merge code, and nothing requantized."""
     import falqon_dist as fd
     from falqon_dist.export.exporter import merge_pending_proxies_
-    from falqon_dist.train.restore import restore_run
+    from falqon_dist.export.restore import restore_run
 
     out, stdout = cli_export
     ckpt = run_dir / "checkpoints" / f"step_{STEPS:08d}"
@@ -170,7 +170,7 @@ def test_cli_export_writes_the_checkpoint_fp8_bytes(run_dir, cli_export):
 
 def test_exported_logits_match_the_dequantized_checkpoint(run_dir, cli_export):
     import falqon_dist as fd
-    from falqon_dist.train.restore import restore_run
+    from falqon_dist.export.restore import restore_run
 
     from falqon_dist.export.exporter import merge_pending_proxies_
 
@@ -275,7 +275,8 @@ def test_cli_errors_name_the_path_or_key(run_dir, tmp_path, capsys):
     lora = tmp_path / "lora"
     lora.mkdir()
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    config["method"]["name"] = "lora"
+    config["method"] = {"name": "lora", "rank": 16, "alpha": None, "dropout": 0.0, "lr": 0.003,
+                        "target_modules": None, "exclude_modules": None}  # what a LoRA run saves
     (lora / "config.yaml").write_text(yaml.safe_dump(config))
     fails(export_cli, [f"run.dir={lora}"], "method.name='lora'", "method=falqon")
     fails(export_cli, [f"run.dir={run_dir}", "tag=step_00000099", f"out={tmp_path / 'o'}"],

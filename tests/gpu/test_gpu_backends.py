@@ -37,7 +37,8 @@ from torch import nn
 
 import falqon_dist as fd
 from falqon_dist import fp8
-from falqon_dist.baselines import Fp8LoraLinear, prepare_model
+from falqon_dist.baselines import Fp8LoraConfig, Fp8LoraLinear
+from falqon_dist.methods import prepare_model
 
 pytestmark = pytest.mark.gpu
 
@@ -233,7 +234,7 @@ def test_te_fused_cast_matches_torch_cast(fmt, shape):
 
 
 def test_conversion_on_the_gpu_matches_the_cpu():
-    """``prepare_model(..., device=cuda)`` on a CPU-loaded model: every converted layer is built on the
+    """``prepare_model(model, config, device=cuda)`` on a CPU-loaded model: every converted layer is built on the
     GPU (SVD init there), the rest stays put for DeepSpeed to move, and the result is the CPU's up to
     SVD rounding (the FP8 bytes of W can differ by one step where the melded scale moves)."""
     _needs_fp8_hardware()
@@ -244,8 +245,8 @@ def test_conversion_on_the_gpu_matches_the_cpu():
     torch.manual_seed(0)
     on_cpu = LlamaForCausalLM(tiny_config())
     on_gpu = copy.deepcopy(on_cpu)
-    names = prepare_model(on_cpu, "falqon", rank=16, backend="emulated")
-    assert prepare_model(on_gpu, "falqon", rank=16, backend="emulated", device=CUDA) == names
+    names = prepare_model(on_cpu, fd.FalqonConfig(rank=16, backend="emulated"))
+    assert prepare_model(on_gpu, fd.FalqonConfig(rank=16, backend="emulated"), device=CUDA) == names
     for (_, cpu_layer), (_, gpu_layer) in zip(fd.falqon_layers(on_cpu), fd.falqon_layers(on_gpu), strict=True):
         assert gpu_layer.qweight.is_cuda and gpu_layer.B.is_cuda and gpu_layer.scale.dtype == torch.float32
         assert fp8.sqnr_db(cpu_layer.backbone_weight(), gpu_layer.backbone_weight().cpu()) > 40
@@ -340,8 +341,8 @@ def test_falqon_tiny_model_training_on_cuda_bf16(backend):
     _needs_fp8_hardware(backend)
     model, batch = _tiny_model_and_batch()
     reference = copy.deepcopy(model)
-    names = prepare_model(model, "falqon", rank=16, backend=backend, unmerged="discard")
-    prepare_model(reference, "falqon", rank=16, backend="emulated", unmerged="discard")
+    names = prepare_model(model, fd.FalqonConfig(rank=16, topk=None, backend=backend, unmerged="discard", carry_residual=False))
+    prepare_model(reference, fd.FalqonConfig(rank=16, topk=None, backend="emulated", unmerged="discard", carry_residual=False))
     layers = fd.falqon_layers(model)
     assert len(layers) == len(names) > 0
     expected = "scaled_mm" if backend == "auto" else backend
@@ -363,7 +364,7 @@ def test_falqon_tiny_model_training_on_cuda_bf16(backend):
 def test_fp8_lora_tiny_model_training_on_cuda_bf16():
     _needs_fp8_hardware()
     model, batch = _tiny_model_and_batch()
-    names = prepare_model(model, "fp8_lora", rank=16, backend="auto")
+    names = prepare_model(model, Fp8LoraConfig(rank=16, backend="auto"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n in trainable)
     assert len(trainable) == 2 * len(names)

@@ -1,4 +1,4 @@
-"""Baselines: FP8 LoRA numerics, peft LoRA, full fine-tuning and the prepare_model registry (CPU)."""
+"""Baselines: FP8 LoRA numerics, peft LoRA, full fine-tuning, their configs and the method registry (CPU)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,22 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from falqon_dist.baselines import (
-    METHODS,
     QUANTIZE_OPS_PER_STEP,
+    Fp8LoraConfig,
     Fp8LoraLinear,
+    FullConfig,
+    LoraConfig,
+    QloraConfig,
     apply_lora,
     convert_fp8_lora,
     prepare_full_finetune,
-    prepare_model,
     target_module_names,
 )
 from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, sqnr_db
 from falqon_dist.fp8.instrument import count_casts
 from falqon_dist.method import FalqonConfig, FalqonLinear
+from falqon_dist.method.config import InvalidField
+from falqon_dist.methods import METHODS, method_config, method_name, prepare_model
 from tests.models import tiny_llama
 
 # SQNR floors (dB) against a float64 computation with the high-precision W, A, B. E4M3 alone gives
@@ -232,9 +236,25 @@ def test_prepare_full_finetune_rejects_converted_model() -> None:
 # prepare_model
 
 
-def test_prepare_model_rejects_unknown_method() -> None:
-    with pytest.raises(ValueError, match=r"'adapterx'.*falqon.*lora.*fp8_lora.*full.*qlora"):
-        prepare_model(tiny_llama(), "adapterx", rank=4)
+def test_method_configs_are_built_by_name_and_reject_bad_values_naming_the_field() -> None:
+    assert method_config("lora", {"rank": 8, "dropout": 0.1}) == LoraConfig(rank=8, dropout=0.1)
+    assert method_config("full", {}) == FullConfig() and method_name(QloraConfig()) == "qlora"
+    with pytest.raises(ValueError, match=r"'adapterx'.*falqon.*lora.*fp8_lora.*qlora.*full"):
+        method_config("adapterx", {})
+    with pytest.raises(ValueError, match=r"LoraConfig has no field 'topk'"):
+        method_config("lora", {"topk": 4})
+    for config, fields, message in [
+        (LoraConfig, {"rank": 0}, "LoraConfig.rank must be a positive integer, got 0"),
+        (LoraConfig, {"dropout": 1.0}, r"LoraConfig.dropout must be a number in \[0, 1\), got 1.0"),
+        (QloraConfig, {"alpha": -1.0}, r"QloraConfig.alpha must be None \(= rank\) or a finite number > 0, got -1.0"),
+        (QloraConfig, {"double_quant": "yes"}, "QloraConfig.double_quant must be true or false, got 'yes'"),
+        (Fp8LoraConfig, {"backend": "cuda"}, "Fp8LoraConfig.backend must be one of"),
+        (FalqonConfig, {"topk": 0}, "FalqonConfig.topk must be None"),
+    ]:
+        with pytest.raises(InvalidField, match=message):
+            config(**fields)
+    with pytest.raises(TypeError, match="not a method config: dict"):
+        prepare_model(tiny_llama(), {"rank": 4})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -243,7 +263,9 @@ def test_every_method_runs_forward_backward(method: str, dtype: torch.dtype) -> 
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     model = tiny_llama(dtype)
-    names = prepare_model(model, method, rank=4, alpha=8, backend="emulated")
+    fields = {"falqon": {"rank": 4, "backend": "emulated"}, "fp8_lora": {"rank": 4, "alpha": 8, "backend": "emulated"},
+              "full": {}}.get(method, {"rank": 4, "alpha": 8})
+    names = prepare_model(model, method_config(method, fields))
     assert names
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-import falqon_dist as fd
-from omegaconf import open_dict
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
 
-from falqon_dist.train.model_setup import falqon_config
+import falqon_dist as fd
+from falqon_dist.baselines import LoraConfig, QloraConfig
+from falqon_dist.methods import METHODS, config_fields, prepare_model
 from falqon_dist.train.preflight import preflight
-from falqon_dist.train.settings import ConfigError, validate
+from falqon_dist.train.settings import FP8_FIELDS, RUN_METHOD_KEYS, ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -40,8 +41,7 @@ def test_default_composes_and_validates():
 @pytest.mark.parametrize("value, expected", [("all", "all"), ("null", None), ("4", 4)])
 def test_falqon_topk_takes_all_null_or_a_count(value, expected):
     settings = validate(compose_cfg([f"method.topk={value}"]))
-    assert settings.method.topk == expected
-    assert falqon_config(settings).topk == expected
+    assert settings.method.config.topk == expected
 
 
 @pytest.mark.parametrize(
@@ -58,8 +58,10 @@ def test_every_shipped_config_composes(group, option, tmp_path):
         data.write_text('{"prompt": "a", "response": "b"}\n')
         overrides.append(f"data.path={data}")
     settings = validate(compose_cfg(overrides))
-    if group == "method":
-        assert settings.method.name == option
+    if group == "method":  # the file holds exactly its config class's fields, plus the run's keys
+        assert settings.method.name == option and type(settings.method.config) is METHODS[option].config
+        keys = set(OmegaConf.load(CONF / "method" / f"{option}.yaml")) - set(RUN_METHOD_KEYS)
+        assert keys == set(config_fields(option)) - set(FP8_FIELDS.get(option, ())) - {"seed"}, option
     if group == "model" and option != "tiny":
         assert settings.model.name_or_path  # a hub name or local path preset
 
@@ -128,11 +130,10 @@ def test_unknown_key_is_rejected_by_hydra():
 def test_qlora_settings_compose():
     pytest.importorskip("bitsandbytes")
     settings = validate(compose_cfg(["method=qlora", "deepspeed.zero_stage=1", "method.double_quant=false"]))
-    m = settings.method
-    assert (m.name, m.rank, m.alpha, m.dropout, m.double_quant) == ("qlora", 16, None, 0.0, False)
+    assert settings.method.name == "qlora"
+    assert settings.method.config == QloraConfig(rank=16, alpha=None, dropout=0.0, double_quant=False)
     assert settings.train.lr == 0.003
-    # methods whose file has no double_quant still validate (read with .get(): the config is in struct mode)
-    assert validate(compose_cfg(["method=lora"])).method.double_quant is True
+    assert validate(compose_cfg(["method=lora"])).method.config == LoraConfig(rank=16)  # no QLoRA field
 
 
 def test_qlora_rejects_zero3_with_the_reason():
@@ -161,7 +162,7 @@ def test_export_needs_falqon(method):
 
 
 def test_dropout_of_one_is_rejected():
-    with pytest.raises(ConfigError, match=r"method\.dropout must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"method\.dropout must be a number in \[0, 1\)"):
         validate(compose_cfg(["method=lora", "method.dropout=1.0"]))
 
 
@@ -177,62 +178,62 @@ def test_fp8_cache_weight_transpose_reaches_the_layers_and_refuses_zero3(tmp_pat
     with pytest.raises(ConfigError, match=r"fp8\.cache_weight_transpose=true needs deepspeed\.zero_stage 0, 1 or 2"):
         validate(compose_cfg(["fp8.cache_weight_transpose=true"]))  # default stage 3
 
-    from falqon_dist.baselines import prepare_model
     from falqon_dist.method import falqon_layers
     from tests.models import tiny_llama
 
+    cached = validate(compose_cfg(["fp8.cache_weight_transpose=true", "deepspeed.zero_stage=2"]))
+    assert cached.method.config.cache_weight_transpose is True  # the fp8 key reaches FALQON's config
     model = tiny_llama()
-    prepare_model(model, "falqon", rank=4, backend="emulated", cache_weight_transpose=True)
+    prepare_model(model, fd.FalqonConfig(rank=4, backend="emulated", cache_weight_transpose=True))
     assert all(layer.weight_t_cache is not None for _, layer in falqon_layers(model))
 
 
 def test_unmerged_keep_reaches_the_layers():
     settings = validate(compose_cfg(["method.unmerged=keep"]))
-    assert settings.method.unmerged == "keep"
-    assert validate(compose_cfg([])).method.unmerged == "keep"  # the default, chosen by the learning benchmark
-    assert validate(compose_cfg(["method.unmerged=discard"])).method.unmerged == "discard"  # the paper
-    assert validate(compose_cfg(["method=lora"])).method.unmerged == "discard"  # not in its file: saved
-    # configs from before the option existed were trained the paper's way
+    assert settings.method.config.unmerged == "keep"
+    assert validate(compose_cfg([])).method.config.unmerged == "keep"  # the default, chosen by the learning benchmark
+    assert validate(compose_cfg(["method.unmerged=discard"])).method.config.unmerged == "discard"  # the paper
+    old = compose_cfg([])
+    with open_dict(old):
+        del old.method["unmerged"]
+    assert validate(old).method.config.unmerged == "discard"  # saved before the option: trained the paper's way
 
-    from falqon_dist.baselines import prepare_model
     from falqon_dist.method import falqon_layers
     from tests.models import tiny_llama
 
     model = tiny_llama()
-    prepare_model(model, "falqon", rank=4, backend="emulated", unmerged="keep")
+    prepare_model(model, fd.FalqonConfig(rank=4, backend="emulated", unmerged="keep"))
     assert all(layer.unmerged == "keep" for _, layer in falqon_layers(model))
 
 
 def test_carry_residual_and_scale_headroom_reach_the_layers():
     from falqon_dist.method import falqon_layers
-    from falqon_dist.train.model_setup import falqon_config
     from tests.models import tiny_llama
 
     default = validate(compose_cfg([]))
-    assert default.method.carry_residual and default.method.scale_headroom == 1  # the shipped default
+    assert default.method.config.carry_residual and default.method.config.scale_headroom == 1  # the shipped default
     old = compose_cfg(["method.unmerged=keep"])
     with open_dict(old):
         del old.method["carry_residual"]
-    assert not validate(old).method.carry_residual  # configs saved before the option: trained without it
+    assert not validate(old).method.config.carry_residual  # configs saved before the option: trained without it
     settings = validate(compose_cfg(["method.carry_residual=false", "method.scale_headroom=4"]))
-    config = falqon_config(settings)
+    config = settings.method.config
     assert not config.carry_residual and config.scale_headroom == 4
     model = tiny_llama()
-    fd.convert_model(model, falqon_config(default))
+    fd.convert_model(model, default.method.config)
     assert all(layer.carry_residual for _, layer in falqon_layers(model))
 
 
 def test_stochastic_merge_rounding_reaches_the_layers():
     settings = validate(compose_cfg(["method.merge_rounding=stochastic"]))
-    assert settings.method.merge_rounding == "stochastic"
-    assert validate(compose_cfg(["method=lora"])).method.merge_rounding == "nearest"  # not in its file
+    assert settings.method.config.merge_rounding == "stochastic"
+    assert validate(compose_cfg([])).method.config.merge_rounding == "nearest"
 
-    from falqon_dist.baselines import prepare_model
     from falqon_dist.method import falqon_layers
     from tests.models import tiny_llama
 
     model = tiny_llama()
-    prepare_model(model, "falqon", rank=4, backend="emulated", merge_rounding="stochastic")
+    prepare_model(model, fd.FalqonConfig(rank=4, backend="emulated", merge_rounding="stochastic"))
     layers = falqon_layers(model)
     assert all(layer.merge_rounding == "stochastic" for _, layer in layers)
     assert len({layer.seed for _, layer in layers}) == len(layers)  # a noise stream per layer
@@ -252,7 +253,7 @@ def test_a_run_trained_with_te_restores_anywhere(tmp_path):
     """Export / eval of a te-trained run on a machine without TE: the bytes do not depend on the backend."""
     from omegaconf import OmegaConf
 
-    from falqon_dist.train.restore import load_run_config
+    from falqon_dist.train.saved_config import load_run_config
 
     cfg = compose_cfg(["fp8.backend=te", f"run.dir={tmp_path}"])
     OmegaConf.save(cfg, tmp_path / "config.yaml")
@@ -264,13 +265,13 @@ def test_configs_saved_before_a_key_existed_still_restore(tmp_path):
     """Run directories and exports outlive config changes: a key added later reads as its default."""
     from omegaconf import OmegaConf
 
-    from falqon_dist.train.restore import load_run_config
+    from falqon_dist.train.saved_config import load_run_config
 
     cfg = OmegaConf.to_container(compose_cfg([f"run.dir={tmp_path}"]))
     del cfg["fp8"]["cache_weight_transpose"], cfg["method"]["init"]
     OmegaConf.save(OmegaConf.create(cfg), tmp_path / "config.yaml")
     _, settings = load_run_config(tmp_path)
-    assert settings.fp8.cache_weight_transpose is False and settings.method.init == "svd"
+    assert settings.fp8.cache_weight_transpose is False and settings.method.config.init == "svd"
 
 
 # ------------------------------------------------------------------------- the user's DeepSpeed JSON

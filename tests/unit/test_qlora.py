@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from falqon_dist.baselines import apply_lora, apply_qlora, prepare_model, target_module_names
+from falqon_dist.baselines import LoraConfig, QloraConfig, apply_lora, apply_qlora, target_module_names
+from falqon_dist.methods import prepare_model
 from falqon_dist.fp8 import sqnr_db
 from tests.models import tiny_llama
 
@@ -201,12 +202,12 @@ def test_state_dict_round_trip_restores_codes_and_scales(bnb) -> None:
 
 def test_prepare_model_passes_dropout_and_double_quant(bnb) -> None:
     model = tiny_llama()
-    names = prepare_model(model, "qlora", rank=4, dropout=0.1, double_quant=False)
+    names = prepare_model(model, QloraConfig(rank=4, dropout=0.1, double_quant=False))
     layer = model.get_submodule(names[0])
     assert layer.lora_dropout["default"].p == 0.1
     assert not layer.base_layer.weight.quant_state.nested
     lora = tiny_llama()
-    names = prepare_model(lora, "lora", rank=4, dropout=0.2)
+    names = prepare_model(lora, LoraConfig(rank=4, dropout=0.2))
     assert lora.get_submodule(names[0]).lora_dropout["default"].p == 0.2
 
 
@@ -272,4 +273,4 @@ def test_missing_bitsandbytes_names_the_install_command(monkeypatch: pytest.Monk
         apply_qlora(model, rank=4)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in target_module_names(model))  # untouched
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
-        prepare_model(tiny_llama(), "qlora", rank=4)
+        prepare_model(tiny_llama(), QloraConfig(rank=4))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from falqon_dist.baselines import prepare_model
+from falqon_dist.methods import method_config, prepare_model
 from falqon_dist.method.swap import matches, module_filter, select_modules, target_module_names
 from tests.models import tiny_llama
 
@@ -37,7 +37,8 @@ def test_targets_and_excludes_select_the_same_layers_for_every_method():
     only_mlp = module_filter(exclude_modules=[r".*self_attn\..*"])
     for method in ("falqon", "lora", "fp8_lora"):
         model = tiny_llama()
-        names = prepare_model(model, method, rank=4, backend="emulated", module_filter_fn=only_mlp)
+        config = method_config(method, {"rank": 4, "backend": "emulated"} if method != "lora" else {"rank": 4})
+        names = prepare_model(model, config, module_filter_fn=only_mlp)
         assert names == [n for n in default if ".mlp." in n], method
         untouched = model.get_submodule("model.layers.0.self_attn.q_proj")
         assert type(untouched) is nn.Linear and not untouched.weight.requires_grad
