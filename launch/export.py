@@ -7,7 +7,8 @@
 Every key is documented in ``conf/export.yaml``; overrides follow Hydra's grammar, as for
 launch/train.py. Runs as ONE plain ``python`` process whatever the run's world size and ZeRO stage: the model is
 rebuilt from ``RUN_DIR/config.yaml`` (base model, FALQON rank/filter, backend, dtype) and the chosen
-checkpoint is consolidated from its per-rank files (falqon_dist/export/restore.py). The FP8 codes and
+checkpoint is consolidated from its per-rank files (falqon_dist/distributed/checkpoint.py, the
+model rebuilt by falqon_dist/export/restore.py). The FP8 codes and
 scales are written unchanged (no requantization). ``out`` defaults to ``RUN_DIR/export``; an existing
 non-empty ``out`` is refused unless ``overwrite=true``. Besides the model files the export holds
 ``falqon_run.json`` (the run, checkpoint and resolved training config), which launch/eval.py reads.
