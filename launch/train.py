@@ -27,6 +27,7 @@ from falqon_dist.distributed.rendezvous import RendezvousError  # noqa: E402
 from falqon_dist.train.bootstrap import (  # noqa: E402
     agree_run_dir,
     init_process_group,
+    move_overrides,
     requested_override,
     strip_local_rank,
     timeout_from_overrides,
@@ -47,7 +48,7 @@ def start(argv: list[str]) -> str:
 
 
 if __name__ == "__main__":
-    argv = strip_local_rank(sys.argv[1:])
+    argv = move_overrides(strip_local_rank(sys.argv[1:]))
     try:
         run_dir = start(argv)
     except (RendezvousError, StaleLockError) as exc:  # one line, no traceback: the message says it all

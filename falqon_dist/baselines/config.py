@@ -1,7 +1,7 @@
 """One frozen, self-validating config per baseline method (FALQON's is :class:`~falqon_dist.method.FalqonConfig`).
 
 Each field is checked on construction; a bad value raises
-:class:`~falqon_dist.method.config.InvalidField` (a ``ValueError``) naming the field and what would
+:class:`~falqon_dist.config_checks.InvalidField` (a ``ValueError``) naming the field and what would
 be valid. The Hydra ``method/`` group's files hold exactly these fields (plus ``name``, ``lr`` and
 the layer choice, which are the run's), so a config file and its class cannot drift apart (a test
 composes every file against its class).
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from falqon_dist.fp8.backends import BACKEND_NAMES
-from falqon_dist.method.config import InvalidField, check_bool, check_choice, check_positive_int
+from falqon_dist.config_checks import InvalidField, check_bool, check_choice, check_positive_int
 
 
 def _check_alpha(owner: str, alpha: Any) -> None:

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from falqon_dist.config_checks import (
+    InvalidField,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_positive_int,
+    is_int,
+)
 from falqon_dist.data.synthetic import FINETUNE_TASKS
 
 DATASET_NAMES = ("synthetic", "alpaca", "oasst1", "jsonl")
@@ -11,16 +20,13 @@ DATASET_NAMES = ("synthetic", "alpaca", "oasst1", "jsonl")
 DEFAULT_HUB_NAMES = {"alpaca": "tatsu-lab/alpaca", "oasst1": "OpenAssistant/oasst1"}
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset to fine-tune on and how to turn it into batches.
 
-    Every field is validated on construction; a bad value raises ``ValueError`` naming the field and
-    what would be valid.
+    Every field is validated on construction; a bad value raises
+    :class:`~falqon_dist.config_checks.InvalidField` (a ``ValueError``) naming the field and what
+    would be valid.
     """
 
     #: Dataset: "synthetic" (built-in held-out task, no files needed) | "alpaca" | "oasst1" |
@@ -50,31 +56,24 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.name not in DATASET_NAMES:
-            raise ValueError(f"DataConfig.name must be one of {DATASET_NAMES}, got {self.name!r}")
+        owner = "DataConfig"
+        check_choice(owner, "name", self.name, DATASET_NAMES)
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
-            raise ValueError(f"DataConfig.path must be None or a non-empty string, got {self.path!r}")
+            raise InvalidField(owner, "path", "must be None or a non-empty string", self.path)
         if self.name == "synthetic" and self.path is not None:
-            raise ValueError(f"DataConfig.path must be None for name='synthetic', got {self.path!r}")
+            raise InvalidField(owner, "path", "must be None for name='synthetic'", self.path)
         if self.name == "jsonl" and self.path is None:
-            raise ValueError("DataConfig.path is required for name='jsonl' (a local .jsonl/.json file or directory)")
-        if self.task not in FINETUNE_TASKS:
-            raise ValueError(f"DataConfig.task must be one of {FINETUNE_TASKS}, got {self.task!r}")
-        if not _is_int(self.max_length) or self.max_length < 8:
-            raise ValueError(f"DataConfig.max_length must be an integer >= 8, got {self.max_length!r}")
-        if not isinstance(self.packing, bool):
-            raise ValueError(f"DataConfig.packing must be true or false, got {self.packing!r}")
-        for field in ("num_train", "num_eval"):
-            value = getattr(self, field)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"DataConfig.{field} must be a positive integer, got {value!r}")
-        if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) or not (
-            0.0 < self.eval_fraction < 1.0
-        ):
-            raise ValueError(f"DataConfig.eval_fraction must be a number in (0, 1), got {self.eval_fraction!r}")
-        if self.max_records is not None and (not _is_int(self.max_records) or self.max_records <= 0):
-            raise ValueError(f"DataConfig.max_records must be None or a positive integer, got {self.max_records!r}")
+            raise InvalidField(owner, "path", "is required for name='jsonl' (a local .jsonl/.json file or directory)",
+                               self.path)
+        check_choice(owner, "task", self.task, FINETUNE_TASKS)
+        if not is_int(self.max_length) or self.max_length < 8:
+            raise InvalidField(owner, "max_length", "must be an integer >= 8", self.max_length)
+        check_bool(owner, "packing", self.packing)
+        check_positive_int(owner, "num_train", self.num_train)
+        check_positive_int(owner, "num_eval", self.num_eval)
+        check_number(owner, "eval_fraction", self.eval_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        if self.max_records is not None:
+            check_positive_int(owner, "max_records", self.max_records)
         if self.lang is not None and (not isinstance(self.lang, str) or not self.lang):
-            raise ValueError(f"DataConfig.lang must be None or a language code such as 'en', got {self.lang!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"DataConfig.seed must be an integer, got {self.seed!r}")
+            raise InvalidField(owner, "lang", "must be None or a language code such as 'en'", self.lang)
+        check_int(owner, "seed", self.seed)

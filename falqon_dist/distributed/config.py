@@ -17,9 +17,37 @@ DeepSpeed's fused Adam is not built) and ``steps_per_print`` off.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from falqon_dist.config_checks import InvalidField, check_choice, check_non_negative_int, check_number
+
 VALID_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """The Hydra ``deepspeed/`` group (``conf/deepspeed/default.yaml`` documents every field): the
+    settings the framework writes into the DeepSpeed config, over the user's own JSON (``config``)."""
+
+    zero_stage: int
+    #: Gradient-norm clipping (0 = off).
+    gradient_clipping: float
+    #: ZeRO-3: parameters below this many elements stay resident on every rank.
+    param_persistence_threshold: int
+    #: The user's DeepSpeed JSON (None = none); read and validated by the trainer's preflight.
+    config: Path | None = None
+
+    def __post_init__(self) -> None:
+        owner = "DeepSpeedConfig"
+        check_choice(owner, "zero_stage", self.zero_stage, VALID_STAGES)
+        check_number(owner, "gradient_clipping", self.gradient_clipping, 0.0)
+        check_non_negative_int(owner, "param_persistence_threshold", self.param_persistence_threshold)
+        if self.config is not None:
+            if not isinstance(self.config, (str, Path)) or not str(self.config):
+                raise InvalidField(owner, "config", "must be null or the path of a DeepSpeed JSON file", self.config)
+            object.__setattr__(self, "config", Path(str(self.config)).expanduser())
 
 
 class DeepSpeedConfigError(ValueError):

@@ -7,7 +7,7 @@ Stage 3 partitions ``qweight``: rank p owns the flat elements ``[p·n, (p+1)·n)
 ``M_q``. A merge gathers only what it needs — the full B (out × r, fp32, via the master), the k selected
 rows and the adapter rows ``A_q`` ((k + r) × in bytes, one all-reduce of the pieces each rank owns)
 — computes the merged rows exactly as the unsharded merge does, and writes only the local slice
-with the method's own ``apply_rows_to_slice_``. Traffic per layer: O(r·out + (k + r)·in), never the
+with the method's own merge primitive, ``merge_slice_``. Traffic per layer: O(r·out + (k + r)·in), never the
 O(in·out) backbone. With ``topk="all"`` no W row is gathered at all: each element's update needs only
 its own byte, B and A_q, and the rows a slice boundary splits get their carry from one all-reduce of
 the slices' partial projections (out × r). A parameter ZeRO-3 keeps resident (``ds_persist``, below
@@ -22,7 +22,7 @@ from torch import nn
 
 from falqon_dist.fp8 import E4M3
 from falqon_dist.method import falqon_layers
-from falqon_dist.method.proxy import MergeStats, RowMerge, apply_all_rows_to_slice_, apply_rows_to_slice_
+from falqon_dist.method.proxy import MergeStats, RowMerge, merge_slice_
 from falqon_dist.distributed.proxies import ProxyMasters
 from falqon_dist.distributed.zero_facts import is_partitioned
 
@@ -57,13 +57,12 @@ def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor | None, st
     projector = layer.adapter_projector(adapter_q) if layer.carry_residual else None
     part = qweight.ds_tensor.view(-1)
     offset = qweight.ds_tensor.ds_numel * tdist.get_rank(group=group)
-    if rows is None:  # every row: elementwise, nothing of W gathered; the carry summed over slices
-        merge = apply_all_rows_to_slice_(part, offset, proxy, adapter_q, layer.rounding(step), projector=projector)
-        if merge.carry is not None:
-            tdist.all_reduce(merge.carry, group=group)
-        return merge
-    return apply_rows_to_slice_(part, offset, rows, gathered[: rows.numel()], proxy.index_select(0, rows),
-                                adapter_q, layer.rounding(step), projector=projector)
+    old_rows = None if rows is None else gathered[: rows.numel()]
+    merge = merge_slice_(part, offset, proxy, rows, adapter_q, layer.rounding(step), old_rows=old_rows,
+                         projector=projector)
+    if rows is None and merge.carry is not None:  # every row: the carry is this slice's partial sum
+        tdist.all_reduce(merge.carry, group=group)
+    return merge
 
 
 def _merge_resident(layer, proxy: torch.Tensor, rows: torch.Tensor | None, step: int) -> RowMerge:

@@ -24,7 +24,6 @@ since (same ``_version``), for the same format and backend.
 
 from __future__ import annotations
 
-import functools
 import warnings
 import weakref
 from collections.abc import Callable
@@ -40,6 +39,30 @@ CAST_KERNELS = ("compiled", "eager")
 _mode = "compiled"
 
 CastResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+class CompiledVariants:
+    """One ``torch.compile``d graph (dynamic shapes, ``fullgraph``) per variant of an eager function,
+    compiled on first use and kept for the process: ``variants[key]`` is the compiled callable.
+
+    Each variant must be its own module-level function (its own code object) that calls the shared
+    eager reference with that variant's fixed arguments: dynamo keeps compiled graphs per code
+    object and caps them (``recompile_limit``), so variants behind one code object would share, and
+    exhaust, one budget. Checked here, on construction. The eager reference is what is traced, so
+    compiled and eager bits agree by construction.
+    """
+
+    def __init__(self, variants: dict[Any, Callable]) -> None:
+        codes = [fn.__code__ for fn in variants.values()]
+        if len(set(codes)) != len(codes):
+            raise ValueError("CompiledVariants: every variant needs its own function (code object)")
+        self._variants = variants
+        self._compiled: dict[Any, Callable] = {}
+
+    def __getitem__(self, key: Any) -> Callable:
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(self._variants[key], dynamic=True, fullgraph=True)
+        return self._compiled[key]
 
 
 def set_cast_kernels(mode: str) -> None:
@@ -60,9 +83,7 @@ def _cast_eager(x_hp: torch.Tensor, fp8_dtype: torch.dtype, transpose_copy: bool
     return x_fp8, scale, (x_fp8.t().contiguous() if transpose_copy else None)
 
 
-# What torch.compile traces: the eager reference itself (so compiled and eager bits agree by
-# construction), behind one function (one code object) per variant: dynamo keeps its compiled graphs
-# per code object and caps them (recompile_limit), so format × copy do not share that budget.
+# One function per (format, transposed copy) variant (see CompiledVariants).
 def _cast_e4m3(x_hp: torch.Tensor) -> CastResult:
     return _cast_eager(x_hp, E4M3, False)
 
@@ -79,18 +100,12 @@ def _cast_e5m2_t(x_hp: torch.Tensor) -> CastResult:
     return _cast_eager(x_hp, E5M2, True)
 
 
-_VARIANTS = {
+_COMPILED_CASTS = CompiledVariants({
     (E4M3, False): _cast_e4m3,
     (E4M3, True): _cast_e4m3_t,
     (E5M2, False): _cast_e5m2,
     (E5M2, True): _cast_e5m2_t,
-}
-
-
-@functools.cache
-def _compiled_cast(fp8_dtype: torch.dtype, transpose_copy: bool) -> Callable[[torch.Tensor], CastResult]:
-    """The fused cast for one format, traced on first use (dynamic shapes) and kept for the process."""
-    return torch.compile(_VARIANTS[fp8_dtype, transpose_copy], dynamic=True, fullgraph=True)
+})
 
 
 def _dispatch_mode_active() -> bool:
@@ -120,7 +135,7 @@ def dynamic_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, *, transpose_copy: 
     if not transpose_copy:
         x = x.reshape(-1)
     x_fp8, scale, x_fp8_t = run_compiled(
-        _compiled_cast(fp8_dtype, transpose_copy), lambda: _cast_eager(x_hp, fp8_dtype, transpose_copy), x,
+        _COMPILED_CASTS[fp8_dtype, transpose_copy], lambda: _cast_eager(x_hp, fp8_dtype, transpose_copy), x,
         what="FP8 cast",
     )
     return x_fp8.view(x_hp.shape), scale, x_fp8_t
@@ -167,17 +182,14 @@ def _scale_product(product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.
     return (product.float() * scale).to(out_dtype)
 
 
-_compiled_scale_product = None
+_COMPILED_SCALE_PRODUCT = CompiledVariants({None: _scale_product})
 
 
 def scale_epilogue(product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``(product · scale)`` formed in float32 and rounded to ``out_dtype`` (one fused pass when compiled)."""
-    global _compiled_scale_product
     if not compiled_kernels_apply(product):
         return _scale_product(product, scale, out_dtype)
-    if _compiled_scale_product is None:
-        _compiled_scale_product = torch.compile(_scale_product, dynamic=True, fullgraph=True)
-    return _compiled_scale_product(product.detach(), scale.detach(), out_dtype)
+    return _COMPILED_SCALE_PRODUCT[None](product.detach(), scale.detach(), out_dtype)
 
 
 class SharedCast:

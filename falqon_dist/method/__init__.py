@@ -1,7 +1,7 @@
 """The FALQON method: the melded FP8 layer, its initialization, the proxy merge, model conversion.
 
 Knows nothing of distribution: the distributed glue calls ``FalqonLinear.merge_proxy_`` /
-``proxy.apply_rows_`` with whatever B copy and weight slice it owns.
+``proxy.merge_slice_`` with whatever B copy and weight slice it owns.
 """
 
 from falqon_dist.method.config import FalqonConfig

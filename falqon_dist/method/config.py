@@ -1,10 +1,10 @@
-"""FALQON layer configuration, and the error every method's config raises for a bad field."""
+"""FALQON layer configuration."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from falqon_dist.config_checks import InvalidField, check_bool, check_choice, check_int, check_positive_int, is_int
 from falqon_dist.fp8.backends import BACKEND_NAMES
 
 INIT_NAMES = ("svd", "random")
@@ -12,38 +12,13 @@ MERGE_ROUNDINGS = ("nearest", "stochastic")
 UNMERGED = ("discard", "keep")
 
 
-class InvalidField(ValueError):
-    """A method config's field holds an invalid value: ``<Config>.<field> <requirement>, got <value>``.
-
-    ``field`` and ``requirement`` let a caller re-word it in its own terms (the trainer names the
-    Hydra key, ``method.rank``)."""
-
-    def __init__(self, owner: str, field: str, requirement: str, value: Any) -> None:
-        self.owner, self.field, self.requirement, self.value = owner, field, requirement, value
-        super().__init__(f"{owner}.{field} {requirement}, got {value!r}")
-
-
-def check_positive_int(owner: str, field: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidField(owner, field, "must be a positive integer", value)
-
-
-def check_bool(owner: str, field: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise InvalidField(owner, field, "must be true or false", value)
-
-
-def check_choice(owner: str, field: str, value: Any, valid: tuple) -> None:
-    if value not in valid:
-        raise InvalidField(owner, field, f"must be one of {valid}", value)
-
-
 @dataclass(frozen=True)
 class FalqonConfig:
     """How linear layers are converted to FALQON layers.
 
-    Every field is validated on construction; a bad value raises ``ValueError`` naming the field and
-    what would be valid.
+    Every field is validated on construction; a bad value raises
+    :class:`~falqon_dist.config_checks.InvalidField` (a ``ValueError``) naming the field and what
+    would be valid.
     """
 
     #: LoRA rank r: A is (r, in) melded under the backbone rows, B is (out, r).
@@ -90,9 +65,7 @@ class FalqonConfig:
     def __post_init__(self) -> None:
         owner = "FalqonConfig"
         check_positive_int(owner, "rank", self.rank)
-        if self.topk is not None and self.topk != "all" and (
-            isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk <= 0
-        ):
+        if self.topk is not None and self.topk != "all" and (not is_int(self.topk) or self.topk <= 0):
             raise InvalidField(owner, "topk", "must be None (= rank), 'all' or an integer in 1..out_features", self.topk)
         check_choice(owner, "init", self.init, INIT_NAMES)
         check_choice(owner, "backend", self.backend, BACKEND_NAMES)
@@ -103,5 +76,4 @@ class FalqonConfig:
         if self.scale_headroom & (self.scale_headroom - 1):
             raise InvalidField(owner, "scale_headroom", "must be a power of two (1, 2, 4, ...)", self.scale_headroom)
         check_bool(owner, "cache_weight_transpose", self.cache_weight_transpose)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InvalidField(owner, "seed", "must be an integer", self.seed)
+        check_int(owner, "seed", self.seed)

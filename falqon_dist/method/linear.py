@@ -37,7 +37,7 @@ from falqon_dist.fp8.cast import SharedCast
 from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.init import adapter_init, meld
-from falqon_dist.method.proxy import MergeStats, Rounding, RowMerge, adapter_projector, apply_rows_, select_rows
+from falqon_dist.method.proxy import MergeStats, Rounding, RowMerge, adapter_projector, merge_slice_, select_rows
 
 
 #: One cast of an input tensor shared by the layers that read it in the same forward (q/k/v, gate/up).
@@ -274,9 +274,9 @@ class FalqonLinear(Float32ScaleMixin):
         """
         proxy = proxy.detach().float()
         adapter_q = self.adapter_q()
-        merge = apply_rows_(
-            self.qweight.data, rows, proxy if rows is None else proxy.index_select(0, rows), adapter_q,
-            self.rounding(step), projector=self.adapter_projector(adapter_q) if self.carry_residual else None,
+        merge = merge_slice_(
+            self.qweight.data, 0, proxy, rows, adapter_q, self.rounding(step),
+            projector=self.adapter_projector(adapter_q) if self.carry_residual else None,
         )
         self.rows_rewritten(rows, merge.bits)
         return merge

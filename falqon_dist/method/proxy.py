@@ -38,29 +38,29 @@ matmul, scatter); nothing is read back to the host. Statistics are 0-dim device 
 (:class:`MergeStats`), read once when they are logged. On a GPU the merge of a layer is then a
 short, asynchronous stream of small kernels whatever the number of layers.
 
-Three writers share :func:`merged_row_bits`:
+Every writer calls one primitive, :func:`merge_slice_` (B into the elements ``[offset, offset + n)``
+of the row-major ``M_q`` that a flat tensor holds), which takes one of three paths around the
+element-wise kernel :func:`merged_row_bits`:
 
-* :func:`apply_rows_` — a whole ``M_q`` (replicas under ZeRO 0–2, single process): gather the k
-  rows, merge, scatter them back (or merge every row in place: :func:`merge_every_row_`, one
-  compiled graph with the update and carry GEMMs).
-* :func:`apply_rows_to_slice_` — one rank's flat slice of the row-major ``M_q`` (ZeRO-3), given the
-  full current bits of the k rows: only the elements inside ``[offset, offset + n)`` change, and
-  the bytes (and the carry) equal the unsharded merge's.
-* :func:`apply_all_rows_to_slice_` — every row into one rank's flat slice (ZeRO-3): each element
-  needs only its own byte, so nothing is gathered; the bytes equal the unsharded merge's, the carry
-  is a per-slice partial sum for the caller to all-reduce.
+* the slice holds every W row (a whole ``M_q``: a single process, replicas under ZeRO 0–2): gather
+  the k rows, merge, scatter them back, or merge every row in place (:func:`merge_every_row_`, one
+  compiled graph with the update and carry GEMMs);
+* a top-k merge into one rank's slice (ZeRO-3), given the full current bits of the k rows: only the
+  elements inside the slice change, and the bytes (and the carry) equal the unsharded merge's;
+* every row into one rank's slice (ZeRO-3): each element needs only its own byte, so nothing is
+  gathered; the bytes equal the unsharded merge's, the carry is a per-slice partial sum for the
+  caller to all-reduce.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from falqon_dist.fp8 import E4M3, E4M3_MAX, to_bits
-from falqon_dist.fp8.cast import compiled_kernels_apply, run_compiled
+from falqon_dist.fp8.cast import CompiledVariants, compiled_kernels_apply, run_compiled
 
 _MASK32 = 0xFFFFFFFF
 #: The counts of :class:`MergeStats`, in :meth:`MergeStats.counts` order.
@@ -171,6 +171,13 @@ class Rounding:
         """Uniform noise for these elements of ``M_q``, or None for nearest rounding."""
         return merge_noise(self.seed, self.step, element_index) if self.stochastic else None
 
+    def noise_for_rows(self, rows: torch.Tensor, in_features: int, device: torch.device) -> torch.Tensor | None:
+        """Noise for every element of ``rows`` of ``M_q`` (k × in), or None for nearest rounding,
+        which never builds the k × in element indices."""
+        if not self.stochastic:
+            return None
+        return self.noise(rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device))
+
 
 NEAREST = Rounding()
 
@@ -226,7 +233,7 @@ def _merge_rows(
     return new_bits, residual, saturated.sum(), nonfinite.sum(), changed.sum(), elements.sum()
 
 
-# One code object per variant (dynamo keeps compiled graphs per code object, see fp8/cast.py).
+# One function per (rounding, owned) variant (see fp8.cast.CompiledVariants).
 def _merge_nearest(old_bits, update):
     return _merge_rows(old_bits, update, None, None)
 
@@ -243,17 +250,12 @@ def _merge_stochastic_owned(old_bits, update, noise, owned):
     return _merge_rows(old_bits, update, noise, owned)
 
 
-_MERGE_VARIANTS = {
+_COMPILED_MERGES = CompiledVariants({
     (False, False): _merge_nearest,
     (False, True): _merge_nearest_owned,
     (True, False): _merge_stochastic,
     (True, True): _merge_stochastic_owned,
-}
-
-
-@functools.cache
-def _compiled_merge(stochastic: bool, owned: bool):
-    return torch.compile(_MERGE_VARIANTS[stochastic, owned], dynamic=True, fullgraph=True)
+})
 
 
 def merged_row_bits(
@@ -275,7 +277,7 @@ def merged_row_bits(
     eager = lambda: _merge_rows(old_bits, update, noise, owned)  # noqa: E731
     if not compiled_kernels_apply(old_bits):
         return MergedRows(*eager())
-    compiled = _compiled_merge(noise is not None, owned is not None)
+    compiled = _COMPILED_MERGES[noise is not None, owned is not None]
     return MergedRows(*run_compiled(compiled, eager, old_bits, update, *extra, what="proxy merge"))
 
 
@@ -319,7 +321,7 @@ def _merge_every_row(
     return carry, _rows_merged(proxy), *merged[2:]
 
 
-# One code object per variant, as for the row kernels above.
+# One function per (rounding, carry) variant, as for the row kernels above.
 def _every_row_nearest(weight_bits, proxy, adapter_q):
     return _merge_every_row(weight_bits, proxy, adapter_q, None, None)
 
@@ -336,17 +338,12 @@ def _every_row_stochastic_carry(weight_bits, proxy, adapter_q, noise, projector)
     return _merge_every_row(weight_bits, proxy, adapter_q, noise, projector)
 
 
-_EVERY_ROW_VARIANTS = {
+_COMPILED_EVERY_ROW = CompiledVariants({
     (False, False): _every_row_nearest,
     (False, True): _every_row_nearest_carry,
     (True, False): _every_row_stochastic,
     (True, True): _every_row_stochastic_carry,
-}
-
-
-@functools.cache
-def _compiled_every_row(stochastic: bool, carry: bool):
-    return torch.compile(_EVERY_ROW_VARIANTS[stochastic, carry], dynamic=True, fullgraph=True)
+})
 
 
 def merge_every_row_(
@@ -364,29 +361,22 @@ def merge_every_row_(
     (``fp8.cast=compiled``): the element-wise work, the in-place write of the new bytes and the
     reductions fuse around the two GEMMs, and the layer's merge is one call instead of a dozen
     eager ops (their per-op dispatch is what a merge of small layers costs). The bytes are the
-    eager reference's; the update is the same GEMM :func:`apply_all_rows_to_slice_` takes, so a
+    eager reference's; the update is the same GEMM :func:`_merge_every_row_into_slice_` takes, so a
     ZeRO-3 slice merge still writes the same bytes.
     """
     proxy, adapter_q = proxy.float(), adapter_q.to(proxy.device).float()
-    noise = None
-    if rounding.stochastic:
-        rows = torch.arange(weight_bits.shape[0], device=weight_bits.device)
-        noise = rounding.noise(_row_elements(rows, weight_bits.shape[1], weight_bits.device))
+    device = weight_bits.device
+    noise = rounding.noise_for_rows(torch.arange(weight_bits.shape[0], device=device), weight_bits.shape[1], device)
     inputs = [t for t in (noise, projector) if t is not None]
     eager = lambda: _merge_every_row(weight_bits, proxy, adapter_q, noise, projector)  # noqa: E731
     if compiled_kernels_apply(weight_bits, proxy):
-        compiled = _compiled_every_row(noise is not None, projector is not None)
+        compiled = _COMPILED_EVERY_ROW[noise is not None, projector is not None]
         outputs = run_compiled(compiled, eager, weight_bits, proxy, adapter_q, *inputs, what="proxy merge")
     else:
         outputs = eager()
     carry, rows_merged, saturated, nonfinite, changed, elements = outputs
     stats = MergeStats(rows_merged, saturated, nonfinite, changed, elements, layers=1)
     return RowMerge(stats, weight_bits, carry)
-
-
-def _row_elements(rows: torch.Tensor, in_features: int, device: torch.device) -> torch.Tensor:
-    """Flat indices into the row-major ``M_q`` of every element of ``rows`` (k × in, int64)."""
-    return rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device)
 
 
 def _rows_merged(proxy_rows: torch.Tensor) -> torch.Tensor:
@@ -425,8 +415,7 @@ def _merge(
 ) -> MergedRows:
     """:func:`merged_row_bits` of the gathered rows ``rows`` (their bits ``old_rows``, k × in) of ``M_q``."""
     device = old_rows.device
-    # the k × in element indices only key stochastic noise: nearest rounding never builds them
-    noise = rounding.noise(_row_elements(rows, old_rows.shape[1], device)) if rounding.stochastic else None
+    noise = rounding.noise_for_rows(rows, old_rows.shape[1], device)
     return merged_row_bits(old_rows, row_updates(proxy_rows.to(device), adapter_q.to(device)), noise, owned)
 
 
@@ -434,7 +423,7 @@ def _carry(merged: MergedRows, projector: torch.Tensor | None) -> torch.Tensor |
     return None if projector is None else project_onto_adapter(merged.residual, projector)
 
 
-def apply_rows_(
+def _merge_whole_(
     bits: torch.Tensor,
     rows: torch.Tensor | None,
     proxy_rows: torch.Tensor,
@@ -443,7 +432,7 @@ def apply_rows_(
     *,
     projector: torch.Tensor | None = None,
 ) -> RowMerge:
-    """Merge ``proxy_rows`` (k × r) into rows ``rows`` of the whole ``M_q`` ``bits`` ((out+r) × in).
+    """Merge ``proxy_rows`` (k × r) into rows ``rows`` of ``bits``, the W rows of ``M_q`` (out × in).
 
     ``rows=None`` merges every W row (``proxy_rows`` is then all of B, out × r) in place, without
     the gather and scatter of a row selection (:func:`merge_every_row_`).
@@ -456,7 +445,7 @@ def apply_rows_(
     return RowMerge(_stats(proxy_rows, merged), merged.bits, _carry(merged, projector))
 
 
-def apply_all_rows_to_slice_(
+def _merge_every_row_into_slice_(
     flat: torch.Tensor,
     offset: int,
     proxy: torch.Tensor,
@@ -504,7 +493,7 @@ def apply_all_rows_to_slice_(
     return RowMerge(stats, merged.bits, carry)
 
 
-def apply_rows_to_slice_(
+def _merge_rows_into_slice_(
     flat: torch.Tensor,
     offset: int,
     rows: torch.Tensor,
@@ -528,7 +517,7 @@ def apply_rows_to_slice_(
     n, device = flat.numel(), flat.device
     rows = rows.to(device)
     in_features = old_rows.shape[1]
-    local = _row_elements(rows, in_features, device) - offset
+    local = rows.unsqueeze(1) * in_features + torch.arange(in_features, device=device) - offset
     inside = (local >= 0) & (local < n)  # the merged elements this slice holds (and counts)
     merged = _merge(old_rows.to(device), rows, proxy_rows, adapter_q, rounding, inside)
     if n == 0 or rows.numel() == 0:
@@ -548,3 +537,40 @@ def apply_rows_to_slice_(
     fill = torch.where(local < 0, final_value(0), final_value(n - 1))
     flat.index_put_((clamped.reshape(-1),), torch.where(inside, merged.bits, fill).reshape(-1))
     return RowMerge(_stats(proxy_rows, merged), merged.bits, _carry(merged, projector))
+
+
+def merge_slice_(
+    flat: torch.Tensor,
+    offset: int,
+    proxy: torch.Tensor,
+    rows: torch.Tensor | None,
+    adapter_q: torch.Tensor,
+    rounding: Rounding = NEAREST,
+    *,
+    old_rows: torch.Tensor | None = None,
+    projector: torch.Tensor | None = None,
+) -> RowMerge:
+    """THE merge primitive: merge B into the elements ``[offset, offset + flat.numel())`` of the
+    row-major ``M_q`` ((out + r) × in) that ``flat`` holds, in place.
+
+    ``proxy`` is all of B (out × r: ``FalqonLinear.B`` or its fp32 master); ``rows`` the W rows to
+    merge (k, sorted: :func:`select_rows`), None for every row. Every writer calls this one function:
+    a whole ``M_q`` (a single process, ZeRO 0–2 replicas, a ZeRO-3 parameter kept resident) is the
+    slice at offset 0 and is merged in place without a scatter; a ZeRO-3 partition is its rank's
+    slice, written without gathering W (every row) or given ``old_rows``, the full current bits of
+    ``rows`` that the caller gathered from the slices (a top-k merge). The bytes of every slice,
+    and the carry, equal the whole merge's (see the module docstring for each case).
+    """
+    out, in_features = proxy.shape[0], adapter_q.shape[1]
+    proxy_rows = proxy if rows is None else proxy.index_select(0, rows.to(proxy.device))
+    if offset == 0 and flat.numel() >= out * in_features:  # every W row is here, whole
+        w_rows = flat.view(-1)[: out * in_features].view(out, in_features)
+        return _merge_whole_(w_rows, rows, proxy_rows, adapter_q, rounding, projector=projector)
+    flat = flat.view(-1)
+    if rows is None:
+        return _merge_every_row_into_slice_(flat, offset, proxy, adapter_q, rounding, projector=projector)
+    if old_rows is None:
+        raise ValueError("merge_slice_: a top-k merge into a slice that does not hold the W rows needs their "
+                         "current bits (old_rows, k x in)")
+    return _merge_rows_into_slice_(flat, offset, rows.to(flat.device), old_rows, proxy_rows, adapter_q, rounding,
+                                   projector=projector)

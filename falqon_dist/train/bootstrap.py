@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as tdist
@@ -47,6 +48,24 @@ def strip_local_rank(argv: list[str]) -> list[str]:
         else:
             cleaned.append(arg)
     return cleaned
+
+
+def move_overrides(argv: list[str]) -> list[str]:
+    """Overrides of a key that moved (:data:`~falqon_dist.train.settings.MOVED_KEYS`) renamed to its
+    new key, with one notice on stderr from rank 0, so an existing command line keeps working."""
+    from falqon_dist.train.settings import MOVED_KEYS
+
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        new = MOVED_KEYS.get(key.lstrip("+~"))
+        if sep and new:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"falqon_dist: {key.lstrip('+~')} is now {new}; read {arg!r} as {new}={value}",
+                      file=sys.stderr, flush=True)
+            arg = f"{new}={value}"
+        out.append(arg)
+    return out
 
 
 def _free_port() -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from falqon_dist.distributed.waits import say
-from falqon_dist.train.settings import TrainSettings
+from falqon_dist.train.config import TrainConfig
 
 log = logging.getLogger("falqon_dist")
 
@@ -49,7 +49,7 @@ class DivergedError(RuntimeError):
 class StepWatch:
     """Checks every step's record; warns on rank 0's log, raises :class:`DivergedError` to stop."""
 
-    def __init__(self, train: TrainSettings) -> None:
+    def __init__(self, train: TrainConfig) -> None:
         self.train = train
         self.nonfinite_steps = 0
         self._rounded_away = 0

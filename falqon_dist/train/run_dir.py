@@ -27,7 +27,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from falqon_dist.train.settings import ConfigError
+from falqon_dist.train.settings import ConfigError, move_keys
 
 log = logging.getLogger("falqon_dist")
 
@@ -108,7 +108,9 @@ def check_resume(run_dir: Path, cfg: DictConfig, world_size: int, saved_world_si
     saved_path = run_dir / "config.yaml"
     if saved_world_size is None or not saved_path.is_file():
         return []
-    saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
+    saved_tree = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    move_keys(saved_tree)
+    saved = flatten(saved_tree)
     new = flatten(OmegaConf.to_container(cfg, resolve=True))
     errors, warnings = [], []
     for key in sorted(set(saved) | set(new)):

@@ -83,12 +83,12 @@ def test_wandb_auto_mode_goes_offline_without_credentials(tmp_path, monkeypatch)
 
 
 def test_cached_weight_transpose_trains_and_resumes_like_the_uncached_run(tmp_path):
-    """fp8.cache_weight_transpose=true (ZeRO-2, 2 ranks): the cached Wᵀ feeds every ∂L/∂x GEMM, so a
+    """method.cache_weight_transpose=true (ZeRO-2, 2 ranks): the cached Wᵀ feeds every ∂L/∂x GEMM, so a
     copy left stale by a merge (or by a resume's load) would change the gradients of every earlier
     layer and the losses from the next step on. Same losses as the uncached run, resume included."""
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     zero2 = [*STEPS, "deepspeed.zero_stage=2"]
-    with_cache = [*zero2, "fp8.cache_weight_transpose=true"]
+    with_cache = [*zero2, "method.cache_weight_transpose=true"]
     launch("deepspeed", [*zero2, "train.max_steps=6", f"run.dir={plain}"])
     launch("deepspeed", [*with_cache, "train.max_steps=4", f"run.dir={cached}"])
     launch("deepspeed", [*with_cache, "train.max_steps=6", "train.resume=true", f"run.dir={cached}"])

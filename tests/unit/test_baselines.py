@@ -22,7 +22,7 @@ from falqon_dist.baselines import (
 from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, sqnr_db
 from falqon_dist.fp8.instrument import count_casts
 from falqon_dist.method import FalqonConfig, FalqonLinear
-from falqon_dist.method.config import InvalidField
+from falqon_dist.config_checks import InvalidField
 from falqon_dist.methods import METHODS, method_config, method_name, prepare_model
 from tests.models import tiny_llama
 

@@ -135,3 +135,16 @@ def test_many_input_variants_stay_bit_identical_beyond_the_recompile_limit():
                         assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
                         if copy:
                             assert torch.equal(got_t.view(torch.uint8), want_q.t().contiguous().view(torch.uint8))
+
+
+def test_compiled_variants_need_one_function_each():
+    """dynamo keeps graphs per code object: two variants behind one function would share its budget."""
+    from falqon_dist.fp8.cast import CompiledVariants
+
+    def make(k):
+        return lambda x: x + k  # one code object for every k
+
+    with pytest.raises(ValueError, match="its own function"):
+        CompiledVariants({1: make(1), 2: make(2)})
+    variants = CompiledVariants({1: lambda x: x + 1, 2: lambda x: x + 2})
+    assert torch.equal(variants[2](torch.ones(3)), torch.full((3,), 3.0)) and variants[2] is variants[2]

@@ -53,7 +53,7 @@ def test_every_shipped_config_composes(group, option, tmp_path):
     if group == "method" and option == "qlora":
         pytest.importorskip("bitsandbytes")
         overrides.append("deepspeed.zero_stage=2")  # the default stage 3 is rejected for qlora (below)
-    if group == "data" and option == "jsonl":
+    if group == "data" and option in ("jsonl", "chat", "text"):
         data = tmp_path / "d.jsonl"
         data.write_text('{"prompt": "a", "response": "b"}\n')
         overrides.append(f"data.path={data}")
@@ -91,7 +91,7 @@ def test_every_shipped_config_composes(group, option, tmp_path):
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("deepspeed.config=/no/such/ds.json", "deepspeed.config"),
         ("fp8.backend=cutlass", "fp8.backend"),
-        ("fp8.cache_weight_transpose=sometimes", "fp8.cache_weight_transpose"),
+        ("method.cache_weight_transpose=sometimes", "method.cache_weight_transpose"),
         ("fp8.cast=triton", "fp8.cast"),
         ("wandb.mode=sometimes", "wandb.mode"),
         ("data.num_train=0", "data.num_train"),
@@ -172,17 +172,15 @@ def test_fp8_cast_defaults_to_compiled_and_accepts_eager():
     assert validate(compose_cfg(["fp8.cast=eager"])).fp8.cast == "eager"
 
 
-def test_fp8_cache_weight_transpose_reaches_the_layers_and_refuses_zero3(tmp_path):
-    settings = validate(compose_cfg(["fp8.cache_weight_transpose=true", "deepspeed.zero_stage=2"]))
-    assert settings.fp8.cache_weight_transpose and settings.fp8.backend == "auto"
-    with pytest.raises(ConfigError, match=r"fp8\.cache_weight_transpose=true needs deepspeed\.zero_stage 0, 1 or 2"):
-        validate(compose_cfg(["fp8.cache_weight_transpose=true"]))  # default stage 3
+def test_cache_weight_transpose_reaches_the_layers_and_refuses_zero3(tmp_path):
+    settings = validate(compose_cfg(["method.cache_weight_transpose=true", "deepspeed.zero_stage=2"]))
+    assert settings.method.config.cache_weight_transpose and settings.method.config.backend == "auto"
+    with pytest.raises(ConfigError, match=r"method\.cache_weight_transpose=true needs deepspeed\.zero_stage 0, 1 or 2"):
+        validate(compose_cfg(["method.cache_weight_transpose=true"]))  # default stage 3
 
     from falqon_dist.method import falqon_layers
     from tests.models import tiny_llama
 
-    cached = validate(compose_cfg(["fp8.cache_weight_transpose=true", "deepspeed.zero_stage=2"]))
-    assert cached.method.config.cache_weight_transpose is True  # the fp8 key reaches FALQON's config
     model = tiny_llama()
     prepare_model(model, fd.FalqonConfig(rank=4, backend="emulated", cache_weight_transpose=True))
     assert all(layer.weight_t_cache is not None for _, layer in falqon_layers(model))
@@ -268,10 +266,43 @@ def test_configs_saved_before_a_key_existed_still_restore(tmp_path):
     from falqon_dist.train.saved_config import load_run_config
 
     cfg = OmegaConf.to_container(compose_cfg([f"run.dir={tmp_path}"]))
-    del cfg["fp8"]["cache_weight_transpose"], cfg["method"]["init"]
+    del cfg["method"]["cache_weight_transpose"], cfg["method"]["init"]
     OmegaConf.save(OmegaConf.create(cfg), tmp_path / "config.yaml")
     _, settings = load_run_config(tmp_path)
-    assert settings.fp8.cache_weight_transpose is False and settings.method.config.init == "svd"
+    assert settings.method.config.cache_weight_transpose is False and settings.method.config.init == "svd"
+
+
+@pytest.mark.parametrize("method", ["falqon", "lora"])
+def test_a_moved_key_reads_as_its_new_one_in_saved_configs_and_resumes(method, tmp_path):
+    """fp8.cache_weight_transpose became method.cache_weight_transpose (FALQON's own config): a run
+    saved with the old key restores with its value, and resuming it compares the value, not the key."""
+    from omegaconf import OmegaConf
+
+    from falqon_dist.train.run_dir import check_resume
+    from falqon_dist.train.saved_config import load_run_config
+
+    stage = ["deepspeed.zero_stage=2"]
+    cfg = OmegaConf.to_container(compose_cfg([f"method={method}", f"run.dir={tmp_path}", *stage]))
+    cfg["method"].pop("cache_weight_transpose", None)
+    cfg["fp8"]["cache_weight_transpose"] = True
+    OmegaConf.save(OmegaConf.create(cfg), tmp_path / "config.yaml")
+    _, settings = load_run_config(tmp_path)
+    assert getattr(settings.method.config, "cache_weight_transpose", True) is True
+    same = [f"method={method}", f"run.dir={tmp_path}", *stage] + (["method.cache_weight_transpose=true"]
+                                                                   if method == "falqon" else [])
+    warnings = check_resume(tmp_path, compose_cfg(same), 2, 2)
+    assert not any("cache_weight_transpose" in w for w in warnings)
+    if method == "falqon":
+        with pytest.raises(ConfigError, match=r"method\.cache_weight_transpose: True -> False"):
+            check_resume(tmp_path, compose_cfg([f"run.dir={tmp_path}", *stage]), 2, 2)
+
+
+def test_a_moved_key_on_the_command_line_is_renamed_with_a_notice(capsys):
+    from falqon_dist.train.bootstrap import move_overrides
+
+    assert move_overrides(["fp8.cache_weight_transpose=true", "train.lr=1"]) == [
+        "method.cache_weight_transpose=true", "train.lr=1"]
+    assert "fp8.cache_weight_transpose is now method.cache_weight_transpose" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- the user's DeepSpeed JSON
@@ -343,7 +374,7 @@ def test_a_model_directory_needs_its_config_json(tmp_path):
         ("method.target_modules=[qkv_proj]", r"method\.target_modules: 'qkv_proj' names no nn\.Linear .* q_proj"),
         ("method.exclude_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", "leave no layer to adapt"),
         ("method.target_modules=q_proj", r"method\.target_modules must be null or a list"),
-        ("method.target_modules=['(']", r"method\.target_modules: '\(' is not a valid regular expression"),
+        ("method.target_modules=['(']", r"method\.target_modules holds '\(', which is not a valid regular expression"),
     ],
 )
 def test_target_modules_are_checked_before_any_work(override, message):

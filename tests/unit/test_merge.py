@@ -11,7 +11,7 @@ import falqon_dist as fd
 from falqon_dist import fp8
 from falqon_dist.fp8.instrument import HostSyncCounter
 from falqon_dist.method.proxy import (
-    Rounding, adapter_projector, apply_all_rows_to_slice_, apply_rows_, apply_rows_to_slice_, merge_noise, select_rows,
+    Rounding, adapter_projector, merge_noise, merge_slice_, select_rows,
 )
 
 IN, OUT, RANK = 96, 80, 16
@@ -70,25 +70,25 @@ def _merge_inputs(seed: int = 0):
     proxy = torch.randn(OUT, RANK, generator=gen) * 0.5
     rows = select_rows(proxy, 12)
     adapter_q = fp8.from_bits(bits, fp8.E4M3)[OUT:].float()
-    return bits, rows, proxy[rows], adapter_q
+    return bits, rows, proxy, adapter_q
 
 
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("world", [2, 3, 5, 8])
 def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stochastic):
-    bits, rows, proxy_rows, adapter_q = _merge_inputs()
+    bits, rows, proxy, adapter_q = _merge_inputs()
     whole = bits.clone()
     rounding = Rounding(stochastic=stochastic, seed=7, step=11)
     projector = adapter_projector(adapter_q)
-    stats, _, carry = apply_rows_(whole, rows, proxy_rows, adapter_q, rounding, projector=projector)
+    stats, _, carry = merge_slice_(whole, 0, proxy, rows, adapter_q, rounding, projector=projector)
     flat = bits.clone().view(-1)
     old_rows = bits.index_select(0, rows)  # what the ZeRO-3 writer gathers from the slices
     part = -(-flat.numel() // world)  # ZeRO-3-style equal partitions; slices split rows anywhere
     saturated = nonfinite = elements = 0
     for rank in range(world):
         piece = flat[rank * part : (rank + 1) * part].clone()
-        s, _, slice_carry = apply_rows_to_slice_(
-            piece, rank * part, rows, old_rows, proxy_rows, adapter_q, rounding, projector=projector
+        s, _, slice_carry = merge_slice_(
+            piece, rank * part, proxy, rows, adapter_q, rounding, old_rows=old_rows, projector=projector
         )
         flat[rank * part : rank * part + piece.numel()] = piece
         saturated += int(s.saturated)
@@ -98,16 +98,18 @@ def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stoch
         assert torch.equal(slice_carry, carry)  # every rank puts the same carry back into B
     assert torch.equal(flat.view_as(whole), whole)
     assert saturated == int(stats.saturated) and nonfinite == int(stats.nonfinite) == 0
+    with pytest.raises(ValueError, match="old_rows"):  # a top-k merge into a slice needs the rows' bytes
+        merge_slice_(bits.view(-1)[IN:].clone(), IN, proxy, rows, adapter_q)
     assert elements == int(stats.elements) == rows.numel() * IN  # each merged element owned by one slice
 
 
 def test_slice_merge_leaves_a_slice_without_selected_rows_untouched():
-    bits, rows, proxy_rows, adapter_q = _merge_inputs()
+    bits, rows, proxy, adapter_q = _merge_inputs()
     last = int(rows.max())
     start = (last + 1) * IN  # a slice that starts after the last selected row
     piece = bits.view(-1)[start : start + 3 * IN].clone()
     before = piece.clone()
-    stats = apply_rows_to_slice_(piece, start, rows, bits.index_select(0, rows), proxy_rows, adapter_q).stats
+    stats = merge_slice_(piece, start, proxy, rows, adapter_q, old_rows=bits.index_select(0, rows)).stats
     assert torch.equal(piece, before) and int(stats.saturated) == 0
 
 
@@ -203,14 +205,14 @@ def test_all_rows_slice_merge_equals_the_whole_merge_for_any_partitioning(world,
     rounding = Rounding(stochastic=stochastic, seed=7, step=11)
     projector = adapter_projector(adapter_q)
     whole = bits.clone()
-    stats, _, carry = apply_rows_(whole, None, proxy, adapter_q, rounding, projector=projector)
+    stats, _, carry = merge_slice_(whole, 0, proxy, None, adapter_q, rounding, projector=projector)
     flat = bits.clone().view(-1)
     part = -(-flat.numel() // world)
     carry_sum = torch.zeros_like(carry)
     saturated = changed = elements = 0
     for rank in range(world):
         piece = flat[rank * part : (rank + 1) * part].clone()
-        s, _, partial = apply_all_rows_to_slice_(piece, rank * part, proxy, adapter_q, rounding, projector=projector)
+        s, _, partial = merge_slice_(piece, rank * part, proxy, None, adapter_q, rounding, projector=projector)
         flat[rank * part : rank * part + piece.numel()] = piece
         carry_sum += partial
         saturated, changed, elements = saturated + int(s.saturated), changed + int(s.changed), elements + int(s.elements)
