@@ -34,7 +34,7 @@ class DataBundle:
     #: Pads a list of items into a batch: input_ids, labels, and attention_mask (unpacked) or
     #: position_ids (packed).
     collate_fn: Collator
-    #: Raw {"prompt", "response"} eval records, for generation-based exact match.
+    #: Raw eval records ({"prompt", "response"} for exact match, or conversations / texts).
     eval_records: list[Record]
     #: Tokenization counts (truncated / dropped examples) of the train and eval splits.
     train_stats: TokenizeStats
@@ -70,12 +70,13 @@ def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
     """Load, normalize, tokenize (loss on responses only) and optionally pack the data of ``cfg``."""
     train_records, eval_records = load_split_records(cfg)
     _, pad_id = special_ids(tokenizer)
-    train_examples, train_stats = tokenize_records(train_records, tokenizer, cfg.max_length)
-    eval_examples, eval_stats = tokenize_records(eval_records, tokenizer, cfg.max_length)
+    train_examples, train_stats = tokenize_records(
+        train_records, tokenizer, cfg.max_length, train_on_inputs=cfg.train_on_inputs)
+    eval_examples, eval_stats = tokenize_records(eval_records, tokenizer, cfg.max_length)  # eval: the outputs
     if not train_examples or not eval_examples:
         raise ValueError(
             f"no examples fit max_length={cfg.max_length}: train kept {train_stats.kept}/{train_stats.total}, "
-            f"eval kept {eval_stats.kept}/{eval_stats.total}; raise DataConfig.max_length"
+            f"eval kept {eval_stats.kept}/{eval_stats.total}; raise model.max_length (DataConfig.max_length when calling build_data yourself)"
         )
     if cfg.packing:
         train_examples = pack_examples(train_examples, cfg.max_length)

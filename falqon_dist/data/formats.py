@@ -1,13 +1,20 @@
-"""Normalize dataset rows to ``{"prompt", "response"}`` records.
+"""Normalize dataset rows to records: prompt/response pairs, conversations or plain text.
 
 * **Alpaca** rows ``{"instruction", "input" (optional), "output"}`` are formatted with the standard
   Alpaca prompt template (with or without the input section).
 * **Generic jsonl** rows are ``{"prompt", "response"}`` (used verbatim) or Alpaca rows.
+* **Chat** rows are OpenAI-style ``{"messages": [{"role", "content"}]}`` (roles system, user,
+  assistant) or ShareGPT ``{"conversations": [{"from", "value"}]}`` (from system, human/user,
+  gpt/assistant), kept as ``{"messages"}`` conversations for the chat template
+  (:mod:`falqon_dist.data.chat`).
+* **Text** rows are ``{"text"}`` (or whole ``.txt`` files), trained on every token.
 * **OASST1** rows are messages ``{"message_id", "parent_id", "role", "text"}`` (optionally ``lang``,
-  ``rank``, ``deleted``). Every prompter message with at least one assistant reply gives one pair;
-  the reply kept is the best-ranked one (lowest ``rank``; unranked replies after ranked ones, ties in
-  file order). Pairs are single-turn: the prompt is the prompter message alone, wrapped in the Alpaca
-  no-input template, even inside a longer thread. Deleted messages are skipped.
+  ``rank``, ``deleted``). Each thread becomes one multi-turn conversation: from its first prompter
+  message (``lang`` filters on it), each prompter turn is followed by its best-ranked assistant reply
+  (lowest ``rank``; unranked replies after ranked ones, ties in file order), each assistant turn by
+  its best-ranked prompter follow-up, until a message has no reply. A prompter message whose parent
+  is not in the file (a split of a thread) starts a thread. Deleted messages and their subtrees are
+  skipped.
 
 A malformed row raises :class:`DataFormatError` naming where it is (``where``: file and line/row) and
 what was expected.
@@ -18,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-Record = dict[str, str]
+#: ``{"prompt", "response"}``, ``{"messages": [{"role", "content"}, ...]}`` or ``{"text"}``.
+Record = dict[str, Any]
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -31,6 +39,9 @@ ALPACA_PROMPT_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 OASST_ROLES = ("prompter", "assistant")
+#: ShareGPT speakers, and how chat roles are named in a conversation.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_ROLES = {**SHAREGPT_ROLES}
 
 
 class DataFormatError(ValueError):
@@ -95,10 +106,71 @@ def _rank(row: Mapping[str, Any], where: str) -> float:
     return float(rank)
 
 
-def oasst_pairs(rows: Sequence[Mapping[str, Any]], wheres: Sequence[str], lang: str | None = None) -> list[Record]:
-    """Prompter→assistant pairs from OASST1 message rows (see module docstring), in prompt order."""
-    prompts: dict[str, tuple[int, str, str | None]] = {}  # message_id -> (row index, text, lang)
-    best: dict[str, tuple[float, int, str]] = {}  # prompter id -> (rank, row index, reply text)
+def _turn(turn: Any, index: int, field: str, where: str) -> dict[str, str]:
+    """One turn of a ``messages`` (role/content) or ShareGPT ``conversations`` (from/value) list."""
+    at = f"{where}: {field}[{index}]"
+    if not isinstance(turn, Mapping):
+        raise DataFormatError(f"{at}: expected an object, got {_describe(turn)}")
+    role_key, text_key = ("role", "content") if field == "messages" else ("from", "value")
+    speaker = turn.get(role_key)
+    role = CHAT_ROLES.get(speaker) if isinstance(speaker, str) else None
+    if role is None:
+        valid = ("system", "user", "assistant") if field == "messages" else tuple(SHAREGPT_ROLES)
+        raise DataFormatError(f"{at}: field {role_key!r} must be one of {valid}, got {_describe(speaker)}")
+    content = turn.get(text_key)
+    if isinstance(content, list):
+        raise DataFormatError(f"{at}: field {text_key!r} is a list of content parts; only text (a string) is supported")
+    return {"role": role, "content": _text(turn, text_key, at)}
+
+
+def normalize_chat(row: Mapping[str, Any], where: str) -> Record:
+    """A conversation row: OpenAI-style ``{"messages": [{"role", "content"}, ...]}`` or ShareGPT
+    ``{"conversations": [{"from", "value"}, ...]}``, as ``{"messages": [{"role", "content"}]}``.
+
+    Roles are system (first turn only), user and assistant; at least one assistant turn."""
+    field = next((f for f in ("messages", "conversations") if isinstance(row, Mapping) and row.get(f) is not None),
+                 None)
+    if field is None:
+        raise DataFormatError(
+            f"{where}: expected an object with 'messages' (a list of {{'role', 'content'}}) or ShareGPT "
+            "'conversations' (a list of {'from', 'value'})"
+        )
+    turns = row[field]
+    if not isinstance(turns, list) or not turns:
+        raise DataFormatError(f"{where}: field {field!r} must be a non-empty list of turns, got {_describe(turns)}")
+    messages = [_turn(turn, i, field, where) for i, turn in enumerate(turns)]
+    for i, message in enumerate(messages[1:], start=1):
+        if message["role"] == "system":
+            raise DataFormatError(f"{where}: {field}[{i}]: a system turn may only come first")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataFormatError(f"{where}: {field} has no assistant turn: nothing to train on")
+    return {"messages": messages}
+
+
+def normalize_text(row: Mapping[str, Any], where: str) -> Record:
+    """A plain-text row ``{"text": ...}`` (every token trained)."""
+    if not isinstance(row, Mapping):
+        raise DataFormatError(f"{where}: expected an object with 'text'")
+    return {"text": _text(row, "text", where)}
+
+
+def _rank(row: Mapping[str, Any], where: str) -> float:
+    rank = row.get("rank")
+    if rank is None:
+        return float("inf")
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise DataFormatError(f"{where}: field 'rank' must be a number or null, got {_describe(rank)}")
+    return float(rank)
+
+
+def oasst_conversations(
+    rows: Sequence[Mapping[str, Any]], wheres: Sequence[str], lang: str | None = None
+) -> list[Record]:
+    """OASST1 message trees as multi-turn conversations (see module docstring), in thread order."""
+    messages: dict[str, tuple[str, str, str | None]] = {}  # message_id -> (role, text, lang)
+    children: dict[str | None, list[tuple[float, int, str]]] = {}  # parent -> [(rank, row index, id)]
+    order: list[str] = []
+    deleted: set[str] = set()
     for index, (row, where) in enumerate(zip(rows, wheres, strict=True)):
         if not isinstance(row, Mapping):
             raise DataFormatError(f"{where}: expected an OASST1 message object")
@@ -110,17 +182,35 @@ def oasst_pairs(rows: Sequence[Mapping[str, Any]], wheres: Sequence[str], lang: 
         if role not in OASST_ROLES:
             raise DataFormatError(f"{where}: field 'role' must be one of {OASST_ROLES}, got {_describe(role)}")
         text = _text(row, "text", where)
+        rank = _rank(row, where)
         if row.get("deleted") is True:
+            deleted.add(message_id)
             continue
-        if role == "prompter":
-            row_lang = row.get("lang")
-            prompts[message_id] = (index, text, row_lang if isinstance(row_lang, str) else None)
-        elif parent_id is not None:
-            candidate = (_rank(row, where), index, text)
-            if parent_id not in best or candidate[:2] < best[parent_id][:2]:
-                best[parent_id] = candidate
-    pairs = []
-    for message_id, (_, text, row_lang) in sorted(prompts.items(), key=lambda item: item[1][0]):
-        if message_id in best and (lang is None or row_lang == lang):
-            pairs.append({"prompt": ALPACA_PROMPT_NO_INPUT.format(instruction=text), "response": best[message_id][2]})
-    return pairs
+        row_lang = row.get("lang")
+        messages[message_id] = (role, text, row_lang if isinstance(row_lang, str) else None)
+        children.setdefault(parent_id, []).append((rank, index, message_id))
+        order.append(message_id)
+    parents = {child: parent for parent, kids in children.items() for _, _, child in kids}
+
+    def best_reply(message_id: str, role: str) -> str | None:
+        replies = sorted(kid for kid in children.get(message_id, []) if messages[kid[2]][0] == role)
+        return replies[0][2] if replies else None
+
+    conversations = []
+    for message_id in order:
+        role, _, row_lang = messages[message_id]
+        parent = parents.get(message_id)
+        if role != "prompter" or parent in messages or parent in deleted:  # not the start of a thread here
+            continue
+        if lang is not None and row_lang != lang:
+            continue
+        turns, node = [], message_id
+        while node is not None:
+            node_role, text, _ = messages[node]
+            turns.append({"role": "user" if node_role == "prompter" else "assistant", "content": text})
+            node = best_reply(node, "assistant" if node_role == "prompter" else "prompter")
+        if turns[-1]["role"] == "user":
+            turns.pop()  # a final prompter message without a reply: nothing to learn from it
+        if turns:
+            conversations.append({"messages": turns})
+    return conversations

@@ -1,11 +1,15 @@
-"""Read alpaca / oasst1 / jsonl sources into normalized train and eval records.
+"""Read alpaca / oasst1 / jsonl / chat / text sources into normalized train and eval records.
 
-Local files (``.jsonl``, ``.json`` — JSON lines or one JSON array — and ``.parquet``) are checked
-here first, so a broken JSON line is reported with its file and 1-based line number, then loaded
-with ``datasets.load_dataset("json" | "parquet", data_files=...)``. A directory is read as all such
-files below it; when some file names contain ``train`` and others ``valid``/``eval``/``test``/``dev``
-they are the two splits, otherwise all rows form one pool split by ``eval_fraction``. Any other
-``path`` that looks like ``owner/name`` is loaded from the Hugging Face hub (network only).
+Local files (``.jsonl``, ``.json`` — JSON lines or one JSON array — and ``.parquet``; ``.txt`` for
+``text``, one document per file) are checked here first, so a broken JSON line is reported with its
+file and 1-based line number, then loaded with ``datasets.load_dataset("json" | "parquet", ...)``.
+A directory written by ``datasets``' ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``) is loaded
+with ``load_from_disk``: its ``train`` split trains, its ``validation``/``test``/``eval`` split (if
+any) evaluates. Any other directory is read as all data files below it; when some file names
+contain ``train`` and others ``valid``/``eval``/``test``/``dev`` they are the two splits, otherwise
+all rows form one pool split by ``eval_fraction``. Any other ``path`` that looks like
+``owner/name`` is loaded from the Hugging Face hub (network only). A list of paths is read source
+by source (each split on its own) and concatenated.
 """
 
 from __future__ import annotations
@@ -19,9 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from falqon_dist.data.config import DEFAULT_HUB_NAMES, DataConfig
-from falqon_dist.data.formats import DataFormatError, Record, normalize_alpaca, normalize_generic, oasst_pairs
+from falqon_dist.data.formats import (
+    DataFormatError,
+    Record,
+    normalize_alpaca,
+    normalize_chat,
+    normalize_generic,
+    normalize_text,
+    oasst_conversations,
+)
 
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+_SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")
 _EVAL_WORDS = ("valid", "eval", "test", "dev")
 _HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -78,6 +91,9 @@ def read_file(path: Path, check: Callable[[Rows], object] | None = None) -> Rows
         raise FileNotFoundError(f"dataset file not found: {path}")
     if path.suffix not in FILE_SUFFIXES:
         raise DataFormatError(f"{path}: unsupported file type {path.suffix!r}; expected one of {FILE_SUFFIXES}")
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        return ([{"text": text}], [str(path)]) if text.strip() else ([], [])
     builder, wheres = "parquet", None
     if path.suffix != ".parquet":
         parsed = _parse_json(path)
@@ -108,6 +124,8 @@ def read_local(path: Path, check: Callable[[Rows], object] | None = None) -> tup
     """``(train_or_pool, eval_or_None)`` rows of a local file or directory (``check``: see read_file)."""
     if path.is_file():
         return read_file(path, check), None
+    if any((path / name).is_file() for name in _SAVED_DATASET_FILES):
+        return read_saved(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"no {'/'.join(FILE_SUFFIXES)} files under dataset directory {path}")
@@ -116,6 +134,29 @@ def read_local(path: Path, check: Callable[[Rows], object] | None = None) -> tup
     if train and evals:
         return _concat([read_file(f, check) for f in train]), _concat([read_file(f, check) for f in evals])
     return _concat([read_file(f, check) for f in files]), None
+
+
+def read_saved(path: Path) -> tuple[Rows, Rows | None]:
+    """``(train, eval_or_None)`` rows of a ``save_to_disk`` directory (a Dataset or a DatasetDict)."""
+    with _quiet_datasets() as datasets:
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except Exception as err:  # noqa: BLE001 - a damaged or foreign directory: name it
+            raise DataFormatError(f"{path}: looks like a `datasets` save_to_disk directory but cannot be loaded "
+                                  f"({type(err).__name__}: {err})") from None
+
+    def rows(dataset, split: str | None) -> Rows:
+        label = f"{path} [{split}]" if split else str(path)
+        return dataset, [f"{label}: row {i}" for i in range(1, len(dataset) + 1)]
+
+    if not isinstance(saved, datasets.DatasetDict):
+        return rows(saved, None), None
+    splits = list(saved)
+    train = "train" if "train" in saved else splits[0] if len(splits) == 1 else None
+    if train is None:
+        raise DataFormatError(f"{path}: a DatasetDict without a 'train' split (it has {splits})")
+    eval_split = next((s for s in ("validation", "test", "eval") if s in saved), None)
+    return rows(saved[train], train), (rows(saved[eval_split], eval_split) if eval_split else None)
 
 
 def read_hub(name: str) -> tuple[Rows, Rows | None]:
@@ -135,18 +176,37 @@ def read_hub(name: str) -> tuple[Rows, Rows | None]:
     return rows("train"), (rows(eval_split) if eval_split else None)
 
 
+_ROW_NORMALIZERS = {"alpaca": normalize_alpaca, "jsonl": normalize_generic, "chat": normalize_chat,
+                     "text": normalize_text}
+
+
 def _normalizer(cfg: DataConfig) -> Callable[[Rows], list[Record]]:
     if cfg.name == "oasst1":
-        return lambda rows: oasst_pairs(rows[0], rows[1], lang=cfg.lang)
-    normalize = normalize_alpaca if cfg.name == "alpaca" else normalize_generic
+        return lambda rows: oasst_conversations(rows[0], rows[1], lang=cfg.lang)
+    normalize = _ROW_NORMALIZERS[cfg.name]
     return lambda rows: [normalize(row, where) for row, where in zip(rows[0], rows[1], strict=True)]
 
 
 def load_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
-    """Normalized ``(train, eval)`` records of a file or hub dataset (not ``synthetic``)."""
-    source = cfg.path or DEFAULT_HUB_NAMES.get(cfg.name)
-    if source is None:
+    """Normalized ``(train, eval)`` records of a file or hub dataset, or of several (not ``synthetic``)."""
+    sources = cfg.path if isinstance(cfg.path, tuple) else (cfg.path or DEFAULT_HUB_NAMES.get(cfg.name),)
+    if sources[0] is None:
         raise ValueError(f"DataConfig.path is required for name={cfg.name!r}")
+    train: list[Record] = []
+    evals: list[Record] = []
+    for source in sources:
+        source_train, source_evals = _load_source(cfg, source)
+        train += source_train
+        evals += source_evals
+    if cfg.max_records is not None:
+        train, evals = train[: cfg.max_records], evals[: cfg.max_records]
+    if not train or not evals:
+        raise DataFormatError(f"{', '.join(sources)}: no usable records (train {len(train)}, eval {len(evals)})")
+    return train, evals
+
+
+def _load_source(cfg: DataConfig, source: str) -> tuple[list[Record], list[Record]]:
+    """Normalized ``(train, eval)`` records of one path or hub name."""
     local = Path(source).expanduser()
     normalize = _normalizer(cfg)
     if local.exists():
@@ -160,10 +220,6 @@ def load_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
         evals = normalize(eval_rows)
     else:
         train, evals = split_records(train, cfg.eval_fraction, cfg.seed, where=source)
-    if cfg.max_records is not None:
-        train, evals = train[: cfg.max_records], evals[: cfg.max_records]
-    if not train or not evals:
-        raise DataFormatError(f"{source}: no usable records (train {len(train)}, eval {len(evals)})")
     return train, evals
 
 

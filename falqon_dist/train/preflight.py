@@ -22,12 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from falqon_dist.data.config import LOCAL_ONLY
 from falqon_dist.fp8 import check_backend
 from falqon_dist.train.ds_config import build_ds_config
 from falqon_dist.train.settings import FP8_METHODS, ConfigError, RunSettings
 
 #: Suffixes that make a ``data.path`` a local file (alpaca/oasst1 also take a hub dataset name).
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 
 
 def preflight(settings: RunSettings, world_size: int) -> dict[str, Any]:
@@ -120,8 +121,10 @@ def _model_config(name_or_path: str | None):
         return None
 
 
-def _check_data_path(name: str, path: str | None) -> None:
-    if path is None or Path(path).expanduser().exists():
-        return
-    if name == "jsonl" or path.startswith((".", "/", "~")) or path.endswith(LOCAL_SUFFIXES):
-        raise ConfigError(f"data.path={path!r}: no such file or directory")
+def _check_data_path(name: str, path: str | tuple[str, ...] | None) -> None:
+    for one in path if isinstance(path, tuple) else (path,):
+        if one is None or Path(one).expanduser().exists():
+            continue
+        if name in LOCAL_ONLY or one.startswith((".", "/", "~")) or one.endswith(LOCAL_SUFFIXES):
+            shown = f"data.path={one!r}" if one == path else f"data.path: {one!r}"
+            raise ConfigError(f"{shown}: no such file or directory")

@@ -99,3 +99,48 @@ def test_bad_override_fails_before_work(override, message, tmp_path):
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def _own_data(kind: str, root) -> str:
+    """A chat (messages and ShareGPT rows, multi-turn) or text (.txt files) dataset built from the
+    synthetic task, so the tiny model has something learnable in it."""
+    import json
+
+    from falqon_dist.data.synthetic import finetune_splits
+
+    records, _ = finetune_splits("shift", 96, 8, seed=5)
+    pairs = list(zip(records[0::2], records[1::2], strict=True))
+    if kind == "chat":
+        path = root / "chat.jsonl"
+        rows = []
+        for i, (a, b) in enumerate(pairs):
+            if i % 2:
+                rows.append({"conversations": [{"from": "human", "value": a["prompt"]}, {"from": "gpt", "value": a["response"]},
+                                               {"from": "human", "value": b["prompt"]}, {"from": "gpt", "value": b["response"]}]})
+            else:
+                rows.append({"messages": [{"role": "system", "content": "Answer exactly."},
+                                          {"role": "user", "content": a["prompt"]}, {"role": "assistant", "content": a["response"]},
+                                          {"role": "user", "content": b["prompt"]}, {"role": "assistant", "content": b["response"]}]})
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(path)
+    folder = root / "texts"
+    folder.mkdir()
+    for i in range(8):
+        chunk = records[i * 12 : (i + 1) * 12]
+        (folder / f"doc{i}.txt").write_text("\n".join(r["prompt"] + r["response"] for r in chunk))
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["chat", "text"])
+def test_chat_and_text_data_through_the_launcher(kind, tmp_path):
+    """data=chat (template-rendered, loss on assistant turns) and data=text (packed, every token)
+    on 2 ranks: both train and evaluate their eval loss before and after."""
+    run_dir = tmp_path / "run"
+    path = _own_data(kind, tmp_path)
+    launch("torchrun", [*QUICK[:4], f"run.dir={run_dir}", f"data={kind}", f"data.path={path}", "data.eval_fraction=0.25",
+                        "deepspeed.zero_stage=2"])
+    evals = [m for m in read_metrics(run_dir) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 4] and all(0 < m["eval_loss"] < 20 for m in evals)
+    assert not any("eval_exact_match" in m for m in evals)  # only the synthetic task has exact answers
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"]["name"] == kind and config["data"]["packing"] is True

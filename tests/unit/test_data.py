@@ -101,7 +101,11 @@ def oasst_rows() -> list[dict]:
     ]
 
 
-def test_oasst1_pairs_best_ranked_reply(tmp_path):
+def _conversation(*texts: str) -> dict:
+    return {"messages": [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)]}
+
+
+def test_oasst1_threads_become_multi_turn_conversations_of_best_ranked_replies(tmp_path):
     write_jsonl(tmp_path / "oasst_train.jsonl", oasst_rows())
     write_jsonl(
         tmp_path / "oasst_validation.jsonl",
@@ -111,15 +115,10 @@ def test_oasst1_pairs_best_ranked_reply(tmp_path):
         ],
     )
     train, evals = load_split_records(DataConfig(name="oasst1", path=str(tmp_path)))
-    wrap = lambda text: ALPACA_PROMPT_NO_INPUT.format(instruction=text)  # noqa: E731
-    assert train == [
-        {"prompt": wrap("Hello?"), "response": "best"},
-        {"prompt": wrap("Why?"), "response": "Because."},
-        {"prompt": wrap("Hola"), "response": "Buenas"},
-    ]
-    assert evals == [{"prompt": wrap("Eval?"), "response": "Yes."}]
+    assert train == [_conversation("Hello?", "best", "Why?", "Because."), _conversation("Hola", "Buenas")]
+    assert evals == [_conversation("Eval?", "Yes.")]
     train_en, _ = load_split_records(DataConfig(name="oasst1", path=str(tmp_path), lang="en"))
-    assert [r["response"] for r in train_en] == ["best", "Because."]
+    assert train_en == [_conversation("Hello?", "best", "Why?", "Because.")]
 
 
 def test_oasst1_parquet_directory(tmp_path):
@@ -129,8 +128,106 @@ def test_oasst1_parquet_directory(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "train-00000.parquet"))
     datasets.Dataset.from_list(rows[:2]).to_parquet(str(tmp_path / "validation-00000.parquet"))
     train, evals = load_split_records(DataConfig(name="oasst1", path=str(tmp_path)))
-    assert [r["response"] for r in train] == ["best", "Because.", "Buenas"]
-    assert [r["response"] for r in evals] == ["second best"]
+    assert [len(c["messages"]) for c in train] == [4, 2]
+    assert evals == [_conversation("Hello?", "second best")]
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
+                  {"role": "assistant", "content": "4"}]},
+    {"conversations": [{"from": "human", "value": "Name a color"}, {"from": "gpt", "value": "red"}]},
+]
+
+
+def _trained_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True)
+                             if label != IGNORE_INDEX])
+
+
+def test_chat_rows_are_rendered_with_the_template_and_train_every_assistant_turn(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS * 4)
+    train, _ = load_split_records(DataConfig(name="chat", path=str(path), eval_fraction=0.25))
+    assert {"role": "user", "content": "Name a color"} in next(c for c in train if len(c["messages"]) == 2)["messages"]
+    examples, stats = tokenize_records(CHAT_ROWS[:1], tokenizer, max_length=128)
+    (example,) = examples
+    text = tokenizer.decode(example["input_ids"])
+    assert text == ("<s>### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nHello</s>\n\n"
+                    "### User:\n2+2?\n\n### Assistant:\n4</s>\n\n")  # the default template
+    # both assistant turns, each through its end-of-turn token (EOS here), nothing of the user's
+    assert _trained_text(tokenizer, example) == "Hello</s>\n\n4</s>\n\n"
+    everything, _ = tokenize_records(CHAT_ROWS[:1], tokenizer, max_length=128, train_on_inputs=True)
+    assert IGNORE_INDEX not in everything[0]["labels"] and everything[0]["input_ids"] == example["input_ids"]
+
+
+def test_chat_uses_the_tokenizers_own_template_and_its_end_of_turn_token(tokenizer):
+    import copy
+
+    chatml = copy.deepcopy(tokenizer)
+    chatml.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    from falqon_dist.data.formats import normalize_chat
+
+    (example,), _ = tokenize_records([normalize_chat(CHAT_ROWS[1], "row")], chatml, max_length=256)
+    assert chatml.decode(example["input_ids"]).startswith("<|im_start|>user\nName a color<|im_end|>")
+    assert _trained_text(chatml, example) == "red<|im_end|>\n"
+
+
+def test_a_chat_template_that_is_not_a_prefix_is_refused(tokenizer):
+    import copy
+
+    from falqon_dist.data.chat import ChatTemplateError
+
+    odd = copy.deepcopy(tokenizer)
+    odd.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="prefix"):
+        tokenize_records(CHAT_ROWS[:1], odd, max_length=128)
+
+
+def test_text_rows_and_txt_files_train_every_token_in_windows(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("lorem ipsum " * 20)
+    (tmp_path / "b.txt").write_text("dolor sit amet")
+    train, evals = load_split_records(DataConfig(name="text", path=str(tmp_path), eval_fraction=0.5))
+    assert sorted(r["text"][:5] for r in train + evals) == ["dolor", "lorem"]
+    examples, stats = tokenize_records([{"text": "lorem ipsum " * 20}], tokenizer, max_length=64)
+    assert stats.kept == 1 and [len(e["input_ids"]) for e in examples] == [64, 64, 64, 50]  # 1 + 240 + 1 tokens
+    assert all(e["labels"] == e["input_ids"] for e in examples)
+    assert examples[0]["input_ids"][0] == tokenizer.bos_token_id and examples[-1]["input_ids"][-1] == tokenizer.eos_token_id
+    rows = write_jsonl(tmp_path / "rows" / "t.jsonl", [{"text": f"doc {i}"} for i in range(10)]) if (
+        (tmp_path / "rows").mkdir() or True) else None
+    bundle = build_data(DataConfig(name="text", path=str(rows), max_length=32, packing=True), tokenizer)
+    assert bundle.train.num_target_tokens() == sum(len(e["input_ids"]) for e in bundle.train.examples)
+
+
+def test_train_on_inputs_puts_the_loss_on_the_prompt_too(tokenizer):
+    record = {"prompt": "sub(5,3)=", "response": "2"}
+    (masked,), _ = tokenize_records([record], tokenizer, max_length=32)
+    (full,), _ = tokenize_records([record], tokenizer, max_length=32, train_on_inputs=True)
+    assert masked["input_ids"] == full["input_ids"] == full["labels"] and IGNORE_INDEX in masked["labels"]
+
+
+def test_a_save_to_disk_directory_and_a_list_of_paths(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(6)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "validation": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "dd"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    train, evals = load_split_records(DataConfig(name="jsonl", path=str(tmp_path / "dd")))
+    assert [r["prompt"] for r in train] == ["q0", "q1", "q2", "q3"] and [r["prompt"] for r in evals] == ["q4", "q5"]
+    train, evals = load_split_records(DataConfig(name="jsonl", path=str(tmp_path / "ds"), eval_fraction=0.2))
+    assert len(train) == 5 and len(evals) == 1
+    extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": "x", "response": "y"}, {"prompt": "z", "response": "w"}])
+    both = DataConfig(name="jsonl", path=[str(tmp_path / "dd"), str(extra)], eval_fraction=0.5)
+    assert both.path == (str(tmp_path / "dd"), str(extra))
+    train, evals = load_split_records(both)
+    assert len(train) == 5 and len(evals) == 3  # dd's own split + extra split in half
+    datasets.DatasetDict({"other": datasets.Dataset.from_list(rows), "more": datasets.Dataset.from_list(rows)}
+                         ).save_to_disk(str(tmp_path / "nosplit"))
+    with pytest.raises(DataFormatError, match="without a 'train' split"):
+        load_split_records(DataConfig(name="jsonl", path=str(tmp_path / "nosplit")))
 
 
 # ---------------------------------------------------------------- errors
@@ -149,6 +246,14 @@ def test_oasst1_parquet_directory(tmp_path):
         ("alpaca", [{"instruction": "x", "input": 3, "output": "y"}], "line 1", "'input'"),
         ("oasst1", [oasst_rows()[0], {"message_id": "m", "parent_id": "p1", "role": "bot", "text": "t"}], "line 2", "'role'"),
         ("oasst1", [{"message_id": "m", "parent_id": None, "role": "prompter"}], "line 1", "'text'"),
+        ("chat", [CHAT_ROWS[0], {"prompt": "a", "response": "b"}], "line 2", "'messages'"),
+        ("chat", [{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}], "line 1",
+         "messages[1]: field 'role' must be one of"),
+        ("chat", [{"messages": [{"role": "user", "content": "a"}]}], "line 1", "no assistant turn"),
+        ("chat", [{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "b"}]}], "line 1",
+         "conversations[0]: field 'value'"),
+        ("chat", [{"messages": [{"role": "user", "content": [{"type": "text"}]}]}], "line 1", "content parts"),
+        ("text", [{"text": "fine"}, {"body": "x"}], "line 2", "'text'"),
     ],
 )
 def test_malformed_row_names_file_and_line(tmp_path, name, rows, where, expected):
