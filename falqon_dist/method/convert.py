@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ from falqon_dist.method.swap import ModuleFilter, default_filter, swap_linears, 
 LayerBuilder = Callable[[nn.Linear, FalqonConfig], nn.Module]
 
 __all__ = ["LayerBuilder", "ModuleFilter", "check_convertible", "convert_model", "default_filter", "falqon_layers",
-           "merge_proxies_"]
+           "merge_proxies_", "route_save_pretrained"]
 
 
 def convert_model(
@@ -46,7 +47,52 @@ def convert_model(
         # a distinct, reproducible seed per layer: random inits must not repeat across layers
         return layer_builder(linear, dataclasses.replace(config, seed=config.seed + index[name]))
 
-    return swap_linears(model, build, targets, device=device)
+    converted = swap_linears(model, build, targets, device=device)
+    route_save_pretrained(model)
+    return converted
+
+
+#: ``save_pretrained`` keywords the FP8 export honours or can ignore (Trainer passes them).
+_SAVE_KWARGS_IGNORED = ("state_dict", "safe_serialization", "is_main_process", "save_function", "push_to_hub")
+
+
+def route_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(dir)`` write the FP8 export (:func:`falqon_dist.export_fp8`).
+
+    A converted model's ``Linear`` layers are FalqonLinear modules whose state is FP8 bytes and B:
+    transformers' own ``save_pretrained`` would write them under names ``from_pretrained`` does not
+    know, and the reloaded model would get every linear randomly initialized, without an error.
+    The export instead loads back with transformers (compressed-tensors) with the trained weights.
+    Set as an instance attribute, so neither the class nor transformers is patched. Under ZeRO-3
+    the export gathers collectively on every rank, which ``save_pretrained`` callers (the HF
+    Trainer saves on rank 0 only) do not do: it raises there, naming what to call instead.
+    """
+    if callable(getattr(model, "save_pretrained", None)):
+        # a bound method (not a closure): a deepcopy or pickle of the model rebinds it to the copy
+        model.save_pretrained = types.MethodType(_save_pretrained_fp8, model)
+
+
+def _save_pretrained_fp8(model: nn.Module, save_directory, *, max_shard_size: int | str = "2GB", **kwargs):
+    """Write the FP8 export of this FALQON model to ``save_directory`` (see ``export_fp8``)."""
+    from falqon_dist.export import export_fp8  # the export package owns the checkpoint format
+
+    unknown = sorted(set(kwargs) - set(_SAVE_KWARGS_IGNORED))
+    if unknown or kwargs.get("safe_serialization", True) is False or kwargs.get("push_to_hub"):
+        raise TypeError(
+            f"save_pretrained of a FALQON-converted model writes the FP8 export (falqon_dist.export_fp8: "
+            f"safetensors, compressed-tensors format) and takes save_directory and max_shard_size; got "
+            f"{unknown or ['safe_serialization=False' if kwargs.get('safe_serialization') is False else 'push_to_hub']}"
+        )
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 partitioned (DeepSpeed's mark)
+        raise RuntimeError(
+            "save_pretrained cannot write a ZeRO-3 partitioned FALQON model from one rank: call "
+            "falqon_dist.export_fp8(model, out_dir) on every rank (falqon_dist.integrations.FalqonCallback "
+            "does it at the end of training; set TrainingArguments(save_strategy='no') or "
+            "stage3_gather_16bit_weights_on_model_save=false for the Trainer's own saves)"
+        )
+    if kwargs.get("is_main_process", True) is False:
+        return None
+    return export_fp8(model, save_directory, max_shard_size=max_shard_size, overwrite=True)
 
 
 def check_convertible(model: nn.Module, config: FalqonConfig, *, module_filter_fn: ModuleFilter | None = None) -> list[str]:

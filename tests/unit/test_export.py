@@ -353,3 +353,32 @@ def test_pending_keep_mode_proxies_are_merged_row_for_row():
     assert torch.equal(layer.qweight, expected.qweight) and not layer.B.any()
     changed_rows = int((layer.qweight[:48] != before[:48]).any(dim=1).sum())
     assert changed_rows > layer.rows_per_merge  # not just one step's top-k
+
+
+# ------------------------------------------------------------------- save_pretrained of a converted model
+def test_save_pretrained_of_a_converted_model_writes_the_fp8_export(tmp_path):
+    """transformers' own save_pretrained would write FalqonLinear state under names from_pretrained
+    does not know (every linear reloaded randomly initialized, silently): it writes the export."""
+    model = trained_falqon()
+    plain = tiny_llama()
+    assert type(plain).save_pretrained is LlamaForCausalLM.save_pretrained  # the class is left as it is
+    model.save_pretrained(tmp_path / "saved", max_shard_size="10MB")
+    assert "quantization_config" in json.loads((tmp_path / "saved" / "config.json").read_text())
+    loaded = load(tmp_path / "saved", dequantize=True)
+    got = logits(loaded, TOKENS)
+    assert (got - logits(dequantized_reference(model), TOKENS)).abs().max().item() < DEQUANT_ATOL
+    model.save_pretrained(tmp_path / "saved", state_dict=model.state_dict(), safe_serialization=True)  # Trainer's call
+    copied = copy.deepcopy(model)
+    assert copied.save_pretrained.__self__ is copied  # a copy saves itself, not the original
+
+
+def test_save_pretrained_refuses_what_the_export_cannot_honour(tmp_path):
+    model = trained_falqon()
+    with pytest.raises(TypeError, match="export_fp8"):
+        model.save_pretrained(tmp_path / "a", safe_serialization=False)
+    with pytest.raises(TypeError, match="variant"):
+        model.save_pretrained(tmp_path / "a", variant="fp16")
+    next(model.parameters()).ds_id = 0  # what a ZeRO-3 partitioned parameter carries
+    with pytest.raises(RuntimeError, match="on every rank.*FalqonCallback"):
+        model.save_pretrained(tmp_path / "a")
+    assert not (tmp_path / "a").exists()
