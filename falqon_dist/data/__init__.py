@@ -68,6 +68,8 @@ def load_split_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
 
 def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
     """Load, normalize, tokenize (loss on responses only) and optionally pack the data of ``cfg``."""
+    if cfg.max_length is None:
+        raise ValueError("DataConfig.max_length is None: set it (the trainer sets it from model.max_length)")
     train_records, eval_records = load_split_records(cfg)
     _, pad_id = special_ids(tokenizer)
     train_examples, train_stats = tokenize_records(

@@ -43,8 +43,9 @@ class DataConfig:
     path: str | tuple[str, ...] | None = None
     #: Synthetic only: the held-out fine-tuning task, one of synthetic.FINETUNE_TASKS.
     task: str = "shift"
-    #: Tokens per example (prompt + response + EOS) and per packed row.
-    max_length: int = 128
+    #: Tokens per example (prompt + response + EOS) and per packed row (the run's model.max_length;
+    #: None only until the trainer has read the model's own context).
+    max_length: int | None = 128
     #: True: pack several examples into rows of max_length (labels masked per example). False:
     #: one example per row, batches grouped by length.
     packing: bool = False
@@ -77,7 +78,7 @@ class DataConfig:
             raise InvalidField(owner, "path", f"is required for name={self.name!r} (a local file or directory)",
                                self.path)
         check_choice(owner, "task", self.task, FINETUNE_TASKS)
-        if not is_int(self.max_length) or self.max_length < 8:
+        if self.max_length is not None and (not is_int(self.max_length) or self.max_length < 8):
             raise InvalidField(owner, "max_length", "must be an integer >= 8", self.max_length)
         check_bool(owner, "packing", self.packing)
         check_bool(owner, "train_on_inputs", self.train_on_inputs)

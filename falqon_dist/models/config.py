@@ -19,8 +19,9 @@ class ModelConfig:
     name_or_path: str | None
     #: Parameter and activation dtype: "bf16" | "fp32".
     dtype: str
-    #: Tokens per training sequence.
-    max_length: int
+    #: Tokens per training sequence; None = the model's own context (resolved before any data is
+    #: built: :func:`falqon_dist.train.preflight.resolve_model_context`).
+    max_length: int | None
     #: Recompute activations in backward to save memory.
     gradient_checkpointing: bool
 
@@ -32,5 +33,6 @@ class ModelConfig:
             raise InvalidField(owner, "name_or_path", "must be null (embedded tiny model) or a hub name / directory",
                                self.name_or_path)
         check_choice(owner, "dtype", self.dtype, DTYPES)
-        check_positive_int(owner, "max_length", self.max_length)
+        if self.max_length is not None:
+            check_positive_int(owner, "max_length", self.max_length)
         check_bool(owner, "gradient_checkpointing", self.gradient_checkpointing)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 from falqon_dist.config_checks import (
@@ -38,6 +40,9 @@ class TrainConfig:
     log_every: int
     #: Linear warm-up steps; None = round(warmup_ratio × max_steps). Always an int after construction.
     warmup_steps: int | None = None
+    #: Passes over the training data instead of max_steps (None: max_steps counts); the trainer
+    #: turns it into max_steps once the data is built (:meth:`for_steps_per_epoch`).
+    epochs: float | None = None
     warmup_ratio: float = 0.0
     #: Consecutive steps with a non-finite loss, gradient norm or merge before the run stops.
     max_nonfinite_steps: int = 3
@@ -62,12 +67,25 @@ class TrainConfig:
         check_number(owner, "saturation_warn", self.saturation_warn, 0.0, 1.0)
         if self.saturation_abort is not None:
             check_number(owner, "saturation_abort", self.saturation_abort, 0.0, 1.0)
+        if self.epochs is not None:
+            check_number(owner, "epochs", self.epochs, 0.0, low_open=True)
+        object.__setattr__(self, "_warmup_from_ratio", self.warmup_steps is None)
         if self.warmup_steps is None:
             object.__setattr__(self, "warmup_steps", round(self.warmup_ratio * self.max_steps))
         else:
             check_non_negative_int(owner, "warmup_steps", self.warmup_steps)
         for field in ("lr", "min_lr_ratio", "weight_decay", "warmup_ratio", "saturation_warn"):
             object.__setattr__(self, field, float(getattr(self, field)))
+
+    def for_steps_per_epoch(self, micro_batches_per_epoch: int) -> TrainConfig:
+        """With ``epochs`` set: this config with ``max_steps = ceil(epochs × micro-batches per epoch /
+        grad_accum)`` (a rank's micro-batches; at least 1) and a ratio warm-up recomputed from it.
+        Without: unchanged."""
+        if self.epochs is None:
+            return self
+        steps = max(1, math.ceil(self.epochs * micro_batches_per_epoch / self.grad_accum))
+        warmup = None if self._warmup_from_ratio else self.warmup_steps
+        return dataclasses.replace(self, max_steps=steps, warmup_steps=warmup)
 
 
 __all__ = ["SCHEDULES", "InvalidField", "TrainConfig"]

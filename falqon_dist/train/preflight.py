@@ -19,8 +19,12 @@ Every failure is one :class:`ConfigError` naming the key and what would be valid
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
+
+from omegaconf import DictConfig
 
 from falqon_dist.data.config import LOCAL_ONLY
 from falqon_dist.fp8 import check_backend
@@ -52,6 +56,41 @@ def preflight(settings: RunSettings, world_size: int) -> dict[str, Any]:
         except ImportError as error:
             raise ConfigError(str(error)) from None
     return build_ds_config(settings, world_size)
+
+
+#: ``model.max_length=null`` with ``model.name_or_path``: the model's own context, at most this many
+#: tokens (a row's cost grows with its length; set model.max_length for longer rows).
+CONTEXT_CAP = 2048
+#: ``model.max_length=null`` for the embedded tiny model (its pretraining sequence length).
+EMBEDDED_MAX_LENGTH = 128
+
+
+def resolve_model_context(settings: RunSettings, cfg: DictConfig) -> RunSettings:
+    """``model.max_length=null`` made concrete from the model's ``config.json``
+    (``max_position_embeddings``, capped at :data:`CONTEXT_CAP`; the embedded model:
+    :data:`EMBEDDED_MAX_LENGTH`), and the preset name ``tiny`` replaced by the model actually given in
+    ``model.name_or_path``. Written into ``cfg`` too, so the run's config.yaml (and a resume's
+    comparison) records what the run uses. Call after :func:`preflight` (the model directory exists)."""
+    model = settings.model
+    length, name = model.max_length, model.name
+    if length is None:
+        if model.name_or_path is None:
+            length = EMBEDDED_MAX_LENGTH
+        else:
+            config = _model_config(model.name_or_path)
+            context = getattr(config, "max_position_embeddings", None) if config is not None else None
+            if not isinstance(context, int) or context < 8:
+                raise ConfigError(
+                    f"model.max_length=null takes the model's own context, but {model.name_or_path!r} gives none "
+                    "here (no max_position_embeddings in a locally readable config.json); set model.max_length=N"
+                )
+            length = min(context, CONTEXT_CAP)
+        cfg.model.max_length = length
+    if model.name_or_path is not None and name == "tiny":  # the embedded model's preset, with another model
+        name = Path(model.name_or_path).expanduser().name if _is_local(model.name_or_path) else model.name_or_path
+        cfg.model.name = name
+    data = settings.data if settings.data.max_length is not None else dataclasses.replace(settings.data, max_length=length)
+    return dataclasses.replace(settings, model=dataclasses.replace(model, max_length=length, name=name), data=data)
 
 
 def _is_local(path: str) -> bool:
@@ -115,7 +154,7 @@ def _model_config(name_or_path: str | None):
     try:
         return AutoConfig.from_pretrained(str(Path(name_or_path).expanduser()) if local else name_or_path,
                                           local_files_only=True)  # fmt: skip
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, TypeError) as error:  # TypeError: a field of the wrong type
         if local:
             raise ConfigError(f"model.name_or_path={name_or_path!r}: its config.json cannot be read ({error})") from None
         return None

@@ -35,12 +35,12 @@ LOCK_NAME = ".lock"
 
 #: Keys a resume may change (a key equal to an entry or below it), and which of them re-shape the schedule.
 RESUME_MAY_CHANGE = (
-    "run.dir", "train.max_steps", "train.lr", "train.warmup_steps", "train.warmup_ratio", "train.schedule",
+    "run.dir", "train.max_steps", "train.epochs", "train.lr", "train.warmup_steps", "train.warmup_ratio", "train.schedule",
     "train.min_lr_ratio", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_samples",
     "train.eval_generate_samples", "train.resume", "train.log_every", "train.max_nonfinite_steps",
     "train.saturation_warn", "train.saturation_abort", "logger", "wandb", "export", "dist", "fp8.cast",
 )
-SCHEDULE_KEYS = ("train.max_steps", "train.lr", "train.warmup_steps", "train.warmup_ratio", "train.schedule",
+SCHEDULE_KEYS = ("train.max_steps", "train.epochs", "train.lr", "train.warmup_steps", "train.warmup_ratio", "train.schedule",
                  "train.min_lr_ratio")
 
 

@@ -6,6 +6,8 @@ the DeepSpeed engine's ``step()`` applies FALQON's merges, and its stats come ba
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import logging
 import math
@@ -29,7 +31,7 @@ from falqon_dist.distributed import checkpoint, initialize
 from falqon_dist.distributed.waits import announced, barrier
 from falqon_dist.method.proxy import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
-from falqon_dist.train.preflight import preflight
+from falqon_dist.train.preflight import preflight, resolve_model_context
 from falqon_dist.train.evaluate import greedy_exact_match, response_loss
 from falqon_dist.train.logging_utils import MetricsWriter, progress_bar, setup_logging
 from falqon_dist.train.model_setup import build_model, load_tokenizer, parameter_facts, resolve_model_path
@@ -101,6 +103,7 @@ class Trainer:
         self.rank = tdist.get_rank() if tdist.is_initialized() else 0
         self.world = tdist.get_world_size() if tdist.is_initialized() else 1
         self.ds_config = preflight(self.settings, self.world)  # files, libraries, the user's DeepSpeed JSON
+        self.settings = resolve_model_context(self.settings, cfg)  # model.max_length=null: the model's context
         self.is_main = self.rank == 0
         self.run_dir = self.settings.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -154,6 +157,13 @@ class Trainer:
         self.data = build_data(s.data, self.tokenizer)
         log.info("data=%s: %d train rows, %d eval rows (%d train examples dropped: too long)", s.data.name,
                  len(self.data.train), len(self.data.eval), self.data.train_stats.dropped)
+        sampler = self.data.train_batch_sampler(s.train.micro_batch_size, num_replicas=self.world, rank=self.rank)
+        if s.train.epochs is not None:  # the schedule needs max_steps: count the data's batches first
+            s = self.settings = dataclasses.replace(s, train=s.train.for_steps_per_epoch(len(sampler)))
+            self.watch = StepWatch(s.train)
+            log.info("train.epochs=%g: %d optimizer steps (%d micro-batches of %d per rank and epoch; "
+                     "train.max_steps is not used)", s.train.epochs, s.train.max_steps, len(sampler),
+                     s.train.micro_batch_size)
         ds_config = self.ds_config
         model = build_model(model_path, s, ds_config)
         self.model_facts = parameter_facts(model)
@@ -163,7 +173,6 @@ class Trainer:
                 ds_config,
                 lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s)),
             )
-        sampler = self.data.train_batch_sampler(s.train.micro_batch_size, num_replicas=self.world, rank=self.rank)
         self.batches = BatchStream(self.data.train, sampler, self.data.collate_fn)
         self.start_step = 0
         if s.train.resume:

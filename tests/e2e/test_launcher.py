@@ -4,6 +4,7 @@ outputs in run.dir written by rank 0 only, and fail-fast errors for bad override
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -133,14 +134,21 @@ def _own_data(kind: str, root) -> str:
 
 @pytest.mark.parametrize("kind", ["chat", "text"])
 def test_chat_and_text_data_through_the_launcher(kind, tmp_path):
-    """data=chat (template-rendered, loss on assistant turns) and data=text (packed, every token)
-    on 2 ranks: both train and evaluate their eval loss before and after."""
+    """data=chat (template-rendered, loss on assistant turns) and data=text (packed, every token,
+    train.epochs=1 instead of max_steps) on 2 ranks: both train and evaluate before and after."""
     run_dir = tmp_path / "run"
     path = _own_data(kind, tmp_path)
+    length = ["train.epochs=1"] if kind == "text" else []  # text: one pass over the data instead of max_steps
     launch("torchrun", [*QUICK[:4], f"run.dir={run_dir}", f"data={kind}", f"data.path={path}", "data.eval_fraction=0.25",
-                        "deepspeed.zero_stage=2"])
+                        "deepspeed.zero_stage=2", *length])
+    steps = 4
+    if kind == "text":
+        found = re.search(r"train\.epochs=1: (\d+) optimizer steps \((\d+) micro-batches of 4 per rank",
+                          (run_dir / "train.log").read_text())
+        assert found and int(found[1]) == int(found[2]) > 0, (run_dir / "train.log").read_text()[-2000:]
+        steps = int(found[1])
     evals = [m for m in read_metrics(run_dir) if "eval_loss" in m]
-    assert [m["step"] for m in evals] == [0, 4] and all(0 < m["eval_loss"] < 20 for m in evals)
+    assert [m["step"] for m in evals] == [0, steps] and all(0 < m["eval_loss"] < 20 for m in evals)
     assert not any("eval_exact_match" in m for m in evals)  # only the synthetic task has exact answers
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["data"]["name"] == kind and config["data"]["packing"] is True

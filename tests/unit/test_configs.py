@@ -409,3 +409,45 @@ def test_export_and_eval_configs_compose_with_overrides():
         compose_cli("eval", [], "launch/eval.py")
     with pytest.raises(ValueError, match=r"cannot read the overrides path=/p samples=\[1"):
         compose_cli("eval", ["path=/p", "samples=[1"], "launch/eval.py")
+
+
+def test_max_length_null_takes_the_models_own_context_and_the_config_records_the_real_model(tmp_path):
+    """model=tiny with model.name_or_path=DIR: not the tiny preset's 128 tokens nor its name."""
+    from omegaconf import OmegaConf
+
+    from falqon_dist.train.preflight import CONTEXT_CAP, resolve_model_context
+    from tests.models import tiny_llama
+
+    cfg = compose_cfg([])
+    settings = resolve_model_context(validate(cfg), cfg)
+    assert settings.model.max_length == settings.data.max_length == 128 and cfg.model.max_length == 128
+    assert settings.model.name == "tiny"
+    for context, expected in ((512, 512), (32768, CONTEXT_CAP)):
+        model_dir = tmp_path / f"my-model-{context}"
+        model = tiny_llama()
+        model.config.max_position_embeddings = context
+        model.config.save_pretrained(model_dir)
+        cfg = compose_cfg([f"model.name_or_path={model_dir}"])
+        settings = resolve_model_context(check_for_training([f"model.name_or_path={model_dir}"]), cfg)
+        assert (settings.model.max_length, settings.data.max_length) == (expected, expected)
+        saved = OmegaConf.to_container(cfg, resolve=True)["model"]  # what config.yaml records
+        assert saved["max_length"] == expected and saved["name"] == model_dir.name
+    cfg = compose_cfg([f"model.name_or_path={model_dir}", "model.max_length=256"])
+    assert resolve_model_context(validate(cfg), cfg).data.max_length == 256  # a number given stays
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text('{"model_type": "mamba"}')
+    cfg = compose_cfg([f"model.name_or_path={tmp_path / 'bare'}", "method=full"])
+    with pytest.raises(ConfigError, match=r"model\.max_length=null takes the model's own context.*model\.max_length=N"):
+        resolve_model_context(validate(cfg), cfg)
+
+
+def test_epochs_replace_max_steps_once_the_data_is_counted():
+    train = validate(compose_cfg(["train.epochs=1.5", "train.grad_accum=2"])).train
+    resolved = train.for_steps_per_epoch(11)
+    assert resolved.max_steps == 9 and resolved.warmup_steps == 1  # ceil(1.5 * 11 / 2); 10% of 9
+    fixed = validate(compose_cfg(["train.epochs=2", "train.warmup_steps=3"])).train.for_steps_per_epoch(10)
+    assert (fixed.max_steps, fixed.warmup_steps) == (20, 3)
+    plain = validate(compose_cfg([])).train
+    assert plain.for_steps_per_epoch(11) is plain
+    with pytest.raises(ConfigError, match=r"train\.epochs must be a finite number > 0"):
+        validate(compose_cfg(["train.epochs=0"]))
