@@ -5,9 +5,11 @@ Every writer is a no-op on ranks other than 0, so the training loop can call the
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +67,22 @@ def _step_of(line: str) -> int:
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     """A step progress bar on rank 0, silent when stderr is not a terminal (CI, log files)."""
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not (enabled and sys.stderr.isatty()))
+
+
+class ProgressClock:
+    """``step 12/300 (4%), 3.1 s/step, eta 0:14:52`` for the per-step log line: a log file or CI
+    output shows how far a run is and when it ends, as the tqdm bar does on a terminal. The rate is
+    measured from the first step this process ran (a resumed run does not count the steps before)."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self.total, self.initial = total, initial
+        self.started = time.monotonic()
+
+    def describe(self, step: int) -> str:
+        done = step - self.initial
+        share = f"{step}/{self.total} ({100 * step // max(1, self.total)}%)"
+        if done <= 0:
+            return f"step {share}"
+        per_step = (time.monotonic() - self.started) / done
+        eta = dt.timedelta(seconds=round(per_step * max(0, self.total - step)))
+        return f"step {share}, {per_step:.2f} s/step, eta {eta}"

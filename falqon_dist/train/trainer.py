@@ -33,7 +33,7 @@ from falqon_dist.method.proxy import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
 from falqon_dist.train.preflight import preflight, resolve_model_context
 from falqon_dist.train.evaluate import greedy_exact_match, response_loss
-from falqon_dist.train.logging_utils import MetricsWriter, progress_bar, setup_logging
+from falqon_dist.train.logging_utils import MetricsWriter, ProgressClock, progress_bar, setup_logging
 from falqon_dist.train.model_setup import build_model, load_tokenizer, parameter_facts, resolve_model_path
 from falqon_dist.train.guards import DivergedError, Preempted, Preemption, StepWatch
 from falqon_dist.train.run_dir import RunDirBusy, RunDirLock, check_resume
@@ -269,13 +269,14 @@ class Trainer:
         if self.start_step == 0:
             self.log_record({"step": 0, **self.model_facts, **before})
         bar = progress_bar(s.max_steps, self.start_step, self.is_main)
+        self.clock = ProgressClock(s.max_steps, self.start_step)
         speeds = []
         step = self.start_step
         for step in range(self.start_step + 1, s.max_steps + 1):
             record = self.train_step()
             speeds.append(record["tokens_per_s"])
             if step % s.log_every == 0 or step == s.max_steps or self.stop_requested:
-                self.log_record({"step": step, **record})
+                self.log_record({"step": step, **record}, progress=self.clock.describe(step))
             self.watch.check(step, record, last_checkpoint=self.last_checkpoint)
             if self.stop_requested:
                 bar.close()
@@ -293,13 +294,14 @@ class Trainer:
         self.save(s.max_steps)
         return {"before": before, "after": after, "tokens_per_s": float(np.median(speeds)) if speeds else None}
 
-    def log_record(self, record: dict[str, Any]) -> None:
+    def log_record(self, record: dict[str, Any], progress: str | None = None) -> None:
         if not self.is_main:
             return
         self.metrics.write(record)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+        log.info("%s%s", f"[{progress}] " if progress else "", line)
 
     def export(self) -> Path | None:
         if not self.settings.export:
@@ -339,6 +341,8 @@ class Trainer:
             lines.append(f" FP8 export         {export_dir}")
         lines.append("=" * 64)
         print("\n".join(lines), flush=True)
+        with open(self.run_dir / "train.log", "a") as handle:  # the summary stays with the run, not only on stdout
+            handle.write("\n".join(lines[1:]) + "\n")
         if self.wandb is not None:
             self.wandb.summary({f"final_{k}": v for k, v in after.items()})
 

@@ -43,6 +43,10 @@ def test_two_ranks_zero3_falqon(kind, tmp_path):
     proc = launch(kind, [*QUICK, f"run.dir={run_dir}"])
     check_run_dir(run_dir, 4)
     assert "falqon_dist run summary" in proc.stdout and str(run_dir) in proc.stdout
+    log = (run_dir / "train.log").read_text()
+    assert "falqon_dist run summary" in log  # the summary is kept with the run
+    assert re.search(r"\[step 1/4 \(25%\), [\d.]+ s/step, eta 0:00:\d\d\] step=1 loss=", log), log[-3000:]
+    assert "[step 4/4 (100%)" in log
 
 
 def test_single_process_lora_zero0(tmp_path):

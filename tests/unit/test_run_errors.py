@@ -59,3 +59,14 @@ def test_a_checkpoint_write_failure_of_this_rank_leaves_without_waiting(tmp_path
     lines = [line for line in capsys.readouterr().err.splitlines() if "falqon_dist: error:" in line]
     assert len(lines) == 1 and "the disk filled up" in lines[0]
     assert not any(w.startswith("finish the run") for w in waits), waits
+
+
+def test_the_progress_line_gives_step_total_rate_and_eta(monkeypatch):
+    from falqon_dist.train import logging_utils
+
+    now = [100.0]
+    monkeypatch.setattr(logging_utils.time, "monotonic", lambda: now[0])
+    clock = logging_utils.ProgressClock(total=300, initial=100)  # resumed at step 100
+    assert clock.describe(100) == "step 100/300 (33%)"
+    now[0] += 20.0  # 10 steps in 20 s
+    assert clock.describe(110) == "step 110/300 (36%), 2.00 s/step, eta 0:06:20"
