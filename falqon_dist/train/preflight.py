@@ -48,6 +48,13 @@ def preflight(settings: RunSettings, world_size: int) -> dict[str, Any]:
             check_backend(settings.fp8.backend)  # te: an FP8 GPU and Transformer Engine, else say what to use
         except ImportError as error:
             raise ConfigError(str(error)) from None
+    if settings.uses_tensorboard:
+        from falqon_dist.train.tensorboard_logger import check_tensorboard
+
+        try:
+            check_tensorboard()
+        except ImportError as error:
+            raise ConfigError(str(error)) from None
     if settings.method.name == "qlora":
         from falqon_dist.baselines.qlora import import_bitsandbytes
 

@@ -29,7 +29,7 @@ from falqon_dist.models.config import ModelConfig
 from falqon_dist.train.config import TrainConfig
 from falqon_dist.train.wandb_logger import VALID_MODES
 
-LOGGERS = ("none", "wandb")
+LOGGERS = ("none", "wandb", "tensorboard", "wandb_tensorboard")
 #: Methods whose layers run FP8 GEMMs (and so use the ``fp8/`` group).
 FP8_METHODS = ("falqon", "fp8_lora")
 #: Keys of the ``method/`` group that belong to the run, not to the method's config class.
@@ -71,11 +71,20 @@ class RunSettings:
     data: DataConfig
     deepspeed: DeepSpeedConfig
     fp8: Fp8Config
+    #: none | wandb | tensorboard | wandb_tensorboard (see :attr:`uses_wandb`, :attr:`uses_tensorboard`).
     logger: str
     wandb: dict[str, Any]
     export: bool
     #: Bound of every wait on other ranks (rendezvous, collectives, barriers, op builds), seconds.
     dist_timeout_s: float = 300.0
+
+    @property
+    def uses_wandb(self) -> bool:
+        return self.logger in ("wandb", "wandb_tensorboard")
+
+    @property
+    def uses_tensorboard(self) -> bool:
+        return self.logger in ("tensorboard", "wandb_tensorboard")
 
 
 @contextlib.contextmanager

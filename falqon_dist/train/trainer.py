@@ -38,6 +38,7 @@ from falqon_dist.train.model_setup import build_model, load_tokenizer, parameter
 from falqon_dist.train.guards import DivergedError, Preempted, Preemption, StepWatch
 from falqon_dist.train.run_dir import RunDirBusy, RunDirLock, check_resume
 from falqon_dist.train.settings import ConfigError, RunSettings, validate
+from falqon_dist.train.tensorboard_logger import TensorBoardLogger
 from falqon_dist.train.wandb_logger import WandbLogger
 
 log = logging.getLogger("falqon_dist")
@@ -116,6 +117,7 @@ class Trainer:
             log.warning("train.resume=true with a changed config: %s", warning)
         self.resolved_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
         self.wandb: WandbLogger | None = None
+        self.tensorboard: TensorBoardLogger | None = None
         self.watch = StepWatch(self.settings.train)
         self.preemption = Preemption()
         self.stop_requested = False
@@ -180,7 +182,9 @@ class Trainer:
         self.metrics = MetricsWriter(
             self.run_dir / "metrics.jsonl", self.is_main, resume_step=self.start_step if s.train.resume else None
         )
-        self.wandb = WandbLogger(s.wandb, self.run_dir, self.resolved_config, enabled=self.is_main and s.logger == "wandb")
+        self.wandb = WandbLogger(s.wandb, self.run_dir, self.resolved_config, enabled=self.is_main and s.uses_wandb)
+        self.tensorboard = TensorBoardLogger(self.run_dir, self.resolved_config,
+                                             enabled=self.is_main and s.uses_tensorboard)
 
     def _resume(self) -> None:
         tag = checkpoint.latest_tag(self.ckpt_dir)
@@ -300,6 +304,8 @@ class Trainer:
         self.metrics.write(record)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self.tensorboard is not None:
+            self.tensorboard.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         log.info("%s%s", f"[{progress}] " if progress else "", line)
 
@@ -349,6 +355,8 @@ class Trainer:
     def cleanup(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.finish()
         if self.run_lock is not None:
             self.run_lock.release()
 

@@ -68,12 +68,20 @@ def test_resume_without_checkpoint_starts_from_zero(tmp_path):
     assert [m["step"] for m in read_metrics(run_dir) if "loss" in m] == [1, 2]
 
 
-def test_wandb_auto_mode_goes_offline_without_credentials(tmp_path, monkeypatch):
+def test_wandb_auto_mode_goes_offline_without_credentials_and_tensorboard_logs_beside_it(tmp_path, monkeypatch):
     run_dir, home = tmp_path / "run", tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))  # no ~/.netrc
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    launch("python", [*QUICK, "train.max_steps=2", "logger=wandb", "wandb.mode=auto", f"run.dir={run_dir}"])
+    launch("python", [*QUICK, "train.max_steps=2", "logger=wandb_tensorboard", "wandb.mode=auto", f"run.dir={run_dir}"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
+    assert [e.step for e in events.Scalars("eval_loss")] == [0, 2] and "rows_merged" in events.Tags()["scalars"]
+    metrics = {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m}
+    assert [round(e.value, 4) for e in events.Scalars("loss")] == [round(metrics[1], 4), round(metrics[2], 4)]
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1, list((run_dir / "wandb").iterdir())
     run_id = (run_dir / "wandb_run_id").read_text().strip()
