@@ -7,8 +7,10 @@ launches one multi-rank job per point, sequentially, each in its own run directo
 
     python launch/sweep.py --num-gpus 2 --grid method.rank=8,16,32 train.lr=0.05,0.1 -- train.max_steps=200
     python launch/sweep.py --hostfile launch/hostfile.example --grid method=falqon,lora -- model=llama3_8b ...
+    python launch/sweep.py --launcher-args "--master_port 29600 --include localhost:2,3" --grid train.lr=0.1,0.2
 
-``--grid`` takes ``key=v1,v2,...`` axes; everything after ``--`` is passed to every job. Jobs go to
+``--launcher-args`` are passed to the ``deepspeed`` launcher of every job (its own flags: ports,
+``--include``/``--exclude``, ``--launcher pdsh|slurm|...``). ``--grid`` takes ``key=v1,v2,...`` axes; everything after ``--`` is passed to every job. Jobs go to
 ``<root>/<name>/<key-value_key-value...>``; a failed job is reported and the sweep goes on (``--stop-on-error``
 stops it). Prints a table of final eval metrics read from each job's metrics.jsonl.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +52,7 @@ def main() -> None:
     parser.add_argument("--grid", nargs="+", required=True, help="axes key=v1,v2,...")
     parser.add_argument("--num-gpus", type=int, default=2, help="ranks per job on this node")
     parser.add_argument("--hostfile", help="multi-node DeepSpeed hostfile (overrides --num-gpus)")
+    parser.add_argument("--launcher-args", default="", help="flags for the deepspeed launcher, one quoted string")
     parser.add_argument("--root", default="runs/sweeps")
     parser.add_argument("--name", default="sweep")
     parser.add_argument("--stop-on-error", action="store_true")
@@ -56,7 +60,11 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     common = [a for a in rest if a != "--"]
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    launcher = [deepspeed, "--hostfile", args.hostfile] if args.hostfile else [deepspeed, "--num_gpus", str(args.num_gpus)]
+    flags = shlex.split(args.launcher_args)
+    choose = not any(f.split("=")[0] in ("--include", "--exclude", "--num_gpus") for f in flags)  # or deepspeed refuses
+    launcher = [deepspeed, "--hostfile", args.hostfile] if args.hostfile else [deepspeed] + (
+        ["--num_gpus", str(args.num_gpus)] if choose else [])
+    launcher += flags
     results = []
     for combo in expand(args.grid):
         # Hydra override values must not hold "," or "=": name the directory key-value_key-value
