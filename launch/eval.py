@@ -154,7 +154,11 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
             f"path={str(path)!r} is neither a run directory (config.yaml + checkpoints/) nor an FP8 export "
             "(config.json with a quantization_config)"
         )
-    data = build_data(settings.data, tokenizer)
+    try:
+        data = build_data(settings.data, tokenizer)
+    except FileNotFoundError as error:
+        raise RestoreError(f"{error}: eval reads the run's eval split from its training data "
+                           f"(data={settings.data.name} in {result.get('config_source', path)}); restore that file") from None
     batch_size = args["batch_size"] or settings.train.micro_batch_size
     samples = min(args["samples"], len(data.eval))
     result.update(data=settings.data.name, eval_samples=samples)

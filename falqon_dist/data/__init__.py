@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from falqon_dist.data.collate import Collator, TrainBatchSampler, pack_examples
-from falqon_dist.data.config import DATASET_NAMES, DataConfig
+from falqon_dist.data.config import DATASET_NAMES, DataConfig, DataSource
 from falqon_dist.data.formats import DataFormatError, Record
 from falqon_dist.data.generation import evaluate_exact_match, generate_answers, mean_response_loss
-from falqon_dist.data.sources import load_records
+from falqon_dist.data.mixing import MixShare
+from falqon_dist.data.sources import load_mixture, load_records
 from falqon_dist.data.synthetic import exact_match, finetune_splits
 from falqon_dist.data.tokenization import IGNORE_INDEX, TokenizedDataset, TokenizeStats, special_ids, tokenize_records
 
@@ -43,6 +44,8 @@ class DataBundle:
     packing: bool
     #: Seed of the batch order.
     seed: int
+    #: data=mix: what each source gave to the mixture (empty otherwise).
+    mixture: tuple[MixShare, ...] = ()
 
     def train_batch_sampler(
         self, batch_size: int, *, num_replicas: int = 1, rank: int = 0, drop_last: bool = False
@@ -70,7 +73,8 @@ def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
     """Load, normalize, tokenize (loss on responses only) and optionally pack the data of ``cfg``."""
     if cfg.max_length is None:
         raise ValueError("DataConfig.max_length is None: set it (the trainer sets it from model.max_length)")
-    train_records, eval_records = load_split_records(cfg)
+    mixture = load_mixture(cfg) if cfg.name == "mix" else None
+    train_records, eval_records = (mixture.train, mixture.eval) if mixture else load_split_records(cfg)
     _, pad_id = special_ids(tokenizer)
     train_examples, train_stats = tokenize_records(
         train_records, tokenizer, cfg.max_length, train_on_inputs=cfg.train_on_inputs)
@@ -91,6 +95,7 @@ def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
         eval_stats=eval_stats,
         packing=cfg.packing,
         seed=cfg.seed,
+        mixture=mixture.shares if mixture else (),
     )
 
 
@@ -100,6 +105,8 @@ __all__ = [
     "DataBundle",
     "DataConfig",
     "DataFormatError",
+    "DataSource",
+    "MixShare",
     "build_data",
     "evaluate_exact_match",
     "exact_match",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from falqon_dist.config_checks import (
     InvalidField,
@@ -15,9 +17,60 @@ from falqon_dist.config_checks import (
 )
 from falqon_dist.data.synthetic import FINETUNE_TASKS
 
-DATASET_NAMES = ("synthetic", "alpaca", "oasst1", "jsonl", "chat", "text")
+DATASET_NAMES = ("synthetic", "alpaca", "oasst1", "jsonl", "chat", "text", "mix")
 #: Datasets read only from local files (no default hub dataset).
 LOCAL_ONLY = ("jsonl", "chat", "text")
+#: What one source of a ``mix`` can be: every file dataset.
+SOURCE_FORMATS = ("alpaca", "oasst1", "jsonl", "chat", "text")
+_SOURCE_KEYS = ("path", "format", "weight")
+
+
+def _check_path(owner: str, field: str, path: Any) -> str | tuple[str, ...]:
+    """A non-empty path string or a non-empty tuple of them (a list becomes a tuple)."""
+    if isinstance(path, list):
+        path = tuple(path)
+    paths = path if isinstance(path, tuple) else (path,)
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        raise InvalidField(owner, field, "must be a non-empty string or a non-empty list of them", path)
+    return path
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One dataset of a ``data=mix`` mixture: where it is, how its rows read, and its share."""
+
+    #: As :attr:`DataConfig.path` (a file, directory, save_to_disk directory or hub name, or a list).
+    path: str | tuple[str, ...]
+    #: How the rows read: one of :data:`SOURCE_FORMATS` (as ``DataConfig.name``).
+    format: str
+    #: Relative share of the mixture's training records (> 0): a source of weight 2 gives twice as
+    #: many records as one of weight 1, whatever their sizes (sampled down, or repeated).
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        owner = "DataSource"
+        object.__setattr__(self, "path", _check_path(owner, "path", self.path))
+        check_choice(owner, "format", self.format, SOURCE_FORMATS)
+        check_number(owner, "weight", self.weight, 0.0, low_open=True)
+
+
+def _source(index: int, item: Any) -> DataSource:
+    """``item`` (a DataSource or a mapping from the config) as a DataSource, errors naming ``sources[i]``."""
+    field = f"sources[{index}]"
+    if isinstance(item, DataSource):
+        return item
+    if not isinstance(item, Mapping):
+        raise InvalidField("DataConfig", field, "must be a mapping {path, format, weight}", item)
+    unknown = sorted(set(item) - set(_SOURCE_KEYS))
+    if unknown:
+        raise InvalidField("DataConfig", field, f"has unknown key(s) {unknown}; a source has {_SOURCE_KEYS}", dict(item))
+    for key in ("path", "format"):
+        if key not in item:
+            raise InvalidField("DataConfig", field, f"needs {key!r} (a source has {_SOURCE_KEYS})", dict(item))
+    try:
+        return DataSource(**item)
+    except InvalidField as exc:
+        raise InvalidField("DataConfig", f"{field}.{exc.field}", exc.requirement, exc.value) from None
 #: Hub dataset used for ``alpaca`` / ``oasst1`` when ``path`` is None (needs network).
 DEFAULT_HUB_NAMES = {"alpaca": "tatsu-lab/alpaca", "oasst1": "OpenAssistant/oasst1"}
 
@@ -34,13 +87,17 @@ class DataConfig:
     #: Dataset: "synthetic" (built-in held-out task, no files needed) | "alpaca" | "oasst1" |
     #: "jsonl" (rows {"prompt", "response"} or Alpaca fields) | "chat" (rows {"messages"} or
     #: ShareGPT {"conversations"}, rendered with the tokenizer's chat template) | "text" (rows
-    #: {"text"} or .txt files, every token trained).
+    #: {"text"} or .txt files, every token trained) | "mix" (several of those, weighted: ``sources``).
     name: str = "synthetic"
     #: Local file (.jsonl / .json / .parquet, .txt for text), directory of them, or a `datasets`
     #: save_to_disk directory; or a list of those (read one by one, concatenated). For alpaca /
     #: oasst1 a hub dataset name is also accepted (network only); None = the default hub dataset.
-    #: Must be None for synthetic.
+    #: Must be None for synthetic and mix.
     path: str | tuple[str, ...] | None = None
+    #: mix only (and required there): the datasets mixed, each a :class:`DataSource` (or a mapping
+    #: ``{path, format, weight}``). Their training records are sampled in proportion to the weights,
+    #: as many in all as the sources hold together; their eval records are interleaved.
+    sources: tuple[DataSource, ...] = ()
     #: Synthetic only: the held-out fine-tuning task, one of synthetic.FINETUNE_TASKS.
     task: str = "shift"
     #: Tokens per example (prompt + response + EOS) and per packed row (the run's model.max_length;
@@ -57,7 +114,8 @@ class DataConfig:
     num_eval: int = 200
     #: Share of records held out for eval when a file dataset has no split of its own, in (0, 1).
     eval_fraction: float = 0.05
-    #: File / hub datasets: keep at most this many records per split (None keeps all).
+    #: File / hub datasets: keep at most this many records per split (of each source for mix,
+    #: before mixing; None keeps all).
     max_records: int | None = None
     #: oasst1 only: keep pairs whose prompt has this language code (e.g. "en"); None keeps all.
     lang: str | None = None
@@ -67,13 +125,20 @@ class DataConfig:
     def __post_init__(self) -> None:
         owner = "DataConfig"
         check_choice(owner, "name", self.name, DATASET_NAMES)
-        if isinstance(self.path, list):
-            object.__setattr__(self, "path", tuple(self.path))
-        paths = self.path if isinstance(self.path, tuple) else (self.path,)
-        if self.path is not None and (not paths or not all(isinstance(p, str) and p for p in paths)):
-            raise InvalidField(owner, "path", "must be None, a non-empty string or a non-empty list of them", self.path)
-        if self.name == "synthetic" and self.path is not None:
-            raise InvalidField(owner, "path", "must be None for name='synthetic'", self.path)
+        if self.path is not None:
+            object.__setattr__(self, "path", _check_path(owner, "path", self.path))
+        if self.name in ("synthetic", "mix") and self.path is not None:
+            raise InvalidField(owner, "path", f"must be None for name={self.name!r}"
+                               + (" (each source has its own path)" if self.name == "mix" else ""), self.path)
+        if not isinstance(self.sources, (list, tuple)):
+            raise InvalidField(owner, "sources", "must be a list of {path, format, weight}", self.sources)
+        object.__setattr__(self, "sources", tuple(_source(i, item) for i, item in enumerate(self.sources)))
+        if self.name == "mix" and not self.sources:
+            raise InvalidField(owner, "sources", "is required for name='mix': a list of {path, format, weight}",
+                               list(self.sources))
+        if self.name != "mix" and self.sources:
+            raise InvalidField(owner, "sources", f"is only read by name='mix' (this is {self.name!r}); "
+                               "use name='mix' to mix several datasets", list(self.sources))
         if self.name in LOCAL_ONLY and self.path is None:
             raise InvalidField(owner, "path", f"is required for name={self.name!r} (a local file or directory)",
                                self.path)

@@ -9,11 +9,13 @@ any) evaluates. Any other directory is read as all data files below it; when som
 contain ``train`` and others ``valid``/``eval``/``test``/``dev`` they are the two splits, otherwise
 all rows form one pool split by ``eval_fraction``. Any other ``path`` that looks like
 ``owner/name`` is loaded from the Hugging Face hub (network only). A list of paths is read source
-by source (each split on its own) and concatenated.
+by source (each split on its own) and concatenated. ``data=mix`` reads each of its ``sources``
+this way and mixes them by weight (:mod:`falqon_dist.data.mixing`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -22,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from falqon_dist.data.config import DEFAULT_HUB_NAMES, DataConfig
+from falqon_dist.data.config import DEFAULT_HUB_NAMES, DataConfig, DataSource
 from falqon_dist.data.formats import (
     DataFormatError,
     Record,
@@ -32,6 +34,7 @@ from falqon_dist.data.formats import (
     normalize_text,
     oasst_conversations,
 )
+from falqon_dist.data.mixing import MixShare, interleave, mix
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 _SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")
@@ -187,8 +190,37 @@ def _normalizer(cfg: DataConfig) -> Callable[[Rows], list[Record]]:
     return lambda rows: [normalize(row, where) for row, where in zip(rows[0], rows[1], strict=True)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """The records of a ``data=mix`` config and what each source gave."""
+
+    train: list[Record]
+    eval: list[Record]
+    shares: tuple[MixShare, ...]
+
+
+def source_config(cfg: DataConfig, source: DataSource) -> DataConfig:
+    """``cfg`` read as the single dataset ``source`` (its format and path; every other field kept)."""
+    return dataclasses.replace(cfg, name=source.format, path=source.path, sources=())
+
+
+def load_mixture(cfg: DataConfig) -> Mixture:
+    """Each source of a ``mix`` config read on its own (its split, ``max_records``), then mixed."""
+    parts = [load_records(source_config(cfg, source)) for source in cfg.sources]
+    train, taken = mix([part[0] for part in parts], [source.weight for source in cfg.sources], cfg.seed)
+    shares = tuple(
+        MixShare(label=source.path if isinstance(source.path, str) else ",".join(source.path), format=source.format,
+                 weight=source.weight, available=len(part[0]), taken=count, eval_records=len(part[1]))
+        for source, part, count in zip(cfg.sources, parts, taken, strict=True)
+    )
+    return Mixture(train=train, eval=interleave([part[1] for part in parts]), shares=shares)
+
+
 def load_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
     """Normalized ``(train, eval)`` records of a file or hub dataset, or of several (not ``synthetic``)."""
+    if cfg.name == "mix":
+        mixture = load_mixture(cfg)
+        return mixture.train, mixture.eval
     sources = cfg.path if isinstance(cfg.path, tuple) else (cfg.path or DEFAULT_HUB_NAMES.get(cfg.name),)
     if sources[0] is None:
         raise ValueError(f"DataConfig.path is required for name={cfg.name!r}")

@@ -39,7 +39,9 @@ def preflight(settings: RunSettings, world_size: int) -> dict[str, Any]:
     """Check the machine and the files for ``settings``; return the run's DeepSpeed config."""
     _check_model_dir(settings.model.name_or_path)
     _check_model_fits(settings)
-    _check_data_path(settings.data.name, settings.data.path)
+    _check_data_path(settings.data.name, settings.data.path, "data.path")
+    for index, source in enumerate(settings.data.sources):
+        _check_data_path(source.format, source.path, f"data.sources[{index}].path")
     config = settings.deepspeed.config
     if config is not None and not config.is_file():
         raise ConfigError(f"deepspeed.config={str(config)!r}: no such file (a DeepSpeed JSON)")
@@ -167,10 +169,10 @@ def _model_config(name_or_path: str | None):
         return None
 
 
-def _check_data_path(name: str, path: str | tuple[str, ...] | None) -> None:
+def _check_data_path(name: str, path: str | tuple[str, ...] | None, key: str) -> None:
     for one in path if isinstance(path, tuple) else (path,):
         if one is None or Path(one).expanduser().exists():
             continue
         if name in LOCAL_ONLY or one.startswith((".", "/", "~")) or one.endswith(LOCAL_SUFFIXES):
-            shown = f"data.path={one!r}" if one == path else f"data.path: {one!r}"
+            shown = f"{key}={one!r}" if one == path else f"{key}: {one!r}"
             raise ConfigError(f"{shown}: no such file or directory")

@@ -175,6 +175,9 @@ def validate(cfg: DictConfig | dict) -> RunSettings:
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     if OmegaConf.is_missing(cfg.data, "path"):
         raise ConfigError(f"data.path is required for data={cfg.data.name} (a local .jsonl/.json file or directory)")
+    if cfg.data.get("name") == "mix" and OmegaConf.is_missing(cfg.data, "sources"):
+        raise ConfigError("data.sources is required for data=mix: a list of {path, format, weight}, e.g. "
+                          "'data.sources=[{path: a.jsonl, format: chat, weight: 2}, {path: b.txt, format: text}]'")
     tree = OmegaConf.to_container(cfg, resolve=True)
     move_keys(tree)
     run = tree["run"]

@@ -159,6 +159,8 @@ class Trainer:
         self.data = build_data(s.data, self.tokenizer)
         log.info("data=%s: %d train rows, %d eval rows (%d train examples dropped: too long)", s.data.name,
                  len(self.data.train), len(self.data.eval), self.data.train_stats.dropped)
+        for share in self.data.mixture:
+            log.info("data=mix: %s", share.describe())
         sampler = self.data.train_batch_sampler(s.train.micro_batch_size, num_replicas=self.world, rank=self.rank)
         if s.train.epochs is not None:  # the schedule needs max_steps: count the data's batches first
             s = self.settings = dataclasses.replace(s, train=s.train.for_steps_per_epoch(len(sampler)))

@@ -218,6 +218,9 @@ def test_cli_export_of_a_replicated_zero2_checkpoint(tmp_path):
     assert want["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
     assert "model.layers.0.mlp.down_proj.weight_scale" not in want
     assert want["model.layers.0.mlp.up_proj.weight"].dtype == torch.float8_e4m3fn
+    # eval does read the data: its absence is one clear line naming the file, not a traceback
+    proc = run_cli(EVAL, [f"path={run}"], check=False)
+    assert proc.returncode == 2 and str(data) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------- eval

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -157,6 +156,26 @@ def test_chat_and_text_data_through_the_launcher(kind, tmp_path):
     assert not any("eval_exact_match" in m for m in evals)  # only the synthetic task has exact answers
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["data"]["name"] == kind and config["data"]["packing"] is True
+
+
+def test_mixed_data_through_the_launcher(tmp_path):
+    """data=mix (chat weight 3, text weight 1) on 2 ranks: rank 0 logs what each source gave, once."""
+    run_dir = tmp_path / "run"
+    chat, text = _own_data("chat", tmp_path), _own_data("text", tmp_path)
+    launch("torchrun", [*QUICK[:4], f"run.dir={run_dir}", "data=mix", "deepspeed.zero_stage=2", "data.eval_fraction=0.25",
+                        f"data.sources=[{{path: {chat}, format: chat, weight: 3}}, {{path: {text}, format: text}}]"])
+    log = (run_dir / "train.log").read_text()
+    shares = re.findall(r"data=mix: (\S+) \((\w+), weight (\d+)\): (\d+) train records from (\d+)", log)
+    assert [(path, fmt, weight) for path, fmt, weight, _, _ in shares] == [(chat, "chat", "3"), (text, "text", "1")], log[-3000:]
+    (_, _, _, chat_taken, chat_held), (_, _, _, text_taken, text_held) = shares
+    from falqon_dist.data.mixing import apportion
+
+    total = int(chat_held) + int(text_held)  # as many records as the sources hold, 3:1
+    assert [int(chat_taken), int(text_taken)] == apportion(total, [3, 1]), shares
+    evals = [m for m in read_metrics(run_dir) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [0, 4] and all(0 < m["eval_loss"] < 20 for m in evals)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data"]["sources"][0] == {"path": chat, "format": "chat", "weight": 3}
 
 
 def test_two_torchrun_nodes_on_localhost_train_as_one_job(tmp_path):

@@ -57,6 +57,10 @@ def test_every_shipped_config_composes(group, option, tmp_path):
         data = tmp_path / "d.jsonl"
         data.write_text('{"prompt": "a", "response": "b"}\n')
         overrides.append(f"data.path={data}")
+    if group == "data" and option == "mix":
+        data = tmp_path / "d.jsonl"
+        data.write_text('{"prompt": "a", "response": "b"}\n')
+        overrides.append(f"data.sources=[{{path: {data}, format: jsonl, weight: 2}}, {{path: {data}, format: alpaca}}]")
     settings = validate(compose_cfg(overrides))
     if group == "method":  # the file holds exactly its config class's fields, plus the run's keys
         assert settings.method.name == option and type(settings.method.config) is METHODS[option].config
@@ -119,6 +123,22 @@ def test_jsonl_needs_an_existing_path():
         check_for_training(["data=jsonl", "data.path=/no/such/file.jsonl"])
     with pytest.raises(ConfigError, match=r"data\.path"):
         validate(compose_cfg(["data=jsonl"]))
+
+
+def test_mix_sources_from_the_command_line(tmp_path):
+    """data=mix takes its sources as a Hydra list of mappings; each is checked like data.path."""
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    settings = check_for_training(["data=mix", f"data.sources=[{{path: {data}, format: chat, weight: 3}}, "
+                                   f"{{path: [{data}, {data}], format: chat}}]"])  # fmt: skip
+    assert [(s.path, s.format, s.weight) for s in settings.data.sources] == [
+        (str(data), "chat", 3), ((str(data), str(data)), "chat", 1.0)]
+    with pytest.raises(ConfigError, match=r"data\.sources is required for data=mix"):
+        validate(compose_cfg(["data=mix"]))
+    with pytest.raises(ConfigError, match=r"data\.sources\[1\]\.path='/no/such\.jsonl': no such file"):
+        check_for_training(["data=mix", f"data.sources=[{{path: {data}, format: chat}}, {{path: /no/such.jsonl, format: jsonl}}]"])
+    with pytest.raises(ConfigError, match=r"data\.sources\[0\]\.weight must be a finite number > 0"):
+        validate(compose_cfg(["data=mix", f"data.sources=[{{path: {data}, format: chat, weight: 0}}]"]))
 
 
 def test_unknown_key_is_rejected_by_hydra():
