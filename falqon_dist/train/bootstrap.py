@@ -51,9 +51,9 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 
 
 def move_overrides(argv: list[str]) -> list[str]:
-    """Overrides of a key that moved (:data:`~falqon_dist.train.settings.MOVED_KEYS`) renamed to its
+    """Overrides of a key that moved (:data:`~falqon_dist.train.config_migrations.MOVED_KEYS`) renamed to its
     new key, with one notice on stderr from rank 0, so an existing command line keeps working."""
-    from falqon_dist.train.settings import MOVED_KEYS
+    from falqon_dist.train.config_migrations import MOVED_KEYS
 
     out = []
     for arg in argv:

@@ -29,7 +29,8 @@ from omegaconf import DictConfig
 from falqon_dist.data.config import LOCAL_ONLY
 from falqon_dist.fp8 import check_backend
 from falqon_dist.train.ds_config import build_ds_config
-from falqon_dist.train.settings import FP8_METHODS, ConfigError, RunSettings
+from falqon_dist.train.method_group import FP8_METHODS
+from falqon_dist.train.settings import ConfigError, RunSettings
 
 #: Suffixes that make a ``data.path`` a local file (alpaca/oasst1 also take a hub dataset name).
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")

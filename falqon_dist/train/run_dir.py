@@ -27,7 +27,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from falqon_dist.train.settings import ConfigError, move_keys
+from falqon_dist.train.config_errors import ConfigError
+from falqon_dist.train.config_migrations import move_keys
 
 log = logging.getLogger("falqon_dist")
 

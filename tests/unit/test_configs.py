@@ -13,7 +13,8 @@ import falqon_dist as fd
 from falqon_dist.baselines import LoraConfig, QloraConfig
 from falqon_dist.methods import METHODS, config_fields, prepare_model
 from falqon_dist.train.preflight import preflight
-from falqon_dist.train.settings import FP8_FIELDS, RUN_METHOD_KEYS, ConfigError, validate
+from falqon_dist.train.method_group import FP8_FIELDS, RUN_METHOD_KEYS
+from falqon_dist.train.settings import ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
