@@ -8,10 +8,13 @@ launches one multi-rank job per point, sequentially, each in its own run directo
     python launch/sweep.py --num-gpus 2 --grid method.rank=8,16,32 train.lr=0.05,0.1 -- train.max_steps=200
     python launch/sweep.py --hostfile launch/hostfile.example --grid method=falqon,lora -- model=llama3_8b ...
     python launch/sweep.py --launcher-args "--master_port 29600 --include localhost:2,3" --grid train.lr=0.1,0.2
+    python launch/sweep.py --grid 'data.sources=[{path: a.jsonl, format: chat, weight: 1}],[{path: a.jsonl, format: chat}, {path: b/, format: text}]' -- data=mix
 
 ``--launcher-args`` are passed to the ``deepspeed`` launcher of every job (its own flags: ports,
-``--include``/``--exclude``, ``--launcher pdsh|slurm|...``). ``--grid`` takes ``key=v1,v2,...`` axes; everything after ``--`` is passed to every job. Jobs go to
-``<root>/<name>/<key-value_key-value...>``; a failed job is reported and the sweep goes on (``--stop-on-error``
+``--include``/``--exclude``, ``--launcher pdsh|slurm|...``). ``--grid`` takes ``key=v1,v2,...`` axes
+(a comma inside brackets or braces belongs to its value: lists are values too); everything after
+``--`` is passed to every job. Jobs go to ``<root>/<name>/<key-value_key-value...>`` (a long name is
+cut and ends with a hash of the whole); a failed job is reported and the sweep goes on (``--stop-on-error``
 stops it). Prints a table of final eval metrics read from each job's metrics.jsonl.
 """
 
@@ -19,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import hashlib
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -28,15 +33,45 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def split_values(values: str) -> list[str]:
+    """``"1,[a,b],{x: 1, y: 2}"`` → ``["1", "[a,b]", "{x: 1, y: 2}"]``: commas inside brackets, braces
+    or quotes belong to a value (a list such as ``data.sources``), the others separate values."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(values):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(values[start:i])
+            start = i + 1
+    if depth or quote:
+        raise SystemExit(f"--grid values {values!r}: unbalanced brackets or quotes")
+    return [*parts, values[start:]]
+
+
 def expand(axes: list[str]) -> list[list[str]]:
-    """``["a=1,2", "b=x"]`` → ``[["a=1", "b=x"], ["a=2", "b=x"]]``."""
+    """``["a=1,2", "b=x"]`` → ``[["a=1", "b=x"], ["a=2", "b=x"]]`` (see :func:`split_values`)."""
     parsed = []
     for axis in axes:
         key, sep, values = axis.partition("=")
         if not sep or not values:
             raise SystemExit(f"--grid axis {axis!r} must look like key=v1,v2")
-        parsed.append([f"{key}={v}" for v in values.split(",")])
+        parsed.append([f"{key}={v}" for v in split_values(values)])
     return [list(combo) for combo in itertools.product(*parsed)]
+
+
+def run_label(combo: list[str]) -> str:
+    """A directory name for one combination: ``method-lora_train.lr-0.1`` (a Hydra override value
+    must not hold ``,``, ``=``, brackets or spaces, and neither may a path component hold ``/``)."""
+    label = re.sub(r"[^\w.+-]+", "-", "_".join(combo)).strip("-")
+    if len(label) > 100:
+        label = f"{label[:80]}-{hashlib.sha1('_'.join(combo).encode()).hexdigest()[:10]}"
+    return label
 
 
 def final_metrics(run_dir: Path) -> dict:
@@ -67,8 +102,7 @@ def main() -> None:
     launcher += flags
     results = []
     for combo in expand(args.grid):
-        # Hydra override values must not hold "," or "=": name the directory key-value_key-value
-        label = "_".join(c.replace("=", "-").replace("/", "-").replace(",", "-") for c in combo)
+        label = run_label(combo)
         run_dir = (REPO / args.root / args.name / label).resolve()
         cmd = [*launcher, str(REPO / "launch" / "train.py"), *common, *combo, f"run.dir={run_dir}"]
         print(" ".join(cmd), flush=True)
