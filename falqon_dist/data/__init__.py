@@ -12,13 +12,14 @@ Public API::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from falqon_dist.data.collate import Collator, TrainBatchSampler, pack_examples
 from falqon_dist.data.config import DATASET_NAMES, DataConfig, DataSource
 from falqon_dist.data.formats import DataFormatError, Record
 from falqon_dist.data.generation import evaluate_exact_match, generate_answers, mean_response_loss
-from falqon_dist.data.mixing import MixShare
+from falqon_dist.data.mixing import MixShare, interleave
 from falqon_dist.data.sources import load_mixture, load_records
 from falqon_dist.data.synthetic import exact_match, finetune_splits
 from falqon_dist.data.tokenization import IGNORE_INDEX, TokenizedDataset, TokenizeStats, special_ids, tokenize_records
@@ -46,6 +47,8 @@ class DataBundle:
     seed: int
     #: data=mix: what each source gave to the mixture (empty otherwise).
     mixture: tuple[MixShare, ...] = ()
+    #: data=mix: the source (index into ``mixture``) of every eval row, for per-source eval loss.
+    eval_groups: tuple[int, ...] = ()
 
     def train_batch_sampler(
         self, batch_size: int, *, num_replicas: int = 1, rank: int = 0, drop_last: bool = False
@@ -78,7 +81,11 @@ def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
     _, pad_id = special_ids(tokenizer)
     train_examples, train_stats = tokenize_records(
         train_records, tokenizer, cfg.max_length, train_on_inputs=cfg.train_on_inputs)
-    eval_examples, eval_stats = tokenize_records(eval_records, tokenizer, cfg.max_length)  # eval: the outputs
+    if mixture is None:
+        eval_examples, eval_stats = tokenize_records(eval_records, tokenizer, cfg.max_length)  # eval: the outputs
+        eval_groups: tuple[int, ...] = ()
+    else:
+        eval_examples, eval_groups, eval_stats = _tokenize_eval_parts(mixture.eval_parts, tokenizer, cfg.max_length)
     if not train_examples or not eval_examples:
         raise ValueError(
             f"no examples fit max_length={cfg.max_length}: train kept {train_stats.kept}/{train_stats.total}, "
@@ -96,7 +103,18 @@ def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
         packing=cfg.packing,
         seed=cfg.seed,
         mixture=mixture.shares if mixture else (),
+        eval_groups=eval_groups,
     )
+
+
+def _tokenize_eval_parts(parts, tokenizer, max_length: int):
+    """Each source's eval records tokenized on its own, the examples interleaved across sources (as
+    the records are), with the source index of every example and the summed counts."""
+    tokenized = [tokenize_records(part, tokenizer, max_length) for part in parts]
+    tagged = interleave([[(index, example) for example in examples] for index, (examples, _) in enumerate(tokenized)])
+    stats = TokenizeStats(**{field.name: sum(getattr(part_stats, field.name) for _, part_stats in tokenized)
+                             for field in dataclasses.fields(TokenizeStats)})  # fmt: skip
+    return [example for _, example in tagged], tuple(index for index, _ in tagged), stats
 
 
 __all__ = [

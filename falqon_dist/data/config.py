@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from falqon_dist.config_checks import (
@@ -22,7 +25,8 @@ DATASET_NAMES = ("synthetic", "alpaca", "oasst1", "jsonl", "chat", "text", "mix"
 LOCAL_ONLY = ("jsonl", "chat", "text")
 #: What one source of a ``mix`` can be: every file dataset.
 SOURCE_FORMATS = ("alpaca", "oasst1", "jsonl", "chat", "text")
-_SOURCE_KEYS = ("path", "format", "weight")
+_SOURCE_KEYS = ("path", "format", "weight", "name")
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def _check_path(owner: str, field: str, path: Any) -> str | tuple[str, ...]:
@@ -46,12 +50,36 @@ class DataSource:
     #: Relative share of the mixture's training records (> 0): a source of weight 2 gives twice as
     #: many records as one of weight 1, whatever their sizes (sampled down, or repeated).
     weight: float = 1.0
+    #: What its metrics are called (``eval_loss/<name>``): letters, digits, ``_.-``; None = the
+    #: file or directory name without its suffix (the first path's, numbered when two coincide).
+    name: str | None = None
 
     def __post_init__(self) -> None:
         owner = "DataSource"
         object.__setattr__(self, "path", _check_path(owner, "path", self.path))
         check_choice(owner, "format", self.format, SOURCE_FORMATS)
         check_number(owner, "weight", self.weight, 0.0, low_open=True)
+        if self.name is not None and (not isinstance(self.name, str) or not _SOURCE_NAME.match(self.name)):
+            raise InvalidField(owner, "name", "must be null or letters, digits and _.- (e.g. chat_en)", self.name)
+
+    @property
+    def default_name(self) -> str:
+        first = self.path if isinstance(self.path, str) else self.path[0]
+        stem = Path(first.rstrip("/")).stem or "source"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)
+
+
+def source_names(sources: tuple[DataSource, ...]) -> tuple[str, ...]:
+    """Each source's metric name: its own ``name``, else its default, numbered (``_<i>``) where
+    defaults coincide with each other or with a given name."""
+    given = [source.name for source in sources if source.name is not None]
+    defaults = Counter(source.default_name for source in sources if source.name is None)
+    return tuple(
+        source.name if source.name is not None
+        else source.default_name if defaults[source.default_name] == 1 and source.default_name not in given
+        else f"{source.default_name}_{index}"
+        for index, source in enumerate(sources)
+    )
 
 
 def _source(index: int, item: Any) -> DataSource:
@@ -133,6 +161,10 @@ class DataConfig:
         if not isinstance(self.sources, (list, tuple)):
             raise InvalidField(owner, "sources", "must be a list of {path, format, weight}", self.sources)
         object.__setattr__(self, "sources", tuple(_source(i, item) for i, item in enumerate(self.sources)))
+        names = [source.name for source in self.sources if source.name is not None]
+        if len(set(names)) != len(names):
+            raise InvalidField(owner, "sources", "hold the same name twice; each source's name must be its own",
+                               names)
         if self.name == "mix" and not self.sources:
             raise InvalidField(owner, "sources", "is required for name='mix': a list of {path, format, weight}",
                                list(self.sources))

@@ -107,23 +107,37 @@ def evaluate_exact_match(
 
 
 @torch.no_grad()
-def response_loss_sums(model, dataset, collate_fn, indices: Sequence[int], *, batch_size: int = 64) -> torch.Tensor:
-    """``[sum of cross-entropy, number of target tokens]`` (float64, on the model's device) over the
-    target (non-masked) tokens of ``dataset[i] for i in indices``: sums, so shards add up exactly."""
+def response_loss_sums(
+    model,
+    dataset,
+    collate_fn,
+    indices: Sequence[int],
+    *,
+    batch_size: int = 64,
+    groups: Sequence[int] | None = None,
+    num_groups: int = 1,
+) -> torch.Tensor:
+    """``[[sum of cross-entropy, number of target tokens]]`` per group (``num_groups x 2``, float64,
+    on the model's device) over the target (non-masked) tokens of ``dataset[i] for i in indices``;
+    row ``i`` counts in group ``groups[i]`` (all in group 0 without ``groups``). Sums, so shards add
+    up exactly; the grouping costs one ``index_add_`` per batch and no host synchronization."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals = torch.zeros(num_groups, 2, dtype=torch.float64, device=device)
     try:
         for start in range(0, len(indices), batch_size):
-            batch = collate_fn([dataset[i] for i in indices[start : start + batch_size]])
+            chunk = indices[start : start + batch_size]
+            batch = collate_fn([dataset[i] for i in chunk])
             labels = batch.pop("labels").to(device)
             logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
             shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-            totals[0] += F.cross_entropy(
-                shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="sum"
-            ).double()
-            totals[1] += (shift_labels != IGNORE_INDEX).sum()
+            token_losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX,
+                                           reduction="none")  # fmt: skip
+            rows = torch.stack([token_losses.double().sum(1), (shift_labels != IGNORE_INDEX).sum(1).double()], 1)
+            group_ids = torch.tensor([groups[i] for i in chunk] if groups is not None else [0] * len(chunk),
+                                     device=device)  # fmt: skip
+            totals.index_add_(0, group_ids, rows)
     finally:
         model.train(was_training)
     return totals
@@ -131,5 +145,5 @@ def response_loss_sums(model, dataset, collate_fn, indices: Sequence[int], *, ba
 
 def mean_response_loss(model, dataset, collate_fn, *, batch_size: int = 64) -> float:
     """Token-weighted mean cross-entropy over all target (non-masked) tokens of ``dataset``."""
-    totals = response_loss_sums(model, dataset, collate_fn, range(len(dataset)), batch_size=batch_size)
-    return float(totals[0] / totals[1].clamp(min=1))
+    (loss, count), = response_loss_sums(model, dataset, collate_fn, range(len(dataset)), batch_size=batch_size)
+    return float(loss / count.clamp(min=1))

@@ -13,7 +13,7 @@ so every rank, and every rerun with the same seed, builds the same list.
 
 Eval records are not re-weighted: the sources' eval sets are interleaved (the first record of each
 source, then the second of each, …), so the prefix the trainer evaluates (``train.eval_samples``)
-covers every source.
+covers every source, and each source's loss is reported on its own too (``eval_loss/<name>``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ _GAP = object()
 class MixShare:
     """What one source contributed to a mixture (logged at start-up)."""
 
-    #: The source's path(s), as configured.
+    #: Its metric name (``eval_loss/<name>``) and its path(s), as configured.
+    name: str
     label: str
     #: Its row format (``alpaca``, ``chat``, …).
     format: str
@@ -44,7 +45,7 @@ class MixShare:
     eval_records: int
 
     def describe(self) -> str:
-        return (f"{self.label} ({self.format}, weight {self.weight:g}): {self.taken} train records from "
+        return (f"{self.name} = {self.label} ({self.format}, weight {self.weight:g}): {self.taken} train records from "
                 f"{self.available} (x{self.taken / self.available:.2f}), {self.eval_records} eval")
 
 

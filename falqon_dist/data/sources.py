@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from falqon_dist.data.config import DEFAULT_HUB_NAMES, DataConfig, DataSource
+from falqon_dist.data.config import DEFAULT_HUB_NAMES, DataConfig, DataSource, source_names
 from falqon_dist.data.formats import (
     DataFormatError,
     Record,
@@ -195,8 +195,13 @@ class Mixture:
     """The records of a ``data=mix`` config and what each source gave."""
 
     train: list[Record]
-    eval: list[Record]
+    #: Each source's eval records (the run evaluates them interleaved: :attr:`eval`).
+    eval_parts: tuple[list[Record], ...]
     shares: tuple[MixShare, ...]
+
+    @property
+    def eval(self) -> list[Record]:
+        return interleave(self.eval_parts)
 
 
 def source_config(cfg: DataConfig, source: DataSource) -> DataConfig:
@@ -209,11 +214,12 @@ def load_mixture(cfg: DataConfig) -> Mixture:
     parts = [load_records(source_config(cfg, source)) for source in cfg.sources]
     train, taken = mix([part[0] for part in parts], [source.weight for source in cfg.sources], cfg.seed)
     shares = tuple(
-        MixShare(label=source.path if isinstance(source.path, str) else ",".join(source.path), format=source.format,
-                 weight=source.weight, available=len(part[0]), taken=count, eval_records=len(part[1]))
-        for source, part, count in zip(cfg.sources, parts, taken, strict=True)
+        MixShare(name=name, label=source.path if isinstance(source.path, str) else ",".join(source.path),
+                 format=source.format, weight=source.weight, available=len(part[0]), taken=count,
+                 eval_records=len(part[1]))
+        for name, source, part, count in zip(source_names(cfg.sources), cfg.sources, parts, taken, strict=True)
     )
-    return Mixture(train=train, eval=interleave([part[1] for part in parts]), shares=shares)
+    return Mixture(train=train, eval_parts=tuple(part[1] for part in parts), shares=shares)
 
 
 def load_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:

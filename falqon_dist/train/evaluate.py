@@ -8,6 +8,8 @@ answers; ``synced_gpus`` keeps ranks in step regardless).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.distributed as tdist
 
 from falqon_dist.data import evaluate_exact_match
@@ -17,13 +19,25 @@ from falqon_dist.data.generation import response_loss_sums
 def response_loss(model, dataset, collate_fn, num_samples: int, batch_size: int) -> float:
     """Token-weighted cross-entropy over response tokens of the first ``num_samples`` eval rows,
     each rank taking every world-size-th row (one all-reduce of the sums)."""
+    return response_losses(model, dataset, collate_fn, num_samples, batch_size)[0]
+
+
+def response_losses(
+    model, dataset, collate_fn, num_samples: int, batch_size: int, *, groups: Sequence[int] | None = None,
+    num_groups: int = 1,
+) -> tuple[float, list[float | None]]:
+    """As :func:`response_loss`, and the same loss per group of rows (``groups[i]``: row i's group;
+    None for a group with no target token among the rows evaluated), from the same forward passes."""
     world = tdist.get_world_size() if tdist.is_initialized() else 1
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     usable = min(num_samples, len(dataset)) // world * world
-    totals = response_loss_sums(model, dataset, collate_fn, range(rank, usable, world), batch_size=batch_size)
+    totals = response_loss_sums(model, dataset, collate_fn, range(rank, usable, world), batch_size=batch_size,
+                                groups=groups, num_groups=num_groups)  # fmt: skip
     if tdist.is_initialized():
         tdist.all_reduce(totals)
-    return float(totals[0] / totals[1].clamp(min=1))
+    overall = totals.sum(0)
+    per_group = [(float(loss / count) if count > 0 else None) for loss, count in totals.tolist()]
+    return float(overall[0] / overall[1].clamp(min=1)), per_group
 
 
 def greedy_exact_match(model, tokenizer, records, num_samples: int, batch_size: int) -> float:

@@ -165,7 +165,7 @@ def test_mixed_data_through_the_launcher(tmp_path):
     launch("torchrun", [*QUICK[:4], f"run.dir={run_dir}", "data=mix", "deepspeed.zero_stage=2", "data.eval_fraction=0.25",
                         f"data.sources=[{{path: {chat}, format: chat, weight: 3}}, {{path: {text}, format: text}}]"])
     log = (run_dir / "train.log").read_text()
-    shares = re.findall(r"data=mix: (\S+) \((\w+), weight (\d+)\): (\d+) train records from (\d+)", log)
+    shares = re.findall(r"data=mix: \w+ = (\S+) \((\w+), weight (\d+)\): (\d+) train records from (\d+)", log)
     assert [(path, fmt, weight) for path, fmt, weight, _, _ in shares] == [(chat, "chat", "3"), (text, "text", "1")], log[-3000:]
     (_, _, _, chat_taken, chat_held), (_, _, _, text_taken, text_held) = shares
     from falqon_dist.data.mixing import apportion
@@ -174,6 +174,10 @@ def test_mixed_data_through_the_launcher(tmp_path):
     assert [int(chat_taken), int(text_taken)] == apportion(total, [3, 1]), shares
     evals = [m for m in read_metrics(run_dir) if "eval_loss" in m]
     assert [m["step"] for m in evals] == [0, 4] and all(0 < m["eval_loss"] < 20 for m in evals)
+    for m in evals:  # each source's loss beside the overall one, which lies between them
+        low, high = sorted((m["eval_loss/chat"], m["eval_loss/texts"]))
+        assert low <= m["eval_loss"] <= high, m
+    assert re.search(r"\n   chat +\d+\.\d+ -> +\d+\.\d+\n   texts +\d", log), log[-1500:]  # in the summary
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["data"]["sources"][0] == {"path": chat, "format": "chat", "weight": 3}
 

@@ -113,9 +113,52 @@ def test_build_data_reports_what_each_source_gave(tmp_path):
     bundle = build_data(_mix_config(paths, {"pairs": 1, "chats": 2, "docs": 1}, max_length=64), build_tiny_tokenizer())
     shares = {share.format: share for share in bundle.mixture}
     assert (shares["chat"].available, shares["chat"].taken, shares["chat"].weight) == (9, 31, 2)
-    assert "(x3.44)" in shares["chat"].describe() and paths["chats"] in shares["chat"].describe()
+    assert shares["chat"].describe().startswith(f"chats = {paths['chats']} (chat, weight 2): 31 train records from 9 (x3.44)")
     assert len(bundle.train) > 0 and len(bundle.eval) == 7
-    assert not build_data(DataConfig(), build_tiny_tokenizer()).mixture
+    assert [share.name for share in bundle.mixture] == ["pairs", "chats", "docs"]  # file / directory names
+    assert bundle.eval_groups == (0, 1, 2, 0, 2, 0, 0)  # every eval row knows its source, interleaved
+    plain = build_data(DataConfig(), build_tiny_tokenizer())
+    assert not plain.mixture and not plain.eval_groups
+
+
+def test_per_source_eval_loss_comes_from_the_same_forward_passes(tmp_path):
+    """Grouped sums add up to the overall loss, and each group's loss is that of its rows alone."""
+    import torch
+
+    from falqon_dist.data import TokenizedDataset
+    from falqon_dist.data.generation import mean_response_loss
+    from falqon_dist.models.tiny import tiny_config
+    from falqon_dist.train.evaluate import response_losses
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config())
+    paths = _sources(tmp_path)
+    bundle = build_data(_mix_config(paths, {"pairs": 1, "chats": 2, "docs": 1}, max_length=64), build_tiny_tokenizer())
+    overall, per_source = response_losses(model, bundle.eval, bundle.collate_fn, 100, batch_size=3,
+                                          groups=bundle.eval_groups, num_groups=3)  # fmt: skip
+    assert overall == pytest.approx(mean_response_loss(model, bundle.eval, bundle.collate_fn), rel=1e-6)
+    for index, loss in enumerate(per_source):
+        rows = TokenizedDataset([bundle.eval[i] for i, g in enumerate(bundle.eval_groups) if g == index])
+        assert loss == pytest.approx(mean_response_loss(model, rows, bundle.collate_fn), rel=1e-6)
+    first_two = response_losses(model, bundle.eval, bundle.collate_fn, 2, batch_size=3, groups=bundle.eval_groups,
+                                num_groups=3)[1]  # fmt: skip
+    assert first_two[2] is None and first_two[0] is not None  # a source with no row evaluated has no loss
+
+
+def test_source_names_default_to_file_names_and_stay_distinct():
+    from falqon_dist.data.config import source_names
+
+    cfg = DataConfig(name="mix", sources=[{"path": "/a/train.jsonl", "format": "chat"},
+                                          {"path": "/b/train.jsonl", "format": "chat"},
+                                          {"path": "docs/", "format": "text"},
+                                          {"path": "x.txt", "format": "text", "name": "docs"}])  # fmt: skip
+    assert source_names(cfg.sources) == ("train_0", "train_1", "docs_2", "docs")
+    with pytest.raises(ValueError, match="same name twice"):
+        DataConfig(name="mix", sources=[{"path": "a", "format": "chat", "name": "n"},
+                                        {"path": "b", "format": "chat", "name": "n"}])  # fmt: skip
+    with pytest.raises(ValueError, match=r"sources\[0\]\.name"):
+        DataConfig(name="mix", sources=[{"path": "a", "format": "chat", "name": "has space"}])
 
 
 _FINGERPRINT = """
