@@ -120,11 +120,14 @@ def response_loss_sums(
     """``[[sum of cross-entropy, number of target tokens]]`` per group (``num_groups x 2``, float64,
     on the model's device) over the target (non-masked) tokens of ``dataset[i] for i in indices``;
     row ``i`` counts in group ``groups[i]`` (all in group 0 without ``groups``). Sums, so shards add
-    up exactly; the grouping costs one ``index_add_`` per batch and no host synchronization."""
+    up exactly. The grouping costs one ``index_add_`` per batch; the rows' group ids go to the device
+    once, before the first batch."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     totals = torch.zeros(num_groups, 2, dtype=torch.float64, device=device)
+    group_ids = torch.tensor([groups[i] for i in indices] if groups is not None else [0] * len(indices),
+                             dtype=torch.long, device=device)  # fmt: skip
     try:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
@@ -135,9 +138,7 @@ def response_loss_sums(
             token_losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX,
                                            reduction="none")  # fmt: skip
             rows = torch.stack([token_losses.double().sum(1), (shift_labels != IGNORE_INDEX).sum(1).double()], 1)
-            group_ids = torch.tensor([groups[i] for i in chunk] if groups is not None else [0] * len(chunk),
-                                     device=device)  # fmt: skip
-            totals.index_add_(0, group_ids, rows)
+            totals.index_add_(0, group_ids[start : start + batch_size], rows)
     finally:
         model.train(was_training)
     return totals
