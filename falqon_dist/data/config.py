@@ -23,6 +23,8 @@ from falqon_dist.data.synthetic import FINETUNE_TASKS
 DATASET_NAMES = ("synthetic", "alpaca", "oasst1", "jsonl", "chat", "text", "mix")
 #: Datasets read only from local files (no default hub dataset).
 LOCAL_ONLY = ("jsonl", "chat", "text")
+#: Hub dataset used for ``alpaca`` / ``oasst1`` when ``path`` is None (needs network).
+DEFAULT_HUB_NAMES = {"alpaca": "tatsu-lab/alpaca", "oasst1": "OpenAssistant/oasst1"}
 #: What one source of a ``mix`` can be: every file dataset.
 SOURCE_FORMATS = ("alpaca", "oasst1", "jsonl", "chat", "text")
 _SOURCE_KEYS = ("path", "format", "weight", "name")
@@ -88,7 +90,7 @@ def _source(index: int, item: Any) -> DataSource:
     if isinstance(item, DataSource):
         return item
     if not isinstance(item, Mapping):
-        raise InvalidField("DataConfig", field, "must be a mapping {path, format, weight}", item)
+        raise InvalidField("DataConfig", field, "must be a mapping {path, format, weight, name}", item)
     unknown = sorted(set(item) - set(_SOURCE_KEYS))
     if unknown:
         raise InvalidField("DataConfig", field, f"has unknown key(s) {unknown}; a source has {_SOURCE_KEYS}", dict(item))
@@ -99,8 +101,8 @@ def _source(index: int, item: Any) -> DataSource:
         return DataSource(**item)
     except InvalidField as exc:
         raise InvalidField("DataConfig", f"{field}.{exc.field}", exc.requirement, exc.value) from None
-#: Hub dataset used for ``alpaca`` / ``oasst1`` when ``path`` is None (needs network).
-DEFAULT_HUB_NAMES = {"alpaca": "tatsu-lab/alpaca", "oasst1": "OpenAssistant/oasst1"}
+
+
 
 
 @dataclass(frozen=True)
