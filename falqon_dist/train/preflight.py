@@ -8,7 +8,7 @@ checks the rest, for training only, before the data or the model is loaded:
 * the model: ``model.name_or_path`` (a local directory with a ``config.json``) and, for FALQON,
   ``method.rank`` / ``method.topk`` against every layer it will convert (the model is built from its
   config on the meta device: no weight is read);
-* the files: ``data.path`` (a local file or directory),
+* the files: ``data.path`` and each ``data.sources[i].path`` (a local file or directory),
   ``deepspeed.config`` (a JSON, merged with the run's settings and validated: see
   :mod:`falqon_dist.train.ds_config`);
 * the libraries: the FP8 backend (``fp8.backend=te`` needs Transformer Engine and an FP8 GPU) and
