@@ -73,3 +73,17 @@ def barrier(what: str) -> None:
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         with announced(f"all ranks to {what} (a barrier; bounded by dist.timeout_s)"):
             tdist.barrier()
+
+
+def errors_of_every_rank(error: str | None, what: str) -> dict[int, str]:
+    """The errors the ranks met in a step every rank runs (``error``: this rank's, None if it
+    succeeded), gathered on every rank (one ``all_gather_object``), so that all leave together and
+    one rank can say it once: ``{rank: error}`` of the ranks that failed."""
+    import torch.distributed as tdist
+
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return {} if error is None else {0: error}
+    gathered: list[str | None] = [None] * tdist.get_world_size()
+    with announced(f"all ranks to {what} (bounded by dist.timeout_s)"):
+        tdist.all_gather_object(gathered, error)
+    return {rank: message for rank, message in enumerate(gathered) if message is not None}

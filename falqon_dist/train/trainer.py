@@ -26,9 +26,9 @@ import torch
 import torch.distributed as tdist
 from omegaconf import DictConfig, OmegaConf
 
-from falqon_dist.data import build_data
+from falqon_dist.data import DataBundle, build_data
 from falqon_dist.distributed import checkpoint, initialize
-from falqon_dist.distributed.waits import announced, barrier
+from falqon_dist.distributed.waits import announced, barrier, errors_of_every_rank
 from falqon_dist.method.proxy import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
 from falqon_dist.train.preflight import preflight, resolve_model_context
@@ -147,6 +147,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _load_data(self) -> DataBundle:
+        """``build_data`` on every rank. A bad dataset (a malformed row, a missing file, nothing that
+        fits max_length) fails the same way everywhere: rank 0 says it once and all ranks leave
+        together; where only some ranks failed (a file missing on one node), the error names them."""
+        data, error = None, None
+        try:
+            data = build_data(self.settings.data, self.tokenizer)
+        except (ValueError, OSError) as exc:  # DataFormatError is a ValueError, FileNotFoundError an OSError
+            error = str(exc)
+        failed = errors_of_every_rank(error, "load and tokenize the data")
+        if failed:
+            raise ConfigError(ranks_failure(failed, self.world, "the data"))
+        return data
+
     def setup(self) -> None:
         s = self.settings
         random.seed(s.seed)
@@ -156,7 +170,7 @@ class Trainer:
                  s.deepspeed.zero_stage, s.model.dtype)
         model_path = self.model_path = resolve_model_path(s)
         self.tokenizer = load_tokenizer(model_path)
-        self.data = build_data(s.data, self.tokenizer)
+        self.data = self._load_data()
         log.info("data=%s: %d train rows, %d eval rows (%d train examples dropped: too long)", s.data.name,
                  len(self.data.train), len(self.data.eval), self.data.train_stats.dropped)
         for share in self.data.mixture:
@@ -365,6 +379,15 @@ class Trainer:
             self.tensorboard.finish()
         if self.run_lock is not None:
             self.run_lock.release()
+
+
+def ranks_failure(failed: dict[int, str], world: int, what: str) -> str:
+    """One message for the errors ``{rank: error}`` of a step every rank ran: the error itself when
+    every rank met the same one, else each failing rank's (``rank 1: ...``)."""
+    if len(failed) == world and len(set(failed.values())) == 1:
+        return next(iter(failed.values()))
+    return f"{what} failed on {len(failed)} of {world} ranks: " + "; ".join(
+        f"rank {rank}: {message}" for rank, message in sorted(failed.items()))
 
 
 def report(message: str, kind: str = "error", *, this_rank: bool = False) -> None:

@@ -67,6 +67,22 @@ def test_a_bad_value_is_refused_once_before_any_work(bad, tmp_path):
     assert not run.exists()  # refused before anything was written
 
 
+def test_a_bad_dataset_is_said_once_and_every_rank_leaves(tmp_path):
+    """A malformed row is the same error on every rank, which used to print one "rank R failed"
+    line (and a traceback file) per rank (nothing fitting max_length takes the same path)."""
+    data = tmp_path / "d.jsonl"
+    rows = ['{"prompt": "a", "response": "b"}'] * 20
+    rows[6] = '{"prompt": "a"}'
+    message = f"{data}: line 7: field 'response' must be a non-empty string"
+    data.write_text("\n".join(rows) + "\n")
+    proc = launch("deepspeed", [*QUICK[:4], "data=jsonl", f"data.path={data}", "deepspeed.zero_stage=2",
+                                f"run.dir={tmp_path / 'run'}"], check=False, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    errors = _errors(proc)
+    assert len(errors) == 1 and message in errors[0] and "failed on" not in errors[0], errors
+    assert "Traceback" not in proc.stdout + proc.stderr and not list((tmp_path / "run").glob("error_rank*"))
+
+
 def test_a_diverging_run_stops_and_never_writes_nan_into_the_backbone(tmp_path):
     """With the top-k merge, B's unmerged rows grow until they overflow: the non-finite guard."""
     run = tmp_path / "run"

@@ -70,3 +70,19 @@ def test_the_progress_line_gives_step_total_rate_and_eta(monkeypatch):
     assert clock.describe(100) == "step 100/300 (33%)"
     now[0] += 20.0  # 10 steps in 20 s
     assert clock.describe(110) == "step 110/300 (36%), 2.00 s/step, eta 0:06:20"
+
+
+def test_a_step_that_failed_on_ranks_is_said_once():
+    """The same error on every rank is that error; different ones, or some ranks only, name the ranks."""
+    same = {0: "a.jsonl: line 2: bad", 1: "a.jsonl: line 2: bad"}
+    assert trainer.ranks_failure(same, 2, "the data") == "a.jsonl: line 2: bad"
+    assert trainer.ranks_failure({1: "no such file: a.jsonl"}, 2, "the data") == (
+        "the data failed on 1 of 2 ranks: rank 1: no such file: a.jsonl")
+    assert trainer.ranks_failure({0: "x", 1: "y"}, 2, "the data") == "the data failed on 2 of 2 ranks: rank 0: x; rank 1: y"
+
+
+def test_errors_of_every_rank_without_a_group_is_this_ranks():
+    from falqon_dist.distributed.waits import errors_of_every_rank
+
+    assert errors_of_every_rank(None, "load the data") == {}
+    assert errors_of_every_rank("bad row", "load the data") == {0: "bad row"}
