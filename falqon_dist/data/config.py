@@ -103,8 +103,6 @@ def _source(index: int, item: Any) -> DataSource:
         raise InvalidField("DataConfig", f"{field}.{exc.field}", exc.requirement, exc.value) from None
 
 
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset to fine-tune on and how to turn it into batches.
