@@ -9,7 +9,8 @@ any) evaluates. Any other directory is read as all data files below it; when som
 contain ``train`` and others ``valid``/``eval``/``test``/``dev`` they are the two splits, otherwise
 all rows form one pool split by ``eval_fraction``. Any other ``path`` that looks like
 ``owner/name`` is loaded from the Hugging Face hub (network only). A list of paths is read source
-by source (each split on its own) and concatenated. ``data=mix`` reads each of its ``sources``
+by source (each split on its own): the training records are concatenated, the eval records
+interleaved (so the evaluated prefix covers every source). ``data=mix`` reads each of its ``sources``
 this way and mixes them by weight (:mod:`falqon_dist.data.mixing`).
 """
 
@@ -230,12 +231,9 @@ def load_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
     sources = cfg.path if isinstance(cfg.path, tuple) else (cfg.path or DEFAULT_HUB_NAMES.get(cfg.name),)
     if sources[0] is None:
         raise ValueError(f"DataConfig.path is required for name={cfg.name!r}")
-    train: list[Record] = []
-    evals: list[Record] = []
-    for source in sources:
-        source_train, source_evals = _load_source(cfg, source)
-        train += source_train
-        evals += source_evals
+    parts = [_load_source(cfg, source) for source in sources]
+    train = [record for part_train, _ in parts for record in part_train]
+    evals = interleave([part_evals for _, part_evals in parts])  # any prefix (train.eval_samples) has every source
     if cfg.max_records is not None:
         train, evals = train[: cfg.max_records], evals[: cfg.max_records]
     if not train or not evals:

@@ -224,6 +224,7 @@ def test_a_save_to_disk_directory_and_a_list_of_paths(tmp_path):
     assert both.path == (str(tmp_path / "dd"), str(extra))
     train, evals = load_split_records(both)
     assert len(train) == 5 and len(evals) == 3  # dd's own split + extra split in half
+    assert [r["prompt"] for r in evals][:2] in (["q4", "x"], ["q4", "z"])  # interleaved: both sources first
     datasets.DatasetDict({"other": datasets.Dataset.from_list(rows), "more": datasets.Dataset.from_list(rows)}
                          ).save_to_disk(str(tmp_path / "nosplit"))
     with pytest.raises(DataFormatError, match="without a 'train' split"):
