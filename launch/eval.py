@@ -124,7 +124,7 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from falqon_dist.data import build_data
-    from falqon_dist.train.evaluate import greedy_exact_match, response_losses
+    from falqon_dist.train.evaluate import eval_losses, greedy_exact_match
     from falqon_dist.train.model_setup import load_tokenizer, resolve_model_path
     from falqon_dist.export.restore import restore_run
 
@@ -162,14 +162,11 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     batch_size = args["batch_size"] or settings.train.micro_batch_size
     samples = min(args["samples"], len(data.eval))
     result.update(data=settings.data.name, eval_samples=samples)
-    loss, per_source = None, []
-    if samples:
-        with torch.no_grad():  # data=mix: each source's loss too, from the same forward passes
-            loss, per_source = response_losses(model, data.eval, data.collate_fn, samples, batch_size,
-                                               groups=data.eval_groups or None, num_groups=max(1, len(data.mixture)))
+    with torch.no_grad():  # data=mix: each source's loss too, from the same forward passes
+        loss, by_source = eval_losses(model, data, samples, batch_size) if samples else (None, {})
     result["eval_loss"] = loss
     if data.mixture:
-        result["eval_loss_by_source"] = {share.name: value for share, value in zip(data.mixture, per_source)}
+        result["eval_loss_by_source"] = by_source
     result["perplexity"] = math.exp(loss) if loss is not None and loss < 700 else None
     generate = min(args["generate"], len(data.eval_records))
     if settings.data.name == "synthetic" and generate:

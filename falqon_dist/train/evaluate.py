@@ -12,22 +12,25 @@ from collections.abc import Sequence
 
 import torch.distributed as tdist
 
-from falqon_dist.data import evaluate_exact_match
+from falqon_dist.data import DataBundle, evaluate_exact_match
 from falqon_dist.data.generation import response_loss_sums
 
 
-def response_loss(model, dataset, collate_fn, num_samples: int, batch_size: int) -> float:
-    """Token-weighted cross-entropy over response tokens of the first ``num_samples`` eval rows,
-    each rank taking every world-size-th row (one all-reduce of the sums)."""
-    return response_losses(model, dataset, collate_fn, num_samples, batch_size)[0]
+def eval_losses(model, data: DataBundle, num_samples: int, batch_size: int) -> tuple[float, dict[str, float | None]]:
+    """The eval loss of the first ``num_samples`` eval rows of ``data`` and, for ``data=mix``, each
+    source's (None where none of its rows was evaluated), from the same forward passes."""
+    overall, per_group = response_losses(model, data.eval, data.collate_fn, num_samples, batch_size,
+                                         groups=data.eval_groups or None, num_groups=max(1, len(data.mixture)))
+    return overall, {share.name: loss for share, loss in zip(data.mixture, per_group)}
 
 
 def response_losses(
     model, dataset, collate_fn, num_samples: int, batch_size: int, *, groups: Sequence[int] | None = None,
     num_groups: int = 1,
 ) -> tuple[float, list[float | None]]:
-    """As :func:`response_loss`, and the same loss per group of rows (``groups[i]``: row i's group;
-    None for a group with no target token among the rows evaluated), from the same forward passes."""
+    """Token-weighted cross-entropy over response tokens of the first ``num_samples`` rows, each rank
+    taking every world-size-th row (one all-reduce of the sums), and the same loss per group of rows
+    (``groups[i]``: row i's group; None for a group with no target token among the rows evaluated)."""
     world = tdist.get_world_size() if tdist.is_initialized() else 1
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     usable = min(num_samples, len(dataset)) // world * world

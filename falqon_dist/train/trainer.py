@@ -32,7 +32,7 @@ from falqon_dist.distributed.waits import announced, barrier, errors_of_every_ra
 from falqon_dist.method.proxy import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
 from falqon_dist.train.preflight import preflight, resolve_model_context
-from falqon_dist.train.evaluate import greedy_exact_match, response_losses
+from falqon_dist.train.evaluate import eval_losses, greedy_exact_match
 from falqon_dist.train.logging_utils import MetricsWriter, ProgressClock, progress_bar, setup_logging
 from falqon_dist.train.model_setup import build_model, load_tokenizer, parameter_facts, resolve_model_path
 from falqon_dist.train.guards import DivergedError, Preempted, Preemption, StepWatch
@@ -219,11 +219,8 @@ class Trainer:
         s, module = self.settings, self.engine.module
         out: dict[str, float] = {}
         if s.train.eval_samples:
-            sources = self.data.mixture  # data=mix: each source's loss too, from the same forward passes
-            out["eval_loss"], per_source = response_losses(
-                module, self.data.eval, self.data.collate_fn, s.train.eval_samples, s.train.micro_batch_size,
-                groups=self.data.eval_groups or None, num_groups=max(1, len(sources)))  # fmt: skip
-            out.update({f"eval_loss/{share.name}": loss for share, loss in zip(sources, per_source) if loss is not None})
+            out["eval_loss"], by_source = eval_losses(module, self.data, s.train.eval_samples, s.train.micro_batch_size)
+            out.update({f"eval_loss/{name}": loss for name, loss in by_source.items() if loss is not None})
         if s.train.eval_generate_samples and s.data.name == "synthetic":
             out["eval_exact_match"] = greedy_exact_match(
                 module, self.tokenizer, self.data.eval_records, s.train.eval_generate_samples, batch_size=64
