@@ -22,7 +22,8 @@ from torch import nn
 
 from falqon_dist.fp8 import E4M3
 from falqon_dist.method import falqon_layers
-from falqon_dist.method.proxy import MergeStats, RowMerge, merge_slice_
+from falqon_dist.method.merge_math import MergeStats, RowMerge
+from falqon_dist.method.proxy import merge_slice_
 from falqon_dist.distributed.proxies import ProxyMasters
 from falqon_dist.distributed.zero_facts import is_partitioned
 

@@ -33,7 +33,7 @@ except ImportError as error:  # transformers is a core dependency; say so if it 
     raise ImportError("falqon_dist.integrations needs transformers (pip install transformers)") from error
 
 from falqon_dist.method import falqon_layers, merge_proxies_
-from falqon_dist.method.proxy import MergeStats
+from falqon_dist.method.merge_math import MergeStats
 
 
 def _deepspeed_optimizer(optimizer: Any) -> Any | None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.linear import FalqonLinear
-from falqon_dist.method.proxy import MergeStats
+from falqon_dist.method.merge_math import MergeStats
 from falqon_dist.method.swap import ModuleFilter, default_filter, swap_linears, target_module_names
 
 LayerBuilder = Callable[[nn.Linear, FalqonConfig], nn.Module]

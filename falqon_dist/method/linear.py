@@ -37,7 +37,9 @@ from falqon_dist.fp8.cast import SharedCast
 from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.init import adapter_init, meld
-from falqon_dist.method.proxy import MergeStats, Rounding, RowMerge, adapter_projector, merge_slice_, select_rows
+from falqon_dist.method.merge_math import MergeStats, RowMerge, adapter_projector
+from falqon_dist.method.proxy import merge_slice_, select_rows
+from falqon_dist.method.rounding import Rounding
 
 
 #: One cast of an input tensor shared by the layers that read it in the same forward (q/k/v, gate/up).

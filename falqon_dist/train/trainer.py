@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from falqon_dist.data import DataBundle, build_data
 from falqon_dist.distributed import checkpoint, initialize
 from falqon_dist.distributed.waits import announced, barrier, errors_of_every_rank
-from falqon_dist.method.proxy import COUNT_NAMES
+from falqon_dist.method.merge_math import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
 from falqon_dist.train.preflight import preflight, resolve_model_context
 from falqon_dist.train.evaluate import eval_losses, greedy_exact_match

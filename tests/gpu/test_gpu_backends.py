@@ -295,7 +295,7 @@ def test_falqon_step_and_merge_never_synchronize_on_cuda(rounding, unmerged):
 
 def test_stochastic_merge_noise_is_the_same_on_cuda_and_cpu():
     """The counter-hash noise is integer arithmetic: identical bits on every device."""
-    from falqon_dist.method.proxy import merge_noise
+    from falqon_dist.method.rounding import merge_noise
 
     _needs_fp8_hardware()
     index = torch.arange(1 << 20)

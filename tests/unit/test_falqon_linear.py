@@ -399,7 +399,7 @@ def test_no_cache_is_built_when_only_the_proxy_needs_a_gradient():
 
 
 def test_stochastic_rounding_is_unbiased_and_only_picks_neighbours():
-    from falqon_dist.method.proxy import stochastic_round_e4m3
+    from falqon_dist.method.rounding import stochastic_round_e4m3
 
     torch.manual_seed(0)
     values = (torch.randn(4096) * 30).clamp(-448, 448)
@@ -545,13 +545,13 @@ def test_projection_onto_the_adapter_recovers_a_proxy_exactly():
     gen = torch.Generator().manual_seed(5)
     adapter_q = torch.randn(RANK, IN, generator=gen) * 30
     proxy_rows = torch.randn(6, RANK, generator=gen)
-    projector = fd.method.proxy.adapter_projector(adapter_q)
-    carried = fd.method.proxy.project_onto_adapter(proxy_rows @ adapter_q, projector)
+    projector = fd.method.merge_math.adapter_projector(adapter_q)
+    carried = fd.method.merge_math.project_onto_adapter(proxy_rows @ adapter_q, projector)
     assert torch.allclose(carried, proxy_rows, rtol=1e-4, atol=1e-5)
     # a residual orthogonal to A's rows carries nothing back
     orthogonal = torch.randn(6, IN, generator=gen)
-    orthogonal -= fd.method.proxy.project_onto_adapter(orthogonal, projector) @ adapter_q
-    assert fd.method.proxy.project_onto_adapter(orthogonal, projector).abs().max() < 1e-4
+    orthogonal -= fd.method.merge_math.project_onto_adapter(orthogonal, projector) @ adapter_q
+    assert fd.method.merge_math.project_onto_adapter(orthogonal, projector).abs().max() < 1e-4
 
 
 def test_carry_puts_back_what_rounding_dropped_and_keeps_the_layer_function():
@@ -657,7 +657,7 @@ def test_merging_every_row_writes_the_float_reference_and_carries_what_rounding_
         assert torch.equal(twin.qweight[OUT:], layer.qweight[OUT:])
     assert not results[False].B.any()
     residual = torch.where(target.abs() <= 448, target - fp8.from_bits(expected, fp8.E4M3).float(), 0.0)  # clamped: none
-    carried = fd.method.proxy.project_onto_adapter(residual, fd.method.proxy.adapter_projector(adapter_q))
+    carried = fd.method.merge_math.project_onto_adapter(residual, fd.method.merge_math.adapter_projector(adapter_q))
     assert torch.allclose(results[True].B, carried, rtol=1e-5, atol=1e-7) and results[True].B.any()
 
 

@@ -10,9 +10,10 @@ from torch import nn
 import falqon_dist as fd
 from falqon_dist import fp8
 from falqon_dist.fp8.instrument import HostSyncCounter
-from falqon_dist.method.proxy import (
-    Rounding, adapter_projector, merge_noise, merge_slice_, select_rows,
-)
+from falqon_dist.method import every_row
+from falqon_dist.method.merge_math import adapter_projector
+from falqon_dist.method.proxy import merge_slice_, select_rows
+from falqon_dist.method.rounding import Rounding, merge_noise
 
 IN, OUT, RANK = 96, 80, 16
 
@@ -194,12 +195,16 @@ def test_changed_counts_the_bytes_a_merge_really_wrote(topk):
     assert large["changed"] == int((layer.qweight != before).sum()) > 0
 
 
+@pytest.mark.parametrize("tile_bytes", [None, 16 * IN * 4], ids=["one-tile", "16-row-tiles"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8, 200])
-def test_all_rows_slice_merge_equals_the_whole_merge_for_any_partitioning(world, stochastic):
+def test_all_rows_slice_merge_equals_the_whole_merge_for_any_partitioning(world, stochastic, tile_bytes, monkeypatch):
     """Every row merged into slices (ZeRO-3, topk="all"): the same bytes as the whole-tensor merge,
     A's rows untouched, each element counted by one slice, and the slices' partial carries summing
-    to the whole merge's carry (float rounding of the sum aside)."""
+    to the whole merge's carry (float rounding of the sum aside); with several tiles, a slice
+    computes only the tiles it touches."""
+    if tile_bytes:
+        monkeypatch.setattr(every_row, "TILE_BYTES", tile_bytes)
     bits, _, _, adapter_q = _merge_inputs()
     proxy = torch.randn(OUT, RANK, generator=torch.Generator().manual_seed(3)) * 0.05
     rounding = Rounding(stochastic=stochastic, seed=7, step=11)
@@ -229,7 +234,7 @@ def test_the_compiled_merge_kernel_gives_the_eager_bits_and_counts(stochastic, o
     """The fused merge (fp8.cast=compiled, the default) against its eager reference, on blocks of
     several shapes with saturating, non-finite and rounded-away updates in them."""
     from falqon_dist.fp8 import cast as fp8_cast
-    from falqon_dist.method import proxy as proxy_module
+    from falqon_dist.method import merge_math as proxy_module
 
     assert fp8_cast.cast_kernels() == "compiled"
     gen = torch.Generator().manual_seed(11)
@@ -249,32 +254,63 @@ def test_the_compiled_merge_kernel_gives_the_eager_bits_and_counts(stochastic, o
 
 @pytest.mark.parametrize("carry", [False, True], ids=["no-carry", "carry"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
-def test_the_compiled_every_row_merge_gives_the_eager_bytes_carry_and_counts(stochastic, carry):
-    """The every-row merge as one compiled graph (update GEMM, element-wise merge written in place,
-    carry GEMM, counts) against its eager reference, with saturating and non-finite rows of B."""
-    from falqon_dist.fp8 import cast as fp8_cast
-    from falqon_dist.method import proxy as proxy_module
+@pytest.mark.parametrize("shape", [(80, 96, 8 * 96 * 4 * 2), (1000, 1100, None)], ids=["16-row-tiles", "2-tiles"])
+def test_the_tiled_every_row_merge_gives_the_untiled_bytes_carry_and_counts(stochastic, carry, shape, monkeypatch):
+    """The every-row merge in tiles against the untiled formula as first written (the update and
+    the residual as whole out × in tensors), with saturating, non-finite and empty rows of B: the
+    same bytes, written in place, the same carry and counts."""
+    from falqon_dist.method import merge_math
 
-    assert fp8_cast.cast_kernels() == "compiled"
-    bits, _, _, adapter_q = _merge_inputs(seed=5)
-    proxy = torch.randn(OUT, RANK, generator=torch.Generator().manual_seed(6)) * 0.05
+    out, in_features, tile_bytes = shape
+    if tile_bytes:
+        monkeypatch.setattr(every_row, "TILE_BYTES", tile_bytes)
+    assert every_row.tile_rows(out, in_features) < out  # several tiles
+    gen = torch.Generator().manual_seed(5)
+    bits = fp8.to_bits((torch.randn(out + RANK, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3))
+    adapter_q = fp8.from_bits(bits, fp8.E4M3)[out:].float()
+    proxy = torch.randn(out, RANK, generator=gen) * 0.05
     proxy[2] *= 1e4  # saturates
     proxy[5, 0] = float("nan")  # a non-finite row: its elements keep their bytes
     proxy[7] = 0  # a row with nothing to merge
     projector = adapter_projector(adapter_q) if carry else None
     rounding = Rounding(stochastic=stochastic, seed=2, step=9)
-    compiled_bits, eager_bits = bits.clone(), bits.clone()
-    merge = proxy_module.merge_every_row_(compiled_bits[:OUT], proxy, adapter_q, rounding, projector=projector)
-    noise = rounding.noise(torch.arange(OUT * IN).view(OUT, IN)) if stochastic else None
-    ref_carry, *ref_counts = proxy_module._merge_every_row(eager_bits[:OUT], proxy, adapter_q, noise, projector)
-    assert torch.equal(compiled_bits, eager_bits) and not torch.equal(compiled_bits, bits)
-    assert merge.bits.data_ptr() == compiled_bits.data_ptr()  # written in place
-    counts = [merge.stats.rows_merged, merge.stats.saturated, merge.stats.nonfinite, merge.stats.changed,
-              merge.stats.elements]
-    assert [int(c) for c in counts] == [int(c) for c in ref_counts]
-    assert int(merge.stats.rows_merged) == OUT - 2 and int(merge.stats.saturated) > 0  # the NaN and zero rows
-    assert int(merge.stats.nonfinite) == IN and torch.equal(compiled_bits[5], bits[5])
+    tiled = bits.clone()
+    merge = merge_slice_(tiled, 0, proxy, None, adapter_q, rounding, projector=projector)
+    noise = rounding.noise(torch.arange(out * in_features).view(out, in_features)) if stochastic else None
+    untiled = merge_math._merge_rows(bits[:out], proxy @ adapter_q, noise, None)
+    assert torch.equal(tiled[:out], untiled[0]) and torch.equal(tiled[out:], bits[out:])
+    assert merge.bits.data_ptr() == tiled.data_ptr() and merge.bits.shape == (out, in_features)  # in place
+    counts = [merge.stats.saturated, merge.stats.nonfinite, merge.stats.changed, merge.stats.elements]
+    assert [int(c) for c in counts] == [int(c) for c in untiled[2:]]
+    assert int(merge.stats.rows_merged) == out - 2 and int(merge.stats.saturated) > 0  # the NaN and zero rows
+    assert int(merge.stats.nonfinite) == in_features and torch.equal(tiled[5], bits[5])
     if carry:
-        assert torch.equal(merge.carry, ref_carry) and torch.isfinite(merge.carry).all() and merge.carry.any()
+        reference = merge_math.project_onto_adapter(untiled[1], projector)
+        assert torch.equal(merge.carry, reference) and merge.carry.any()
     else:
-        assert merge.carry is None and ref_carry is None
+        assert merge.carry is None
+
+
+def test_the_update_is_an_fp32_multiply_add_chain_over_the_rank():
+    """What makes the bytes independent of the tiling: the CPU GEMM computes each element of a
+    tile's update ``B_t·A_q`` as ``fma(B_j,r−1, A_r−1, … fma(B_j0, A_0, 0))`` (emulated exactly
+    in float64: the product of an fp32 and an FP8 value is exact there), for the tile shapes the
+    merge uses. A BLAS that summed in another order would fail here, not silently change bytes."""
+    gen = torch.Generator().manual_seed(1)
+    for out, in_features in ((1000, 1100), (80, 96), (4104, 512)):
+        tile = every_row.tile_rows(out, in_features)
+        proxy = torch.randn(tile, RANK, generator=gen) * 0.03
+        adapter_q = (torch.randn(RANK, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3).float()
+        chain = torch.zeros(tile, in_features)
+        for k in range(RANK):
+            chain = (chain.double() + proxy[:, k : k + 1].double() * adapter_q[k : k + 1].double()).float()
+        assert torch.equal(proxy @ adapter_q, chain), (out, in_features)
+
+
+def test_tile_rows_fit_the_budget_and_are_balanced():
+    assert every_row.tile_rows(80, 96) == 80  # the whole update fits: one tile
+    for out, in_features in ((11008, 4096), (4096, 11008), (4097, 4096), (50_000, 200_000)):
+        tile = every_row.tile_rows(out, in_features)
+        assert tile % 8 == 0 and (tile * in_features * 4 <= every_row.TILE_BYTES or tile == 8)
+        last = out - (-(-out // tile) - 1) * tile
+        assert last > tile // 2 or tile == 8, (out, in_features, tile, last)  # no sliver at the end
