@@ -4,14 +4,16 @@ Stages 0–2 keep a full ``qweight`` replica on every rank: each rank reads the 
 makes the same top-k choice and writes the same bytes (``FalqonLinear.merge_proxy_``).
 
 Stage 3 partitions ``qweight``: rank p owns the flat elements ``[p·n, (p+1)·n)`` of the row-major
-``M_q``. A merge gathers only what it needs — the full B (out × r, fp32, via the master), the k selected
-rows and the adapter rows ``A_q`` ((k + r) × in bytes, one all-reduce of the pieces each rank owns)
-— computes the merged rows exactly as the unsharded merge does, and writes only the local slice
-with the method's own merge primitive, ``merge_slice_``. Traffic per layer: O(r·out + (k + r)·in), never the
-O(in·out) backbone. With ``topk="all"`` no W row is gathered at all: each element's update needs only
-its own byte, B and A_q, and the rows a slice boundary splits get their carry from one all-reduce of
-the slices' partial projections (out × r). A parameter ZeRO-3 keeps resident (``ds_persist``, below
-the persistence threshold) is merged as a replica, and its slice copied into the partition.
+``M_q``. A merge gathers only what it needs — the full B (out × r, fp32, via the master), the k
+selected rows (k × in bytes, one all-reduce of the pieces each rank owns) and, at the first merge
+only, the adapter rows ``A_q`` (r × in bytes, then kept by the layer: A is frozen) — computes the
+merged rows exactly as the unsharded merge does, and writes only the local slice with the method's
+own merge primitive, ``merge_slice_``. Traffic per layer: O(r·out + k·in), never the O(in·out)
+backbone. With ``topk="all"`` no W row is gathered at all: each element's update needs only its own
+byte, B and A_q, each rank computes only the tiles of its own slice (its cost shrinks as ranks are
+added), and the rows a slice boundary splits get their carry from one all-reduce of the slices'
+partial projections (out × r). A parameter ZeRO-3 keeps resident (``ds_persist``, below the
+persistence threshold) is merged as a replica, and its slice copied into the partition.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from falqon_dist.fp8 import E4M3
 from falqon_dist.method import falqon_layers
 from falqon_dist.method.merge_math import MergeStats, RowMerge
 from falqon_dist.method.proxy import merge_slice_
@@ -52,13 +53,12 @@ def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor | None, st
     qweight, out, r = layer.qweight, layer.out_features, layer.rank
     group = qweight.ds_process_group
     adapter_rows = torch.arange(out, out + r, device=proxy.device)
-    selected = adapter_rows if rows is None else torch.cat([rows, adapter_rows])
-    gathered = _gather_rows(qweight, selected, layer.in_features)
-    adapter_q = gathered[-r:].view(E4M3).float()
+    # A is frozen: its bytes are gathered at the first merge only, then kept by the layer
+    adapter_q = layer.adapter_q(gather=lambda: _gather_rows(qweight, adapter_rows, layer.in_features))
     projector = layer.adapter_projector(adapter_q) if layer.carry_residual else None
     part = qweight.ds_tensor.view(-1)
     offset = qweight.ds_tensor.ds_numel * tdist.get_rank(group=group)
-    old_rows = None if rows is None else gathered[: rows.numel()]
+    old_rows = None if rows is None else _gather_rows(qweight, rows, layer.in_features)
     merge = merge_slice_(part, offset, proxy, rows, adapter_q, layer.rounding(step), old_rows=old_rows,
                          projector=projector)
     if rows is None and merge.carry is not None:  # every row: the carry is this slice's partial sum
@@ -82,12 +82,15 @@ def _merge_resident(layer, proxy: torch.Tensor, rows: torch.Tensor | None, step:
 def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeStats:
     """Merge every FALQON layer of a DeepSpeed-wrapped model; same result on every rank.
 
-    ``step`` (the engine's global step) keys stochastic merge rounding. No host synchronization of
+    ``step`` (the engine's global step) keys stochastic merge rounding and, with ``merge_every > 1``,
+    picks the steps that merge (``layers`` of the result counts the layers merged). No host synchronization of
     our own (DeepSpeed's master-copy accessors may add theirs): the totals are device tensors, the
     element counts summed over the ranks' partitions under ZeRO-3 in one all-reduce.
     """
     totals, partitioned, group = MergeStats(), MergeStats(), None
     for _, layer in falqon_layers(model):
+        if not layer.merge_due(step):  # method.merge_every: B keeps accumulating until its step
+            continue
         proxy = masters.read_full(layer.B)
         rows = layer.rows_to_merge(proxy)
         if is_partitioned(layer.qweight) and not layer.qweight.data.numel():

@@ -8,6 +8,9 @@
   data (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique`` …). On a CPU nothing waits,
   but the same operations would stall a GPU stream: counting them on CPU tells what a CUDA run pays.
   Under a dispatch mode the compiled FP8 casts take their eager path (same bits, same ops).
+* :class:`OpTraffic` — a ``TorchDispatchMode`` that adds up what every ATen op reads and writes
+  (bytes of its tensor inputs and outputs; views move nothing) and the largest tensor an op
+  creates: the memory traffic and the largest temporary of eager code, op by op.
 """
 
 from __future__ import annotations
@@ -104,3 +107,40 @@ class HostSyncCounter(TorchDispatchMode):
 def _has_bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ()) if i is not None)
+
+
+class OpTraffic(TorchDispatchMode):
+    """Bytes the ATen ops inside the context read and write, and the largest tensor one creates.
+
+    ``ops``: ops run (views excluded: they move no data); ``bytes_read`` / ``bytes_written``: the
+    sizes of their tensor inputs and outputs (an in-place op writes its first argument);
+    ``largest_output``: the biggest tensor an op produced, in bytes (in-place results excluded:
+    they are not new). Eager traffic is an upper bound of what a fused kernel moves, and what an
+    eager implementation really costs on a GPU, where every op is a kernel reading and writing memory.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.bytes_read = self.bytes_written = self.largest_output = 0
+        self.largest_op = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.is_view:
+            return out
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        in_place = func._schema.name.endswith("_") or "out" in kwargs
+        self.ops += 1
+        self.bytes_read += sum(_nbytes(t) for t in (inputs[1:] if in_place and func._schema.name.endswith("_") else inputs))
+        self.bytes_written += sum(_nbytes(t) for t in outputs)
+        if not in_place:
+            for t in outputs:
+                if _nbytes(t) > self.largest_output:
+                    self.largest_output, self.largest_op = _nbytes(t), func.overloadpacket.__name__
+        return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -51,6 +51,11 @@ class FalqonConfig:
     #: The default (benchmarks/bench_learning.py; README). Inert with ``unmerged="discard"`` and a
     #: top-k merge: the paper's merge zeroes all of B, so there is nothing to carry back.
     carry_residual: bool = True
+    #: Merge B into the backbone after every N-th optimizer step instead of every one (1, the
+    #: default): the merge's cost is divided by N; in between, B holds the steps' updates and the
+    #: layer adds their LoRA term forward and backward (three small GEMMs, as LoRA). Trades a little
+    #: learning for speed (measured in benchmarks/bench_learning.py).
+    merge_every: int = 1
     #: The fixed tensor-wise scale is ``scale_headroom · amax([W; A])/448`` (a power of two): merged
     #: weights can grow that many times the initial amax before they clamp at ±448. Powers of two
     #: leave the bits of every value above E4M3's smallest normal as they are.
@@ -72,6 +77,7 @@ class FalqonConfig:
         check_choice(owner, "merge_rounding", self.merge_rounding, MERGE_ROUNDINGS)
         check_choice(owner, "unmerged", self.unmerged, UNMERGED)
         check_bool(owner, "carry_residual", self.carry_residual)
+        check_positive_int(owner, "merge_every", self.merge_every)
         check_positive_int(owner, "scale_headroom", self.scale_headroom)
         if self.scale_headroom & (self.scale_headroom - 1):
             raise InvalidField(owner, "scale_headroom", "must be a power of two (1, 2, 4, ...)", self.scale_headroom)

@@ -130,9 +130,11 @@ def merge_proxies_(model: nn.Module, *, step: int = 0) -> MergeStats:
     ``step`` — the optimizer step — keys stochastic merge rounding (pass it when
     ``merge_rounding="stochastic"``, or every merge draws the same noise). Issues no host
     synchronization; returns totals over layers as device tensors (``.to_dict()`` reads them:
-    ``rows_merged``, ``saturated``, ``nonfinite``, ``layers``).
+    ``rows_merged``, ``saturated``, ``nonfinite``, ``layers``). Layers with ``merge_every > 1``
+    merge only after every ``merge_every``-th step (``layers`` counts those that did).
     """
     totals = MergeStats()
     for _, layer in falqon_layers(model):
-        totals.add_(layer.merge_proxy_(step=step))
+        if layer.merge_due(step):
+            totals.add_(layer.merge_proxy_(step=step))
     return totals

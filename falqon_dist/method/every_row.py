@@ -133,7 +133,7 @@ def _merge_tiles_(
         update = row_updates(proxy[start:stop], adapter_q)  # the canonical tile's GEMM, whatever the slice
         a, b = max(start, first), min(stop, last + 1)  # this tile's rows that the slice touches
         e_lo, e_hi = max(lo, a * in_features), min(hi, b * in_features)
-        noise = rounding.noise(torch.arange(a * in_features, b * in_features, device=device).view(b - a, in_features))
+        noise = rounding.noise_for_rows(torch.arange(a, b, device=device), in_features, device)
         update = update[a - start : b - start]
         if e_lo == a * in_features and e_hi == b * in_features:  # whole rows: merged in place
             held = flat[e_lo - offset : e_hi - offset].view(b - a, in_features)

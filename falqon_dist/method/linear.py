@@ -29,6 +29,8 @@ backend may write in the same kernel as the casts (``te``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -73,8 +75,8 @@ class _MeldedFP8Matmul(torch.autograd.Function):
         # Only Q(o_A)ᵀ is needed (as the b operand of ∂L/∂B = g_qᵀ · Q(o_A)).
         _, adapter_out_scale, adapter_out_fp8_t = backend.quantize(adapter_out, E4M3, transpose=True)
         y = y_full[:, :out_features]
-        if lora_forward:
-            y = torch.addmm(y, adapter_out, proxy.detach().to(y.dtype).t())
+        if lora_forward:  # in place, into the GEMM's own output buffer: no copy of y
+            y.addmm_(adapter_out, proxy.detach().to(y.dtype).t())
         # qweight (and B) are saved as the Parameters: under ZeRO-3 their data is re-gathered for backward.
         lora_dgrad = lora_dgrad and lora_forward
         ctx.save_for_backward(qweight, scale, adapter_out_fp8_t, adapter_out_scale, proxy if lora_dgrad else None)
@@ -132,6 +134,7 @@ class FalqonLinear(Float32ScaleMixin):
         merge_rounding: str = "nearest",
         unmerged: str = "keep",
         carry_residual: bool = False,
+        merge_every: int = 1,
         seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
@@ -146,10 +149,11 @@ class FalqonLinear(Float32ScaleMixin):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.backend, self.topk = backend, topk
         self.merge_rounding, self.seed = merge_rounding, seed
-        self.unmerged = unmerged
+        self.unmerged, self.merge_every = unmerged, merge_every
         # the paper's merge (discard, top-k) zeroes all of B: there is nothing to carry back
         self.carry_residual = carry_residual and (unmerged == "keep" or topk == "all")
         self._projector: torch.Tensor | None = None  # A_q's projector, derived from qweight (not state)
+        self._adapter_bits: torch.Tensor | None = None  # A's bytes where qweight is partitioned (ZeRO-3)
         self.weight_t_cache = TransposedBitsCache() if cache_weight_transpose else None
         self.qweight = nn.Parameter(
             torch.zeros(out_features + rank, in_features, dtype=torch.uint8, device=device), requires_grad=False
@@ -176,6 +180,7 @@ class FalqonLinear(Float32ScaleMixin):
             merge_rounding=config.merge_rounding,
             unmerged=config.unmerged,
             carry_residual=config.carry_residual,
+            merge_every=config.merge_every,
             seed=config.seed,
             device=weight.device,
             dtype=weight.dtype if weight.is_floating_point() else torch.float32,
@@ -219,11 +224,19 @@ class FalqonLinear(Float32ScaleMixin):
           needs); the backward leaves it out of ``∂L/∂x``, where it is smaller than the FP8
           rounding of W that GEMM already carries. One small GEMM over the paper's layer.
         * ``topk="all"`` without the carry: B is zero after every merge — neither.
+        * ``merge_every > 1``: between merges B holds the updates of the steps since the last one,
+          whatever the merge — both, as LoRA.
         """
+        if self.merge_every > 1:
+            return True, True
         if self.merges_every_row:
             return self.carry_residual, False
         keep = self.unmerged == "keep"
         return keep, keep
+
+    def merge_due(self, step: int) -> bool:
+        """Whether the merge after optimizer step ``step`` (1, 2, …) runs: every ``merge_every``-th."""
+        return step % self.merge_every == 0
 
     def rows_to_merge(self, proxy: torch.Tensor) -> torch.Tensor | None:
         """The rows the next merge takes: the top-k of ``proxy`` (sorted), or None for every row."""
@@ -314,9 +327,18 @@ class FalqonLinear(Float32ScaleMixin):
             self._projector = adapter_projector(adapter_q)
         return self._projector
 
-    def adapter_q(self) -> torch.Tensor:
-        """The adapter rows ``A_q = M_q[out:]`` as float32 in the scaled FP8 domain (rank × in)."""
-        return from_bits(self.qweight, E4M3)[self.out_features :].float()
+    def adapter_q(self, gather: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """The adapter rows ``A_q = M_q[out:]`` as float32 in the scaled FP8 domain (rank × in).
+
+        ``gather`` returns A's bytes (rank × in, uint8) where this rank does not hold them (a
+        ZeRO-3 partition); it is called once and the bytes are kept (r·in bytes: A is frozen),
+        so later merges gather nothing. Dropped by :meth:`backbone_changed`.
+        """
+        if gather is None:
+            return from_bits(self.qweight, E4M3)[self.out_features :].float()
+        if self._adapter_bits is None:
+            self._adapter_bits = gather()
+        return from_bits(self._adapter_bits, E4M3).float()
 
     def rows_rewritten(self, rows: torch.Tensor | None, new_bits: torch.Tensor) -> None:
         """Rows ``rows`` of W (None = all) now hold ``new_bits``: refresh the cached ``Wᵀ`` in place."""
@@ -328,7 +350,7 @@ class FalqonLinear(Float32ScaleMixin):
     def backbone_changed(self) -> None:
         """Drop state derived from the ``qweight`` bytes (the transposed W cache, A's projector)
         after they changed."""
-        self._projector = None
+        self._projector = self._adapter_bits = None
         if self.weight_t_cache is not None:
             self.weight_t_cache.invalidate()
 
@@ -345,4 +367,5 @@ class FalqonLinear(Float32ScaleMixin):
             + (", merge_rounding=stochastic" if self.merge_rounding == "stochastic" else "")
             + (", unmerged=discard" if self.unmerged == "discard" else "")
             + (", carry_residual=True" if self.carry_residual else "")
+            + (f", merge_every={self.merge_every}" if self.merge_every > 1 else "")
         )

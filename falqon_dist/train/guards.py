@@ -116,8 +116,9 @@ class StepWatch:
 
     def _check_stalls(self, step: int, record: dict[str, Any]) -> None:
         after_warmup = step > self.train.warmup_steps
-        stalled = record.get("rows_merged") and record.get("changed") == 0
-        self._rounded_away = self._rounded_away + 1 if stalled else 0
+        if "rows_merged" in record:  # a step that merged (method.merge_every may skip some)
+            stalled = record["rows_merged"] and record.get("changed") == 0
+            self._rounded_away = self._rounded_away + 1 if stalled else 0
         if self._rounded_away == STALL_STEPS and after_warmup:
             log.warning(
                 "FALQON: %d steps in a row merged rows of B without changing a single FP8 weight: every "

@@ -246,6 +246,8 @@ class Trainer:
             losses.append(loss)
         totals = step_totals(losses, tokens, engine.device, stop=self.preemption.requested)
         merge = getattr(engine, "last_merge_stats", None)
+        if merge is not None and not merge.layers:  # no layer was due (method.merge_every)
+            merge = None
         if merge is not None:
             totals = torch.cat([totals, merge.counts().to(totals)])
         values = totals.tolist()  # the step's one host synchronization

@@ -672,7 +672,8 @@ def test_merging_every_row_adds_one_small_gemm_to_the_papers_layer():
             self.count = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_,
+                                       torch.ops.aten.bmm):
                 self.count += 1
             return func(*args, **(kwargs or {}))
 
@@ -689,6 +690,21 @@ def test_merging_every_row_adds_one_small_gemm_to_the_papers_layer():
         counts[name] = counter.count
     assert counts["all-no-carry"] == counts["paper"], counts
     assert counts["all"] == counts["paper"] + 1 and counts["keep"] == counts["paper"] + 3, counts
+
+
+def test_the_carry_is_added_in_place_into_the_gemms_output():
+    """o_A·Cᵀ goes into the melded GEMM's own output buffer (addmm_): the layer's output is a view of
+    that N × (out + r) buffer, not a fresh N × out copy."""
+    layer = fd.FalqonLinear(IN, OUT, RANK, backend="emulated", topk="all", carry_residual=True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.qweight.copy_(fp8.to_bits((torch.randn(OUT + RANK, IN) * 50).clamp(-448, 448).to(fp8.E4M3)))
+        layer.B.normal_(std=0.05)
+    x = torch.randn(TOKENS, IN, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.untyped_storage().nbytes() == TOKENS * (OUT + RANK) * y.element_size()
+    with torch.no_grad():
+        melded = x.float() @ (layer.backbone_weight() + layer.B.float() @ layer.adapter_weight()).t()
+    assert fp8.sqnr_db(melded, y.float()) > 25  # the carry's term is in it (x is cast to FP8, y is bf16)
 
 
 def test_the_carry_in_the_forward_is_what_every_row_merges_add_to_the_papers_layer():

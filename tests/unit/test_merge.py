@@ -314,3 +314,46 @@ def test_tile_rows_fit_the_budget_and_are_balanced():
         assert tile % 8 == 0 and (tile * in_features * 4 <= every_row.TILE_BYTES or tile == 8)
         last = out - (-(-out // tile) - 1) * tile
         assert last > tile // 2 or tile == 8, (out, in_features, tile, last)  # no sliver at the end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_merging_a_7b_mlp_layer_never_builds_a_temporary_over_16_mib(rounding):
+    """A 4096 → 11008 layer (rank 64, the default every-row merge with carry): the fp32 update alone
+    would be 180 MB as one tensor; in tiles no op creates more than 16 MiB."""
+    from falqon_dist.fp8.instrument import OpTraffic
+
+    layer = fd.FalqonLinear(4096, 11008, 64, backend="emulated", topk="all", carry_residual=True, merge_rounding=rounding)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.qweight.copy_(fp8.to_bits((torch.randn(layer.qweight.shape, generator=gen) * 40).clamp(-448, 448)
+                                         .to(fp8.E4M3)))
+        layer.B.normal_(std=1e-2, generator=gen)
+    before = layer.qweight[:11008].clone()
+    with OpTraffic() as traffic:
+        stats = layer.merge_proxy_(step=1).to_dict()
+    assert traffic.largest_output <= 16 * 2**20, (traffic.largest_output, traffic.largest_op)
+    assert stats["elements"] == 11008 * 4096 and stats["changed"] == int((layer.qweight[:11008] != before).sum()) > 0
+
+
+def test_merge_every_n_steps_merges_on_every_nth_step_and_keeps_b_live_in_between():
+    """method.merge_every=2: after step 1 nothing is written and B keeps its update (the layer then
+    adds its LoRA term forward and backward, as LoRA); after step 2 B is merged as usual."""
+    with pytest.raises(ValueError, match="merge_every"):
+        fd.FalqonConfig(merge_every=0)
+    model = _model(1, merge_every=2)
+    layer = model[0]
+    assert layer.lora_terms == (True, True) and "merge_every=2" in repr(layer)
+    before = layer.qweight.clone()
+    with torch.no_grad():
+        layer.B.normal_(std=0.05)
+    update = layer.B.detach().clone()
+    skipped = fd.merge_proxies_(model, step=1)
+    assert skipped.layers == 0 and torch.equal(layer.qweight, before) and torch.equal(layer.B, update)
+    x = torch.randn(8, IN)
+    x_q, s_x = fp8.quantize_dynamic(x)
+    reference = fp8.dequantize(x_q, s_x) @ (layer.backbone_weight() + update @ layer.adapter_weight()).t()
+    assert fp8.sqnr_db(reference + layer.bias, model(x).detach()) > 40  # B's updates are live in the forward
+    merged = fd.merge_proxies_(model, step=2).to_dict()
+    assert merged["layers"] == 1 and merged["changed"] > 0 and not torch.equal(layer.qweight, before)
+    assert layer.B.abs().max() < update.abs().max()  # B now holds only the carry
