@@ -13,9 +13,9 @@ methods alike; CUDA is synchronized around each step); the median per method is 
 
 Rows: ``bf16 linear, frozen W`` (the floor: only ∂L/∂x), ``full`` (W trained), ``peft LoRA``,
 ``qlora`` (NF4 + peft, where bitsandbytes imports), ``fp8_lora <backend>`` (separate FP8 adapter
-path), ``falqon <backend>`` (the default ``unmerged=keep``: its live ``o_A·Bᵀ`` term included),
-``falqon, paper merge`` (``unmerged=discard``) and ``falqon, cached Wᵀ`` (the cache is kept current
-by the merges of the timed steps). ``te`` rows appear where Transformer Engine runs.
+path), ``falqon <backend>`` (the default: every row merged each step, the carry's forward term
+``o_A·Cᵀ`` included), ``falqon, paper merge`` (the authors' top-r rows, B zeroed, no carry) and
+``falqon, cached Wᵀ`` (the cache is kept current by the merges of the timed steps). ``te`` rows appear where Transformer Engine runs.
 
 Columns: median ms; × peft LoRA; × fp8_lora (same backend); effective TFLOP/s (the method's own
 GEMM FLOPs per step / its step time); dynamic casts per step; host synchronizations per step
@@ -89,10 +89,14 @@ def _qlora(weight: torch.Tensor, rank: int) -> nn.Module:
     return holder
 
 
-def _falqon(
-    weight: torch.Tensor, rank: int, backend: str, cache: bool = False, init: str = "svd", unmerged: str = "keep"
-) -> FalqonLinear:
-    config = FalqonConfig(rank=rank, backend=backend, cache_weight_transpose=cache, init=init, unmerged=unmerged)
+#: The authors' merge: the top-r rows of B each step, all of B zeroed after it, no carry.
+PAPER_MERGE = {"topk": None, "unmerged": "discard", "carry_residual": False}
+
+
+def _falqon(weight: torch.Tensor, rank: int, backend: str, cache: bool = False, init: str = "svd", **merge) -> FalqonLinear:
+    """A FALQON layer of ``weight``: the default merge (every row, with the carry) unless ``merge``
+    names other :class:`FalqonConfig` fields (e.g. :data:`PAPER_MERGE`)."""
+    config = FalqonConfig(rank=rank, backend=backend, cache_weight_transpose=cache, init=init, **merge)
     return FalqonLinear.from_linear(_bf16_linear(weight, trainable=False), config)
 
 
@@ -121,7 +125,7 @@ def methods(rank: int, backends: list[str], init: str = "svd") -> list[tuple[str
         rows.append(("fp8_lora", b, lambda w, b=b: Fp8LoraLinear.from_linear(_bf16_linear(w, False), rank=rank, backend=b)))
     for b in backends:
         rows.append(("falqon", b, lambda w, b=b: _falqon(w, rank, b, init=init)))
-        rows.append(("falqon, paper merge", b, lambda w, b=b: _falqon(w, rank, b, init=init, unmerged="discard")))
+        rows.append(("falqon, paper merge", b, lambda w, b=b: _falqon(w, rank, b, init=init, **PAPER_MERGE)))
         if b != "emulated":  # the emulated GEMM does not care about operand layout
             rows.append(("falqon, cached Wᵀ", b, lambda w, b=b: _falqon(w, rank, b, cache=True, init=init)))
     return rows
@@ -136,9 +140,9 @@ def gemm_flops(method: str, tokens: int, d_in: int, d_out: int, rank: int) -> fl
         return frozen + 2 * tokens * d_in * d_out  # + ∂L/∂W
     if method.startswith("falqon"):  # x·[W;A]ᵀ, g·W, gᵀ·o_A
         melded = 2 * tokens * d_in * (d_out + rank) + 2 * tokens * d_out * d_in + 2 * tokens * d_out * rank
-        if "paper merge" in method:
+        if "paper merge" in method:  # B is zero at every forward
             return melded
-        return melded + 2 * tokens * rank * (2 * d_out + d_in)  # unmerged=keep: o_A·Bᵀ, g·B, (g·B)·A
+        return melded + 2 * tokens * rank * d_out  # the default (every row, carry): the forward's o_A·Cᵀ
     # LoRA paths: x·Aᵀ, h·Bᵀ forward; ∂B, ∂h, ∂A, ∂x through A backward
     return frozen + 3 * 2 * tokens * rank * (d_in + d_out)
 
@@ -268,14 +272,16 @@ def falqon_breakdown(args, device, d_in: int, d_out: int, tokens: int, backend_n
     optimizer = torch.optim.AdamW([layer.B], lr=args.lr_falqon)
     parts["AdamW on B"] = common.time_ms(optimizer.step, device, **it)
     counter = iter(range(10**9))
-    # B is zero after a merge; the merge does the same fixed-shape work whatever B holds (no
-    # data-dependent shapes), so repeated merges time it without refilling B
-    parts["merge (top-k rows)"] = common.time_ms(lambda: layer.merge_proxy_(step=next(counter)), device, **it)
+    # the merge does the same fixed-shape work whatever B holds (no data-dependent shapes), so
+    # repeated merges time it without refilling B
+    parts["merge (every row, carry)"] = common.time_ms(lambda: layer.merge_proxy_(step=next(counter)), device, **it)
+    paper = _falqon(weight, args.rank, backend_name, init="random", **PAPER_MERGE)
+    parts["merge (paper: top-r rows)"] = common.time_ms(lambda: paper.merge_proxy_(step=next(counter)), device, **it)
     return {
         "shape": f"{d_in}x{d_out}", "tokens": tokens, "backend": backend_name,
         "parts_ms": parts,
         "gemm_tflops": {k: common.tflops(flops[k], parts[k]) for k in flops},
-        "sum_ms": sum(parts.values()),
+        "sum_ms": sum(ms for name, ms in parts.items() if not name.startswith("merge (paper")),  # the default's step
     }
 
 

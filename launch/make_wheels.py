@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: without its CUDA ops, which it JIT-builds on the GPU machine when asked to).
 PURE = [
     "deepspeed", "hjson", "py-cpuinfo", "einops", "hydra-core", "omegaconf", "antlr4-python3-runtime",
-    "pydantic", "annotated-types", "typing-inspection", "pytest", "iniconfig", "pluggy",
+    "pydantic", "annotated-types", "typing-inspection", "typing-extensions", "pytest", "iniconfig", "pluggy",
 ]
 #: Native code: one wheel per Python version (bitsandbytes and ninja are version-independent).
 NATIVE = ["pydantic-core", "msgpack", "psutil", "ninja", "bitsandbytes"]

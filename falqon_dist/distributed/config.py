@@ -10,13 +10,16 @@ What FALQON requires of DeepSpeed, and why each rejected setting would break it:
   that the sharded merge would have to update too (not supported).
 * ``zero_optimization.offload_param.device == "nvme"``: the merge edits partitions in memory.
 
-Filled when absent: an AdamW optimizer, ``torch_adam`` for Adam/AdamW on the CPU accelerator (where
-DeepSpeed's fused Adam is not built) and ``steps_per_print`` off.
+Filled when absent: an AdamW optimizer, ``torch_adam`` for Adam/AdamW on the CPU accelerator and on
+a GPU machine without ``nvcc`` (DeepSpeed's fused Adam is not built for the CPU accelerator and is
+JIT-compiled with nvcc on CUDA: without it, the first step fails) and ``steps_per_print`` off.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,12 @@ def _get(cfg: dict[str, Any], dotted: str, default: Any = None) -> Any:
     return node
 
 
+def nvcc_available() -> bool:
+    """Whether DeepSpeed could JIT-build its CUDA ops here: ``nvcc`` on PATH or under CUDA_HOME."""
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    return shutil.which("nvcc") is not None or bool(cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
+
+
 def prepare_ds_config(ds_config: dict[str, Any], *, on_cpu: bool, lr: float | None = None) -> dict[str, Any]:
     """Validate ``ds_config`` for FALQON and return a copy with the framework's defaults filled in."""
     if not isinstance(ds_config, dict):
@@ -93,7 +102,7 @@ def prepare_ds_config(ds_config: dict[str, Any], *, on_cpu: bool, lr: float | No
     params = optimizer.setdefault("params", {})
     if lr is not None:
         params["lr"] = lr
-    if on_cpu and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
-        params.setdefault("torch_adam", True)  # DeepSpeed's fused Adam is not built for its CPU accelerator
+    if (on_cpu or not nvcc_available()) and str(optimizer.get("type", "")).lower() in ("adam", "adamw"):
+        params.setdefault("torch_adam", True)  # DeepSpeed's fused Adam: not for CPU, JIT-built with nvcc on CUDA
     cfg.setdefault("steps_per_print", 2**31 - 1)
     return cfg

@@ -7,12 +7,18 @@ import pytest
 from falqon_dist.distributed import DeepSpeedConfigError, prepare_ds_config
 
 
-def test_fills_optimizer_and_keeps_user_values():
+def test_fills_optimizer_and_keeps_user_values(monkeypatch):
+    from falqon_dist.distributed import config as ds_config_module
+
     cfg = prepare_ds_config({"train_micro_batch_size_per_gpu": 4}, on_cpu=True, lr=0.05)
     assert cfg["optimizer"] == {"type": "AdamW", "params": {"lr": 0.05, "weight_decay": 0.0, "torch_adam": True}}
     assert cfg["zero_optimization"]["stage"] == 0 and cfg["train_micro_batch_size_per_gpu"] == 4
-    gpu = prepare_ds_config({"optimizer": {"type": "Adam", "params": {"lr": 1.0, "betas": [0.9, 0.95]}}}, on_cpu=False)
+    user = {"optimizer": {"type": "Adam", "params": {"lr": 1.0, "betas": [0.9, 0.95]}}}
+    monkeypatch.setattr(ds_config_module, "nvcc_available", lambda: True)  # FusedAdam can be built
+    gpu = prepare_ds_config(user, on_cpu=False)
     assert gpu["optimizer"] == {"type": "Adam", "params": {"lr": 1.0, "betas": [0.9, 0.95]}}
+    monkeypatch.setattr(ds_config_module, "nvcc_available", lambda: False)  # no nvcc: FusedAdam's JIT build would fail
+    assert prepare_ds_config(user, on_cpu=False)["optimizer"]["params"]["torch_adam"] is True
 
 
 def test_does_not_mutate_the_input():
