@@ -10,20 +10,26 @@
 #   summary.txt       PASS/FAIL/SKIP per step with its time, then the headline tables
 #   results.tar.gz    every step's log and output folder (bench JSON/markdown/PNG, run dirs, junit)
 #
-# Steps, in this order (each runs even when an earlier one failed):
+# Steps, in this order: the verdict first (tests, then the real trainer), the numbers after (each
+# step runs even when an earlier one failed; a step the budget no longer covers is reported SKIP):
 #   env          GPU, versions, which optional packages import, whether fp8.backend=te can run
-#   wheels       install from $WHEELS (no registry on the device) what does not import: DeepSpeed,
-#                Hydra/OmegaConf, pydantic, bitsandbytes, pytest ... (fill it here: make wheels)
-#   bench_layer  benchmarks/bench_layer.py on cuda: 4096x4096 and 4096x11008, 4096 and 16384 tokens,
-#                rank 64, every method, per-GEMM TFLOP/s, casts/GEMMs/merge/optimizer split, 32-layer merge
-#   bench_model  benchmarks/bench_model.py: two Llama-7B-shaped layers through launch/train.py
-#                (1 GPU, NCCL, DeepSpeed ZeRO-2, bf16, packed rows): falqon, lora, fp8_lora, qlora
+#   wheels       install from $WHEELS (no registry on the device) what does not import, or is too old
+#                (typing-extensions >= 4.16 for pydantic): DeepSpeed, Hydra/OmegaConf, pydantic,
+#                bitsandbytes, pytest ... (fill it here: make wheels)
+#   pytest       the GPU test tier (the Triton merge kernel against the CPU reference included) and
+#                the FP8/layer/merge unit tests, on this GPU
 #   smoke_z0     launch/train.py, 1 GPU over NCCL, ZeRO-0, 3 steps, export on; then launch/eval.py
 #   smoke_z3     the same under ZeRO-3
-#   pytest       the GPU test tier and the FP8/layer/merge unit tests, on this GPU
+#   bench_merge  benchmarks/bench_merge.py on cuda: 32 layers 4096x4096, rank 64: untiled, torch
+#                tiles, Triton kernel, paper merge; the merge in parts (bytes per element)
+#   bench_layer  benchmarks/bench_layer.py on cuda: 4096x4096 and 4096x11008, 4096 and 16384 tokens,
+#                rank 64, every method (FALQON default and paper merge), per-GEMM TFLOP/s, step split
+#   bench_model  benchmarks/bench_model.py: two Llama-7B-shaped layers through launch/train.py
+#                (1 GPU, NCCL, DeepSpeed ZeRO-2, bf16, packed rows): falqon, lora, fp8_lora, qlora
 #
-# Knobs (environment): PYTHON (python3), BUDGET_S (560: every step's timeout is cut so the whole
-# check ends within it), WHEELS (wheels/ in the repo), LAYER_REPEATS (10), MODEL_STEPS (12).
+# Knobs (environment): PYTHON (python3), BUDGET_S (500: every step's timeout is cut so the whole
+# check ends within it, leaving the device's start-up and packing inside its 540 s), WHEELS (wheels/
+# in the repo), LAYER_REPEATS (10), MODEL_STEPS (12).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -35,7 +41,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/falqon_gpu_check.XXXXXX")"  # everything but 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled PYTHONWARNINGS=ignore HF_HUB_OFFLINE=1
 export FALQON_CACHE="${FALQON_CACHE:-$WORK/cache}"  # the embedded tiny model is built here on first use
-BUDGET_S="${BUDGET_S:-560}"
+BUDGET_S="${BUDGET_S:-500}"
 LAYER_REPEATS="${LAYER_REPEATS:-10}"
 MODEL_STEPS="${MODEL_STEPS:-12}"
 WHEELS="${WHEELS:-$PWD/wheels}"
@@ -51,7 +57,7 @@ pack() {
         echo "gpu_check: $(( ${#SUMMARY[@]} - FAILED - SKIPPED ))/${#SUMMARY[@]} steps passed, $SKIPPED skipped," \
             "$((SECONDS - START))s of ${BUDGET_S}s | $(date -u +%FT%TZ) | commit $(git rev-parse --short HEAD 2>/dev/null)"
         printf '  %s\n' "${SUMMARY[@]}"
-        for table in "$WORK"/bench_layer/results.md "$WORK"/bench_model/results.md; do
+        for table in "$WORK"/bench_merge/results.md "$WORK"/bench_layer/results.md "$WORK"/bench_model/results.md; do
             [[ -f "$table" ]] && { echo; cat "$table"; }
         done
         [[ -f "$WORK/env.log" ]] && { echo; echo "## env"; cat "$WORK/env.log"; }
@@ -129,6 +135,9 @@ install_wheels() {
                 bitsandbytes:bitsandbytes pytest:pytest; do
         "$PYTHON" -c "import ${spec%%:*}" 2>/dev/null || missing+=("${spec##*:}")
     done
+    # pydantic (DeepSpeed's config) needs typing-extensions >= 4.16; older ones import but fail later
+    "$PYTHON" -c "import importlib.metadata as m, sys; v = m.version('typing-extensions').split('.'); \
+sys.exit(0 if (int(v[0]), int(v[1])) >= (4, 16) else 1)" 2>/dev/null || missing+=("typing-extensions")
     (( ${#missing[@]} == 0 )) && { echo "nothing missing"; return 0; }
     echo "installing from $WHEELS: ${missing[*]}"
     [[ -d "$WHEELS" ]] || { echo "$WHEELS does not exist: run 'make wheels' where a registry is reachable and carry it"; return 1; }
@@ -158,18 +167,20 @@ printf '{"optimizer": {"type": "AdamW", "params": {"torch_adam": true}}}\n' > "$
 export PYTHON WORK WHEELS
 export -f env_report install_wheels smoke run_pytest
 
-step env 60 env_report
-step wheels 90 install_wheels
-step bench_layer 150 "$PYTHON" benchmarks/bench_layer.py --device cuda --shapes 4096x4096 4096x11008 \
-    --tokens 4096 16384 --rank 64 --repeats "$LAYER_REPEATS" --warmup 3 --merge-layers 32 --init random \
+step env 45 env_report
+step wheels 60 install_wheels
+step pytest 120 run_pytest
+step smoke_z0 60 smoke 0
+step smoke_z3 60 smoke 3
+step bench_merge 60 "$PYTHON" benchmarks/bench_merge.py --device cuda --layers 32 --shape 4096x4096 --rank 64 \
+    --rounds 5 --out "$WORK/bench_merge"
+step bench_layer 100 "$PYTHON" benchmarks/bench_layer.py --device cuda --shapes 4096x4096 4096x11008 \
+    --tokens 4096 16384 --rank 64 --repeats "$LAYER_REPEATS" --warmup 3 --merge-layers 0 --init random \
     --out "$WORK/bench_layer"
-step bench_model 240 "$PYTHON" benchmarks/bench_model.py --shape llama-7b --layers 2 --steps "$MODEL_STEPS" --warmup 4 \
+step bench_model 120 "$PYTHON" benchmarks/bench_model.py --shape llama-7b --layers 2 --steps "$MODEL_STEPS" --warmup 4 \
     --methods falqon lora fp8_lora qlora --timeout 70 --set train.micro_batch_size=4 model.max_length=512 \
     data.packing=true data.num_train=400 train.eval_samples=16 train.eval_generate_samples=0 \
     "deepspeed.config=$WORK/ds_torch_adam.json" --out "$WORK/bench_model"
-step smoke_z0 90 smoke 0
-step smoke_z3 90 smoke 3
-step pytest 120 run_pytest
 
 pack
 cat "$OUT/summary.txt"

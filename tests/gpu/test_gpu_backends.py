@@ -130,26 +130,75 @@ def test_falqon_linear_gpu_backend_matches_emulated(backend, dtype, bias, cache_
         assert scaled.weight_t_cache.nbytes == 768 * 1024
 
 
-def test_falqon_merge_on_cuda_is_deterministic_and_matches_cpu():
+#: The merge recipes the tier runs: the default (every row each step, with the carry) and the paper's.
+MERGES = {
+    "default": {},
+    "paper": {"topk": None, "unmerged": "discard", "carry_residual": False},
+}
+
+
+@pytest.mark.parametrize("merge", list(MERGES))
+def test_falqon_merge_on_cuda_is_deterministic_and_matches_cpu(merge):
     """The proxy merge on CUDA: the same bytes on every run (what replicas need), and the CPU's values.
 
-    CPU and CUDA may sum the r-term row update in a different order, so an element sitting on an
-    E4M3 rounding boundary may land one FP8 step apart: at most 0.1% of the merged elements.
+    The default merge runs the Triton kernel on CUDA and the torch tiles on the CPU; both compute
+    each update as an fp32 multiply-add chain over the rank, so the bytes should be equal. The
+    paper's top-r rows take a cuBLAS GEMM, which may sum the r terms in another order: an element
+    on an E4M3 rounding boundary may then land one FP8 step apart, at most 0.1% of the merged ones.
     """
     _needs_fp8_hardware()
     linear = _linear(512, 384, bias=False, dtype=torch.float32)
-    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="scaled_mm", unmerged="discard"))
+    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="scaled_mm", **MERGES[merge]))
     torch.manual_seed(1)
     proxy = torch.randn(384, 16) * 0.05
     first, second, on_cpu = copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer).cpu()
     stats = first.merge_proxy_(proxy.to(CUDA)).to_dict()
-    assert second.merge_proxy_(proxy.to(CUDA)).to_dict() == stats and stats["rows_merged"] == 16
-    assert torch.equal(first.qweight, second.qweight)
-    assert not first.B.any()
-    on_cpu.merge_proxy_(proxy)
+    assert second.merge_proxy_(proxy.to(CUDA)).to_dict() == stats
+    assert torch.equal(first.qweight, second.qweight) and torch.equal(first.B, second.B)
+    assert stats["rows_merged"] == (384 if merge == "default" else 16)
+    cpu_stats = on_cpu.merge_proxy_(proxy).to_dict()
     differing = int((first.qweight.cpu() != on_cpu.qweight).sum())
-    assert differing <= 16 * 512 // 1000, differing
+    if merge == "default":
+        assert differing == 0 and stats == cpu_stats, (differing, stats, cpu_stats)
+        assert fp8.sqnr_db(on_cpu.B, first.B.cpu()) > 100  # the carry: fp32 sums in another order
+    else:
+        assert not first.B.any() and differing <= 16 * 512 // 1000, differing
     assert fp8.sqnr_db(on_cpu.backbone_weight(), first.backbone_weight().cpu()) > 40
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("world", [1, 3])
+def test_triton_merge_kernel_on_cuda_writes_the_cpu_tiles_bytes(stochastic, world):
+    """The kernel compiled for this GPU against the CPU reference (the torch tiles), over ZeRO-3-style
+    slices too: equal bytes and counts, the carry equal to fp32 rounding. Shapes of a real layer
+    (several programs, a rank that is not a power of two), saturating and non-finite rows of B."""
+    pytest.importorskip("triton")
+    from falqon_dist.method import every_row
+    from falqon_dist.method.merge_math import adapter_projector
+    from falqon_dist.method.rounding import Rounding
+
+    gen = torch.Generator().manual_seed(4)
+    out, in_features, rank = 1000, 1536, 24
+    bits = fp8.to_bits((torch.randn(out + rank, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3))
+    adapter_q = fp8.from_bits(bits, fp8.E4M3)[out:].float()
+    proxy = torch.randn(out, rank, generator=gen) * 0.05
+    proxy[2] *= 1e4
+    proxy[5, 0] = float("nan")
+    projector = adapter_projector(adapter_q)
+    rounding = Rounding(stochastic=stochastic, seed=3, step=7)
+    part = -(-bits.numel() // world)
+    on_gpu, on_cpu = bits.clone().view(-1).to(CUDA), bits.clone().view(-1)
+    for rank_index in range(world):
+        lo, hi = rank_index * part, min((rank_index + 1) * part, bits.numel())
+        every_row.set_merge_kernel("triton")
+        got = every_row.merge_every_row_(on_gpu[lo:hi], lo, proxy.to(CUDA), adapter_q.to(CUDA), rounding,
+                                         projector=projector.to(CUDA))
+        every_row.set_merge_kernel("auto")
+        want = every_row.merge_every_row_(on_cpu[lo:hi], lo, proxy, adapter_q, rounding, projector=projector)
+        assert got.stats.to_dict() == want.stats.to_dict()
+        assert fp8.sqnr_db(want.carry, got.carry.cpu()) > 100
+    differing = int((on_gpu.cpu() != on_cpu).sum())
+    assert differing == 0, f"{differing} of {out * in_features} bytes differ"
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -270,14 +319,17 @@ def test_compiled_cast_on_cuda_is_bit_identical_to_eager(fmt, dtype):
     assert q_t.is_contiguous() and torch.equal(fp8.to_bits(q_t), fp8.to_bits(ref_q).t().contiguous())
 
 
-@pytest.mark.parametrize("unmerged", ["keep", "discard"])
+@pytest.mark.parametrize("merge", ["default", "paper", "keep"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_falqon_step_and_merge_never_synchronize_on_cuda(rounding, unmerged):
-    """CUDA's sync debug mode raises on any host synchronization: fwd + bwd + merge of 4 layers run under it."""
+def test_falqon_step_and_merge_never_synchronize_on_cuda(rounding, merge):
+    """CUDA's sync debug mode raises on any host synchronization: fwd + bwd + merge of 4 layers run under it
+    (the default's merge is the Triton kernel, the others gather and scatter top-r rows)."""
     _needs_fp8_hardware()
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(4)]).to(CUDA, torch.bfloat16)
-    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="scaled_mm", merge_rounding=rounding, unmerged=unmerged))
+    recipe = {**MERGES, "keep": {"topk": None, "unmerged": "keep"}}[merge]
+    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="scaled_mm", merge_rounding=rounding, **recipe))
+    fd.merge_proxies_(model, step=1)  # first call: compile the merge outside the check
     x = torch.randn(256, 512, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
     model(x).float().pow(2).mean().backward()  # first call: compile the casts outside the check
     with torch.no_grad():
@@ -290,7 +342,8 @@ def test_falqon_step_and_merge_never_synchronize_on_cuda(rounding, unmerged):
         stats = fd.merge_proxies_(model, step=1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert stats.to_dict()["rows_merged"] == 4 * 16 and stats.to_dict()["nonfinite"] == 0
+    rows = 512 if merge == "default" else 16
+    assert stats.to_dict()["rows_merged"] == 4 * rows and stats.to_dict()["nonfinite"] == 0
 
 
 def test_stochastic_merge_noise_is_the_same_on_cuda_and_cpu():
@@ -336,13 +389,14 @@ def _overfit(model: nn.Module, batch: dict, lr: float, steps: int, merge: bool) 
     return losses
 
 
+@pytest.mark.parametrize("merge", list(MERGES))
 @pytest.mark.parametrize("backend", ["auto", "te"])
-def test_falqon_tiny_model_training_on_cuda_bf16(backend):
+def test_falqon_tiny_model_training_on_cuda_bf16(backend, merge):
     _needs_fp8_hardware(backend)
     model, batch = _tiny_model_and_batch()
     reference = copy.deepcopy(model)
-    names = prepare_model(model, fd.FalqonConfig(rank=16, topk=None, backend=backend, unmerged="discard", carry_residual=False))
-    prepare_model(reference, fd.FalqonConfig(rank=16, topk=None, backend="emulated", unmerged="discard", carry_residual=False))
+    names = prepare_model(model, fd.FalqonConfig(rank=16, backend=backend, **MERGES[merge]))
+    prepare_model(reference, fd.FalqonConfig(rank=16, backend="emulated", **MERGES[merge]))
     layers = fd.falqon_layers(model)
     assert len(layers) == len(names) > 0
     expected = "scaled_mm" if backend == "auto" else backend
@@ -357,7 +411,10 @@ def test_falqon_tiny_model_training_on_cuda_bf16(backend):
     losses = _overfit(model, batch, lr=0.1, steps=30, merge=True)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert min(losses[-5:]) < losses[0] - 0.1, losses
-    assert all(not layer.B.any() for _, layer in layers)  # zeroed by every merge
+    if merge == "paper":
+        assert all(not layer.B.any() for _, layer in layers)  # zeroed by every merge
+    else:  # B holds only the carry: what rounding dropped, below one FP8 step of the weights
+        assert all(torch.isfinite(layer.B).all() for _, layer in layers) and any(layer.B.any() for _, layer in layers)
     assert any(not torch.equal(layer.qweight, before[name]) for name, layer in layers)
 
 

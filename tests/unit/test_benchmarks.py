@@ -26,6 +26,24 @@ def _load(name: str):
     return module
 
 
+# ---------------------------------------------------------------- the merge
+
+
+def test_merge_bench_compares_the_implementations_and_counts_their_traffic(tmp_path):
+    payload = _load("bench_merge").main(["--quick", "--out", str(tmp_path)])
+    merges = payload["merges"]
+    assert set(merges) == {"untiled (as first written)", "tiled (torch)", "paper merge (top-r rows)"}  # no CUDA
+    assert all(m["ms"] > 0 for m in merges.values()) and payload["host_syncs"] == 0
+    parts = {p["part"]: p for p in payload["parts"]}
+    untiled, tiled = parts["untiled: whole merge"], parts["tiled (torch), nearest: whole merge"]
+    assert parts["untiled: update GEMM B·A_q"]["ops"] == 1 and untiled["bytes_per_element"] > 10
+    # the quick shape fits one tile, so tiling changes nothing there: the same traffic within the ops'
+    # bookkeeping, and the fp32 update (out x in) as the largest temporary in both
+    assert tiled["largest_mib"] == pytest.approx(256 * 384 * 4 / 2**20)
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# falqon_dist merge benchmark") and "| tiled (torch) |" in text
+
+
 # ---------------------------------------------------------------- one layer
 
 
@@ -57,7 +75,8 @@ def test_layer_bench_measures_every_method(layer_run):
         # the cached copy is built by the first backward and kept current by every merge: +1 byte/param
         assert rows[("falqon, cached Wᵀ", "scaled_mm")]["backbone_bytes_per_param"] == pytest.approx(2 + 16 / d_out)
         parts = block["falqon_breakdown"]["parts_ms"]
-        assert len(parts) == 8 and all(v > 0 for v in parts.values())
+        assert len(parts) == 9 and all(v > 0 for v in parts.values())
+        assert {"merge (every row, carry)", "merge (paper: top-r rows)"} <= set(parts)
     assert payload["merge"]["host_syncs"] == 0 and payload["merge"]["layers"] == 4
     assert payload["cast"]["eager_ms"] > 0 and payload["cast"]["compiled_ms"] > 0
     text = (out / "results.md").read_text()
@@ -74,7 +93,7 @@ def test_layer_bench_flop_counts():
     assert bench.gemm_flops("full", n, i, o, r) == 6 * n * i * o
     melded = 2 * n * i * (o + r) + 2 * n * o * i + 2 * n * o * r
     assert bench.gemm_flops("falqon, paper merge", n, i, o, r) == melded
-    assert bench.gemm_flops("falqon", n, i, o, r) == melded + 2 * n * r * (2 * o + i)  # the live LoRA term
+    assert bench.gemm_flops("falqon", n, i, o, r) == melded + 2 * n * r * o  # the carry's forward term
     assert bench.gemm_flops("peft LoRA", n, i, o, r) == 4 * n * i * o + 6 * n * r * (i + o)
     with pytest.raises(SystemExit):
         bench.parse_args(["--shapes", "4096by4096"])
