@@ -21,6 +21,8 @@ falqon_keep         method=falqon method.topk=null unmerged=keep           0.05
 falqon_keep_sr      falqon_keep + method.merge_rounding=stochastic         0.05
 falqon_carry        falqon_keep + method.carry_residual=true               0.1
 falqon_all          method=falqon method.topk=all (+ carry: the default)   0.125
+falqon_all_every2   falqon_all + method.merge_every=2                      0.125
+falqon_all_every4   falqon_all + method.merge_every=4                      0.125
 ==================  =====================================================  ========
 
 Tasks: ``demo`` — the embedded default (synthetic ``shift`` task, exact match on 64 prompts);
@@ -68,6 +70,10 @@ VARIANTS: dict[str, tuple[list[str], float]] = {
                         "method.merge_rounding=stochastic"], 0.05),
     "falqon_carry": (["method=falqon", "method.topk=null", "method.unmerged=keep", "method.carry_residual=true"], 0.1),
     "falqon_all": (["method=falqon", "method.topk=all", "method.carry_residual=true"], 0.125),
+    "falqon_all_every2": (["method=falqon", "method.topk=all", "method.carry_residual=true", "method.merge_every=2"],
+                          0.125),
+    "falqon_all_every4": (["method=falqon", "method.topk=all", "method.carry_residual=true", "method.merge_every=4"],
+                          0.125),
 }
 KJV_DATA = common.REPO / "runs" / "kjv" / "kjv.jsonl"
 #: name -> (Hydra overrides, acceptance metric, bound at the default lr, bound at 0.5x / 2x)

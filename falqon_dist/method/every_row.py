@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import torch
 
+from falqon_dist.fp8.cast import CompiledVariants, compiled_kernels_apply, run_compiled
 from falqon_dist.method import merge_kernel
 from falqon_dist.method.merge_math import (
-    MergeStats, RowMerge, merged_row_bits, project_onto_adapter, row_updates, rows_merged,
+    MergeStats, RowMerge, _merge_rows, merged_row_bits, project_onto_adapter, row_updates, rows_merged,
 )
 from falqon_dist.method.rounding import NEAREST, Rounding
 
@@ -114,6 +115,54 @@ def merge_every_row_(
     return RowMerge(stats, written, carry)
 
 
+def _merge_tile(
+    held: torch.Tensor, proxy_rows: torch.Tensor, adapter_q: torch.Tensor, noise: torch.Tensor | None,
+    projector: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """One tile of whole rows, in place: its update GEMM, the element-wise merge written into
+    ``held``, the carry GEMM, the counts. The eager reference of the compiled tile below."""
+    merged = _merge_rows(held, row_updates(proxy_rows, adapter_q), noise, None)
+    held.copy_(merged[0])
+    carry = None if projector is None else project_onto_adapter(merged[1], projector)
+    return carry, *merged[2:]
+
+
+# One function per (rounding, carry) variant (see fp8.cast.CompiledVariants): a tile is ONE call,
+# not a dozen eager ops, which is what the merge of a small layer costs.
+def _tile_nearest(held, proxy_rows, adapter_q):
+    return _merge_tile(held, proxy_rows, adapter_q, None, None)
+
+
+def _tile_nearest_carry(held, proxy_rows, adapter_q, projector):
+    return _merge_tile(held, proxy_rows, adapter_q, None, projector)
+
+
+def _tile_stochastic(held, proxy_rows, adapter_q, noise):
+    return _merge_tile(held, proxy_rows, adapter_q, noise, None)
+
+
+def _tile_stochastic_carry(held, proxy_rows, adapter_q, noise, projector):
+    return _merge_tile(held, proxy_rows, adapter_q, noise, projector)
+
+
+_COMPILED_TILES = CompiledVariants({
+    (False, False): _tile_nearest,
+    (False, True): _tile_nearest_carry,
+    (True, False): _tile_stochastic,
+    (True, True): _tile_stochastic_carry,
+})
+
+
+def _merge_whole_tile_(held, proxy_rows, adapter_q, noise, projector) -> tuple[torch.Tensor | None, ...]:
+    """:func:`_merge_tile`, compiled as one graph where the compiled kernels apply (same bytes)."""
+    eager = lambda: _merge_tile(held, proxy_rows, adapter_q, noise, projector)  # noqa: E731
+    if not compiled_kernels_apply(held, proxy_rows):
+        return eager()
+    inputs = [t for t in (noise, projector) if t is not None]
+    compiled = _COMPILED_TILES[noise is not None, projector is not None]
+    return run_compiled(compiled, eager, held, proxy_rows, adapter_q, *inputs, what="proxy merge")
+
+
 def _merge_tiles_(
     flat: torch.Tensor, offset: int, lo: int, hi: int, proxy: torch.Tensor, adapter_q: torch.Tensor,
     rounding: Rounding, projector: torch.Tensor | None,
@@ -130,11 +179,18 @@ def _merge_tiles_(
     counts: tuple[torch.Tensor, ...] | None = None
     for start in range(first // tile * tile, last + 1, tile):
         stop = min(start + tile, out)
-        update = row_updates(proxy[start:stop], adapter_q)  # the canonical tile's GEMM, whatever the slice
         a, b = max(start, first), min(stop, last + 1)  # this tile's rows that the slice touches
         e_lo, e_hi = max(lo, a * in_features), min(hi, b * in_features)
         noise = rounding.noise_for_rows(torch.arange(a, b, device=device), in_features, device)
-        update = update[a - start : b - start]
+        if (a, b) == (start, stop) and (e_lo, e_hi) == (a * in_features, b * in_features):  # the whole tile
+            held = flat[e_lo - offset : e_hi - offset].view(b - a, in_features)
+            tile_carry, *part = _merge_whole_tile_(held, proxy[start:stop], adapter_q, noise, projector)
+            if carry is not None:
+                carry[a:b] = tile_carry
+            counts = tuple(part) if counts is None else tuple(x + y for x, y in zip(counts, part))
+            continue
+        # part of a tile (a ZeRO-3 slice boundary): the whole tile's GEMM, whatever the slice
+        update = row_updates(proxy[start:stop], adapter_q)[a - start : b - start]
         if e_lo == a * in_features and e_hi == b * in_features:  # whole rows: merged in place
             held = flat[e_lo - offset : e_hi - offset].view(b - a, in_features)
             merged = merged_row_bits(held, update, noise)
