@@ -1,7 +1,7 @@
 """A ``transformers.TrainerCallback`` that merges FALQON's proxies after every optimizer step.
 
 FALQON trains only the proxies B and must merge them into the FP8 backbone right after each
-optimizer step (DESIGN.md §1); the Trainer knows nothing of that, so :class:`FalqonCallback` does it
+optimizer step (:mod:`falqon_dist.method.proxy`); the Trainer knows nothing of that, so :class:`FalqonCallback` does it
 in ``on_step_end``, which the Trainer calls once per optimizer step (after gradient accumulation):
 
 * **plain PyTorch** (no DeepSpeed; the Trainer's own AdamW, any precision): the optimizer updates

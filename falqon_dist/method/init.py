@@ -1,4 +1,4 @@
-"""Initialization of the melded matrix M = [W; A] (DESIGN.md §1, steps 1–3).
+"""Initialization of the melded matrix M = [W; A] (the README's *The method in one paragraph*).
 
 ``init="svd"``: with ``s0 = amax(W)/448`` the backbone's FP8 quantization error is
 ``ΔQ = W − s0·Q(W/s0)``; its rank-r truncated SVD ``ΔQ ≈ U_r Σ_r V_rᵀ`` gives

@@ -264,7 +264,7 @@ class FalqonLinear(Float32ScaleMixin):
         self, proxy: torch.Tensor | None = None, *, step: int = 0, rows: torch.Tensor | None = None
     ) -> MergeStats:
         """Merge the top-k rows of B (every row with ``topk="all"``) into the FP8 backbone, then
-        reset B (DESIGN.md §1).
+        reset B (see :mod:`falqon_dist.method.proxy`).
 
         ``proxy`` overrides the B that is read (e.g. an optimizer's fp32 master copy); resetting that
         copy to :meth:`remainder` is then the caller's job, ``self.B`` is reset here in any case.

@@ -123,7 +123,7 @@ class StepWatch:
             log.warning(
                 "FALQON: %d steps in a row merged rows of B without changing a single FP8 weight: every "
                 "update is below half an FP8 step and is rounded away (lr %.3g). FALQON needs far larger "
-                "rates than LoRA (10-50x; DESIGN.md §1): raise train.lr, or keep what rounding drops "
+                "rates than LoRA (10-50x; README, The method in one paragraph): raise train.lr, or keep what rounding drops "
                 "(method.carry_residual=true) / round stochastically (method.merge_rounding=stochastic)",
                 STALL_STEPS, record["lr"],
             )

@@ -130,7 +130,7 @@ def test_adamw_with_merges_trains_a_converted_llama(unmerged):
                                  carry_residual=carry)
     fd.convert_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    # FALQON needs a large learning rate: small merged updates round away in E4M3 (DESIGN.md §1)
+    # FALQON needs a large learning rate: small merged updates round away in E4M3 (README, The method in one paragraph)
     optimizer = torch.optim.AdamW(params, lr=1e-1, weight_decay=0.0)
     start = torch.randint(0, 128, (16, 1))
     columns = [start]

@@ -255,7 +255,7 @@ def test_adamw_with_merges_learns_a_reachable_target():
 
     With only B trained and A fixed, updates live in A's row space; a target outside it is not
     learnable by construction, so the teacher's change is built inside it. lr 0.1: FP8 needs large
-    steps (DESIGN.md §1). Measured: loss falls to ~8% of its start in 60 steps.
+    steps (README, The method in one paragraph). Measured: loss falls to ~8% of its start in 60 steps.
     """
     layer, teacher = _reachable_target()
     optimizer = torch.optim.AdamW([layer.B], lr=0.1, weight_decay=0.0)
