@@ -37,6 +37,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
+from falqon_dist.distributed.safe_load import NUMPY_ARRAY, load_file, use_safe_loads, weights_only_loads
 from falqon_dist.distributed.waits import barrier
 
 LATEST = "latest"
@@ -94,11 +96,20 @@ def _from_rank0(flag: bool) -> bool:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Replace ``path`` with ``text`` atomically: a fresh ``mkstemp`` file (never a path someone
+    could have planted a symlink at), fsynced, renamed over ``path`` (a link there is replaced, its
+    target untouched)."""
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def saved_world_size(ckpt_dir: str | Path, tag: str) -> int:
@@ -107,12 +118,26 @@ def saved_world_size(ckpt_dir: str | Path, tag: str) -> int:
 
 
 def latest_tag(ckpt_dir: str | Path) -> str | None:
-    """The tag ``latest`` points to, or None when there is no complete checkpoint."""
-    pointer = Path(ckpt_dir) / LATEST
+    """The tag ``latest`` points to, or None when there is no complete checkpoint.
+
+    ``latest`` must name a ``step_N`` directory directly inside ``ckpt_dir`` (no path, no link out of
+    it): anything else raises :class:`CheckpointReadError` naming the pointer and what it holds,
+    rather than loading from wherever it points."""
+    ckpt_dir = Path(ckpt_dir)
+    pointer = ckpt_dir / LATEST
+    if pointer.is_symlink() or (pointer.exists() and not pointer.is_file()):
+        raise CheckpointReadError(f"{pointer} is not a regular file; falqon_dist writes it as one (holding a tag "
+                                  "like step_00000100): remove it, or point train.resume at a run it wrote")
     if not pointer.is_file():
         return None
-    tag = pointer.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+    tag = pointer.read_text(errors="replace").strip()
+    if not TAG_PATTERN.match(tag):
+        raise CheckpointReadError(f"{pointer} holds {tag[:80]!r}, not a checkpoint tag (step_ and 8 digits, a "
+                                  f"directory inside {ckpt_dir})")
+    directory = ckpt_dir / tag
+    if directory.is_symlink():
+        raise CheckpointReadError(f"{directory} is a symbolic link; a checkpoint is a directory inside {ckpt_dir}")
+    return tag if directory.is_dir() else None
 
 
 def checkpoint_bytes(ckpt_dir: str | Path, tag: str | None) -> int:
@@ -159,20 +184,29 @@ def save(
     ``keep`` > 0 deletes all but the newest ``keep`` complete checkpoints afterwards. Before writing,
     the free space is checked against the last checkpoint's size, or ``expected_bytes`` when there
     is none yet (:func:`check_free_space`).
+
+    A save never skips silently and never writes into a complete checkpoint: when ``step``'s tag is
+    already ``latest`` this raises :class:`CheckpointWriteError` (a caller that resumed from that very
+    checkpoint and took no step has nothing to save, and must not call this). A ``step_N`` directory
+    that is not ``latest`` is what a crashed save left: rank 0 removes it before anything is written.
     """
     ckpt_dir = Path(ckpt_dir)
     tag, rank = tag_for(step), _rank()
     last = latest_tag(ckpt_dir)
-    if _from_rank0(last == tag):
-        return tag  # this step is the latest complete checkpoint already: rewriting it in place could only corrupt it
+    found = "latest" if last == tag else "leftover" if (ckpt_dir / tag).exists() else "absent"
+    found = _from_rank0(found)
+    if found == "latest":
+        raise CheckpointWriteError(
+            f"checkpoint {ckpt_dir / tag} already exists and is the latest: not overwriting a complete "
+            "checkpoint (a run writes each step once; was this directory used by another run?)"
+        )
+    if found == "leftover":
+        if rank == 0:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        barrier(f"remove the incomplete checkpoint {tag} a crashed save left")
     needed = checkpoint_bytes(ckpt_dir, last) or expected_bytes
     free = check_free_space(ckpt_dir, tag, needed)
-    rng = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+    rng = _rng_state()
     try:
         (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
         torch.save(rng, _rng_file(ckpt_dir, tag, rank))
@@ -216,25 +250,48 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
+def _rng_state() -> dict[str, Any]:
+    """This rank's RNG states as tensors and plain values (readable with ``weights_only=True``)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},  # fmt: skip
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    numpy = rng["numpy"]
+    if isinstance(numpy, dict):
+        numpy = (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                 numpy["cached_gaussian"])  # fmt: skip
+    np.random.set_state(numpy)  # a tuple holding an ndarray in RNG files of earlier versions
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dict[str, Any]]:
-    """Restore the checkpoint ``tag`` (default: ``latest``) on every rank; returns (tag, client_state)."""
+    """Restore the checkpoint ``tag`` (default: ``latest``) on every rank; returns (tag, client_state).
+
+    Every file is read with ``weights_only=True`` (:mod:`falqon_dist.distributed.safe_load`): a file
+    that would need more raises :class:`~falqon_dist.distributed.safe_load.UnsafeCheckpointError`
+    naming it, before any of it is used."""
     ckpt_dir = Path(ckpt_dir)
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None or not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (looked for {LATEST!r} and tag {tag!r})")
-    load_path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    tag = resolve_tag(ckpt_dir, tag)
+    use_safe_loads(engine)
+    with weights_only_loads(ckpt_dir / tag):
+        load_path, client_state = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        raise CheckpointReadError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     rng_file = _rng_file(ckpt_dir, tag, _rank())
     if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        _set_rng_state(load_file(rng_file, extra=NUMPY_ARRAY))
     return tag, client_state or {}
 
 
@@ -251,7 +308,10 @@ def resolve_tag(ckpt_dir: Path, tag: str | int | None = "latest") -> str:
     text = str(tag)
     if text.isdigit():
         text = tag_for(int(text))
-    if not (ckpt_dir / text).is_dir():
+    if not TAG_PATTERN.match(text):
+        raise CheckpointReadError(f"checkpoint tag {text[:80]!r} is not a tag: use 'latest', a step number or "
+                                  "step_ and 8 digits (a directory inside checkpoints/)")
+    if not (ckpt_dir / text).is_dir() or (ckpt_dir / text).is_symlink():
         available = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
         raise CheckpointReadError(f"checkpoint {ckpt_dir / text} not found; available tags: {available or 'none'}")
     return text
@@ -268,7 +328,8 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> tuple[
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # it prints a report per file and tqdm bars: keep the CLI's output to its own summary
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                weights_only_loads(directory):
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
         meta_file = directory / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     else:
@@ -276,6 +337,6 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> tuple[
         if not meta_file.is_file():
             raise CheckpointReadError(f"{meta_file} not found (the config says deepspeed.zero_stage={zero_stage})")
         state = None
-    meta = torch.load(meta_file, map_location="cpu", weights_only=False)
+    meta = load_file(meta_file)
     module_state = meta.pop("module")
     return (module_state if state is None else state), meta

@@ -20,6 +20,7 @@ from torch import nn
 from falqon_dist.distributed.config import prepare_ds_config
 from falqon_dist.distributed.merge import merge_all
 from falqon_dist.distributed.proxies import ProxyMasters
+from falqon_dist.distributed.safe_load import use_safe_loads
 from falqon_dist.method import falqon_layers
 
 
@@ -69,6 +70,7 @@ def initialize(
     if type(engine) is not DeepSpeedEngine:
         raise ValueError(f"unsupported DeepSpeed engine {type(engine).__name__} (pipeline/hybrid engines)")
     engine.__class__ = FalqonEngine
+    use_safe_loads(engine)  # engine.load_checkpoint reads with weights_only=True
     engine.last_merge_stats = None
     engine._proxy_masters = ProxyMasters(engine.optimizer)
     engine._has_falqon_layers = bool(falqon_layers(model))

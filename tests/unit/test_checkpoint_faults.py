@@ -70,12 +70,24 @@ def test_a_write_that_fails_midway_is_removed_and_latest_stays(saved, error, cau
     assert (saved / "step_00000001" / "mp_rank_00_model_states.pt").stat().st_size == 4096  # untouched
 
 
-def test_saving_the_latest_step_again_never_rewrites_it(saved):
-    """A run preempted right after resuming saves the step it resumed from: in place, a crash would
-    corrupt the only good checkpoint."""
-    engine = FakeEngine(fail=OSError(errno.ENOSPC, "No space left on device"))
-    assert checkpoint.save(engine, saved, 1) == "step_00000001"
+def test_saving_the_latest_step_again_is_refused_and_never_rewrites_it(saved):
+    """A save of the step ``latest`` already names (another run's checkpoint in a reused directory)
+    is an error, not a silent skip, and the complete checkpoint is left as it is."""
+    engine = FakeEngine()
+    with pytest.raises(checkpoint.CheckpointWriteError, match="already exists and is the latest"):
+        checkpoint.save(engine, saved, 1)
     assert engine.calls == 0 and (saved / "step_00000001" / "mp_rank_00_model_states.pt").is_file()
+    assert checkpoint.latest_tag(saved) == "step_00000001"
+
+
+def test_a_directory_a_crashed_save_left_is_cleared_before_writing(saved):
+    """``step_2`` exists but is not ``latest`` (a save that died): its stale files must not mix into
+    the new checkpoint (an extra rank's RNG file would change the saved world size)."""
+    leftover = saved / "step_00000002"
+    leftover.mkdir()
+    (leftover / "rng_rank00007.pt").write_bytes(b"stale")
+    assert checkpoint.save(FakeEngine(), saved, 2) == "step_00000002"
+    assert not (leftover / "rng_rank00007.pt").exists() and checkpoint.latest_tag(saved) == "step_00000002"
 
 
 def test_a_latest_pointer_that_cannot_be_written_leaves_the_previous_one(saved, monkeypatch):

@@ -4,7 +4,8 @@
 does not document: ``DeepSpeedEngine.global_steps`` (the merge runs when it advances), the stage-0
 ``FP16_Optimizer.fp32_groups_flat`` / ``FP16_UnfusedOptimizer.fp32_groups``, ZeRO-1/2's
 ``_hp_mapping`` fragments and ZeRO-3's ``ds_tensor`` / ``ds_numel`` / ``ds_process_group`` /
-``ds_persist`` partition attributes. A DeepSpeed release that renames one fails here, by name,
+``ds_persist`` partition attributes, and reads checkpoints through the engine's pluggable
+``checkpoint_engine``. A DeepSpeed release that renames one fails here, by name,
 instead of deep inside a merge.
 """
 
@@ -61,3 +62,18 @@ def test_zero_partition_attributes_exist():
     for name in ("ds_tensor", "ds_numel", "ds_process_group", "ds_persist", "ds_shape", "ds_id"):
         assert f".{name}" in source, name
     assert "_hp_mapping" in _source(mixed_precision_linkage)
+
+
+def test_checkpoint_reads_go_through_the_engines_pluggable_checkpoint_engine():
+    """``safe_load.use_safe_loads`` replaces ``engine.checkpoint_engine``: DeepSpeed must still build a
+    ``TorchCheckpointEngine`` there by default and read model and ZeRO optimizer states through its
+    ``load(path, map_location=…)``."""
+    from deepspeed.runtime.checkpoint_engine import utils as engine_utils
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert "return TorchCheckpointEngine(config_params)" in _source(engine_utils.create_checkpoint_engine)
+    assert list(inspect.signature(TorchCheckpointEngine.load).parameters) == ["self", "path", "map_location"]
+    assert "zipfile_serialization" in _source(TorchCheckpointEngine)
+    for reader in ("_load_checkpoint", "_get_all_zero_checkpoint_state_dicts"):
+        assert "self.checkpoint_engine.load(" in _source(getattr(DeepSpeedEngine, reader)), reader
