@@ -37,7 +37,7 @@ from torch import nn
 from falqon_dist.fp8 import E4M3, E5M2, TransposedBitsCache, dequantize, from_bits, resolve_backend
 from falqon_dist.fp8.cast import SharedCast
 from falqon_dist.fp8.module import Float32ScaleMixin
-from falqon_dist.method.config import FalqonConfig
+from falqon_dist.method.config import STOCHASTIC_WITH_CARRY, FalqonConfig, carry_is_live
 from falqon_dist.method.init import adapter_init, meld
 from falqon_dist.method.merge_math import MergeStats, RowMerge, adapter_projector
 from falqon_dist.method.proxy import merge_slice_, select_rows
@@ -151,7 +151,9 @@ class FalqonLinear(Float32ScaleMixin):
         self.merge_rounding, self.seed = merge_rounding, seed
         self.unmerged, self.merge_every = unmerged, merge_every
         # the paper's merge (discard, top-k) zeroes all of B: there is nothing to carry back
-        self.carry_residual = carry_residual and (unmerged == "keep" or topk == "all")
+        self.carry_residual = carry_is_live(topk, unmerged, carry_residual)
+        if self.carry_residual and merge_rounding == "stochastic":
+            raise ValueError(f"merge_rounding {STOCHASTIC_WITH_CARRY}")
         self._projector: torch.Tensor | None = None  # A_q's projector, derived from qweight (not state)
         self._adapter_bits: torch.Tensor | None = None  # A's bytes where qweight is partitioned (ZeRO-3)
         self.weight_t_cache = TransposedBitsCache() if cache_weight_transpose else None

@@ -124,7 +124,8 @@ class StepWatch:
                 "FALQON: %d steps in a row merged rows of B without changing a single FP8 weight: every "
                 "update is below half an FP8 step and is rounded away (lr %.3g). FALQON needs far larger "
                 "rates than LoRA (10-50x; README, The method in one paragraph): raise train.lr, or keep what rounding drops "
-                "(method.carry_residual=true) / round stochastically (method.merge_rounding=stochastic)",
+                "(method.carry_residual=true, the default) or round stochastically instead (method.merge_rounding="
+                "stochastic method.carry_residual=false)",
                 STALL_STEPS, record["lr"],
             )
         self._zero_grad = self._zero_grad + 1 if record.get("grad_norm") == 0.0 else 0

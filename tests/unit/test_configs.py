@@ -243,8 +243,19 @@ def test_carry_residual_and_scale_headroom_reach_the_layers():
     assert all(layer.carry_residual for _, layer in falqon_layers(model))
 
 
+def test_stochastic_rounding_with_the_carry_is_refused_naming_both_keys():
+    with pytest.raises(ConfigError) as caught:
+        validate(compose_cfg(["method.merge_rounding=stochastic"]))  # the default carries the residual
+    message = str(caught.value)
+    assert "method.merge_rounding" in message and "carry_residual" in message
+    with pytest.raises(ValueError, match="carry_residual"):
+        fd.FalqonLinear(16, 16, 4, topk="all", carry_residual=True, merge_rounding="stochastic")
+    # the paper's merge zeroes all of B: its carry is inert, so stochastic rounding is fine there
+    validate(compose_cfg(["method.merge_rounding=stochastic", "method.topk=null", "method.unmerged=discard"]))
+
+
 def test_stochastic_merge_rounding_reaches_the_layers():
-    settings = validate(compose_cfg(["method.merge_rounding=stochastic"]))
+    settings = validate(compose_cfg(["method.merge_rounding=stochastic", "method.carry_residual=false"]))
     assert settings.method.config.merge_rounding == "stochastic"
     assert validate(compose_cfg([])).method.config.merge_rounding == "nearest"
 
@@ -252,7 +263,7 @@ def test_stochastic_merge_rounding_reaches_the_layers():
     from tests.models import tiny_llama
 
     model = tiny_llama()
-    prepare_model(model, fd.FalqonConfig(rank=4, backend="emulated", merge_rounding="stochastic"))
+    prepare_model(model, fd.FalqonConfig(rank=4, backend="emulated", merge_rounding="stochastic", carry_residual=False))
     layers = falqon_layers(model)
     assert all(layer.merge_rounding == "stochastic" for _, layer in layers)
     assert len({layer.seed for _, layer in layers}) == len(layers)  # a noise stream per layer
