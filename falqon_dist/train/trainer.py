@@ -133,7 +133,7 @@ class Trainer:
                     tag = checkpoint.latest_tag(self.ckpt_dir)
                     saved = None if tag is None else checkpoint.saved_world_size(self.ckpt_dir, tag)
                     verdict[2] = check_resume(self.run_dir, cfg, self.world, saved)
-            except (RunDirBusy, ConfigError) as exc:
+            except (RunDirBusy, ConfigError, checkpoint.CheckpointReadError) as exc:
                 verdict[:2] = [type(exc).__name__, str(exc)]
                 if lock is not None:
                     lock.release()
@@ -192,7 +192,7 @@ class Trainer:
                 lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s)),
             )
         self.batches = BatchStream(self.data.train, sampler, self.data.collate_fn)
-        self.start_step = 0
+        self.start_step, self.resumed_from = 0, None
         if s.train.resume:
             self._resume()
         self.metrics = MetricsWriter(
@@ -210,7 +210,7 @@ class Trainer:
         with announced(f"every rank to load checkpoint {tag}"):
             tag, client_state = checkpoint.load(self.engine, self.ckpt_dir, tag)
         self.batches.restore(client_state["data"])
-        self.start_step = int(client_state["step"])
+        self.start_step, self.resumed_from = int(client_state["step"]), tag
         log.info("resumed from %s at step %d", self.ckpt_dir / tag, self.start_step)
 
     # ------------------------------------------------------------------ evaluation
@@ -272,6 +272,10 @@ class Trainer:
         return None if tag is None else str(self.ckpt_dir / tag)
 
     def save(self, step: int) -> None:
+        if step == self.start_step and self.resumed_from is not None:  # resumed at max_steps: no step taken
+            log.info("checkpoint %s is the one this run resumed from and no step was taken since: kept as it is",
+                     self.ckpt_dir / self.resumed_from)
+            return
         if self.watch.last_step_bad:  # never replace the last good checkpoint with a diverged state
             log.warning("step %d had non-finite values: not saving a checkpoint from it (the last good one stays: %s)",
                         step, self.last_checkpoint())
