@@ -55,7 +55,6 @@ def export_run(run_dir: str, tag: str, out: str | None, overwrite: bool, max_sha
     import logging
 
     from falqon_dist.export import export_fp8
-    from falqon_dist.export.run_info import write_run_info
     from falqon_dist.export.staging import check_destination
     from falqon_dist.export.writer import parse_size
     from falqon_dist.export.restore import restore_run
@@ -70,10 +69,10 @@ def export_run(run_dir: str, tag: str, out: str | None, overwrite: bool, max_sha
 
     hf_logging.disable_progress_bar()
     restored = restore_run(run_path, tag)
+    origin = {"run_dir": restored.run_dir, "tag": restored.tag, "step": restored.step,
+              "base_model": restored.model_path, "config": restored.config}  # fmt: skip
     export_fp8(restored.model, out_dir, tokenizer=restored.tokenizer, max_shard_size=max_shard_size,
-               overwrite=overwrite)  # fmt: skip
-    write_run_info(out_dir, run_dir=restored.run_dir, tag=restored.tag, step=restored.step,
-                   base_model=restored.model_path, config=restored.config)  # fmt: skip
+               overwrite=overwrite, run_info=origin)  # fmt: skip
     files = [p for p in out_dir.iterdir() if p.is_file()]
     return {
         "out": str(out_dir),

@@ -18,7 +18,8 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
 
 from falqon_dist.distributed.config import prepare_ds_config
-from falqon_dist.distributed.merge import merge_all
+from falqon_dist.distributed.merge import fold_all, merge_all
+from falqon_dist.method.merge_math import MergeStats
 from falqon_dist.distributed.proxies import ProxyMasters
 from falqon_dist.distributed.safe_load import use_safe_loads
 from falqon_dist.method import falqon_layers
@@ -34,6 +35,14 @@ class FalqonEngine(DeepSpeedEngine):
     last_merge_stats: dict[str, int] | None
     _proxy_masters: ProxyMasters
     _has_falqon_layers: bool
+
+    def fold_carry(self) -> MergeStats | None:
+        """Fold what B still holds into the FP8 bytes and zero B (:func:`~falqon_dist.distributed.merge.fold_all`),
+        so that the model is the one its FP8 export holds. None (nothing done) where no layer's
+        forward adds B's term (the paper's merge, other methods): the model already is its export."""
+        if not any(layer.lora_terms[0] for _, layer in falqon_layers(self.module)):
+            return None
+        return fold_all(self.module, self._proxy_masters)
 
     def step(self, lr_kwargs=None):
         steps_before = self.global_steps

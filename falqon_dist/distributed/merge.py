@@ -48,28 +48,29 @@ def _gather_rows(qweight: nn.Parameter, rows: torch.Tensor, in_features: int) ->
     return pieces.to(torch.uint8)
 
 
-def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor | None, step: int) -> RowMerge:
-    """Merge into this rank's slice of a partitioned ``M_q``: the stats count only the slice."""
+def _merge_partitioned(layer, proxy: torch.Tensor, rows: torch.Tensor | None, step: int, fold: bool) -> RowMerge:
+    """Merge into this rank's slice of a partitioned ``M_q``: the stats count only the slice.
+    ``fold``: the final fold (``FalqonLinear.fold_``: nearest, no carry)."""
     qweight, out, r = layer.qweight, layer.out_features, layer.rank
     group = qweight.ds_process_group
     adapter_rows = torch.arange(out, out + r, device=proxy.device)
     # A is frozen: its bytes are gathered at the first merge only, then kept by the layer
     adapter_q = layer.adapter_q(gather=lambda: _gather_rows(qweight, adapter_rows, layer.in_features))
-    projector = layer.adapter_projector(adapter_q) if layer.carry_residual else None
+    projector = layer.adapter_projector(adapter_q) if layer.carry_residual and not fold else None
     part = qweight.ds_tensor.view(-1)
     offset = qweight.ds_tensor.ds_numel * tdist.get_rank(group=group)
     old_rows = None if rows is None else _gather_rows(qweight, rows, layer.in_features)
-    merge = merge_slice_(part, offset, proxy, rows, adapter_q, layer.rounding(step), old_rows=old_rows,
-                         projector=projector)
+    merge = merge_slice_(part, offset, proxy, rows, adapter_q, layer.merge_rounding_at(step, fold),
+                         old_rows=old_rows, projector=projector)
     if rows is None and merge.carry is not None:  # every row: the carry is this slice's partial sum
         tdist.all_reduce(merge.carry, group=group)
     return merge
 
 
-def _merge_resident(layer, proxy: torch.Tensor, rows: torch.Tensor | None, step: int) -> RowMerge:
+def _merge_resident(layer, proxy: torch.Tensor, rows: torch.Tensor | None, step: int, fold: bool) -> RowMerge:
     """A ZeRO-3 parameter kept whole on every rank (``ds_persist``): merge the replica as ZeRO 0–2
     do, then copy this rank's slice of it into the partition."""
-    merge = layer.merge_rows_(proxy, rows, step=step)
+    merge = layer.merge_rows_(proxy, rows, step=step, fold=fold)
     qweight = layer.qweight
     part, numel = qweight.ds_tensor.view(-1), qweight.ds_tensor.ds_numel
     start = numel * tdist.get_rank(group=qweight.ds_process_group)
@@ -87,21 +88,37 @@ def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeSt
     our own (DeepSpeed's master-copy accessors may add theirs): the totals are device tensors, the
     element counts summed over the ranks' partitions under ZeRO-3 in one all-reduce.
     """
+    return _merge_layers(model, masters, step, fold=False)
+
+
+@torch.no_grad()
+def fold_all(model: nn.Module, masters: ProxyMasters) -> MergeStats:
+    """Fold what every layer's B still holds into the FP8 backbone and zero B and its master, on
+    every rank (``FalqonLinear.fold_`` under ZeRO 0–3): afterwards the model computes exactly what
+    its FP8 export holds. The trainer calls it once, after the last step; an export of the
+    checkpoint saved after it merges nothing more."""
+    return _merge_layers(model, masters, 0, fold=True)
+
+
+def _merge_layers(model: nn.Module, masters: ProxyMasters, step: int, *, fold: bool) -> MergeStats:
     totals, partitioned, group = MergeStats(), MergeStats(), None
     for _, layer in falqon_layers(model):
-        if not layer.merge_due(step):  # method.merge_every: B keeps accumulating until its step
+        if not (fold or layer.merge_due(step)):  # method.merge_every: B keeps accumulating until its step
             continue
         proxy = masters.read_full(layer.B)
-        rows = layer.rows_to_merge(proxy)
+        rows = None if fold else layer.rows_to_merge(proxy)
         if is_partitioned(layer.qweight) and not layer.qweight.data.numel():
-            merge = _merge_partitioned(layer, proxy, rows, step)
+            merge = _merge_partitioned(layer, proxy, rows, step, fold)
             partitioned.add_(merge.stats)
             group = layer.qweight.ds_process_group
         else:  # a replica: every rank merges the same whole M_q (and counts it whole)
-            merge = _merge_resident(layer, proxy, rows, step) if is_partitioned(layer.qweight) else (
-                layer.merge_rows_(proxy, rows, step=step))
+            merge = _merge_resident(layer, proxy, rows, step, fold) if is_partitioned(layer.qweight) else (
+                layer.merge_rows_(proxy, rows, step=step, fold=fold))
             totals.add_(merge.stats)
-        masters.write_(layer.B, layer.remainder(proxy, rows, merge.carry))  # zeros, B's unmerged rows, or + the carry
+        if fold:
+            masters.zero_(layer.B)
+        else:  # zeros, B's unmerged rows, or + the carry
+            masters.write_(layer.B, layer.remainder(proxy, rows, merge.carry))
     if group is not None and partitioned.layers:  # each rank counted its own slice's elements; rows once
         counts = partitioned.counts()
         tdist.all_reduce(counts[1:], group=group)

@@ -24,6 +24,7 @@ from torch import nn
 
 from falqon_dist.distributed.zero_facts import is_partitioned
 from falqon_dist.export.format import SCALE_SUFFIX, WEIGHT_SUFFIX, quantization_config
+from falqon_dist.export.run_info import write_run_info
 from falqon_dist.export.staging import StagedDirectory, check_destination
 from falqon_dist.export.writer import ShardWriter, parse_size
 from falqon_dist.fp8 import E4M3, from_bits
@@ -85,9 +86,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def merge_pending_proxies_(model: nn.Module) -> list[str]:
     """Merge every FALQON layer whose proxy B is non-zero; return the names of the merged layers.
 
-    The trainer merges after every optimizer step, so B is normally zero here (with
-    ``unmerged="keep"`` it holds the rows no merge took yet, with ``carry_residual`` what rounding
-    dropped: every row is merged, and B is zeroed). The merge changes the
+    The trainer folds B into the backbone after its last step (``FalqonLinear.fold_``), so B is zero
+    in a run's final checkpoint; in an earlier one it holds the rows no merge took yet
+    (``unmerged="keep"``), the carry (``carry_residual``) or the updates since the last merge
+    (``merge_every``), and they are folded here the same way. The fold changes the
     model in place (under ZeRO-3, on every rank). An optimizer's fp32 master copy of B is NOT zeroed:
     to keep training afterwards, merge through the trainer's post-step hook before exporting.
     """
@@ -97,11 +99,9 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
             pending = bool(layer.B.detach().ne(0).any())
         if pending:
             with gathered(list(layer.parameters(recurse=False)), modify=True):
-                # every row: what B still holds (unmerged="keep") must reach the exported weights; what
-                # rounding drops then (carry_residual) has no FP8 representation: B ends at zero, so the
-                # live model computes exactly what the export holds
-                layer.merge_proxy_(rows=torch.arange(layer.out_features, device=layer.B.device))
-                layer.B.zero_()
+                # every row, nearest, nothing carried (the trainer's final fold, byte for byte): B ends
+                # at zero, so the live model computes exactly what the export holds
+                layer.fold_()
             merged.append(name)
             if layer.unmerged != "keep" and not layer.carry_residual:  # B holds neither unmerged rows nor a carry
                 unexpected.append(name)
@@ -184,6 +184,7 @@ def export_fp8(
     tokenizer: Any | None = None,
     max_shard_size: int | str = "2GB",
     overwrite: bool = False,
+    run_info: dict[str, Any] | None = None,
 ) -> Path:
     """Export a FALQON-converted causal LM as a compressed-tensors ``float-quantized`` FP8 model.
 
@@ -199,7 +200,11 @@ def export_fp8(
 
     The export is staged in a sibling directory and renamed into place: ``out_dir`` either keeps its
     previous content or holds the complete export. An existing non-empty ``out_dir`` raises
-    ``FileExistsError`` unless ``overwrite=True``. A model without FALQON layers raises ``ValueError``.
+    ``FileExistsError`` unless ``overwrite=True``. ``run_info`` (the keyword arguments of
+    :func:`~falqon_dist.export.run_info.write_run_info`: where the model came from) is written as
+    ``falqon_run.json`` inside the same atomic commit. Files are readable as the process's umask
+    allows (as ``config.json`` is: a server under another account can load the export). A model
+    without FALQON layers raises ``ValueError``.
     Distributed: call it on every rank (ZeRO-3 gathers are collective); rank 0 writes. Returns ``out_dir``.
     """
     model = unwrap_model(model)
@@ -238,6 +243,8 @@ def export_fp8(
         if staging is not None and error is None:
             files = writer.finish()
             _write_metadata(model, staging.path, ignore, tokenizer)
+            if run_info is not None:
+                write_run_info(staging.path, **run_info)
             staging.commit()
             logger.info("exported %d tensors (%d bytes, %d file(s)) to %s",
                         writer.num_tensors, writer.total_bytes, len(files), out_dir)  # fmt: skip

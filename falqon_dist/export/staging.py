@@ -8,6 +8,7 @@ intact under ``.<name>.old-<id>``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -21,6 +22,12 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"export destination {out_dir} exists and is not empty; pass overwrite=True to replace it"
         )
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 class StagedDirectory:
@@ -37,8 +44,16 @@ class StagedDirectory:
         self._done = False
 
     def commit(self) -> None:
-        """Move the staged content to ``out_dir``, replacing what was there (if ``overwrite``)."""
+        """Move the staged content to ``out_dir``, replacing what was there (if ``overwrite``).
+
+        Every staged file first gets the mode a file created by this process gets (``0o666`` less
+        the umask): some writers (safetensors) create theirs ``0600``, which a server running under
+        another account could not read while it reads the config beside it."""
         check_destination(self.out_dir, self.overwrite)
+        mode = 0o666 & ~_umask()
+        for path in self.path.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(mode)
         old = None
         if self.out_dir.exists():
             old = self.out_dir.parent / f".{self.out_dir.name}.old-{self._tag}"

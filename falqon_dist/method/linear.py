@@ -41,7 +41,7 @@ from falqon_dist.method.config import STOCHASTIC_WITH_CARRY, FalqonConfig, carry
 from falqon_dist.method.init import adapter_init, meld
 from falqon_dist.method.merge_math import MergeStats, RowMerge, adapter_projector
 from falqon_dist.method.proxy import merge_slice_, select_rows
-from falqon_dist.method.rounding import Rounding
+from falqon_dist.method.rounding import NEAREST, Rounding
 
 
 #: One cast of an input tensor shared by the layers that read it in the same forward (q/k/v, gate/up).
@@ -281,19 +281,36 @@ class FalqonLinear(Float32ScaleMixin):
         return merge.stats
 
     @torch.no_grad()
-    def merge_rows_(self, proxy: torch.Tensor, rows: torch.Tensor | None, *, step: int = 0) -> RowMerge:
+    def fold_(self, proxy: torch.Tensor | None = None) -> MergeStats:
+        """Fold what B still holds (a carry, unmerged rows, updates since the last merge) into the
+        FP8 backbone as far as FP8 allows, and zero B: the layer then computes exactly what an FP8
+        export of it holds (no LoRA term left).
+
+        Every row, nearest rounding (deterministic: the trainer's final fold and an export of the same
+        checkpoint write the same bytes), nothing carried: what rounding drops here, each element
+        below half an FP8 step, has no FP8 representation. ``proxy`` as in :meth:`merge_proxy_`.
+        """
+        proxy = (self.B if proxy is None else proxy).detach()
+        merge = self.merge_rows_(proxy, None, fold=True)
+        self.B.zero_()
+        return merge.stats
+
+    @torch.no_grad()
+    def merge_rows_(
+        self, proxy: torch.Tensor, rows: torch.Tensor | None, *, step: int = 0, fold: bool = False
+    ) -> RowMerge:
         """Write rows ``rows`` of ``proxy`` (B or its master; None = every row) into the backbone;
         B is not touched.
 
         Returns the statistics, the new bits and, with ``carry_residual``, the carry that
         :meth:`remainder` puts back into B. A cached ``Wᵀ`` is updated in place (only the merged rows,
-        i.e. its columns, change).
+        i.e. its columns, change). ``fold``: the final merge of :meth:`fold_` (nearest, no carry).
         """
         proxy = proxy.detach().float()
         adapter_q = self.adapter_q()
         merge = merge_slice_(
-            self.qweight.data, 0, proxy, rows, adapter_q, self.rounding(step),
-            projector=self.adapter_projector(adapter_q) if self.carry_residual else None,
+            self.qweight.data, 0, proxy, rows, adapter_q, self.merge_rounding_at(step, fold),
+            projector=self.adapter_projector(adapter_q) if self.carry_residual and not fold else None,
         )
         self.rows_rewritten(rows, merge.bits)
         return merge
@@ -301,6 +318,10 @@ class FalqonLinear(Float32ScaleMixin):
     def rounding(self, step: int) -> Rounding:
         """How this layer's merge at optimizer ``step`` rounds (its noise keyed by seed and step)."""
         return Rounding(stochastic=self.merge_rounding == "stochastic", seed=self.seed, step=step)
+
+    def merge_rounding_at(self, step: int, fold: bool = False) -> Rounding:
+        """:meth:`rounding`, or nearest for the final fold (:meth:`fold_`)."""
+        return NEAREST if fold else self.rounding(step)
 
     def remainder(
         self, proxy: torch.Tensor, rows: torch.Tensor | None, carry: torch.Tensor | None = None

@@ -41,6 +41,9 @@ from falqon_dist.train.settings import ConfigError, RunSettings, validate
 from falqon_dist.train.tensorboard_logger import TensorBoardLogger
 from falqon_dist.train.wandb_logger import WandbLogger
 
+#: Prefix of the final metrics of the training forward, before B was folded into the FP8 bytes.
+BEFORE_FOLD = "before_fold/"
+
 log = logging.getLogger("falqon_dist")
 
 
@@ -227,6 +230,28 @@ class Trainer:
             )
         return out
 
+    def evaluate_as_exported(self, step: int) -> dict[str, float]:
+        """The final evaluation, of the model an FP8 export holds.
+
+        Where the forward adds B's term (the carry, unmerged rows, updates between merges), B is
+        folded into the FP8 bytes first (``engine.fold_carry``: every row, nearest, B zeroed) and
+        the model is evaluated before and after: the reported ``eval_loss`` is the folded one, what
+        ``launch/export.py`` writes from the checkpoint saved next; ``before_fold/*`` keeps the
+        training forward's, and the log says what the fold cost. Other methods: one evaluation.
+        """
+        if step == self.start_step and self.resumed_from is not None:  # nothing trained since the checkpoint
+            return self.evaluate()
+        trained = self.evaluate()
+        if self.engine.fold_carry() is None:  # B adds nothing to any forward: the model is its export
+            return trained
+        shipped = self.evaluate()
+        if "eval_loss" in trained:
+            change = shipped["eval_loss"] / trained["eval_loss"] - 1
+            log.info("folded B into the FP8 backbone for the export: eval loss %.4f as trained -> %.4f as exported "
+                     "(%+.2f%%, what FP8 cannot hold of the carry)", trained["eval_loss"], shipped["eval_loss"],
+                     100 * change)
+        return {**shipped, **{f"{BEFORE_FOLD}{key}": value for key, value in trained.items()}}
+
     # ------------------------------------------------------------------ training
 
     def train_step(self) -> dict[str, float]:
@@ -314,7 +339,7 @@ class Trainer:
             if s.save_every and step % s.save_every == 0 and step != s.max_steps:
                 self.save(step)
         bar.close()
-        after = self.evaluate()
+        after = self.evaluate_as_exported(s.max_steps)
         self.log_record({"step": s.max_steps, **after})
         self.save(s.max_steps)
         return {"before": before, "after": after, "tokens_per_s": float(np.median(speeds)) if speeds else None}
@@ -334,14 +359,12 @@ class Trainer:
         if not self.settings.export:
             return None
         from falqon_dist.export import export_fp8
-        from falqon_dist.export.run_info import write_run_info
 
-        out = self.run_dir / "export"
-        export_fp8(self.engine.module, out, tokenizer=self.tokenizer, overwrite=True)
-        if self.is_main:  # where it came from, for launch/eval.py wherever the export is copied
-            step = self.settings.train.max_steps
-            write_run_info(out, run_dir=self.run_dir, tag=checkpoint.tag_for(step), step=step,
-                           base_model=self.model_path, config=self.resolved_config)  # fmt: skip
+        out, step = self.run_dir / "export", self.settings.train.max_steps
+        # where it came from (falqon_run.json), for launch/eval.py wherever the export is copied
+        origin = {"run_dir": self.run_dir, "tag": checkpoint.tag_for(step), "step": step,
+                  "base_model": self.model_path, "config": self.resolved_config}  # fmt: skip
+        export_fp8(self.engine.module, out, tokenizer=self.tokenizer, overwrite=True, run_info=origin)
         log.info("exported FP8 model to %s", out)
         return out
 
@@ -363,6 +386,8 @@ class Trainer:
             *(f"   {key[len('eval_loss/'):]:<16} {fmt(key, before):>10} -> {fmt(key, after):>10}"
               for key in after if key.startswith("eval_loss/")),
             f" eval exact match   {fmt('eval_exact_match', before):>10} -> {fmt('eval_exact_match', after):>10}",
+            *([f" as trained (B live){'':>10} -> {fmt(BEFORE_FOLD + 'eval_loss', after):>10}  (the above: as exported, "
+               "B folded into FP8)"] if BEFORE_FOLD + "eval_loss" in after else []),
             f" tokens/s (median)  {result['tokens_per_s'] or 0:>10.1f}",
             f" run directory      {self.run_dir}",
         ]

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from falqon_dist.train.run_dir import RunDirLock
+from falqon_dist.distributed.safe_load import load_file
 from tests import processes
 from tests.distributed.launcher import free_port
 from tests.e2e.conftest import MODEL_CACHE, QUICK, REPO, TRAIN, VENV_BIN, launch, read_metrics
@@ -32,7 +33,7 @@ def _nan_codes(ckpt_dir: Path) -> int:
     """E4M3 NaN codes (0x7F / 0xFF) in every FALQON qweight of every checkpoint under ``ckpt_dir``."""
     total = 0
     for states in ckpt_dir.glob("step_*/mp_rank_*_model_states.pt"):
-        module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        module = load_file(states)["module"]
         for name, tensor in module.items():
             if name.endswith("qweight"):
                 total += int(((tensor & 0x7F) == 0x7F).sum())
@@ -301,7 +302,7 @@ def test_a_disk_that_fills_up_stops_the_run_and_keeps_the_last_checkpoint(small_
                      "rng_rank00000.pt", "rng_rank00001.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt",
                      "zero_pp_rank_1_mp_rank_00_model_states.pt"], files
     for name in files:
-        torch.load(ckpt / "step_00000002" / name, map_location="cpu", weights_only=False)
+        load_file(ckpt / "step_00000002" / name)  # complete, and readable without pickle
     ballast.unlink()
     # 2. the space goes while a save is under way
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FALQON_CACHE": MODEL_CACHE, "PYTHONWARNINGS": "ignore",

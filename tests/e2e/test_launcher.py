@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from falqon_dist.distributed.safe_load import load_file
 from tests import processes
 from tests.e2e.conftest import QUICK, REPO, launch, read_metrics
 
@@ -67,8 +68,7 @@ def test_two_ranks_qlora_zero2(tmp_path):
     metrics = check_run_dir(run_dir, 4, method="qlora")
     evals = [m for m in metrics if "eval_loss" in m]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"], evals
-    state = torch.load(run_dir / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
-                       map_location="cpu", weights_only=False)["module"]  # fmt: skip
+    state = load_file(run_dir / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt")["module"]
     key = "model.layers.0.mlp.up_proj.base_layer.weight"
     config = tiny_config()
     assert state[key].dtype == torch.uint8  # two NF4 codes per byte:

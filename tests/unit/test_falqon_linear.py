@@ -768,3 +768,22 @@ def test_the_adapter_projector_is_computed_once_and_dropped_with_the_backbone():
     assert twin.adapter_projector() is first
     twin.load_state_dict(layer.state_dict())
     assert twin.adapter_projector() is not first and torch.equal(twin.adapter_projector(), first)
+
+
+# ---------------------------------------------------------------- the final fold (what an export holds)
+@pytest.mark.parametrize("recipe", [dict(topk="all", carry_residual=True),
+                                    dict(topk=None, unmerged="keep", carry_residual=False, merge_rounding="stochastic"),
+                                    dict(topk="all", carry_residual=False, merge_every=4)],
+                         ids=["carry", "keep-stochastic", "merge-every"])
+def test_fold_writes_nearest_rounding_of_w_plus_ba_and_zeroes_b(recipe):
+    """``fold_``: every row, nearest whatever the merge rounding, nothing carried, B zeroed: the layer
+    then holds exactly what its export writes (the W bytes; no LoRA term left)."""
+    torch.manual_seed(0)
+    layer = fd.FalqonLinear.from_linear(nn.Linear(64, 96), fd.FalqonConfig(rank=8, backend="emulated", **recipe))
+    with torch.no_grad():
+        layer.B.copy_(torch.randn_like(layer.B) * 0.05)
+    target = layer.backbone_weight() + layer.B.detach().float() @ layer.adapter_weight()
+    want = fp8.to_bits((target / layer.scale).clamp(-448, 448).to(fp8.E4M3))
+    layer.fold_()
+    assert not layer.B.any()
+    assert torch.equal(layer.qweight[:96], want)
