@@ -36,13 +36,16 @@ class FalqonEngine(DeepSpeedEngine):
     _proxy_masters: ProxyMasters
     _has_falqon_layers: bool
 
+    def adds_proxy_term(self) -> bool:
+        """Whether any FALQON layer's forward adds B's term (the carry, unmerged rows, updates between
+        merges): False for the paper's merge and for other methods, whose model is its export."""
+        return any(layer.lora_terms[0] for _, layer in falqon_layers(self.module))
+
     def fold_carry(self) -> MergeStats | None:
         """Fold what B still holds into the FP8 bytes and zero B (:func:`~falqon_dist.distributed.merge.fold_all`),
-        so that the model is the one its FP8 export holds. None (nothing done) where no layer's
-        forward adds B's term (the paper's merge, other methods): the model already is its export."""
-        if not any(layer.lora_terms[0] for _, layer in falqon_layers(self.module)):
-            return None
-        return fold_all(self.module, self._proxy_masters)
+        so that the model is the one its FP8 export holds; None (nothing to do) unless
+        :meth:`adds_proxy_term`."""
+        return fold_all(self.module, self._proxy_masters) if self.adds_proxy_term() else None
 
     def step(self, lr_kwargs=None):
         steps_before = self.global_steps

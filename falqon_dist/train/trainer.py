@@ -218,13 +218,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, *, generate: bool = True) -> dict[str, float]:
+        """Eval losses and, with ``generate`` (data=synthetic), the greedy exact match."""
         s, module = self.settings, self.engine.module
         out: dict[str, float] = {}
         if s.train.eval_samples:
             out["eval_loss"], by_source = eval_losses(module, self.data, s.train.eval_samples, s.train.micro_batch_size)
             out.update({f"eval_loss/{name}": loss for name, loss in by_source.items() if loss is not None})
-        if s.train.eval_generate_samples and s.data.name == "synthetic":
+        if generate and s.train.eval_generate_samples and s.data.name == "synthetic":
             out["eval_exact_match"] = greedy_exact_match(
                 module, self.tokenizer, self.data.eval_records, s.train.eval_generate_samples, batch_size=64
             )
@@ -235,15 +236,16 @@ class Trainer:
 
         Where the forward adds B's term (the carry, unmerged rows, updates between merges), B is
         folded into the FP8 bytes first (``engine.fold_carry``: every row, nearest, B zeroed) and
-        the model is evaluated before and after: the reported ``eval_loss`` is the folded one, what
+        the model is evaluated before (losses only) and after: the reported metrics are the folded model's, what
         ``launch/export.py`` writes from the checkpoint saved next; ``before_fold/*`` keeps the
         training forward's, and the log says what the fold cost. Other methods: one evaluation.
         """
         if step == self.start_step and self.resumed_from is not None:  # nothing trained since the checkpoint
             return self.evaluate()
-        trained = self.evaluate()
-        if self.engine.fold_carry() is None:  # B adds nothing to any forward: the model is its export
-            return trained
+        if not self.engine.adds_proxy_term():  # B adds nothing to any forward: the model is its export
+            return self.evaluate()
+        trained = self.evaluate(generate=False)  # the losses suffice to say what the fold cost
+        self.engine.fold_carry()
         shipped = self.evaluate()
         if "eval_loss" in trained:
             change = shipped["eval_loss"] / trained["eval_loss"] - 1
