@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
         model, _ = load_pretrained_zero3(args.model_dir, ds_config, FalqonConfig(rank=args.rank, backend="emulated"))
     else:
         hf_ds = HfDeepSpeedConfig(ds_config) if args.stage == 3 else None  # noqa: F841  (zero.Init load)
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, trust_remote_code=False)
         fields = {key: value for key, value in (("rank", args.rank), ("backend", "emulated"))
                   if key in config_fields(args.method)}
         prepare_model(model, method_config(args.method, fields))

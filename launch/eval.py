@@ -75,10 +75,17 @@ def _settings_from(cfg, where: str):
 
 
 def export_settings(export_dir: Path, config: str | None):
-    """The run settings (data, batch size) for an export; returns (settings, where they came from)."""
+    """The run settings (data, batch size) for an export; returns (settings, where they came from).
+
+    Every saved config (``config=``, the export's ``falqon_run.json``, ``../config.yaml``) is read with
+    :func:`~falqon_dist.train.saved_config.read_saved_config`: never resolved here, and refused naming
+    the file and key if a string still holds ``${`` (it would run this machine's resolvers, e.g. read
+    its environment). Only the shipped default, this checkout's own config, is composed and resolved.
+    """
     from omegaconf import OmegaConf
 
     from falqon_dist.export.run_info import RUN_INFO, read_run_info
+    from falqon_dist.train.saved_config import read_saved_config
 
     if config is not None:
         path = Path(config).expanduser()
@@ -86,22 +93,23 @@ def export_settings(export_dir: Path, config: str | None):
             path = path / "config.yaml"
         if not path.is_file():
             raise RestoreError(f"config={config!r}: no such file (a run's config.yaml)")
-        return _settings_from(OmegaConf.load(path), str(path)), str(path)
+        return _settings_from(read_saved_config(path), str(path)), str(path)
     try:
         info = read_run_info(export_dir)
     except ValueError as error:
         raise RestoreError(str(error)) from None
     if info is not None:
         where = str(export_dir / RUN_INFO)
-        return _settings_from(info["config"], where), where
+        return _settings_from(read_saved_config(info["config"], where), where), where
     parent = export_dir.parent / "config.yaml"
     if parent.is_file():
-        return _settings_from(OmegaConf.load(parent), str(parent)), str(parent)
+        return _settings_from(read_saved_config(parent), str(parent)), str(parent)
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"run.dir={export_dir}"])
-    return _settings_from(cfg, "conf/config.yaml"), "the shipped default conf/config.yaml (no run config found)"
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # our own config: resolved as training does
+    return _settings_from(resolved, "conf/config.yaml"), "the shipped default conf/config.yaml (no run config found)"
 
 
 def load_export(export_dir: Path, dequantize: bool):
@@ -113,7 +121,7 @@ def load_export(export_dir: Path, dequantize: bool):
     with warnings.catch_warnings():  # "quantization_config from the model will be used" (intended)
         warnings.simplefilter("ignore", UserWarning)
         model = AutoModelForCausalLM.from_pretrained(
-            export_dir, quantization_config=CompressedTensorsConfig(dequantize=dequantize)
+            export_dir, quantization_config=CompressedTensorsConfig(dequantize=dequantize), trust_remote_code=False
         )
     return model.eval()
 
@@ -146,7 +154,8 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
         settings, source = export_settings(path, args["config"])
         model = load_export(path, args["dequantize"])
         has_tokenizer = (path / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(str(path) if has_tokenizer else resolve_model_path(settings))
+        tokenizer = load_tokenizer(str(path) if has_tokenizer else resolve_model_path(settings),
+                                   settings.model.trust_remote_code)
         forward = "dequantized weights (fp8 x scale)" if args["dequantize"] else "compressed-tensors FP8 forward"
         result.update(kind="export", config_source=source, forward=f"transformers, {forward}, {model.dtype}")
     else:

@@ -7,8 +7,10 @@ A directory written by ``datasets``' ``save_to_disk`` (a ``Dataset`` or a ``Data
 with ``load_from_disk``: its ``train`` split trains, its ``validation``/``test``/``eval`` split (if
 any) evaluates. Any other directory is read as all data files below it; when some file names
 contain ``train`` and others ``valid``/``eval``/``test``/``dev`` they are the two splits, otherwise
-all rows form one pool split by ``eval_fraction``. Any other ``path`` that looks like
-``owner/name`` is loaded from the Hugging Face hub (network only). A list of paths is read source
+all rows form one pool split by ``eval_fraction``. For alpaca / oasst1, a ``path`` that does not
+exist and is a hub id by :mod:`falqon_dist.hub_names`' rule (``owner/name``, no data file suffix,
+its first component not a local directory) is loaded from the Hugging Face hub (network only); any
+other missing path is an error naming it, never a hub request. A list of paths is read source
 by source (each split on its own): the training records are concatenated, the eval records
 interleaved (so the evaluated prefix covers every source). ``data=mix`` reads each of its ``sources``
 this way and mixes them by weight (:mod:`falqon_dist.data.mixing`).
@@ -19,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,11 +37,11 @@ from falqon_dist.data.formats import (
     oasst_conversations,
 )
 from falqon_dist.data.mixing import MixShare, interleave, mix
+from falqon_dist.hub_names import hub_id_problem, local_reason
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 _SAVED_DATASET_FILES = ("dataset_dict.json", "state.json")
 _EVAL_WORDS = ("valid", "eval", "test", "dev")
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 Rows = tuple[Sequence[Mapping[str, Any]], list[str]]  # rows and where each one is ("file: line 3")
 
@@ -247,16 +248,24 @@ def _load_source(cfg: DataConfig, source: str) -> tuple[list[Record], list[Recor
     normalize = _normalizer(cfg)
     if local.exists():
         train_rows, eval_rows = read_local(local, normalize)
-    elif cfg.name in DEFAULT_HUB_NAMES and _HUB_NAME.match(source) and not source.endswith(FILE_SUFFIXES):
+    elif is_hub_dataset(cfg.name, source):
         train_rows, eval_rows = read_hub(source)
     else:
-        raise FileNotFoundError(f"dataset path not found: {local}")
+        reason = local_reason(source)
+        raise FileNotFoundError(f"dataset path not found: {local}" + (f" (a local path, as {reason})" if reason else ""))
     train = normalize(train_rows)
     if eval_rows is not None:
         evals = normalize(eval_rows)
     else:
         train, evals = split_records(train, cfg.eval_fraction, cfg.seed, where=source)
     return train, evals
+
+
+def is_hub_dataset(name: str, source: str) -> bool:
+    """Whether data ``name`` reads the missing local path ``source`` from the Hugging Face hub: only
+    alpaca / oasst1, only a hub id (:mod:`falqon_dist.hub_names`) without a data file suffix."""
+    return (name in DEFAULT_HUB_NAMES and local_reason(source) is None and not source.endswith(FILE_SUFFIXES)
+            and source.count("/") == 1 and hub_id_problem(source) is None)
 
 
 def split_records(

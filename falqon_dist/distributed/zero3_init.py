@@ -65,8 +65,10 @@ def load_pretrained_zero3(
     *,
     dtype: torch.dtype = torch.bfloat16,
     module_filter_fn: ModuleFilter | None = None,
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, list[str]]:
-    """Load a Hugging Face causal LM partitioned from the start and convert it layer by layer."""
+    """Load a Hugging Face causal LM partitioned from the start and convert it layer by layer
+    (``trust_remote_code``: whether a model's own Python may run, as ``model.trust_remote_code``)."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -74,7 +76,7 @@ def load_pretrained_zero3(
         raise ValueError("load_pretrained_zero3 needs zero_optimization.stage=3 in the DeepSpeed config")
     # Must stay alive while loading and converting: transformers only sees ZeRO-3 through a weakref to it.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
     gc.collect()  # loading leaves the checkpoint's tensors in reference cycles; free them before converting
     release_freed_host_memory()
     names = convert_model(

@@ -66,7 +66,8 @@ def build_falqon_skeleton(model_path: str, settings: RunSettings) -> nn.Module:
 
     from falqon_dist.train.model_setup import TORCH_DTYPES, layer_filter
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[settings.model.dtype])
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=TORCH_DTYPES[settings.model.dtype],
+                                                 trust_remote_code=settings.model.trust_remote_code)
     convert_model(model, settings.method.config, layer_builder=FalqonLinear.shaped_like,
                   module_filter_fn=layer_filter(settings))  # fmt: skip
     return model
@@ -116,6 +117,6 @@ def restore_run(run_dir: str | Path, tag: str | int | None = "latest") -> Restor
         tag=tag,
         step=int(step) if step is not None else None,
         model=model,
-        tokenizer=load_tokenizer(model_path),
+        tokenizer=load_tokenizer(model_path, trust_remote_code=settings.model.trust_remote_code),
         model_path=model_path,
     )

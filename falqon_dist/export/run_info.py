@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from falqon_dist.files import write_atomic
+
 RUN_INFO = "falqon_run.json"
 
 
@@ -20,12 +22,20 @@ def write_run_info(out_dir: Path, *, run_dir: Path, tag: str, step: int | None, 
     """Write ``out_dir/falqon_run.json``; returns its path."""
     info = {"run_dir": str(run_dir), "tag": tag, "step": step, "base_model": base_model, "config": config}
     path = Path(out_dir) / RUN_INFO
-    path.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_atomic(path, json.dumps(info, indent=2, default=str) + "\n")
     return path
 
 
 def read_run_info(export_dir: Path) -> dict[str, Any] | None:
-    """The export's ``falqon_run.json`` (None if it has none); ``ValueError`` naming a corrupt one."""
+    """The export's ``falqon_run.json`` (None if it has none); ``ValueError`` naming a corrupt one.
+
+    Its ``config`` is a saved config: it is checked as every saved config is read back
+    (:func:`~falqon_dist.train.saved_config.check_no_interpolation`), so a string holding ``${`` is a
+    ``RestoreError`` naming the file and the dotted key, never resolved in this process. Read the
+    config itself with :func:`~falqon_dist.train.saved_config.read_saved_config`.
+    """
+    from falqon_dist.train.saved_config import check_no_interpolation
+
     path = Path(export_dir) / RUN_INFO
     if not path.is_file():
         return None
@@ -35,4 +45,5 @@ def read_run_info(export_dir: Path) -> dict[str, Any] | None:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
         raise ValueError(f"{path}: expected an object with a 'config' object (written by falqon_dist's export)")
+    check_no_interpolation(info["config"], f"{path}: config")
     return info

@@ -24,6 +24,12 @@ class ModelConfig:
     max_length: int | None
     #: Recompute activations in backward to save memory.
     gradient_checkpointing: bool
+    #: Let transformers run the model's own Python (``auto_map`` in its config.json: code shipped with
+    #: the model directory or hub repository) when it has no built-in class. False (default): such a
+    #: model is refused before any work, and every transformers load is called with
+    #: ``trust_remote_code=False`` (never the interactive "run the custom code? [y/N]" prompt). A
+    #: default, so configs saved before the field existed still restore.
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         owner = "ModelConfig"
@@ -36,3 +42,4 @@ class ModelConfig:
         if self.max_length is not None:
             check_positive_int(owner, "max_length", self.max_length)
         check_bool(owner, "gradient_checkpointing", self.gradient_checkpointing)
+        check_bool(owner, "trust_remote_code", self.trust_remote_code)

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from falqon_dist.distributed.waits import barrier
 from falqon_dist.distributed.zero3_init import load_pretrained_zero3
 from falqon_dist.fp8.cast import set_cast_kernels
+from falqon_dist.hub_names import is_local
 from falqon_dist.method.swap import ModuleFilter, module_filter
 from falqon_dist.methods import prepare_model
 from falqon_dist.train.settings import RunSettings
@@ -27,11 +28,20 @@ TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def resolve_model_path(settings: RunSettings) -> str:
-    """The model directory or hub name; builds the embedded tiny model on rank 0 first if needed."""
+    """The model directory or hub name; builds the embedded tiny model on rank 0 first if needed.
+
+    A name is local or a hub id by :mod:`falqon_dist.hub_names`' rule, checked by
+    :func:`~falqon_dist.train.preflight.check_model_source` (training has run it already; export and
+    eval of a run reach it here): a local directory that does not exist (moved since training?) or a
+    hub id neither cached nor reachable is one :class:`ConfigError` naming it, before any load, never
+    a hub lookup of a missing directory.
+    """
     name_or_path = settings.model.name_or_path
     if name_or_path is not None:
-        local = Path(name_or_path).expanduser()
-        return str(local) if local.exists() else name_or_path
+        from falqon_dist.train.preflight import check_model_source
+
+        check_model_source(name_or_path)
+        return str(Path(name_or_path).expanduser()) if is_local(name_or_path) else name_or_path
     from falqon_dist.models import build_tiny_model
 
     if tdist.is_initialized() and tdist.get_rank() != 0:
@@ -42,8 +52,11 @@ def resolve_model_path(settings: RunSettings) -> str:
     return str(path)
 
 
-def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer of ``path`` (pad = eos where it has none). ``trust_remote_code`` is passed
+    explicitly (a run's ``model.trust_remote_code``): False refuses a tokenizer that needs its own
+    code at once, instead of transformers' interactive prompt."""
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -92,9 +105,10 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
     set_cast_kernels(settings.fp8.cast)
     chosen = layer_filter(settings)
     if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
-        model, names = load_pretrained_zero3(path, ds_config, method.config, dtype=dtype, module_filter_fn=chosen)
+        model, names = load_pretrained_zero3(path, ds_config, method.config, dtype=dtype, module_filter_fn=chosen,
+                                             trust_remote_code=settings.model.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=settings.model.trust_remote_code)
         names = prepare_model(model, method.config, device=_local_accelerator(), module_filter_fn=chosen)
     if settings.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -5,12 +5,18 @@ values go together), which holds wherever the run's ``config.yaml`` is read agai
 of a finished run need no training data, no DeepSpeed JSON, no bitsandbytes. :func:`preflight`
 checks the rest, for training only, before the data or the model is loaded:
 
-* the model: ``model.name_or_path`` (a local directory with a ``config.json``) and, for FALQON,
-  ``method.rank`` / ``method.topk`` against every layer it will convert (the model is built from its
-  config on the meta device: no weight is read);
-* the files: ``data.path`` and each ``data.sources[i].path`` (a local file or directory),
+* the model: ``model.name_or_path`` is a local directory with a ``config.json``, or a hub id in the
+  local Hugging Face cache or reachable (:func:`check_model_source`; which of the two a name is:
+  :mod:`falqon_dist.hub_names`); a model that needs its own Python code is refused unless
+  ``model.trust_remote_code=true``; and, for FALQON, ``method.rank`` / ``method.topk`` against every
+  layer it will convert (the model is built from its config on the meta device: no weight is read);
+* the files: ``data.path`` and each ``data.sources[i].path`` (a local file or directory, or for
+  alpaca / oasst1 a hub dataset id: a local-looking name that does not exist is never sent to the hub),
   ``deepspeed.config`` (a JSON, merged with the run's settings and validated: see
   :mod:`falqon_dist.train.ds_config`);
+* the run directory, first and on rank 0 (every rank gets the verdict): a live run holding it, a
+  symbolic link at a file name a run writes, a fresh run into a directory holding a run (refused
+  unless ``run.overwrite=true``, which moves the old run aside: :mod:`falqon_dist.train.run_dir`);
 * the libraries: the FP8 backend (``fp8.backend=te`` needs Transformer Engine and an FP8 GPU) and
   bitsandbytes for ``method=qlora``.
 
@@ -20,16 +26,19 @@ Every failure is one :class:`ConfigError` naming the key and what would be valid
 from __future__ import annotations
 
 import dataclasses
-
+import json
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from falqon_dist.data.config import LOCAL_ONLY
+from falqon_dist.data.sources import is_hub_dataset
 from falqon_dist.fp8 import check_backend
+from falqon_dist.hub_names import hub_id_problem, hub_offline, is_local, local_reason
 from falqon_dist.train.ds_config import build_ds_config
 from falqon_dist.train.method_group import FP8_METHODS
+from falqon_dist.train.run_dir import check_run_dir_use
 from falqon_dist.train.settings import ConfigError, RunSettings
 
 #: Suffixes that make a ``data.path`` a local file (alpaca/oasst1 also take a hub dataset name).
@@ -38,7 +47,8 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 
 def preflight(settings: RunSettings, world_size: int) -> dict[str, Any]:
     """Check the machine and the files for ``settings``; return the run's DeepSpeed config."""
-    _check_model_dir(settings.model.name_or_path)
+    check_run_dir_use(settings.run_dir, resume=settings.train.resume, overwrite=settings.run_overwrite)
+    check_model_source(settings.model.name_or_path)
     _check_model_fits(settings)
     _check_data_path(settings.data.name, settings.data.path, "data.path")
     for index, source in enumerate(settings.data.sources):
@@ -87,7 +97,7 @@ def resolve_model_context(settings: RunSettings, cfg: DictConfig) -> RunSettings
         if model.name_or_path is None:
             length = EMBEDDED_MAX_LENGTH
         else:
-            config = _model_config(model.name_or_path)
+            config = _model_config(model.name_or_path, model.trust_remote_code)
             context = getattr(config, "max_position_embeddings", None) if config is not None else None
             if not isinstance(context, int) or context < 8:
                 raise ConfigError(
@@ -97,24 +107,107 @@ def resolve_model_context(settings: RunSettings, cfg: DictConfig) -> RunSettings
             length = min(context, CONTEXT_CAP)
         cfg.model.max_length = length
     if model.name_or_path is not None and name == "tiny":  # the embedded model's preset, with another model
-        name = Path(model.name_or_path).expanduser().name if _is_local(model.name_or_path) else model.name_or_path
+        name = Path(model.name_or_path).expanduser().name if is_local(model.name_or_path) else model.name_or_path
         cfg.model.name = name
     data = settings.data if settings.data.max_length is not None else dataclasses.replace(settings.data, max_length=length)
     return dataclasses.replace(settings, model=dataclasses.replace(model, max_length=length, name=name), data=data)
 
 
-def _is_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).exists()
+#: Seconds one request to the Hugging Face hub may take in :func:`check_model_source` (no retries:
+#: an unreachable hub is said at once, not after huggingface_hub's five back-offs).
+HUB_TIMEOUT_S = 10
 
 
-def _check_model_dir(path: str | None) -> None:
-    if path is None or not _is_local(path):
+def check_model_source(name_or_path: str | None, key: str = "model.name_or_path") -> None:
+    """``name_or_path`` names a model this process can load; one :class:`ConfigError` naming it if not.
+
+    Decided before any rank loads anything, so a wrong name is one line instead of a hub request
+    (and its network wait) on every rank. By :mod:`falqon_dist.hub_names`' rule a local name
+    (``/...``, ``./...``, ``~/...``, more than one ``/``, or a first component that exists here) must
+    be a directory with a ``config.json``: it is never looked up on the hub. Any other name must be a
+    valid hub id that is in the local Hugging Face cache or, the hub being reachable, on the hub: its
+    ``config.json`` is fetched into the cache (so the model checks after this read it). With
+    ``HF_HUB_OFFLINE=1`` or an unreachable hub, a name the cache does not hold is refused here.
+    ``None`` (the embedded tiny model) needs nothing.
+    """
+    if name_or_path is None:
         return
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise ConfigError(f"model.name_or_path={path!r}: no such model directory")
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path={path!r}: no config.json there (a Hugging Face model directory)")
+    reason = local_reason(name_or_path)
+    if reason is not None:
+        directory = Path(name_or_path).expanduser()
+        if not directory.is_dir():
+            what = "not a directory" if directory.exists() else "no such model directory"
+            raise ConfigError(f"{key}={name_or_path!r}: {what} (a local path, as {reason}: never looked up on the "
+                              "Hugging Face hub)")  # fmt: skip
+        if not (directory / "config.json").is_file():
+            raise ConfigError(f"{key}={name_or_path!r}: no config.json there (a Hugging Face model directory)")
+        return
+    problem = hub_id_problem(name_or_path)
+    if problem is not None:
+        raise ConfigError(f"{key}={name_or_path!r} is neither an existing local directory nor a Hugging Face hub id "
+                          f"('org/name'): {problem}")  # fmt: skip
+    _check_hub_model(name_or_path, key)
+
+
+def _check_hub_model(name: str, key: str) -> None:
+    """A hub id in the local cache, or fetched from the reachable hub (see :func:`check_model_source`)."""
+    import huggingface_hub as hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    if isinstance(hub.try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: loads offline too
+    not_there = f"{key}={name!r} is neither a local directory nor reachable: "
+    what_to_do = (f"its cache ({constants.HF_HUB_CACHE}) does not hold it. Give the model's local directory (a "
+                  f"relative one as ./{name}: a name like 'org/name' is a hub id), or download it first where the "
+                  f"hub is reachable (hf download {name})")  # fmt: skip
+    if hub_offline():
+        raise ConfigError(not_there + "the Hugging Face hub is off here (HF_HUB_OFFLINE=1) and " + what_to_do)
+    try:  # one HEAD, no retries; then the small config.json into the cache
+        hub.get_hf_file_metadata(hub.hf_hub_url(name, "config.json"), timeout=HUB_TIMEOUT_S)
+        hub.hf_hub_download(name, "config.json", etag_timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise ConfigError(f"{key}={name!r}: no such local directory, and the hub model {name} is gated: accept its "
+                          f"terms at https://huggingface.co/{name} and log in (hf auth login, or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"{key}={name!r}: no such local directory, and no model {name} on the Hugging Face hub (a "
+                          "private one needs a login: hf auth login, or HF_TOKEN)") from None
+    except EntryNotFoundError as error:
+        if isinstance(error, LocalEntryNotFoundError):  # huggingface_hub's "cannot connect and not cached"
+            raise ConfigError(not_there + "the Hugging Face hub cannot be reached and " + what_to_do) from None
+        raise ConfigError(f"{key}={name!r}: the hub repository {name} has no config.json (not a transformers "
+                          "model)") from None
+    except Exception as error:  # noqa: BLE001 - network errors have no common base across huggingface_hub versions
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ConfigError(not_there + f"the Hugging Face hub cannot be reached ({type(error).__name__}: {first}) "
+                          "and " + what_to_do) from None
+
+
+def _auto_map(name_or_path: str) -> dict[str, Any] | None:
+    """The ``auto_map`` of the model's config.json (local, or in the hub cache), if it has one."""
+    if is_local(name_or_path):
+        path: str | Path | None = Path(name_or_path).expanduser() / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(name_or_path, "config.json")
+    try:
+        auto_map = json.loads(Path(path).read_text()).get("auto_map") if isinstance(path, (str, Path)) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return auto_map if isinstance(auto_map, dict) else None
+
+
+def remote_code_refused(name_or_path: str) -> ConfigError:
+    """The error for a model that only loads by running its own Python, with trust_remote_code off."""
+    auto_map = _auto_map(name_or_path)
+    code = f" (its config.json's auto_map: {auto_map})" if auto_map else ""
+    return ConfigError(
+        f"model.name_or_path={name_or_path!r} needs its own Python code to load{code}, and "
+        "model.trust_remote_code=false: falqon_dist runs no code a model brings unless asked. Read that code, "
+        "then set model.trust_remote_code=true, or use a model transformers supports natively"
+    )
 
 
 def _check_model_fits(settings: RunSettings) -> None:
@@ -122,10 +215,9 @@ def _check_model_fits(settings: RunSettings) -> None:
     and topk against every layer it will convert (as ``convert_model`` checks them after the load),
     from the model's config alone."""
     method = settings.method
-    if method.name == "full":
-        return
-    config = _model_config(settings.model.name_or_path)
-    if config is None:  # a hub name not in the local cache: checked at conversion
+    trust = settings.model.trust_remote_code
+    config = _model_config(settings.model.name_or_path, trust)  # a model needing its own code: refused here
+    if config is None or method.name == "full":  # None: a hub name not in the local cache (checked at conversion)
         return
     import torch
     from transformers import AutoModelForCausalLM
@@ -134,7 +226,12 @@ def _check_model_fits(settings: RunSettings) -> None:
     from falqon_dist.method.swap import select_modules
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        try:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+        except ValueError as error:
+            if "trust_remote_code" in str(error):
+                raise remote_code_refused(settings.model.name_or_path) from None
+            raise
     try:
         chosen = select_modules(model, method.target_modules, method.exclude_modules)
     except ValueError as error:
@@ -152,28 +249,44 @@ def _check_model_fits(settings: RunSettings) -> None:
                           "multiples of 16: nothing to convert")  # fmt: skip
 
 
-def _model_config(name_or_path: str | None):
-    """The model's transformers config, read locally (None where only the hub has it)."""
+def _model_config(name_or_path: str | None, trust_remote_code: bool = False):
+    """The model's transformers config, read locally (None where only the hub has it), never running
+    the model's own code unless ``trust_remote_code`` (:func:`remote_code_refused` otherwise)."""
     if name_or_path is None:
         from falqon_dist.models import tiny_config
 
         return tiny_config()
     from transformers import AutoConfig
 
-    local = _is_local(name_or_path)
+    local = is_local(name_or_path)
     try:
         return AutoConfig.from_pretrained(str(Path(name_or_path).expanduser()) if local else name_or_path,
-                                          local_files_only=True)  # fmt: skip
+                                          local_files_only=True, trust_remote_code=trust_remote_code)  # fmt: skip
     except (OSError, ValueError, TypeError) as error:  # TypeError: a field of the wrong type
+        if isinstance(error, ValueError) and "trust_remote_code" in str(error):
+            raise remote_code_refused(name_or_path) from None
         if local:
             raise ConfigError(f"model.name_or_path={name_or_path!r}: its config.json cannot be read ({error})") from None
         return None
 
 
 def _check_data_path(name: str, path: str | tuple[str, ...] | None, key: str) -> None:
+    """Each path of ``key`` exists, or (alpaca / oasst1 only) is a hub dataset id: a local-looking
+    name (:mod:`falqon_dist.hub_names`, or a data file suffix) that does not exist is one error here,
+    never a hub request later."""
     for one in path if isinstance(path, tuple) else (path,):
         if one is None or Path(one).expanduser().exists():
             continue
-        if name in LOCAL_ONLY or one.startswith((".", "/", "~")) or one.endswith(LOCAL_SUFFIXES):
-            shown = f"{key}={one!r}" if one == path else f"{key}: {one!r}"
-            raise ConfigError(f"{shown}: no such file or directory")
+        if is_hub_dataset(name, one):
+            continue  # read from the hub when the data is built
+        shown = f"{key}={one!r}" if one == path else f"{key}: {one!r}"
+        reason = local_reason(one)
+        if reason is None and one.endswith(LOCAL_SUFFIXES):
+            reason = f"it ends with {Path(one).suffix!r}"
+        if reason is None and name in LOCAL_ONLY:
+            reason = f"data={name} reads local files only"
+        if reason is not None:
+            raise ConfigError(f"{shown}: no such file or directory (a local path, as {reason}: never looked up on "
+                              "the Hugging Face hub)")  # fmt: skip
+        problem = hub_id_problem(one) or "a hub dataset id is 'org/name'"
+        raise ConfigError(f"{shown}: no such file or directory, and not a Hugging Face hub dataset id: {problem}")

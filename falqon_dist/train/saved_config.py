@@ -3,14 +3,24 @@
 Only coherence is checked here (:func:`~falqon_dist.train.settings.validate`): the training data,
 the user's DeepSpeed JSON and the training libraries need not exist any more (that is
 :func:`~falqon_dist.train.preflight.preflight`'s job, before training).
+
+**A saved config never resolves the reader's environment.** Training writes its config resolved
+(every ``${...}`` replaced by its value), so a saved config holds plain values only. Every read-back
+of one (a run's ``config.yaml``, the ``config`` object of an export's ``falqon_run.json``) goes
+through :func:`read_saved_config`, which loads it without running any resolver and refuses any
+string that still holds ``${``: resolving it would run *the reader's* resolvers on someone else's
+file (``wandb.name: ${oc.env:WANDB_API_KEY}`` in a shared run directory would otherwise be resolved
+by an export and written into its ``falqon_run.json``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from falqon_dist.fp8 import check_backend
 from falqon_dist.train.settings import ConfigError, RunSettings, validate
@@ -33,8 +43,78 @@ def load_run_config(run_dir: str | Path) -> tuple[DictConfig, RunSettings]:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise RestoreError(f"{path} not found: run.dir must be a training run directory (rank 0 writes {CONFIG_FILE})")
-    cfg = OmegaConf.load(path)
+    cfg = read_saved_config(path)
     return cfg, validate_saved_config(cfg, str(path))
+
+
+#: What starts an OmegaConf interpolation (``${key}``, ``${oc.env:NAME}``, any resolver).
+INTERPOLATION = "${"
+
+
+def find_interpolation(tree: Any, prefix: str = "") -> tuple[str, str] | None:
+    """The first ``(dotted key, string)`` of ``tree`` (plain dicts, lists and scalars) whose string
+    holds an interpolation, or None. List items are named ``key[i]``. An OmegaConf container is
+    read with ``resolve=False`` (iterating it would resolve its values)."""
+    if isinstance(tree, (DictConfig, ListConfig)):
+        tree = OmegaConf.to_container(tree, resolve=False)
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            found = find_interpolation(value, f"{prefix}.{key}" if prefix else str(key))
+            if found is not None:
+                return found
+    elif isinstance(tree, (list, tuple)):
+        for index, value in enumerate(tree):
+            found = find_interpolation(value, f"{prefix}[{index}]")
+            if found is not None:
+                return found
+    elif isinstance(tree, str) and INTERPOLATION in tree:
+        return prefix, tree
+    return None
+
+
+def check_no_interpolation(tree: Any, where: str) -> None:
+    """:class:`RestoreError` naming ``where`` and the dotted key if any string of ``tree`` holds ``${``."""
+    found = find_interpolation(tree)
+    if found is None:
+        return
+    key, value = found
+    shown = value if len(value) <= 120 else value[:117] + "..."
+    raise RestoreError(
+        f"{where}: key {key} holds an interpolation {shown!r}; a saved config is written resolved, so this "
+        f"file was edited or made elsewhere: replace it with the plain value (a saved config is never "
+        f"resolved when it is read back: that would run this machine's resolvers, e.g. read its environment)"
+    )
+
+
+def read_saved_config(source: str | Path | Mapping[str, Any], where: str | None = None) -> DictConfig:
+    """A saved run config, loaded without any resolver: the one way a saved config is read back.
+
+    ``source`` is a ``config.yaml`` path, or the already-parsed ``config`` object of a
+    ``falqon_run.json`` (then ``where`` names it in errors; for a path, ``where`` defaults to the
+    path). The YAML (or object) is turned into plain containers with ``resolve=False`` and every
+    string is checked before the tree becomes a config anything could resolve: one holding ``${``
+    is a :class:`RestoreError` naming the file and the dotted key. So are a file that is missing,
+    not YAML, or not a mapping. The returned config holds no interpolation at all.
+    """
+    if isinstance(source, Mapping):
+        where = where or "saved config"
+        tree: Any = OmegaConf.to_container(source, resolve=False) if isinstance(source, DictConfig) else source
+    else:
+        path = Path(source)
+        where = where or str(path)
+        if not path.is_file():
+            raise RestoreError(f"{where}: no such file (a training run's {CONFIG_FILE})")
+        try:
+            loaded = OmegaConf.load(path)  # parses only: interpolations are resolved on access, never here
+        except Exception as error:  # noqa: BLE001 - yaml's and OmegaConf's parse errors have no common base
+            raise RestoreError(f"{where}: not a readable YAML config ({type(error).__name__}: {error})") from None
+        if not isinstance(loaded, DictConfig):
+            raise RestoreError(f"{where}: expected a mapping of config groups (a training run's {CONFIG_FILE})")
+        tree = OmegaConf.to_container(loaded, resolve=False)
+    if not isinstance(tree, Mapping):
+        raise RestoreError(f"{where}: expected a mapping of config groups, got {type(tree).__name__}")
+    check_no_interpolation(tree, where)
+    return OmegaConf.create(dict(tree))
 
 
 def validate_saved_config(cfg: DictConfig | dict, where: str) -> RunSettings:
@@ -44,8 +124,11 @@ def validate_saved_config(cfg: DictConfig | dict, where: str) -> RunSettings:
     training libraries need not exist here: that is :func:`preflight`'s job). ``export.enabled`` is
     switched off (the method check names that problem itself), and ``fp8.backend=te`` becomes
     ``auto`` where Transformer Engine cannot run (the FP8 bytes do not depend on the backend; eval
-    runs on the one ``auto`` picks). Raises :class:`RestoreError` naming ``where``.
+    runs on the one ``auto`` picks). Raises :class:`RestoreError` naming ``where``, also for a
+    string holding an interpolation (:func:`check_no_interpolation`: checked before anything resolves
+    ``cfg``; read saved configs with :func:`read_saved_config`).
     """
+    check_no_interpolation(cfg, where)
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     if OmegaConf.select(cfg, "export.enabled"):
         cfg.export.enabled = False

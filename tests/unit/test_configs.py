@@ -286,7 +286,7 @@ def test_a_run_trained_with_te_restores_anywhere(tmp_path):
     from falqon_dist.train.saved_config import load_run_config
 
     cfg = compose_cfg(["fp8.backend=te", f"run.dir={tmp_path}"])
-    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)  # as the trainer writes it
     _, settings = load_run_config(tmp_path)
     assert settings.fp8.backend == "auto"
 
@@ -297,7 +297,7 @@ def test_configs_saved_before_a_key_existed_still_restore(tmp_path):
 
     from falqon_dist.train.saved_config import load_run_config
 
-    cfg = OmegaConf.to_container(compose_cfg([f"run.dir={tmp_path}"]))
+    cfg = OmegaConf.to_container(compose_cfg([f"run.dir={tmp_path}"]), resolve=True)
     del cfg["method"]["cache_weight_transpose"], cfg["method"]["init"]
     OmegaConf.save(OmegaConf.create(cfg), tmp_path / "config.yaml")
     _, settings = load_run_config(tmp_path)
@@ -314,7 +314,7 @@ def test_a_moved_key_reads_as_its_new_one_in_saved_configs_and_resumes(method, t
     from falqon_dist.train.saved_config import load_run_config
 
     stage = ["deepspeed.zero_stage=2"]
-    cfg = OmegaConf.to_container(compose_cfg([f"method={method}", f"run.dir={tmp_path}", *stage]))
+    cfg = OmegaConf.to_container(compose_cfg([f"method={method}", f"run.dir={tmp_path}", *stage]), resolve=True)
     cfg["method"].pop("cache_weight_transpose", None)
     cfg["fp8"]["cache_weight_transpose"] = True
     OmegaConf.save(OmegaConf.create(cfg), tmp_path / "config.yaml")

@@ -219,7 +219,8 @@ def test_model_setup_passes_the_method_settings(bnb, monkeypatch: pytest.MonkeyP
 
     class Loader:
         @staticmethod
-        def from_pretrained(path, dtype):
+        def from_pretrained(path, dtype, trust_remote_code):
+            assert trust_remote_code is False  # model.trust_remote_code's default, passed explicitly
             return tiny_llama(dtype)
 
     monkeypatch.setattr(model_setup, "AutoModelForCausalLM", Loader)
