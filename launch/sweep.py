@@ -14,8 +14,12 @@ launches one multi-rank job per point, sequentially, each in its own run directo
 ``--include``/``--exclude``, ``--launcher pdsh|slurm|...``). ``--grid`` takes ``key=v1,v2,...`` axes
 (a comma inside brackets or braces belongs to its value: lists are values too); everything after
 ``--`` is passed to every job. Jobs go to ``<root>/<name>/<key-value_key-value...>`` (a long name is
-cut and ends with a hash of the whole); a failed job is reported and the sweep goes on (``--stop-on-error``
-stops it). Prints a table of final eval metrics read from each job's metrics.jsonl.
+cut and ends with a hash of the whole; two points whose names would be the same, such as ``[a,b]``
+and ``[a, b]``, each get a hash of their exact overrides appended: every point has its own
+directory); a failed job is reported and the sweep goes on (``--stop-on-error`` stops it). Prints a
+table of final eval metrics read from each job's metrics.jsonl. Running a sweep again into the same
+``--root``/``--name`` finds its run directories used: each job is refused unless ``-- train.resume=true``
+(continue them) or ``-- run.overwrite=true`` (start over, the old runs moved aside).
 """
 
 from __future__ import annotations
@@ -66,12 +70,44 @@ def expand(axes: list[str]) -> list[list[str]]:
 
 
 def run_label(combo: list[str]) -> str:
-    """A directory name for one combination: ``method-lora_train.lr-0.1`` (a Hydra override value
-    must not hold ``,``, ``=``, brackets or spaces, and neither may a path component hold ``/``)."""
-    label = re.sub(r"[^\w.+-]+", "-", "_".join(combo)).strip("-")
+    """A directory name for one combination: ``method-lora_train.lr-0.1``, each override normalized
+    to letters, digits and ``.+-`` (a Hydra override value must not hold ``,``, ``=``, brackets or
+    spaces, and neither may a path component hold ``/``), none starting or ending with ``-`` or
+    ``.`` (so no label is ``.``, ``..`` or hidden), joined by ``_``. Different
+    combinations may get the same label (``[a,b]`` and ``[a, b]``): :func:`run_labels` tells them apart."""
+    parts = (re.sub(r"[^\w.+-]+", "-", override).strip("-.") for override in combo)  # "k=[a, b]" -> "k-a-b"
+    label = "_".join(part for part in parts if part) or "run"
     if len(label) > 100:
         label = f"{label[:80]}-{hashlib.sha1('_'.join(combo).encode()).hexdigest()[:10]}"
     return label
+
+
+def _digest(combo: list[str], length: int) -> str:
+    """A hash of the exact override strings of ``combo`` (NUL-separated: no two lists join alike),
+    the same on every machine and run."""
+    return hashlib.sha1("\0".join(combo).encode()).hexdigest()[:length]
+
+
+def run_labels(combos: list[list[str]]) -> list[str]:
+    """One label per combination, all different: :func:`run_label`, and where several combinations
+    share one (compared ignoring case, as macOS file systems do), a short hash of each one's exact
+    overrides appended to each of them. Deterministic: the same grid gives the same directories.
+    A combination given twice is refused (it would run twice into one directory)."""
+    seen: set[tuple[str, ...]] = set()
+    for combo in combos:
+        if tuple(combo) in seen:
+            raise SystemExit(f"--grid: the combination {' '.join(combo)} appears twice (a value repeated in an axis?)")
+        seen.add(tuple(combo))
+    base = [run_label(combo) for combo in combos]
+    for length in (8, 16, 40):
+        counts: dict[str, int] = {}
+        for label in base:
+            counts[label.casefold()] = counts.get(label.casefold(), 0) + 1
+        labels = [f"{label}-{_digest(combo, length)}" if counts[label.casefold()] > 1 else label
+                  for label, combo in zip(base, combos)]  # fmt: skip
+        if len({label.casefold() for label in labels}) == len(labels):
+            return labels
+    raise SystemExit("--grid: cannot give every combination its own directory name")  # a sha1 collision
 
 
 def final_metrics(run_dir: Path) -> dict:
@@ -101,8 +137,8 @@ def main() -> None:
         ["--num_gpus", str(args.num_gpus)] if choose else [])
     launcher += flags
     results = []
-    for combo in expand(args.grid):
-        label = run_label(combo)
+    combos = expand(args.grid)
+    for combo, label in zip(combos, run_labels(combos)):
         run_dir = (REPO / args.root / args.name / label).resolve()
         cmd = [*launcher, str(REPO / "launch" / "train.py"), *common, *combo, f"run.dir={run_dir}"]
         print(" ".join(cmd), flush=True)

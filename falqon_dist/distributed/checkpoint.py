@@ -47,6 +47,7 @@ import torch.distributed as tdist
 
 from falqon_dist.distributed.safe_load import NUMPY_ARRAY, load_file, use_safe_loads, weights_only_loads
 from falqon_dist.distributed.waits import barrier
+from falqon_dist.files import write_atomic
 
 LATEST = "latest"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
@@ -96,20 +97,9 @@ def _from_rank0(flag: bool) -> bool:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically: a fresh ``mkstemp`` file (never a path someone
-    could have planted a symlink at), fsynced, renamed over ``path`` (a link there is replaced, its
-    target untouched)."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Replace ``path`` with ``text`` atomically (:func:`falqon_dist.files.write_atomic`: a fresh
+    ``mkstemp`` file renamed over it; a symbolic link planted at ``path`` is refused, never followed)."""
+    write_atomic(path, text)
 
 
 def saved_world_size(ckpt_dir: str | Path, tag: str) -> int:

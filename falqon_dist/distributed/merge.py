@@ -95,8 +95,9 @@ def merge_all(model: nn.Module, masters: ProxyMasters, step: int = 0) -> MergeSt
 def fold_all(model: nn.Module, masters: ProxyMasters) -> MergeStats:
     """Fold what every layer's B still holds into the FP8 backbone and zero B and its master, on
     every rank (``FalqonLinear.fold_`` under ZeRO 0–3): afterwards the model computes exactly what
-    its FP8 export holds. The trainer calls it once, after the last step; an export of the
-    checkpoint saved after it merges nothing more."""
+    its FP8 export holds. B is read in the model's dtype (the master rounded as the parameter is),
+    which is what a checkpoint's module state holds: the export of the checkpoint saved just before
+    the fold (``launch/export.py``) folds the same values into the same bytes."""
     return _merge_layers(model, masters, 0, fold=True)
 
 
@@ -106,6 +107,8 @@ def _merge_layers(model: nn.Module, masters: ProxyMasters, step: int, *, fold: b
         if not (fold or layer.merge_due(step)):  # method.merge_every: B keeps accumulating until its step
             continue
         proxy = masters.read_full(layer.B)
+        if fold:  # B as the model (and so its checkpoint's module state) holds it: an export folds that
+            proxy = proxy.to(layer.B.dtype).float()
         rows = None if fold else layer.rows_to_merge(proxy)
         if is_partitioned(layer.qweight) and not layer.qweight.data.numel():
             merge = _merge_partitioned(layer, proxy, rows, step, fold)

@@ -8,10 +8,11 @@ intact under ``.<name>.old-<id>``.
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from pathlib import Path
+
+from falqon_dist.files import umask
 
 
 def check_destination(out_dir: Path, overwrite: bool) -> None:
@@ -22,12 +23,6 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"export destination {out_dir} exists and is not empty; pass overwrite=True to replace it"
         )
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 class StagedDirectory:
@@ -50,7 +45,7 @@ class StagedDirectory:
         the umask): some writers (safetensors) create theirs ``0600``, which a server running under
         another account could not read while it reads the config beside it."""
         check_destination(self.out_dir, self.overwrite)
-        mode = 0o666 & ~_umask()
+        mode = 0o666 & ~umask()
         for path in self.path.rglob("*"):
             if path.is_file() and not path.is_symlink():
                 path.chmod(mode)

@@ -8,9 +8,10 @@
 * DeepSpeed's CPU communication op leaves a shared-memory segment per rank in /dev/shm forever; each
   rank unlinks its own once all have mapped them (:mod:`falqon_dist.distributed.shm_segments`).
 * Nothing here waits silently or without bound (``dist.timeout_s``, read from the command line
-  before Hydra runs): stale torch-extension build locks are cleared before DeepSpeed loads its ops
-  (:mod:`falqon_dist.distributed.build_locks`), and the rendezvous names the ranks that have not joined
-  while it waits and when it gives up.
+  before Hydra runs): stale torch-extension build locks are cleared before DeepSpeed loads its ops,
+  and every lock this process takes from then on records its owner, so it is known stale at once
+  if this process dies while building (:mod:`falqon_dist.distributed.build_locks`); the rendezvous
+  names the ranks that have not joined while it waits and when it gives up.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as tdist
 from omegaconf import OmegaConf
 
-from falqon_dist.distributed.build_locks import clear_stale_build_locks
+from falqon_dist.distributed.build_locks import clear_stale_build_locks, stamp_build_locks
 from falqon_dist.distributed.rendezvous import rendezvous
 from falqon_dist.distributed.shm_segments import release_own_segment, sweep_stale_segments
 from falqon_dist.distributed.waits import announced, barrier
@@ -110,6 +111,7 @@ def init_process_group(timeout_s: float) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     local_leader = os.environ.get("LOCAL_RANK", "0") == "0"
+    stamp_build_locks()  # a lock this process takes names it: a run killed mid-build leaves a lock known stale
     clear_stale_build_locks(remove=local_leader, wait_s=timeout_s)
     if local_leader:
         sweep_stale_segments()

@@ -1,6 +1,8 @@
 """Rank-0 outputs of a run: train.log, metrics.jsonl, the resolved config, a progress bar.
 
 Every writer is a no-op on ranks other than 0, so the training loop can call them unconditionally.
+Both files are opened without following a symbolic link (:mod:`falqon_dist.files`): a link planted
+at ``train.log`` or ``metrics.jsonl`` is refused, never appended through to its target.
 """
 
 from __future__ import annotations
@@ -11,11 +13,33 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tqdm.auto import tqdm
 
+from falqon_dist.files import open_no_follow, write_atomic
+
 LOGGER_NAME = "falqon_dist"
+
+#: Lines said before train.log existed (:func:`note_before_logging`), written into it when it opens.
+_EARLY_NOTES: list[str] = []
+
+
+def note_before_logging(message: str) -> None:
+    """Say ``message`` on stderr now (rank 0 calls this before logging is set up, e.g. where
+    ``run.overwrite=true`` moved the previous run), and again into ``train.log`` once
+    :func:`setup_logging` opens it, so the run's own log says it too."""
+    print(f"falqon_dist: {message}", file=sys.stderr, flush=True)
+    _EARLY_NOTES.append(message)
+
+
+class NoFollowFileHandler(logging.FileHandler):
+    """A :class:`logging.FileHandler` whose file is opened with :func:`~falqon_dist.files.open_no_follow`:
+    a symbolic link (or a FIFO, or a hard-linked file) at the log's name raises
+    :class:`~falqon_dist.files.UnsafeFileError` naming it instead of writing through it."""
+
+    def _open(self) -> IO[str]:  # the one place FileHandler opens its stream (at construction and after a close)
+        return open_no_follow(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors)
 
 
 def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
@@ -28,10 +52,13 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
     console.setFormatter(fmt)
     logger.addHandler(console)
     if rank == 0:
-        file_handler = logging.FileHandler(run_dir / "train.log")
+        file_handler = NoFollowFileHandler(run_dir / "train.log")
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
         logger.setLevel(logging.INFO)
+        for note in _EARLY_NOTES:  # already on stderr: into the file only
+            file_handler.handle(logger.makeRecord(LOGGER_NAME, logging.WARNING, __file__, 0, note, None, None))
+        _EARLY_NOTES.clear()
     else:
         logger.setLevel(logging.WARNING)
     return logger
@@ -47,13 +74,16 @@ class MetricsWriter:
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None) -> None:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and _step_of(line) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            with open_no_follow(path, "r") as handle:
+                lines = handle.read().splitlines()
+            kept = [line for line in lines if line.strip() and _step_of(line) <= resume_step]
+            write_atomic(path, "".join(line + "\n" for line in kept))  # a crash here keeps the old history
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one line (never through a symbolic link at ``metrics.jsonl``)."""
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
+        with open_no_follow(self.path, "a") as handle:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from falqon_dist.config_checks import check_choice, check_int, check_number
+from falqon_dist.config_checks import check_bool, check_choice, check_int, check_number
 from falqon_dist.data import DataConfig
 from falqon_dist.distributed.config import DeepSpeedConfig
 from falqon_dist.fp8.config import Fp8Config
@@ -54,6 +54,10 @@ class RunSettings:
     export: bool
     #: Bound of every wait on other ranks (rendezvous, collectives, barriers, op builds), seconds.
     dist_timeout_s: float = 300.0
+    #: ``run.overwrite``: a fresh run into a run.dir that holds a run moves that run aside first
+    #: (:func:`falqon_dist.train.run_dir.prepare_run_dir`); false (also for configs saved before the
+    #: key existed): such a run is refused.
+    run_overwrite: bool = False
 
     @property
     def uses_wandb(self) -> bool:
@@ -104,8 +108,10 @@ def validate(cfg: DictConfig | dict) -> RunSettings:
     run = tree["run"]
     if run.get("dir") is None:
         raise ConfigError("run.dir must be set (launch/train.py sets it for every rank)")
+    overwrite = run.get("overwrite", False)  # configs saved before run.overwrite have none
     with named_as("run."):
         check_int("", "seed", run.get("seed"))
+        check_bool("", "overwrite", overwrite)
     with named_as("model."):
         model = ModelConfig(**tree["model"])
     with named_as("fp8."):
@@ -121,6 +127,10 @@ def validate(cfg: DictConfig | dict) -> RunSettings:
     _check_combinations(method, deepspeed, export)
     with named_as("train."):
         train = TrainConfig(**tree["train"])
+    if train.resume and overwrite:
+        raise ConfigError("train.resume=true and run.overwrite=true contradict each other: train.resume=true "
+                          "continues the run in run.dir, run.overwrite=true moves it aside to start over; "
+                          "set one of them to false")  # fmt: skip
     timeout = tree.get("dist", {}).get("timeout_s", 300.0)  # configs saved before dist.timeout_s have no `dist`
     with named_as("dist."):
         check_number("", "timeout_s", timeout, 0.0, low_open=True)
@@ -137,4 +147,5 @@ def validate(cfg: DictConfig | dict) -> RunSettings:
         wandb=tree["wandb"],
         export=export,
         dist_timeout_s=float(timeout),
+        run_overwrite=overwrite,
     )

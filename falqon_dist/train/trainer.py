@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from falqon_dist.data import DataBundle, build_data
 from falqon_dist.distributed import checkpoint, initialize
 from falqon_dist.distributed.waits import announced, barrier, errors_of_every_rank
+from falqon_dist.files import open_no_follow, write_atomic
 from falqon_dist.method.merge_math import COUNT_NAMES
 from falqon_dist.train.batches import BatchStream
 from falqon_dist.train.preflight import preflight, resolve_model_context
@@ -113,7 +114,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.run_lock, resume_warnings = self._claim_run_dir(cfg)  # before anything is written
         if self.is_main:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            write_atomic(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         barrier("see the run directory created by rank 0")
         setup_logging(self.run_dir, self.rank)
         for warning in resume_warnings:
@@ -172,7 +173,7 @@ class Trainer:
         log.info("run dir %s | %d rank(s) | method=%s | ZeRO-%d | %s", self.run_dir, self.world, s.method.name,
                  s.deepspeed.zero_stage, s.model.dtype)
         model_path = self.model_path = resolve_model_path(s)
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path, s.model.trust_remote_code)
         self.data = self._load_data()
         log.info("data=%s: %d train rows, %d eval rows (%d train examples dropped: too long)", s.data.name,
                  len(self.data.train), len(self.data.eval), self.data.train_stats.dropped)
@@ -231,20 +232,16 @@ class Trainer:
             )
         return out
 
-    def evaluate_as_exported(self, step: int) -> dict[str, float]:
-        """The final evaluation, of the model an FP8 export holds.
+    def fold_and_evaluate(self, trained: dict[str, float]) -> dict[str, float]:
+        """The final evaluation of the model an FP8 export holds, where the forward adds B's term
+        (the carry, unmerged rows, updates between merges; ``engine.adds_proxy_term``).
 
-        Where the forward adds B's term (the carry, unmerged rows, updates between merges), B is
-        folded into the FP8 bytes first (``engine.fold_carry``: every row, nearest, B zeroed) and
-        the model is evaluated before (losses only) and after: the reported metrics are the folded model's, what
-        ``launch/export.py`` writes from the checkpoint saved next; ``before_fold/*`` keeps the
-        training forward's, and the log says what the fold cost. Other methods: one evaluation.
+        B is folded into the FP8 bytes (``engine.fold_carry``: every row, nearest, B zeroed) after
+        the last checkpoint was saved, and the model evaluated again: the reported metrics are the
+        folded model's, the bytes ``export.enabled`` and ``launch/export.py`` (which folds the
+        checkpoint's B the same way) write; ``before_fold/*`` keeps ``trained``, the training
+        forward's, and the log says what the fold cost.
         """
-        if step == self.start_step and self.resumed_from is not None:  # nothing trained since the checkpoint
-            return self.evaluate()
-        if not self.engine.adds_proxy_term():  # B adds nothing to any forward: the model is its export
-            return self.evaluate()
-        trained = self.evaluate(generate=False)  # the losses suffice to say what the fold cost
         self.engine.fold_carry()
         shipped = self.evaluate()
         if "eval_loss" in trained:
@@ -341,9 +338,11 @@ class Trainer:
             if s.save_every and step % s.save_every == 0 and step != s.max_steps:
                 self.save(step)
         bar.close()
-        after = self.evaluate_as_exported(s.max_steps)
+        folds = self.engine.adds_proxy_term()
+        trained = self.evaluate(generate=not folds)  # with a fold, the losses suffice to say what it cost
+        self.save(s.max_steps)  # the exact training state: a resume continues as an uninterrupted run would
+        after = self.fold_and_evaluate(trained) if folds else trained
         self.log_record({"step": s.max_steps, **after})
-        self.save(s.max_steps)
         return {"before": before, "after": after, "tokens_per_s": float(np.median(speeds)) if speeds else None}
 
     def log_record(self, record: dict[str, Any], progress: str | None = None) -> None:
@@ -397,7 +396,7 @@ class Trainer:
             lines.append(f" FP8 export         {export_dir}")
         lines.append("=" * 64)
         print("\n".join(lines), flush=True)
-        with open(self.run_dir / "train.log", "a") as handle:  # the summary stays with the run, not only on stdout
+        with open_no_follow(self.run_dir / "train.log", "a") as handle:  # the summary stays with the run, not only on stdout
             handle.write("\n".join(lines[1:]) + "\n")
         if self.wandb is not None:
             self.wandb.summary({f"final_{k}": v for k, v in after.items()})
@@ -446,7 +445,7 @@ def report_crash(exc: BaseException, run_dir: Path | None) -> None:
     if run_dir is not None and run_dir.is_dir():
         path = run_dir / f"error_rank{rank}.txt"
         with contextlib.suppress(OSError):
-            path.write_text(trace)
+            write_atomic(path, trace)
             saved = f"; traceback in {path}"
     if os.environ.get(DEBUG_ENV):
         print(trace, file=sys.stderr, flush=True)

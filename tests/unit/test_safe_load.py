@@ -145,14 +145,18 @@ def test_latest_and_checkpoint_directories_may_not_be_links(tmp_path):
             checkpoint.resolve_tag(ckpt, tag)
 
 
-def test_the_latest_pointer_is_replaced_not_written_through(tmp_path):
-    """A link planted at ``latest`` is replaced by the new pointer; its target is untouched."""
+def test_the_latest_pointer_is_never_written_through_a_link(tmp_path):
+    """A link planted at ``latest`` is refused; its target is untouched, no temporary is left."""
+    from falqon_dist.files import UnsafeFileError
+
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
     (ckpt / "latest").symlink_to(victim)
+    with pytest.raises(UnsafeFileError, match="symbolic link"):
+        checkpoint._atomic_write_text(ckpt / "latest", "step_00000003")
+    assert victim.read_text() == "precious" and sorted(p.name for p in ckpt.iterdir()) == ["latest"]
+    (ckpt / "latest").unlink()
     checkpoint._atomic_write_text(ckpt / "latest", "step_00000003")
-    assert victim.read_text() == "precious"
-    assert not (ckpt / "latest").is_symlink() and (ckpt / "latest").read_text() == "step_00000003"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest"]  # no temporary left behind
+    assert (ckpt / "latest").read_text() == "step_00000003" and sorted(p.name for p in ckpt.iterdir()) == ["latest"]

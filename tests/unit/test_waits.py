@@ -93,6 +93,114 @@ def test_only_the_remover_removes(tmp_path, monkeypatch):
     assert not lock.exists()
 
 
+def _sleeper() -> subprocess.Popen:
+    """A live process on this host that holds no lock file open (as a builder whose descriptors
+    this user cannot see)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def _stamp(lock: Path, line: str) -> None:
+    past = lock.stat().st_mtime
+    lock.write_text(line)
+    os.utime(lock, (past, past))  # the stamp does not make the build directory look busy
+
+
+def test_a_lock_whose_builder_on_this_host_died_is_removed_at_once(tmp_path):
+    """A builder killed mid-build (SIGKILL: no release) leaves a lock naming it: removed at once, even
+    though its build directory changed a moment ago (the old check waited for 30 quiet seconds)."""
+    lock = tmp_path / "falqon_op" / "lock"
+    lock.parent.mkdir()
+    code = ("import sys, time; from torch.utils.file_baton import FileBaton\n"
+            "from falqon_dist.distributed.build_locks import stamp_build_locks\n"
+            f"stamp_build_locks(); assert FileBaton({str(lock)!r}).try_acquire(); print('building', flush=True); "
+            "time.sleep(60)")
+    builder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert any(line.strip() == "building" for line in iter(builder.stdout.readline, ""))
+        owner = build_locks.read_owner(lock)
+        assert owner is not None and owner["pid"] == str(builder.pid) and owner["host"] == build_locks.this_host()["host"]
+        with pytest.raises(StaleLockError, match=f"held by pid {builder.pid}"):  # alive: waited for, never removed
+            clear_stale_build_locks(tmp_path, wait_s=0.5, emit=lambda _: None)
+    finally:
+        builder.kill()
+        builder.wait()
+    lines: list[str] = []
+    start = time.monotonic()
+    assert clear_stale_build_locks(tmp_path, wait_s=30, emit=lines.append) == [lock]
+    assert time.monotonic() - start < 5 and not lock.exists()
+    assert any(f"its builder, pid {builder.pid} on this host" in line and "is gone" in line for line in lines), lines
+
+
+def test_a_live_builder_on_this_host_is_waited_for_however_quiet(tmp_path):
+    """A lock an hour quiet whose recorded builder still runs here (its descriptors invisible to this
+    user): the old check removed it; it is a live build."""
+    lock = _plant(tmp_path)
+    builder = _sleeper()
+    try:
+        _stamp(lock, build_locks.owner_line(builder.pid))
+        with pytest.raises(StaleLockError, match=f"built by pid {builder.pid} on this host since .*, still running"):
+            clear_stale_build_locks(tmp_path, wait_s=1.0, emit=lambda _: None)
+        assert lock.exists()
+    finally:
+        builder.kill()
+        builder.wait()
+
+
+def test_a_reused_pid_is_not_the_builder(tmp_path):
+    lock = _plant(tmp_path, age_s=0)
+    line = build_locks.owner_line(os.getpid())  # this process is alive, but started after "the builder"
+    _stamp(lock, line.replace(f"start={build_locks._start_time(os.getpid())}", "start=1"))
+    assert clear_stale_build_locks(tmp_path, wait_s=5, emit=lambda _: None) == [lock]
+
+
+def test_a_lock_of_another_host_is_stale_only_after_the_build_bound(tmp_path):
+    """A build on another host of a shared file system writes nothing for minutes while nvcc runs:
+    the old check took it for stale after 30 s and removed the lock of a live build."""
+    here = build_locks.this_host()["host"]
+    lock = _plant(tmp_path, age_s=600)  # ten quiet minutes
+    _stamp(lock, build_locks.owner_line(os.getpid()).replace(f"host={here}", "host=gpu-node-7"))
+    lines: list[str] = []
+    with pytest.raises(StaleLockError, match=f"built by pid {os.getpid()} on gpu-node-7 since .*, which this host "
+                                             "cannot check.*stale after 1800s without a change.*running on any host"):
+        clear_stale_build_locks(tmp_path, wait_s=1.0, emit=lines.append)
+    assert lock.exists() and not any("removed" in line for line in lines)
+    past = time.time() - 2 * build_locks.BUILD_QUIET_BOUND_S  # quiet for longer than any build: stale
+    for path in (*lock.parent.iterdir(), lock.parent):
+        os.utime(path, (past, past))
+    assert clear_stale_build_locks(tmp_path, emit=lines.append) == [lock]
+    assert any("on gpu-node-7" in line and "removed the stale build lock" in line for line in lines), lines
+
+
+def test_an_unknown_builders_lock_quiet_for_minutes_is_still_a_build(tmp_path):
+    lock = _plant(tmp_path, age_s=120)  # empty: made by a process that does not stamp (plain torch)
+    with pytest.raises(StaleLockError, match="its builder is unknown.*changed 1[0-9]{2}s ago"):
+        clear_stale_build_locks(tmp_path, wait_s=0.5, emit=lambda _: None)
+    assert lock.exists()
+
+
+def test_stamping_records_the_owner_in_torchs_own_baton(tmp_path, monkeypatch):
+    """Pins the torch internals the stamp relies on: cpp_extension takes its baton through this class,
+    whose try_acquire creates the file and whose release removes it without reading it."""
+    from torch.utils import cpp_extension
+    from torch.utils.file_baton import FileBaton
+
+    assert cpp_extension.FileBaton is FileBaton
+    monkeypatch.setattr(FileBaton, "try_acquire", FileBaton.try_acquire)  # undone after the test
+    build_locks.stamp_build_locks()
+    stamping = FileBaton.try_acquire
+    build_locks.stamp_build_locks()
+    assert FileBaton.try_acquire is stamping  # idempotent: one wrapper, one stamp per baton
+    lock = tmp_path / "op" / "lock"
+    lock.parent.mkdir()
+    baton, rival = FileBaton(str(lock)), FileBaton(str(lock))
+    assert baton.try_acquire() and not rival.try_acquire()
+    owner = build_locks.read_owner(lock)
+    assert owner is not None and owner["pid"] == str(os.getpid()) and owner["start"] == build_locks._start_time(os.getpid())
+    assert build_locks._state(lock, 1800)[0] == "held"  # this very process builds
+    baton.release()
+    assert not lock.exists()
+
+
 def _spawn_rank(rank: int, world: int, port: int, timeout_s: float) -> subprocess.Popen:
     code = (
         "import datetime, os, sys; import torch.distributed as tdist\n"
