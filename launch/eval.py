@@ -134,7 +134,7 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     from falqon_dist.data import build_data
     from falqon_dist.train.evaluate import eval_losses, greedy_exact_match
     from falqon_dist.train.model_setup import load_tokenizer, resolve_model_path
-    from falqon_dist.export.restore import restore_run
+    from falqon_dist.train.restore import restore_run
 
     logging.getLogger("falqon_dist").setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -166,8 +166,9 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     try:
         data = build_data(settings.data, tokenizer)
     except FileNotFoundError as error:
+        source = result.get("config_source", path)
         raise RestoreError(f"{error}: eval reads the run's eval split from its training data "
-                           f"(data={settings.data.name} in {result.get('config_source', path)}); restore that file") from None
+                           f"(data={settings.data.name} in {source}); restore that file") from None
     batch_size = args["batch_size"] or settings.train.micro_batch_size
     samples = min(args["samples"], len(data.eval))
     result.update(data=settings.data.name, eval_samples=samples)

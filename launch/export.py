@@ -8,7 +8,7 @@ Every key is documented in ``conf/export.yaml``; overrides follow Hydra's gramma
 launch/train.py. Runs as ONE plain ``python`` process whatever the run's world size and ZeRO stage: the model is
 rebuilt from ``RUN_DIR/config.yaml`` (base model, FALQON rank/filter, backend, dtype) and the chosen
 checkpoint is consolidated from its per-rank files (falqon_dist/distributed/checkpoint.py, the
-model rebuilt by falqon_dist/export/restore.py). The FP8 codes and
+model rebuilt by falqon_dist/train/restore.py). The FP8 codes and
 scales are written unchanged (no requantization). ``out`` defaults to ``RUN_DIR/export``; an existing
 non-empty ``out`` is refused unless ``overwrite=true``. Besides the model files the export holds
 ``falqon_run.json`` (the run, checkpoint and resolved training config), which launch/eval.py reads.
@@ -57,7 +57,7 @@ def export_run(run_dir: str, tag: str, out: str | None, overwrite: bool, max_sha
     from falqon_dist.export import export_fp8
     from falqon_dist.export.staging import check_destination
     from falqon_dist.export.writer import parse_size
-    from falqon_dist.export.restore import restore_run
+    from falqon_dist.train.restore import restore_run
 
     start = time.perf_counter()
     run_path = Path(run_dir).expanduser().resolve()

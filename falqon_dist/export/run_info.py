@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from falqon_dist.export.read_back import check_no_interpolation
 from falqon_dist.files import write_atomic
 
 RUN_INFO = "falqon_run.json"
@@ -30,12 +31,10 @@ def read_run_info(export_dir: Path) -> dict[str, Any] | None:
     """The export's ``falqon_run.json`` (None if it has none); ``ValueError`` naming a corrupt one.
 
     Its ``config`` is a saved config: it is checked as every saved config is read back
-    (:func:`~falqon_dist.train.saved_config.check_no_interpolation`), so a string holding ``${`` is a
+    (:func:`~falqon_dist.export.read_back.check_no_interpolation`), so a string holding ``${`` is a
     ``RestoreError`` naming the file and the dotted key, never resolved in this process. Read the
     config itself with :func:`~falqon_dist.train.saved_config.read_saved_config`.
     """
-    from falqon_dist.train.saved_config import check_no_interpolation
-
     path = Path(export_dir) / RUN_INFO
     if not path.is_file():
         return None

@@ -1,9 +1,9 @@
-"""Embedded default base model, built locally (no model hub at run time).
+"""Embedded default base model, shipped in the package (no model hub at run time).
 
 Public API::
 
     from falqon_dist.models import build_tiny_model, tiny_config, build_tiny_tokenizer
-    path = build_tiny_model()        # cached under $FALQON_CACHE or ~/.cache/falqon_dist
+    path = build_tiny_model()        # the package's own model directory, its files checked
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
 """

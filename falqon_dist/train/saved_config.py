@@ -4,13 +4,10 @@ Only coherence is checked here (:func:`~falqon_dist.train.settings.validate`): t
 the user's DeepSpeed JSON and the training libraries need not exist any more (that is
 :func:`~falqon_dist.train.preflight.preflight`'s job, before training).
 
-**A saved config never resolves the reader's environment.** Training writes its config resolved
-(every ``${...}`` replaced by its value), so a saved config holds plain values only. Every read-back
-of one (a run's ``config.yaml``, the ``config`` object of an export's ``falqon_run.json``) goes
-through :func:`read_saved_config`, which loads it without running any resolver and refuses any
-string that still holds ``${``: resolving it would run *the reader's* resolvers on someone else's
-file (``wandb.name: ${oc.env:WANDB_API_KEY}`` in a shared run directory would otherwise be resolved
-by an export and written into its ``falqon_run.json``).
+**A saved config never resolves the reader's environment.** Every read-back of one (a run's
+``config.yaml``, the ``config`` object of an export's ``falqon_run.json``) goes through
+:func:`read_saved_config`, which loads it without running any resolver and refuses any string that
+still holds ``${`` (the rule and its reasons: :mod:`falqon_dist.export.read_back`).
 """
 
 from __future__ import annotations
@@ -20,8 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from falqon_dist.export.read_back import RestoreError, check_no_interpolation
 from falqon_dist.fp8 import check_backend
 from falqon_dist.train.settings import ConfigError, RunSettings, validate
 
@@ -30,9 +28,10 @@ log = logging.getLogger("falqon_dist")
 CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
 
-
-class RestoreError(RuntimeError):
-    """A run directory that cannot be used after training; the message names the missing path or bad key."""
+__all__ = [
+    "CHECKPOINTS", "CONFIG_FILE", "RestoreError", "check_no_interpolation", "load_run_config", "read_saved_config",
+    "validate_saved_config",
+]
 
 
 def load_run_config(run_dir: str | Path) -> tuple[DictConfig, RunSettings]:
@@ -45,45 +44,6 @@ def load_run_config(run_dir: str | Path) -> tuple[DictConfig, RunSettings]:
         raise RestoreError(f"{path} not found: run.dir must be a training run directory (rank 0 writes {CONFIG_FILE})")
     cfg = read_saved_config(path)
     return cfg, validate_saved_config(cfg, str(path))
-
-
-#: What starts an OmegaConf interpolation (``${key}``, ``${oc.env:NAME}``, any resolver).
-INTERPOLATION = "${"
-
-
-def find_interpolation(tree: Any, prefix: str = "") -> tuple[str, str] | None:
-    """The first ``(dotted key, string)`` of ``tree`` (plain dicts, lists and scalars) whose string
-    holds an interpolation, or None. List items are named ``key[i]``. An OmegaConf container is
-    read with ``resolve=False`` (iterating it would resolve its values)."""
-    if isinstance(tree, (DictConfig, ListConfig)):
-        tree = OmegaConf.to_container(tree, resolve=False)
-    if isinstance(tree, Mapping):
-        for key, value in tree.items():
-            found = find_interpolation(value, f"{prefix}.{key}" if prefix else str(key))
-            if found is not None:
-                return found
-    elif isinstance(tree, (list, tuple)):
-        for index, value in enumerate(tree):
-            found = find_interpolation(value, f"{prefix}[{index}]")
-            if found is not None:
-                return found
-    elif isinstance(tree, str) and INTERPOLATION in tree:
-        return prefix, tree
-    return None
-
-
-def check_no_interpolation(tree: Any, where: str) -> None:
-    """:class:`RestoreError` naming ``where`` and the dotted key if any string of ``tree`` holds ``${``."""
-    found = find_interpolation(tree)
-    if found is None:
-        return
-    key, value = found
-    shown = value if len(value) <= 120 else value[:117] + "..."
-    raise RestoreError(
-        f"{where}: key {key} holds an interpolation {shown!r}; a saved config is written resolved, so this "
-        f"file was edited or made elsewhere: replace it with the plain value (a saved config is never "
-        f"resolved when it is read back: that would run this machine's resolvers, e.g. read its environment)"
-    )
 
 
 def read_saved_config(source: str | Path | Mapping[str, Any], where: str | None = None) -> DictConfig:

@@ -135,7 +135,7 @@ def test_cli_export_writes_the_checkpoint_fp8_bytes(run_dir, cli_export):
     requantized; the in-training export (of the folded model) holds the same bytes."""
     import falqon_dist as fd
     from falqon_dist.export.exporter import merge_pending_proxies_
-    from falqon_dist.export.restore import restore_run
+    from falqon_dist.train.restore import restore_run
 
     out, stdout = cli_export
     ckpt = run_dir / "checkpoints" / f"step_{STEPS:08d}"
@@ -178,7 +178,7 @@ def test_cli_export_writes_the_checkpoint_fp8_bytes(run_dir, cli_export):
 
 def test_exported_logits_match_the_dequantized_checkpoint(run_dir, cli_export):
     import falqon_dist as fd
-    from falqon_dist.export.restore import restore_run
+    from falqon_dist.train.restore import restore_run
 
     from falqon_dist.export.exporter import merge_pending_proxies_
 

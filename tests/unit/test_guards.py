@@ -1,4 +1,4 @@
-"""The step watchdog, the run-directory lock and the resume check, without launching anything."""
+"""The step watchdog, preemption, the run-directory lock and the resume check, without launching anything."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from falqon_dist.train.guards import DivergedError, Preempted, Preemption, StepWatch
+from falqon_dist.train.divergence import DivergedError, StepWatch
+from falqon_dist.train.preemption import Preempted, Preemption
 from falqon_dist.train.run_dir import RunDirBusy, RunDirLock, check_resume
 from falqon_dist.train.settings import ConfigError
 
@@ -54,6 +55,8 @@ def test_stalls_are_warned(caplog):
             watch.check(step, _record(grad_norm=0.0, rows_merged=10, changed=0), last_checkpoint=lambda: None)
     messages = [r.message for r in caplog.records]
     assert any("rounded away" in m for m in messages) and any("gradient norm of exactly 0" in m for m in messages)
+    hint = next(m for m in messages if "rounded away" in m)  # names keys that exist
+    assert "method.carry_residual=true" in hint and "method.merge_rounding=stochastic" in hint
 
 
 def test_a_signal_becomes_a_stop_request_and_a_second_sigint_interrupts():

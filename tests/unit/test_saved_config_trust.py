@@ -20,12 +20,12 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from falqon_dist.export.read_back import find_interpolation
 from falqon_dist.export.run_info import RUN_INFO, read_run_info
 from falqon_dist.train.config_errors import ConfigError
 from falqon_dist.train.run_dir import check_resume
 from falqon_dist.train.saved_config import (
     RestoreError,
-    find_interpolation,
     load_run_config,
     read_saved_config,
     validate_saved_config,
