@@ -15,7 +15,8 @@ Rows: ``bf16 linear, frozen W`` (the floor: only ∂L/∂x), ``full`` (W trained
 ``qlora`` (NF4 + peft, where bitsandbytes imports), ``fp8_lora <backend>`` (separate FP8 adapter
 path), ``falqon <backend>`` (the default: every row merged each step, the carry's forward term
 ``o_A·Cᵀ`` included), ``falqon, paper merge`` (the authors' top-r rows, B zeroed, no carry) and
-``falqon, cached Wᵀ`` (the cache is kept current by the merges of the timed steps). ``te`` rows appear where Transformer Engine runs.
+``falqon, cached Wᵀ`` (the cache is kept current by the merges of the timed steps). ``te`` rows
+appear where Transformer Engine runs.
 
 Columns: median ms; × peft LoRA; × fp8_lora (same backend); effective TFLOP/s (the method's own
 GEMM FLOPs per step / its step time); dynamic casts per step; host synchronizations per step
@@ -25,7 +26,8 @@ bytes per backbone parameter; trainable parameters.
 Then, per shape and token count, FALQON's step split into its parts, each timed alone: the three
 casts (x, o_A, g), the three GEMMs (forward, ∂L/∂x, ∂L/∂B, each with its TFLOP/s), the AdamW step
 and the merge. And once: the fused cast against the eager one (``tokens × in`` bf16, E4M3) and
-the merge of ``--merge-layers`` layers of ``in × in`` (rank r), with its host syncs.
+the merge of ``--merge-layers`` layers of ``in × in`` (rank r), with its host syncs: nearest with
+the default recipe, stochastic with the paper's (stochastic rounding takes a recipe without a carry).
 
 On a CPU the FP8 rows measure the *work* a method does (no FP8 units: ``emulated`` dequantizes to
 bf16, ``scaled_mm`` is a slow reference kernel); on an H100/H200 ``scaled_mm`` is cuBLASLt FP8.
@@ -36,6 +38,7 @@ shape, so a run cut short keeps what it measured).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import statistics
 import sys
@@ -45,13 +48,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+import common  # noqa: E402
 from falqon_dist import FalqonConfig, FalqonLinear, merge_proxies_  # noqa: E402
 from falqon_dist.baselines import Fp8LoraLinear, apply_lora  # noqa: E402
+from falqon_dist.baselines.config import LoraConfig, QloraConfig  # noqa: E402
 from falqon_dist.baselines.qlora import NF4DequantCounter  # noqa: E402
 from falqon_dist.fp8 import E4M3, E5M2, check_backend, from_bits, resolve_backend  # noqa: E402
 from falqon_dist.fp8 import cast as fp8_cast  # noqa: E402
@@ -74,29 +77,41 @@ class _Holder(nn.Module):
 
 
 def _bf16_linear(weight: torch.Tensor, trainable: bool) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
+    linear = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         linear.weight.copy_(weight)
     linear.weight.requires_grad_(trainable)
     return linear
 
 
+def _lora(weight: torch.Tensor, rank: int) -> nn.Module:
+    holder = _Holder(_bf16_linear(weight, trainable=False))
+    apply_lora(holder, LoraConfig(rank=rank), target_modules=["proj"])
+    return holder
+
+
 def _qlora(weight: torch.Tensor, rank: int) -> nn.Module:
     from falqon_dist.baselines import apply_qlora
 
     holder = _Holder(_bf16_linear(weight, trainable=False))
-    apply_qlora(holder, rank=rank, target_modules=["proj"])
+    apply_qlora(holder, QloraConfig(rank=rank), target_modules=["proj"])
     return holder
 
 
 #: The authors' merge: the top-r rows of B each step, all of B zeroed after it, no carry.
-PAPER_MERGE = {"topk": None, "unmerged": "discard", "carry_residual": False}
+PAPER_MERGE = {"merge": "paper"}
 
 
-def _falqon(weight: torch.Tensor, rank: int, backend: str, cache: bool = False, init: str = "svd", **merge) -> FalqonLinear:
+def _falqon(
+    weight: torch.Tensor, rank: int, backend: str, cache: bool = False, init: str = "svd", **merge
+) -> FalqonLinear:
     """A FALQON layer of ``weight``: the default merge (every row, with the carry) unless ``merge``
     names other :class:`FalqonConfig` fields (e.g. :data:`PAPER_MERGE`)."""
-    config = FalqonConfig(rank=rank, backend=backend, cache_weight_transpose=cache, init=init, **merge)
+    config = FalqonConfig(
+        rank=rank, backend=backend, cache_weight_transpose=cache, init=init, **merge
+    )
     return FalqonLinear.from_linear(_bf16_linear(weight, trainable=False), config)
 
 
@@ -112,22 +127,36 @@ def fp8_backends(device: torch.device) -> list[str]:
     return backends
 
 
-def methods(rank: int, backends: list[str], init: str = "svd") -> list[tuple[str, str | None, Callable[[torch.Tensor], nn.Module]]]:
+def methods(
+    rank: int, backends: list[str], init: str = "svd"
+) -> list[tuple[str, str | None, Callable[[torch.Tensor], nn.Module]]]:
     """``(method, backend, builder(weight) -> module)`` for every row, in table order."""
     rows: list[tuple[str, str | None, Callable[[torch.Tensor], nn.Module]]] = [
         ("bf16 linear, frozen W", None, lambda w: _bf16_linear(w, trainable=False)),
         ("full", None, lambda w: _bf16_linear(w, trainable=True)),
-        ("peft LoRA", None, lambda w: apply_lora(_Holder(_bf16_linear(w, False)), rank=rank, target_modules=["proj"])),
+        ("peft LoRA", None, lambda w: _lora(w, rank)),
     ]
     if importlib.util.find_spec("bitsandbytes") is not None:
         rows.append(("qlora (NF4)", None, lambda w: _qlora(w, rank)))
     for b in backends:
-        rows.append(("fp8_lora", b, lambda w, b=b: Fp8LoraLinear.from_linear(_bf16_linear(w, False), rank=rank, backend=b)))
+        rows.append(
+            (
+                "fp8_lora",
+                b,
+                lambda w, b=b: Fp8LoraLinear.from_linear(
+                    _bf16_linear(w, False), rank=rank, backend=b
+                ),
+            )
+        )
     for b in backends:
         rows.append(("falqon", b, lambda w, b=b: _falqon(w, rank, b, init=init)))
-        rows.append(("falqon, paper merge", b, lambda w, b=b: _falqon(w, rank, b, init=init, **PAPER_MERGE)))
+        rows.append(
+            ("falqon, paper merge", b, lambda w, b=b: _falqon(w, rank, b, init=init, **PAPER_MERGE))
+        )
         if b != "emulated":  # the emulated GEMM does not care about operand layout
-            rows.append(("falqon, cached Wᵀ", b, lambda w, b=b: _falqon(w, rank, b, cache=True, init=init)))
+            rows.append(
+                ("falqon, cached Wᵀ", b, lambda w, b=b: _falqon(w, rank, b, cache=True, init=init))
+            )
     return rows
 
 
@@ -139,10 +168,15 @@ def gemm_flops(method: str, tokens: int, d_in: int, d_out: int, rank: int) -> fl
     if method == "full":
         return frozen + 2 * tokens * d_in * d_out  # + ∂L/∂W
     if method.startswith("falqon"):  # x·[W;A]ᵀ, g·W, gᵀ·o_A
-        melded = 2 * tokens * d_in * (d_out + rank) + 2 * tokens * d_out * d_in + 2 * tokens * d_out * rank
+        melded = (
+            2 * tokens * d_in * (d_out + rank)
+            + 2 * tokens * d_out * d_in
+            + 2 * tokens * d_out * rank
+        )
         if "paper merge" in method:  # B is zero at every forward
             return melded
-        return melded + 2 * tokens * rank * d_out  # the default (every row, carry): the forward's o_A·Cᵀ
+        # the default (every row, carry): the forward's o_A·Cᵀ
+        return melded + 2 * tokens * rank * d_out
     # LoRA paths: x·Aᵀ, h·Bᵀ forward; ∂B, ∂h, ∂A, ∂x through A backward
     return frozen + 3 * 2 * tokens * rank * (d_in + d_out)
 
@@ -209,11 +243,22 @@ def run_methods(args, device, d_in: int, d_out: int, tokens: int) -> list[dict[s
     x = torch.randn(tokens, d_in, generator=gen).to(device, torch.bfloat16).requires_grad_()
     grad = (torch.randn(tokens, d_out, generator=gen) * 1e-3).to(device, torch.bfloat16)
     rows, steps = [], {}
-    for name, backend, build in common.progress(methods(args.rank, fp8_backends(device), args.init), f"{d_in}x{d_out}, {tokens} tok: build", "method"):
-        row: dict[str, Any] = {"method": name, "backend": backend, "shape": f"{d_in}x{d_out}", "tokens": tokens}
+    for name, backend, build in common.progress(
+        methods(args.rank, fp8_backends(device), args.init),
+        f"{d_in}x{d_out}, {tokens} tok: build",
+        "method",
+    ):
+        row: dict[str, Any] = {
+            "method": name,
+            "backend": backend,
+            "shape": f"{d_in}x{d_out}",
+            "tokens": tokens,
+        }
         try:
             module = build(weight)
-            step = LayerStep(module, x, grad, lr=args.lr_falqon if name.startswith("falqon") else 1e-3)
+            step = LayerStep(
+                module, x, grad, lr=args.lr_falqon if name.startswith("falqon") else 1e-3
+            )
             row["casts"], row["host_syncs"] = _counted_step(step)
             for _ in range(args.warmup):
                 step()
@@ -240,7 +285,9 @@ def run_methods(args, device, d_in: int, d_out: int, tokens: int) -> list[dict[s
     return rows
 
 
-def falqon_breakdown(args, device, d_in: int, d_out: int, tokens: int, backend_name: str) -> dict[str, Any]:
+def falqon_breakdown(
+    args, device, d_in: int, d_out: int, tokens: int, backend_name: str
+) -> dict[str, Any]:
     """FALQON's step split into its parts, each timed alone (same shapes as the step)."""
     gen = torch.Generator().manual_seed(1)
     weight = (torch.randn(d_out, d_in, generator=gen) * 0.02).to(device, torch.bfloat16)
@@ -257,11 +304,23 @@ def falqon_breakdown(args, device, d_in: int, d_out: int, tokens: int, backend_n
     it = dict(iters=args.repeats, warmup=2)
     parts = {
         "cast x (E4M3)": common.time_ms(lambda: backend.quantize(x, E4M3), device, **it),
-        "cast o_A (E4M3, ᵀ)": common.time_ms(lambda: backend.quantize(o_a, E4M3, transpose=True), device, **it),
-        "cast g (E5M2, +ᵀ)": common.time_ms(lambda: backend.quantize(g, E5M2, transpose=True), device, **it),
-        "GEMM fwd x·[W;A]ᵀ": common.time_ms(lambda: backend.gemm(x_q, melded.t(), sx, layer.scale, torch.bfloat16, fast_accum=True), device, **it),
-        "GEMM ∂L/∂x = g·W": common.time_ms(lambda: backend.gemm(g_q, w, sg, layer.scale, torch.bfloat16), device, **it),
-        "GEMM ∂L/∂B = gᵀ·o_A": common.time_ms(lambda: backend.gemm(g_t, o_t.t(), sg, so, torch.float32), device, **it),
+        "cast o_A (E4M3, ᵀ)": common.time_ms(
+            lambda: backend.quantize(o_a, E4M3, transpose=True), device, **it
+        ),
+        "cast g (E5M2, +ᵀ)": common.time_ms(
+            lambda: backend.quantize(g, E5M2, transpose=True), device, **it
+        ),
+        "GEMM fwd x·[W;A]ᵀ": common.time_ms(
+            lambda: backend.gemm(x_q, melded.t(), sx, layer.scale, torch.bfloat16, fast_accum=True),
+            device,
+            **it,
+        ),
+        "GEMM ∂L/∂x = g·W": common.time_ms(
+            lambda: backend.gemm(g_q, w, sg, layer.scale, torch.bfloat16), device, **it
+        ),
+        "GEMM ∂L/∂B = gᵀ·o_A": common.time_ms(
+            lambda: backend.gemm(g_t, o_t.t(), sg, so, torch.float32), device, **it
+        ),
     }
     flops = {
         "GEMM fwd x·[W;A]ᵀ": 2 * tokens * d_in * (d_out + args.rank),
@@ -274,14 +333,21 @@ def falqon_breakdown(args, device, d_in: int, d_out: int, tokens: int, backend_n
     counter = iter(range(10**9))
     # the merge does the same fixed-shape work whatever B holds (no data-dependent shapes), so
     # repeated merges time it without refilling B
-    parts["merge (every row, carry)"] = common.time_ms(lambda: layer.merge_proxy_(step=next(counter)), device, **it)
+    parts["merge (every row, carry)"] = common.time_ms(
+        lambda: layer.merge_proxy_(step=next(counter)), device, **it
+    )
     paper = _falqon(weight, args.rank, backend_name, init="random", **PAPER_MERGE)
-    parts["merge (paper: top-r rows)"] = common.time_ms(lambda: paper.merge_proxy_(step=next(counter)), device, **it)
+    parts["merge (paper: top-r rows)"] = common.time_ms(
+        lambda: paper.merge_proxy_(step=next(counter)), device, **it
+    )
     return {
-        "shape": f"{d_in}x{d_out}", "tokens": tokens, "backend": backend_name,
+        "shape": f"{d_in}x{d_out}",
+        "tokens": tokens,
+        "backend": backend_name,
         "parts_ms": parts,
         "gemm_tflops": {k: common.tflops(flops[k], parts[k]) for k in flops},
-        "sum_ms": sum(ms for name, ms in parts.items() if not name.startswith("merge (paper")),  # the default's step
+        # the default's step
+        "sum_ms": sum(ms for name, ms in parts.items() if not name.startswith("merge (paper")),
     }
 
 
@@ -304,16 +370,25 @@ def merge_bench(args, device, d: int) -> dict[str, Any]:
     """The proxy merge of ``--merge-layers`` layers of d × d (rank r) in one call: time and host syncs."""
     gen = torch.Generator().manual_seed(2)
     model = nn.Sequential()
-    for i in common.progress(range(args.merge_layers), f"merge bench: {args.merge_layers} layers {d}x{d}", "layer"):
+    for i in common.progress(
+        range(args.merge_layers), f"merge bench: {args.merge_layers} layers {d}x{d}", "layer"
+    ):
         weight = (torch.randn(d, d, generator=gen) * 0.02).to(device, torch.bfloat16)
         model.add_module(str(i), _falqon(weight, args.rank, "emulated", init="random"))
     counter = iter(range(10**9))
     result: dict[str, Any] = {"layers": args.merge_layers, "shape": f"{d}x{d}", "rank": args.rank}
-    for rounding in ("nearest", "stochastic"):
+    # nearest: the default recipe (every row, the carry); stochastic rounding goes with a recipe that
+    # carries nothing (the paper's merge here, as bench_learning's falqon_stochastic)
+    for rounding, recipe in (
+        ("nearest", {}),
+        ("stochastic", {**PAPER_MERGE, "merge_rounding": "stochastic"}),
+    ):
         for layer in model:
-            layer.merge_rounding = rounding
+            layer.config = dataclasses.replace(layer.config, **recipe)
         # fixed-shape work whatever B holds (see falqon_breakdown): no refill inside the timed call
-        ms = common.time_ms(lambda: merge_proxies_(model, step=next(counter)), device, iters=args.repeats, warmup=1)
+        ms = common.time_ms(
+            lambda: merge_proxies_(model, step=next(counter)), device, iters=args.repeats, warmup=1
+        )
         result[f"{rounding}_ms"] = ms
         result[f"{rounding}_ms_per_layer"] = ms / args.merge_layers
     with torch.no_grad():
@@ -343,33 +418,89 @@ def markdown(payload: dict[str, Any]) -> str:
         table = []
         for r in block["methods"]:
             if "error" in r:
-                table.append([r["method"], r["backend"] or "—", f"error: {r['error'][:200]}", "", "", "", "", "", "", ""])
+                table.append(
+                    [
+                        r["method"],
+                        r["backend"] or "—",
+                        f"error: {r['error'][:200]}",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                        "",
+                    ]
+                )
                 continue
-            table.append([
-                r["method"], r["backend"] or "—", f"{r['median_ms']:.1f}", common.fmt(r["x_lora"], ".2f"),
-                common.fmt(r["x_fp8_lora"], ".2f"), common.fmt(r["tflops"], ".2f"), r["casts"], r["host_syncs"],
-                f"{r['backbone_bytes_per_param']:.3f}", f"{r['trainable_params']:,}",
-            ])
-        lines.append(common.markdown_table(
-            ["method", "backend", "median ms", "× peft LoRA", "× fp8_lora", "TFLOP/s", "casts", "host syncs",
-             "backbone B/param", "trainable"], table, "llrrrrrrrr"))
+            table.append(
+                [
+                    r["method"],
+                    r["backend"] or "—",
+                    f"{r['median_ms']:.1f}",
+                    common.fmt(r["x_lora"], ".2f"),
+                    common.fmt(r["x_fp8_lora"], ".2f"),
+                    common.fmt(r["tflops"], ".2f"),
+                    r["casts"],
+                    r["host_syncs"],
+                    f"{r['backbone_bytes_per_param']:.3f}",
+                    f"{r['trainable_params']:,}",
+                ]
+            )
+        lines.append(
+            common.markdown_table(
+                [
+                    "method",
+                    "backend",
+                    "median ms",
+                    "× peft LoRA",
+                    "× fp8_lora",
+                    "TFLOP/s",
+                    "casts",
+                    "host syncs",
+                    "backbone B/param",
+                    "trainable",
+                ],
+                table,
+                "llrrrrrrrr",
+            )
+        )
         b = block.get("falqon_breakdown")
         if b:
-            lines += ["", f"FALQON ({b['backend']}) step, parts timed alone (sum {b['sum_ms']:.1f} ms):", ""]
-            lines.append(common.markdown_table(
-                ["part", "ms", "TFLOP/s"],
-                [[k, f"{v:.2f}", common.fmt(b["gemm_tflops"].get(k), ".2f")] for k, v in b["parts_ms"].items()]))
+            lines += [
+                "",
+                f"FALQON ({b['backend']}) step, parts timed alone (sum {b['sum_ms']:.1f} ms):",
+                "",
+            ]
+            lines.append(
+                common.markdown_table(
+                    ["part", "ms", "TFLOP/s"],
+                    [
+                        [k, f"{v:.2f}", common.fmt(b["gemm_tflops"].get(k), ".2f")]
+                        for k, v in b["parts_ms"].items()
+                    ],
+                )
+            )
     c = payload.get("cast")
     if c:
-        lines += ["", f"## Dynamic cast {c['shape']} bf16 → E4M3", "",
-                  f"eager {c['eager_ms']:.2f} ms · compiled {c['compiled_ms']:.2f} ms · **{c['speedup']:.1f}×** · "
-                  f"compiled moves {c['compiled_gb_per_s']:.1f} GB/s"]
+        lines += [
+            "",
+            f"## Dynamic cast {c['shape']} bf16 → E4M3",
+            "",
+            f"eager {c['eager_ms']:.2f} ms · compiled {c['compiled_ms']:.2f} ms · **{c['speedup']:.1f}×** · "
+            f"compiled moves {c['compiled_gb_per_s']:.1f} GB/s",
+        ]
     m = payload.get("merge")
     if m:
-        lines += ["", f"## Merge of {m['layers']} layers {m['shape']}, rank {m['rank']}", "",
-                  f"nearest {m['nearest_ms']:.1f} ms per merge ({m['nearest_ms_per_layer']:.2f} ms per layer) · "
-                  f"stochastic {m['stochastic_ms']:.1f} ms ({m['stochastic_ms_per_layer']:.2f} ms per layer) · "
-                  f"{m['host_syncs']} host syncs"]
+        lines += [
+            "",
+            f"## Merge of {m['layers']} layers {m['shape']}, rank {m['rank']}",
+            "",
+            f"nearest {m['nearest_ms']:.1f} ms per merge ({m['nearest_ms_per_layer']:.2f} ms per layer) · "
+            f"stochastic (paper merge) {m['stochastic_ms']:.1f} ms "
+            f"({m['stochastic_ms_per_layer']:.2f} ms per layer) · "
+            f"{m['host_syncs']} host syncs",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -381,32 +512,82 @@ def write_reports(payload: dict[str, Any], out: Path) -> str:
     for block in payload["shapes"]:
         ok = [r for r in block["methods"] if "median_ms" in r]
         labels = [r["method"] + (f" {r['backend']}" if r["backend"] else "") for r in ok]
-        panels.append((f"{block['shape']}, {block['tokens']} tok: ms/step", labels, [r["median_ms"] for r in ok]))
+        panels.append(
+            (
+                f"{block['shape']}, {block['tokens']} tok: ms/step",
+                labels,
+                [r["median_ms"] for r in ok],
+            )
+        )
     if panels:
-        common.bar_chart(out / "results.png", panels, f"one layer, rank {payload['config']['rank']}, {payload['env']['device']}")
+        common.bar_chart(
+            out / "results.png",
+            panels,
+            f"one layer, rank {payload['config']['rank']}, {payload['env']['device']}",
+        )
     return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", nargs="+", default=SHAPES, help="IN x OUT of the layer (e.g. 4096x11008)")
-    p.add_argument("--tokens", type=int, nargs="+", default=None, help=f"rows of x (default: GPU {GPU_TOKENS}, CPU {CPU_TOKENS})")
+    p.add_argument(
+        "--shapes", nargs="+", default=SHAPES, help="IN x OUT of the layer (e.g. 4096x11008)"
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=None,
+        help=f"rows of x (default: GPU {GPU_TOKENS}, CPU {CPU_TOKENS})",
+    )
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the median is reported")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (after one counting step)")
-    p.add_argument("--lr-falqon", type=float, default=0.05, help="AdamW lr of FALQON's B (others: 1e-3)")
-    p.add_argument("--merge-layers", type=int, default=32, help="layers in the merge benchmark (0 = skip)")
-    p.add_argument("--init", default="svd", choices=["svd", "random"],
-                   help="FALQON's adapter init (random skips the SVD: same speed, faster set-up)")
-    p.add_argument("--cast", default="compiled", choices=fp8_cast.CAST_KERNELS, help="FP8 cast kernels of the rows")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed steps before timing (after one counting step)",
+    )
+    p.add_argument(
+        "--lr-falqon", type=float, default=0.05, help="AdamW lr of FALQON's B (others: 1e-3)"
+    )
+    p.add_argument(
+        "--merge-layers", type=int, default=32, help="layers in the merge benchmark (0 = skip)"
+    )
+    p.add_argument(
+        "--init",
+        default="svd",
+        choices=["svd", "random"],
+        help="FALQON's adapter init (random skips the SVD: same speed, faster set-up)",
+    )
+    p.add_argument(
+        "--cast",
+        default="compiled",
+        choices=fp8_cast.CAST_KERNELS,
+        help="FP8 cast kernels of the rows",
+    )
     p.add_argument("--no-breakdown", action="store_true", help="skip FALQON's per-part timing")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench_layer/<timestamp>)")
-    p.add_argument("--quick", action="store_true", help="256x256 and 256x512, 128 tokens, rank 16, 4 merge layers")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/bench_layer/<timestamp>)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="256x256 and 256x512, 128 tokens, rank 16, 4 merge layers",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
-        args.shapes, args.tokens, args.rank, args.merge_layers = ["256x256", "256x512"], args.tokens or [128], 16, 4
+        args.shapes, args.tokens, args.rank, args.merge_layers = (
+            ["256x256", "256x512"],
+            args.tokens or [128],
+            16,
+            4,
+        )
         args.repeats = min(args.repeats, 3)
     device = torch.device(args.device)
     args.tokens = args.tokens or (GPU_TOKENS if device.type == "cuda" else CPU_TOKENS)
@@ -437,9 +618,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     gpu_fp8 = resolve_backend("auto", device).name
     for d_in, d_out in args.shape_pairs:
         for tokens in args.tokens:
-            block = {"shape": f"{d_in}x{d_out}", "tokens": tokens, "methods": run_methods(args, device, d_in, d_out, tokens)}
+            block = {
+                "shape": f"{d_in}x{d_out}",
+                "tokens": tokens,
+                "methods": run_methods(args, device, d_in, d_out, tokens),
+            }
             if not args.no_breakdown:
-                block["falqon_breakdown"] = falqon_breakdown(args, device, d_in, d_out, tokens, gpu_fp8)
+                block["falqon_breakdown"] = falqon_breakdown(
+                    args, device, d_in, d_out, tokens, gpu_fp8
+                )
             payload["shapes"].append(block)
             write_reports(payload, args.out)
     d_in = args.shape_pairs[0][0]

@@ -15,12 +15,12 @@ default (so the same relative grid serves LoRA's 3e-3 and FALQON's 0.05):
 variant             overrides                                              lr
 ==================  =====================================================  ========
 lora                method=lora                                            3e-3
-falqon_paper        method=falqon method.topk=null unmerged=discard        0.1
+falqon_paper        method=falqon method.merge=paper                       0.1
 falqon_stochastic   falqon_paper + method.merge_rounding=stochastic        0.1
-falqon_keep         method=falqon method.topk=null unmerged=keep           0.05
+falqon_keep         method=falqon method.merge=topk_keep                   0.05
 falqon_keep_sr      falqon_keep + method.merge_rounding=stochastic         0.05
-falqon_carry        falqon_keep + method.carry_residual=true               0.1
-falqon_all          method=falqon method.topk=all (+ carry: the default)   0.125
+falqon_carry        method=falqon method.merge=topk_carry                  0.1
+falqon_all          method=falqon method.merge=every_row (the default)     0.125
 falqon_all_every2   falqon_all + method.merge_every=2                      0.125
 falqon_all_every4   falqon_all + method.merge_every=4                      0.125
 ==================  =====================================================  ========
@@ -53,8 +53,9 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -62,48 +63,93 @@ import common  # noqa: E402
 #: name -> (Hydra overrides, default learning rate)
 VARIANTS: dict[str, tuple[list[str], float]] = {
     "lora": (["method=lora"], 3e-3),
-    "falqon_paper": (["method=falqon", "method.topk=null", "method.unmerged=discard"], 0.1),
-    "falqon_stochastic": (["method=falqon", "method.topk=null", "method.unmerged=discard",
-                           "method.merge_rounding=stochastic"], 0.1),
-    "falqon_keep": (["method=falqon", "method.topk=null", "method.unmerged=keep", "method.carry_residual=false"], 0.05),
-    "falqon_keep_sr": (["method=falqon", "method.topk=null", "method.unmerged=keep", "method.carry_residual=false",
-                        "method.merge_rounding=stochastic"], 0.05),
-    "falqon_carry": (["method=falqon", "method.topk=null", "method.unmerged=keep", "method.carry_residual=true"], 0.1),
-    "falqon_all": (["method=falqon", "method.topk=all", "method.carry_residual=true"], 0.125),
-    "falqon_all_every2": (["method=falqon", "method.topk=all", "method.carry_residual=true", "method.merge_every=2"],
-                          0.125),
-    "falqon_all_every4": (["method=falqon", "method.topk=all", "method.carry_residual=true", "method.merge_every=4"],
-                          0.125),
+    "falqon_paper": (["method=falqon", "method.merge=paper"], 0.1),
+    "falqon_stochastic": (
+        ["method=falqon", "method.merge=paper", "method.merge_rounding=stochastic"],
+        0.1,
+    ),
+    "falqon_keep": (["method=falqon", "method.merge=topk_keep"], 0.05),
+    "falqon_keep_sr": (
+        ["method=falqon", "method.merge=topk_keep", "method.merge_rounding=stochastic"],
+        0.05,
+    ),
+    "falqon_carry": (["method=falqon", "method.merge=topk_carry"], 0.1),
+    "falqon_all": (["method=falqon", "method.merge=every_row"], 0.125),
+    "falqon_all_every2": (
+        ["method=falqon", "method.merge=every_row", "method.merge_every=2"],
+        0.125,
+    ),
+    "falqon_all_every4": (
+        ["method=falqon", "method.merge=every_row", "method.merge_every=4"],
+        0.125,
+    ),
 }
 KJV_DATA = common.REPO / "runs" / "kjv" / "kjv.jsonl"
 #: name -> (Hydra overrides, acceptance metric, bound at the default lr, bound at 0.5x / 2x)
 TASKS: dict[str, tuple[list[str], str, float, float]] = {
     "demo": (["train.micro_batch_size=32", "deepspeed.zero_stage=0"], "exact_match", 0.85, 0.70),
-    "kjv": (["data=jsonl", f"data.path={KJV_DATA}", "train.micro_batch_size=32", "deepspeed.zero_stage=0",
-             "train.eval_samples=512", "train.eval_generate_samples=0"], "x_best_lora", 1.02, 1.05),
+    "kjv": (
+        [
+            "data=jsonl",
+            f"data.path={KJV_DATA}",
+            "train.micro_batch_size=32",
+            "deepspeed.zero_stage=0",
+            "train.eval_samples=512",
+            "train.eval_generate_samples=0",
+        ],
+        "x_best_lora",
+        1.02,
+        1.05,
+    ),
 }
 #: Step time of the default variant against the paper's, at most.
 STEP_TIME_BOUND = 1.05
 #: Steps of each trainer before the paired step timing starts (compilation, allocator warm-up).
 TIME_WARMUP = 5
-QUICK = ["train.micro_batch_size=4", "model.max_length=64", "data.num_train=200", "data.num_eval=16",
-         "train.eval_samples=16", "train.eval_generate_samples=8"]
+QUICK = [
+    "train.micro_batch_size=4",
+    "model.max_length=64",
+    "data.num_train=200",
+    "data.num_eval=16",
+    "train.eval_samples=16",
+    "train.eval_generate_samples=8",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tasks", nargs="+", default=["demo"], choices=list(TASKS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--default", default="falqon_all", choices=list(VARIANTS),
-                   help="the variant whose acceptance is checked (FALQON's shipped default)")
+    p.add_argument(
+        "--default",
+        default="falqon_all",
+        choices=list(VARIANTS),
+        help="the variant whose acceptance is checked (FALQON's shipped default)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="trainer runs at once")
-    p.add_argument("--lr-scale", type=float, nargs="+", default=[0.3, 1.0, 3.0], help="multiples of each variant's lr")
-    p.add_argument("--lr", action="append", default=[], metavar="VARIANT=VALUE", help="a variant's default lr")
+    p.add_argument(
+        "--lr-scale",
+        type=float,
+        nargs="+",
+        default=[0.3, 1.0, 3.0],
+        help="multiples of each variant's lr",
+    )
+    p.add_argument(
+        "--lr", action="append", default=[], metavar="VARIANT=VALUE", help="a variant's default lr"
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--ranks", type=int, default=1)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every run")
-    p.add_argument("--time-rounds", type=int, default=3,
-                   help="processes of the paired step-time comparison, default vs paper (0: none)")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every run"
+    )
+    p.add_argument(
+        "--time-rounds",
+        type=int,
+        default=3,
+        help="processes of the paired step-time comparison, default vs paper (0: none)",
+    )
     p.add_argument("--time-steps", type=int, default=60, help="paired steps per timing process")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--python", default=sys.executable)
@@ -127,17 +173,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
     if "kjv" in args.tasks and not KJV_DATA.exists():
-        p.error(f"the kjv task needs {KJV_DATA}: build it with `python benchmarks/make_kjv_task.py` (Debian's bible-kjv)")
-    args.out = (args.out or common.REPO / "runs" / "bench_learning" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+        p.error(
+            f"the kjv task needs {KJV_DATA}: build it with `python benchmarks/make_kjv_task.py` (Debian's bible-kjv)"
+        )
+    args.out = (
+        args.out or common.REPO / "runs" / "bench_learning" / time.strftime("%Y%m%d-%H%M%S")
+    ).resolve()
     return args
 
 
-def overrides_for(args: argparse.Namespace, task: str, variant: str, scale: float, run_dir: Path, *,
-                  steps: int | None = None, extra: Sequence[str] = ()) -> list[str]:
+def overrides_for(
+    args: argparse.Namespace,
+    task: str,
+    variant: str,
+    scale: float,
+    run_dir: Path,
+    *,
+    steps: int | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """The Hydra overrides of one trainer of ``variant`` at ``scale`` × its lr on ``task``."""
     lr = args.base_lr[variant] * scale
-    return [*VARIANTS[variant][0], f"train.lr={lr:.6g}", f"train.max_steps={steps or args.steps}", f"run.dir={run_dir}",
-            "train.save_every=0", "train.eval_every=0", "logger=none", *TASKS[task][0], *args.set, *extra]
+    return [
+        *VARIANTS[variant][0],
+        f"train.lr={lr:.6g}",
+        f"train.max_steps={steps or args.steps}",
+        f"run.dir={run_dir}",
+        "train.save_every=0",
+        "train.eval_every=0",
+        "logger=none",
+        *TASKS[task][0],
+        *args.set,
+        *extra,
+    ]
 
 
 def run_one(args: argparse.Namespace, task: str, variant: str, scale: float) -> dict[str, Any]:
@@ -146,7 +214,9 @@ def run_one(args: argparse.Namespace, task: str, variant: str, scale: float) -> 
     run_dir = args.out / task / f"{variant}_lr{lr:.3g}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    command = common.trainer_command(args.python, args.ranks, overrides_for(args, task, variant, scale, run_dir))
+    command = common.trainer_command(
+        args.python, args.ranks, overrides_for(args, task, variant, scale, run_dir)
+    )
     common.log(f"{task} {variant} lr={lr:.3g}: {' '.join(command)}")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     code, output = common.run_trainer(command, args.timeout, env={"OMP_NUM_THREADS": str(threads)})
@@ -159,8 +229,13 @@ def run_one(args: argparse.Namespace, task: str, variant: str, scale: float) -> 
     summary = common.run_summary(records, warmup=max(2, len(steps_done) // 10))
     row.update(
         status="ok",
-        **{key: summary[key] for key in ("eval_loss", "eval_loss_before", "exact_match", "step_time_ms")},
-        saturated_per_step=statistics.mean(r.get("saturated", 0) for r in steps_done[-50:]) if steps_done else None,
+        **{
+            key: summary[key]
+            for key in ("eval_loss", "eval_loss_before", "exact_match", "step_time_ms")
+        },
+        saturated_per_step=statistics.mean(r.get("saturated", 0) for r in steps_done[-50:])
+        if steps_done
+        else None,
     )
     return row
 
@@ -183,17 +258,41 @@ def time_against_paper(args: argparse.Namespace, task: str) -> dict[str, Any]:
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
-        spec = {"steps": args.time_steps, "warmup": TIME_WARMUP, "variants": {
-            name: overrides_for(args, task, name, 1.0, folder / name, steps=args.time_steps + TIME_WARMUP,
-                                extra=["train.eval_samples=0", "train.eval_generate_samples=0"])
-            for name in variants}}
+        spec = {
+            "steps": args.time_steps,
+            "warmup": TIME_WARMUP,
+            "variants": {
+                name: overrides_for(
+                    args,
+                    task,
+                    name,
+                    1.0,
+                    folder / name,
+                    steps=args.time_steps + TIME_WARMUP,
+                    extra=["train.eval_samples=0", "train.eval_generate_samples=0"],
+                )
+                for name in variants
+            },
+        }
         (folder / "spec.json").write_text(json.dumps(spec, indent=1))
-        command = [args.python, str(Path(__file__).with_name("paired_steps.py")), str(folder / "spec.json"),
-                   str(folder / "times.json")]
-        common.log(f"{task} step timing, round {round_ + 1}/{args.time_rounds}: {' '.join(command)}")
-        code, output = common.run_trainer(command, args.timeout, env={"OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+        command = [
+            args.python,
+            str(Path(__file__).with_name("paired_steps.py")),
+            str(folder / "spec.json"),
+            str(folder / "times.json"),
+        ]
+        common.log(
+            f"{task} step timing, round {round_ + 1}/{args.time_rounds}: {' '.join(command)}"
+        )
+        code, output = common.run_trainer(
+            command, args.timeout, env={"OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+        )
         if code != 0:
-            return {"status": "failed", "variant": "+".join(variants), "reason": common.failure_reason(output, code)}
+            return {
+                "status": "failed",
+                "variant": "+".join(variants),
+                "reason": common.failure_reason(output, code),
+            }
         measured = json.loads((folder / "times.json").read_text())["step_time_s"]
         pairs = [d / p for d, p in zip(measured[args.default], measured["falqon_paper"])]
         per_round.append(statistics.median(pairs))
@@ -201,9 +300,17 @@ def time_against_paper(args: argparse.Namespace, task: str) -> dict[str, Any]:
             times[name] += [1e3 * t for t in measured[name]]
     pairs = [d / p for d, p in zip(times[args.default], times["falqon_paper"])]
     quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
-    return {"status": "ok", "steps": args.time_steps, "rounds": args.time_rounds, "step_time_ms": times,
-            "ratios": per_round, "ratio": statistics.median(pairs), "quartiles": [quartiles[0], quartiles[2]],
-            "ratio_of_medians": statistics.median(times[args.default]) / statistics.median(times["falqon_paper"])}
+    return {
+        "status": "ok",
+        "steps": args.time_steps,
+        "rounds": args.time_rounds,
+        "step_time_ms": times,
+        "ratios": per_round,
+        "ratio": statistics.median(pairs),
+        "quartiles": [quartiles[0], quartiles[2]],
+        "ratio_of_medians": statistics.median(times[args.default])
+        / statistics.median(times["falqon_paper"]),
+    }
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -214,22 +321,39 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if r["variant"] not in best or r["eval_loss"] < best[r["variant"]]["eval_loss"]:
             best[r["variant"]] = r
     lora = best.get("lora", {}).get("eval_loss")
-    paper_time = statistics.median([r["step_time_ms"] for r in ok if r["variant"] == "falqon_paper"] or [math.nan])
+    paper_time = statistics.median(
+        [r["step_time_ms"] for r in ok if r["variant"] == "falqon_paper"] or [math.nan]
+    )
     out = {}
     for name, r in best.items():
         times = [x["step_time_ms"] for x in ok if x["variant"] == name]
         out[name] = {
-            "best_lr": r["lr"], "eval_loss": r["eval_loss"], "exact_match": r["exact_match"],
+            "best_lr": r["lr"],
+            "eval_loss": r["eval_loss"],
+            "exact_match": r["exact_match"],
             "x_best_lora": r["eval_loss"] / lora if lora else None,
-            "step_time_x_paper": statistics.median(times) / paper_time if math.isfinite(paper_time) else None,
-            "worst_exact_match_over_grid": min((x["exact_match"] for x in ok if x["variant"] == name
-                                                and x["exact_match"] is not None), default=None),
+            "step_time_x_paper": statistics.median(times) / paper_time
+            if math.isfinite(paper_time)
+            else None,
+            "worst_exact_match_over_grid": min(
+                (
+                    x["exact_match"]
+                    for x in ok
+                    if x["variant"] == name and x["exact_match"] is not None
+                ),
+                default=None,
+            ),
         }
     return out
 
 
-def acceptance(task: str, runs: list[dict[str, Any]], summary: dict[str, Any], variant: str,
-               timing: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def acceptance(
+    task: str,
+    runs: list[dict[str, Any]],
+    summary: dict[str, Any],
+    variant: str,
+    timing: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """A FALQON variant at 0.5x, 1x and 2x its default lr against the task's bounds; its step time
     against the paper's from ``timing`` (:func:`time_against_paper`) when that measured it, else from
     the sweep's runs."""
@@ -237,7 +361,14 @@ def acceptance(task: str, runs: list[dict[str, Any]], summary: dict[str, Any], v
     lora = summary.get("lora", {}).get("eval_loss")
     rows = []
     for scale in (0.5, 1.0, 2.0):
-        run = next((r for r in runs if r["variant"] == variant and r["scale"] == scale and r.get("status") == "ok"), None)
+        run = next(
+            (
+                r
+                for r in runs
+                if r["variant"] == variant and r["scale"] == scale and r.get("status") == "ok"
+            ),
+            None,
+        )
         bound = bound_default if scale == 1.0 else bound_off
         if run is None:
             rows.append({"scale": scale, "value": None, "bound": bound, "ok": None})
@@ -252,14 +383,26 @@ def acceptance(task: str, runs: list[dict[str, Any]], summary: dict[str, Any], v
     step = summary.get(variant, {}).get("step_time_x_paper")
     if timing and timing.get("status") == "ok" and variant in timing["step_time_ms"]:
         step = timing["ratio"]
-    rows.append({"scale": None, "value": step, "bound": STEP_TIME_BOUND, "ok": None if step is None else step <= STEP_TIME_BOUND})
+    rows.append(
+        {
+            "scale": None,
+            "value": step,
+            "bound": STEP_TIME_BOUND,
+            "ok": None if step is None else step <= STEP_TIME_BOUND,
+        }
+    )
     return rows
 
 
 def _task_markdown(payload: dict[str, Any], task: str) -> list[str]:
     scales = payload["config"]["lr_scale"]
     runs = [r for r in payload["runs"] if r["task"] == task]
-    lines = [f"## Task `{task}`", "", "Final eval loss / exact match per learning rate (× the variant's default):", ""]
+    lines = [
+        f"## Task `{task}`",
+        "",
+        "Final eval loss / exact match per learning rate (× the variant's default):",
+        "",
+    ]
     by_key = {(r["variant"], r["scale"]): r for r in runs}
     rows = []
     for name in payload["config"]["variants"]:
@@ -274,37 +417,73 @@ def _task_markdown(payload: dict[str, Any], task: str) -> list[str]:
                 em = "—" if r["exact_match"] is None else f"{100 * r['exact_match']:.0f}%"
                 cells.append(f"{r['lr']:.3g}: {r['eval_loss']:.3f} / {em}")
         rows.append(cells)
-    lines.append(common.markdown_table(["variant", *[f"lr × {s:g}" for s in scales]], rows, "l" + "r" * len(scales)))
+    lines.append(
+        common.markdown_table(
+            ["variant", *[f"lr × {s:g}" for s in scales]], rows, "l" + "r" * len(scales)
+        )
+    )
     summary = payload.get("summary", {}).get(task, {})
     if summary:
         lines += ["", "Best run of each variant:", ""]
-        lines.append(common.markdown_table(
-            ["variant", "best lr", "eval loss", "× best LoRA", "exact match", "worst EM on the grid", "step time × paper"],
-            [[n, f"{s['best_lr']:.3g}", f"{s['eval_loss']:.3f}", common.fmt(s["x_best_lora"], ".2f"),
-              common.fmt(s["exact_match"], ".3f"), common.fmt(s["worst_exact_match_over_grid"], ".3f"),
-              common.fmt(s["step_time_x_paper"], ".2f")] for n, s in summary.items()]))
+        lines.append(
+            common.markdown_table(
+                [
+                    "variant",
+                    "best lr",
+                    "eval loss",
+                    "× best LoRA",
+                    "exact match",
+                    "worst EM on the grid",
+                    "step time × paper",
+                ],
+                [
+                    [
+                        n,
+                        f"{s['best_lr']:.3g}",
+                        f"{s['eval_loss']:.3f}",
+                        common.fmt(s["x_best_lora"], ".2f"),
+                        common.fmt(s["exact_match"], ".3f"),
+                        common.fmt(s["worst_exact_match_over_grid"], ".3f"),
+                        common.fmt(s["step_time_x_paper"], ".2f"),
+                    ]
+                    for n, s in summary.items()
+                ],
+            )
+        )
     timing = payload.get("timing", {}).get(task)
     if timing and timing.get("status") == "ok":
         default = payload["config"]["default"]
-        paper_ms, default_ms = timing["step_time_ms"]["falqon_paper"], timing["step_time_ms"][default]
+        paper_ms, default_ms = (
+            timing["step_time_ms"]["falqon_paper"],
+            timing["step_time_ms"][default],
+        )
         low, high = timing["quartiles"]
-        lines += ["", f"Step time, measured apart from the sweep ({timing['rounds']} rounds of {timing['steps']} paired "
-                  f"steps: both trainers in one process, their steps alternating, every core): falqon_paper "
-                  f"{statistics.median(paper_ms):.0f} ms, {default} {statistics.median(default_ms):.0f} ms (medians); "
-                  f"{default} / paper over every pair: median **{timing['ratio']:.3f}** (quartiles {low:.3f} – "
-                  f"{high:.3f}; per round {' · '.join(f'{r:.3f}' for r in timing['ratios'])}; ratio of the medians "
-                  f"{timing['ratio_of_medians']:.3f}). The acceptance's step time is the pair median; the table "
-                  "above is from the sweep's parallel runs."]
+        lines += [
+            "",
+            f"Step time, measured apart from the sweep ({timing['rounds']} rounds of {timing['steps']} paired "
+            f"steps: both trainers in one process, their steps alternating, every core): falqon_paper "
+            f"{statistics.median(paper_ms):.0f} ms, {default} {statistics.median(default_ms):.0f} ms (medians); "
+            f"{default} / paper over every pair: median **{timing['ratio']:.3f}** (quartiles {low:.3f} – "
+            f"{high:.3f}; per round {' · '.join(f'{r:.3f}' for r in timing['ratios'])}; ratio of the medians "
+            f"{timing['ratio_of_medians']:.3f}). The acceptance's step time is the pair median; the table "
+            "above is from the sweep's parallel runs.",
+        ]
     elif timing:
         lines += ["", f"Step timing failed ({timing['variant']}): {timing['reason']}"]
     checks = payload.get("acceptance", {}).get(task, {})
     if checks:
         metric = TASKS[task][1]
-        label, sign = ("eval loss × best LoRA", "≤") if metric == "x_best_lora" else ("exact match", "≥")
+        label, sign = (
+            ("eval loss × best LoRA", "≤") if metric == "x_best_lora" else ("exact match", "≥")
+        )
         bounds = checks[next(iter(checks))]
-        lines += ["", f"Acceptance at each FALQON variant's lr × 0.5 / 1 / 2 ({label} {sign} {bounds[0]['bound']:g} / "
-                  f"{bounds[1]['bound']:g} / {bounds[2]['bound']:g}; step time × paper ≤ {STEP_TIME_BOUND:g}); "
-                  f"the shipped default is `{payload['config']['default']}`:", ""]
+        lines += [
+            "",
+            f"Acceptance at each FALQON variant's lr × 0.5 / 1 / 2 ({label} {sign} {bounds[0]['bound']:g} / "
+            f"{bounds[1]['bound']:g} / {bounds[2]['bound']:g}; step time × paper ≤ {STEP_TIME_BOUND:g}); "
+            f"the shipped default is `{payload['config']['default']}`:",
+            "",
+        ]
         rows = []
         for variant, check in checks.items():
             cells = [variant + (" (default)" if variant == payload["config"]["default"] else "")]
@@ -313,14 +492,24 @@ def _task_markdown(payload: dict[str, Any], task: str) -> list[str]:
                 cells.append(common.fmt(c["value"], ".3f") + verdict)
             cells.append("pass" if all(c["ok"] for c in check) else "FAIL")
             rows.append(cells)
-        lines.append(common.markdown_table(["variant", "× 0.5", "× 1", "× 2", "step time × paper", ""], rows, "lrrrrl"))
+        lines.append(
+            common.markdown_table(
+                ["variant", "× 0.5", "× 1", "× 2", "step time × paper", ""], rows, "lrrrrl"
+            )
+        )
     return lines
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    lines = ["# falqon_dist learning benchmark (through launch/train.py)", "", f"`{payload['command']}`", "",
-             f"{payload['config']['steps']} steps · overrides {' '.join(payload['config']['set']) or '—'} · "
-             f"torch {payload['env']['torch']} · commit {payload['env']['commit']}", ""]
+    lines = [
+        "# falqon_dist learning benchmark (through launch/train.py)",
+        "",
+        f"`{payload['command']}`",
+        "",
+        f"{payload['config']['steps']} steps · overrides {' '.join(payload['config']['set']) or '—'} · "
+        f"torch {payload['env']['torch']} · commit {payload['env']['commit']}",
+        "",
+    ]
     for task in payload["config"]["tasks"]:
         lines += _task_markdown(payload, task) + [""]
     return "\n".join(lines)
@@ -337,8 +526,14 @@ def plot(payload: dict[str, Any], task: str, path: Path) -> None:
         return
     fig, (ax_loss, ax_em) = plt.subplots(1, 2, figsize=(10, 4))
     for name in payload["config"]["variants"]:
-        runs = sorted((r for r in payload["runs"] if r["task"] == task and r["variant"] == name and r.get("status") == "ok"),
-                      key=lambda r: r["lr"])
+        runs = sorted(
+            (
+                r
+                for r in payload["runs"]
+                if r["task"] == task and r["variant"] == name and r.get("status") == "ok"
+            ),
+            key=lambda r: r["lr"],
+        )
         if not runs:
             continue
         lrs = [r["lr"] for r in runs]
@@ -364,8 +559,11 @@ def write_reports(payload: dict[str, Any]) -> str:
         runs = [r for r in payload["runs"] if r["task"] == task]
         payload["summary"][task] = summarize(runs)
         payload["acceptance"][task] = {
-            variant: acceptance(task, runs, payload["summary"][task], variant, payload.get("timing", {}).get(task))
-            for variant in payload["config"]["variants"] if variant.startswith("falqon") and variant != "falqon_paper"
+            variant: acceptance(
+                task, runs, payload["summary"][task], variant, payload.get("timing", {}).get(task)
+            )
+            for variant in payload["config"]["variants"]
+            if variant.startswith("falqon") and variant != "falqon_paper"
         }
         plot(payload, task, out / f"results_{task}.png")
     common.write_json(out / "results.json", payload)
@@ -380,16 +578,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args.out.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
-        "command": "python benchmarks/bench_learning.py " + " ".join(args.argv), "out": str(args.out),
+        "command": "python benchmarks/bench_learning.py " + " ".join(args.argv),
+        "out": str(args.out),
         "env": common.environment(torch.device("cpu")),
-        "config": {"tasks": args.tasks, "variants": args.variants, "default": args.default, "lr_scale": args.lr_scale,
-                   "base_lr": args.base_lr, "steps": args.steps, "set": args.set, "ranks": args.ranks, "jobs": args.jobs},
+        "config": {
+            "tasks": args.tasks,
+            "variants": args.variants,
+            "default": args.default,
+            "lr_scale": args.lr_scale,
+            "base_lr": args.base_lr,
+            "steps": args.steps,
+            "set": args.set,
+            "ranks": args.ranks,
+            "jobs": args.jobs,
+        },
         "runs": [],
     }
     grid = [(t, v, s) for t in args.tasks for v in args.variants for s in args.lr_scale]
     bar = common.progress(None, "runs", "run", total=len(grid))
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for row in pool.map(lambda item: run_one(args, *item), grid):  # results in grid order, in this thread
+        # results in grid order, in this thread
+        for row in pool.map(lambda item: run_one(args, *item), grid):
             payload["runs"].append(row)
             write_reports(payload)
             bar.update(1)

@@ -6,10 +6,11 @@
 
 The driver saves one bf16 checkpoint, then launches one ``torchrun`` job per (stage, method), so each
 job's peak memory is its own (reported as private/anonymous memory, sampled, and as ``ru_maxrss``,
-which also counts the checkpoint pages every rank maps while loading). FALQON under ZeRO-3 loads through ``zero.Init`` and converts layer by
-layer; the baseline (``lora``: peft LoRA on a frozen bf16 backbone) loads the same checkpoint the way
-``launch/train.py`` does. All-gather bytes come from DeepSpeed's comms logger over one optimizer step;
-``bytes/param`` divides them by the partitioned parameters × 2 gather passes (forward + backward).
+which also counts the checkpoint pages every rank maps while loading). FALQON under ZeRO-3 loads
+through ``zero.Init`` and converts layer by layer; the baseline (``lora``: peft LoRA on a frozen
+bf16 backbone) loads the same checkpoint the way ``launch/train.py`` does. All-gather bytes come
+from DeepSpeed's comms logger over one optimizer step; ``bytes/param`` divides them by the
+partitioned parameters × 2 gather passes (forward + backward).
 Writes ``results.json`` and ``results.md`` into ``--out``.
 """
 
@@ -77,8 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     from falqon_dist.distributed import initialize
     from falqon_dist.distributed.zero3_init import load_pretrained_zero3
     from falqon_dist.distributed.zero_facts import is_partitioned
-    from falqon_dist.method import FalqonConfig
-    from falqon_dist.methods import config_fields, method_config, prepare_model
+    from falqon_dist.methods import config_fields, method_config, post_optimizer_hook, prepare_model
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank = tdist.get_rank()
@@ -93,22 +93,31 @@ def worker(args: argparse.Namespace) -> None:
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
     }
     start = time.perf_counter()
+    fields = {
+        key: value
+        for key, value in (("rank", args.rank), ("backend", "emulated"))
+        if key in config_fields(args.method)
+    }
+    method = method_config(args.method, fields)
     if args.method == "falqon" and args.stage == 3:
-        model, _ = load_pretrained_zero3(args.model_dir, ds_config, FalqonConfig(rank=args.rank, backend="emulated"))
+        model, _ = load_pretrained_zero3(args.model_dir, ds_config, method)
     else:
         hf_ds = HfDeepSpeedConfig(ds_config) if args.stage == 3 else None  # noqa: F841  (zero.Init load)
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16, trust_remote_code=False)
-        fields = {key: value for key, value in (("rank", args.rank), ("backend", "emulated"))
-                  if key in config_fields(args.method)}
-        prepare_model(model, method_config(args.method, fields))
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model_dir, dtype=torch.bfloat16, trust_remote_code=False
+        )
+        prepare_model(model, method)
     load_s = time.perf_counter() - start
     load_peak_mb = _rss_mb() - baseline_mb  # load + convert, before DeepSpeed allocates its buffers
     load_private_mb = max(sampler.peak_mb, sampler.current_mb()) - private_baseline_mb
     engine = initialize(model, ds_config)
+    # FALQON's merge; None otherwise
+    hook = post_optimizer_hook(method, engine.module, engine.optimizer)
 
     partitioned = sum(p.ds_numel for p in engine.module.parameters() if is_partitioned(p))
     gathered: dict[str, list[int]] = {}  # dtype -> [bytes, elements]
-    backend = deepspeed.comm.comm.cdb  # ZeRO-3 gathers through the torch backend's all_gather_function
+    # ZeRO-3 gathers through the torch backend's all_gather_function
+    backend = deepspeed.comm.comm.cdb
     original_all_gather = backend.all_gather_function
 
     def counting_all_gather(output_tensor, input_tensor, *a, **kw):
@@ -125,7 +134,9 @@ def worker(args: argparse.Namespace) -> None:
         backend.all_gather_function = counting_all_gather if profile else original_all_gather
         t0 = time.perf_counter()
         engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
-        engine.step()
+        engine.step()  # gradient_accumulation_steps 1: every step is an optimizer step
+        if hook is not None:
+            hook(engine.global_steps)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     backend.all_gather_function = original_all_gather
@@ -158,8 +169,13 @@ def build_checkpoint(args: argparse.Namespace, directory: Path) -> int:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=2048, hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64, max_position_embeddings=512,
+        vocab_size=2048,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        max_position_embeddings=512,
     )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(directory)
@@ -176,47 +192,80 @@ def driver(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         n_params = build_checkpoint(args, model_dir)
-        print(f"model: {n_params / 1e6:.1f}M parameters (bf16 checkpoint {sum(f.stat().st_size for f in model_dir.iterdir()) / 1e6:.0f} MB)")
+        checkpoint_mb = sum(f.stat().st_size for f in model_dir.iterdir()) / 1e6
+        print(f"model: {n_params / 1e6:.1f}M parameters (bf16 checkpoint {checkpoint_mb:.0f} MB)")
         rows = []
         for stage in args.stages:
             for method in args.methods:
                 result = Path(tmp) / f"s{stage}-{method}"
                 cmd = [
-                    sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                    "127.0.0.1", "--master_port", str(29600 + stage * 10 + len(rows)), __file__, "--worker",
-                    "--stage", str(stage), "--method", method, "--model-dir", str(model_dir), "--result", str(result),
-                    "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-                    "--warmup", str(args.warmup), "--rank", str(args.rank),
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node",
+                    "2",
+                    "--master_addr",
+                    "127.0.0.1",
+                    "--master_port",
+                    str(29600 + stage * 10 + len(rows)),
+                    __file__,
+                    "--worker",
+                    "--stage",
+                    str(stage),
+                    "--method",
+                    method,
+                    "--model-dir",
+                    str(model_dir),
+                    "--result",
+                    str(result),
+                    "--batch",
+                    str(args.batch),
+                    "--seq",
+                    str(args.seq),
+                    "--steps",
+                    str(args.steps),
+                    "--warmup",
+                    str(args.warmup),
+                    "--rank",
+                    str(args.rank),
                 ]
                 print(f"ZeRO-{stage} {method} ...", flush=True)
                 env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
                 proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
-                    raise SystemExit(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-                ranks = [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(2)]
-                rows.append({
-                    "stage": stage,
-                    "method": method,
-                    "step_s": max(r["step_s_median"] for r in ranks),
-                    "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
-                    "load_peak_rss_mb": max(r["load_peak_rss_mb"] for r in ranks),
-                    "private_peak_mb": max(r["private_peak_mb"] for r in ranks),
-                    "load_private_peak_mb": max(r["load_private_peak_mb"] for r in ranks),
-                    "allgather_bytes_per_step": ranks[0]["allgather_bytes_per_step"],
-                    "allgather_bytes_per_param": ranks[0]["allgather_bytes_per_param"],
-                    "allgather_by_dtype": ranks[0]["allgather_by_dtype"],
-                    "gather_passes": ranks[0]["gather_passes"],
-                })
+                    raise SystemExit(
+                        f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}"
+                    )
+                ranks = [
+                    json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(2)
+                ]
+                rows.append(
+                    {
+                        "stage": stage,
+                        "method": method,
+                        "step_s": max(r["step_s_median"] for r in ranks),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+                        "load_peak_rss_mb": max(r["load_peak_rss_mb"] for r in ranks),
+                        "private_peak_mb": max(r["private_peak_mb"] for r in ranks),
+                        "load_private_peak_mb": max(r["load_private_peak_mb"] for r in ranks),
+                        "allgather_bytes_per_step": ranks[0]["allgather_bytes_per_step"],
+                        "allgather_bytes_per_param": ranks[0]["allgather_bytes_per_param"],
+                        "allgather_by_dtype": ranks[0]["allgather_by_dtype"],
+                        "gather_passes": ranks[0]["gather_passes"],
+                    }
+                )
     table = [
         f"ZeRO stage × method on 2 CPU ranks (gloo), {n_params / 1e6:.1f}M-parameter Llama, bf16, "
         f"micro-batch {args.batch}×{args.seq} tokens per rank, median of {args.steps} steps after {args.warmup}",
         "",
-        "| stage | method | step s | peak private MB/rank (load) | peak RSS MB/rank (load) | all-gather MB/step (uint8 + bf16) | bytes/param | passes |",
+        "| stage | method | step s | peak private MB/rank (load) | peak RSS MB/rank (load) "
+        "| all-gather MB/step (uint8 + bf16) | bytes/param | passes |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         table.append(
-            f"| {r['stage']} | {r['method']} | {r['step_s']:.2f} | {r['private_peak_mb']:.0f} ({r['load_private_peak_mb']:.0f}) | "
+            f"| {r['stage']} | {r['method']} | {r['step_s']:.2f} | "
+            f"{r['private_peak_mb']:.0f} ({r['load_private_peak_mb']:.0f}) | "
             f"{r['peak_rss_mb']:.0f} ({r['load_peak_rss_mb']:.0f}) | "
             f"{r['allgather_bytes_per_step'] / 1e6:.1f} ({_mb(r, 'uint8')} + {_mb(r, 'bfloat16')}) | "
             f"{r['allgather_bytes_per_param']:.2f} | {r['gather_passes']:.2f} |"
@@ -228,7 +277,9 @@ def driver(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=["falqon", "lora"])
     parser.add_argument("--hidden", type=int, default=768)

@@ -57,7 +57,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], Any], device: torch.device, *, iters: int = 5, warmup: int = 2) -> float:
+def time_ms(
+    fn: Callable[[], Any], device: torch.device, *, iters: int = 5, warmup: int = 2
+) -> float:
     """Median wall-clock milliseconds of ``fn()`` (CUDA: synchronized around each call)."""
     for _ in range(warmup):
         fn()
@@ -71,7 +73,9 @@ def time_ms(fn: Callable[[], Any], device: torch.device, *, iters: int = 5, warm
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int) -> dict[str, list[float]]:
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], device: torch.device, rounds: int
+) -> dict[str, list[float]]:
     """Per-call milliseconds of every ``fn``, one call of each per round (round-robin).
 
     A machine whose load changes during the run then slows every candidate alike, so the ratios
@@ -80,7 +84,8 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], device: torch.device,
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for index in progress(range(rounds), "timed rounds", "round"):
-        shift = index % len(names) if names else 0  # rotate who goes first: no slot is always the coldest
+        # rotate who goes first: no slot is always the coldest
+        shift = index % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
             fn = fns[name]
             synchronize(device)
@@ -101,7 +106,9 @@ def tflops(flops: float, ms: float) -> float:
 def _status_kb(field: str) -> int | None:
     """A ``/proc/self/status`` field in kB (Linux), or None."""
     try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+        match = re.search(
+            rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE
+        )
     except OSError:
         return None
     return int(match.group(1)) if match else None
@@ -127,7 +134,11 @@ class MemoryMeter:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         kb = _status_kb("VmHWM")
-        return kb * 1024 if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return (
+            kb * 1024
+            if kb is not None
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
 
     def reset(self) -> None:
         """Start a new high-water mark (CPU: after returning freed heap to the OS)."""
@@ -166,7 +177,8 @@ def backbone_storage(module: torch.nn.Module) -> tuple[int, int]:
         extra = cache.nbytes if cache is not None else 0
         return q.numel() * q.element_size() + extra, module.in_features * module.out_features
     weight = module.weight
-    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes Params4bit: codes + block scales
+    # bitsandbytes Params4bit: codes + block scales
+    if getattr(weight, "quant_state", None) is not None:
         from falqon_dist.baselines.qlora import nf4_weight_bytes
 
         return nf4_weight_bytes(weight), module.in_features * module.out_features
@@ -187,14 +199,18 @@ def trainer_command(python: str, ranks: int, overrides: list[str]) -> list[str]:
     return [launcher, "--num_gpus", str(ranks), train_py, *overrides]
 
 
-def run_trainer(command: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int | None, str]:
+def run_trainer(
+    command: list[str], timeout: float, env: dict[str, str] | None = None
+) -> tuple[int | None, str]:
     """Run one training command from the repository root: ``(exit code or None on time-out, output)``.
     ``env`` adds to (or overrides) this process's environment."""
     import os
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+        )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout or ""
         return None, out.decode(errors="replace") if isinstance(out, bytes) else out
@@ -205,13 +221,23 @@ def failure_reason(output: str, code: int | None) -> str:
     """The last line of a failed run's output that names an error, else its exit code."""
     if code is None:
         return "timed out"
-    return next((line.strip() for line in reversed(output.splitlines()) if "Error" in line or "error" in line),
-                f"exit code {code}")
+    return next(
+        (
+            line.strip()
+            for line in reversed(output.splitlines())
+            if "Error" in line or "error" in line
+        ),
+        f"exit code {code}",
+    )
 
 
 def read_run_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every record of a run's ``metrics.jsonl``."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
 
 
 def run_summary(records: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
@@ -226,15 +252,21 @@ def run_summary(records: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
         "steps": len(steps),
         "step_time_ms": 1e3 * statistics.median(r["step_time_s"] for r in timed),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-        "peak_mem_mb": max((r.get("mem_peak_mb", float("nan")) for r in steps), default=float("nan")),
+        "peak_mem_mb": max(
+            (r.get("mem_peak_mb", float("nan")) for r in steps), default=float("nan")
+        ),
         "train_loss_first": steps[0]["loss"] if steps else float("nan"),
-        "train_loss_last": statistics.mean(r["loss"] for r in steps[-max(1, len(steps) // 10):]) if steps else float("nan"),
+        "train_loss_last": statistics.mean(r["loss"] for r in steps[-max(1, len(steps) // 10) :])
+        if steps
+        else float("nan"),
         "eval_loss_before": evals[0]["eval_loss"] if len(evals) > 1 else float("nan"),
         "eval_loss": evals[-1]["eval_loss"] if evals else float("nan"),
         "exact_match": evals[-1].get("eval_exact_match") if evals else None,
         "params": facts.get("params"),
         "trainable_params": facts.get("trainable_params"),
-        "param_bytes_per_param": facts["param_bytes"] / facts["params"] if facts.get("params") else float("nan"),
+        "param_bytes_per_param": facts["param_bytes"] / facts["params"]
+        if facts.get("params")
+        else float("nan"),
         "saturated_last": steps[-1].get("saturated") if steps else None,
     }
 
@@ -244,7 +276,13 @@ def run_summary(records: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -253,14 +291,26 @@ def _git_commit() -> str | None:
 def environment(device: torch.device) -> dict[str, Any]:
     """Versions, hardware and the code's commit, for the record."""
     env: dict[str, Any] = {
-        "python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "device": str(device), "threads": torch.get_num_threads(),
-        "commit": _git_commit(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "commit": _git_commit(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    for package in ("transformers", "peft", "bitsandbytes", "deepspeed", "triton", "transformer-engine"):
+    for package in (
+        "transformers",
+        "peft",
+        "bitsandbytes",
+        "deepspeed",
+        "triton",
+        "transformer-engine",
+    ):
         try:  # installed version, without importing (deepspeed would probe accelerators)
             env[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -273,7 +323,13 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def ratio(value: float | None, reference: float | None) -> str:
     """``value / reference`` to two decimals, or an em dash when either is missing."""
-    if value is None or reference is None or not reference or not math.isfinite(value) or not math.isfinite(reference):
+    if (
+        value is None
+        or reference is None
+        or not reference
+        or not math.isfinite(value)
+        or not math.isfinite(reference)
+    ):
         return "—"
     return f"{value / reference:.2f}"
 
@@ -293,7 +349,12 @@ def markdown_table(headers: list[str], rows: list[list[Any]], align: str | None 
     return "\n".join(lines)
 
 
-def bar_chart(path: Path, panels: list[tuple[str, list[str], list[float]]], title: str, highlight: str = "falqon") -> bool:
+def bar_chart(
+    path: Path,
+    panels: list[tuple[str, list[str], list[float]]],
+    title: str,
+    highlight: str = "falqon",
+) -> bool:
     """A PNG of bar panels ``(panel title, labels, values)``; False (with a message) without matplotlib."""
     try:
         import matplotlib
@@ -305,7 +366,11 @@ def bar_chart(path: Path, panels: list[tuple[str, list[str], list[float]]], titl
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (panel, labels, values) in zip(axes[0], panels):
-        bars = ax.bar(labels, values, color=["C3" if label.startswith(highlight) else "C0" for label in labels])
+        bars = ax.bar(
+            labels,
+            values,
+            color=["C3" if label.startswith(highlight) else "C0" for label in labels],
+        )
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_title(panel, fontsize=9)
         ax.tick_params(axis="x", rotation=30, labelsize=7)
@@ -316,7 +381,9 @@ def bar_chart(path: Path, panels: list[tuple[str, list[str], list[float]]], titl
     return True
 
 
-def finish(payload: dict[str, Any], write_reports: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+def finish(
+    payload: dict[str, Any], write_reports: Callable[[dict[str, Any]], str]
+) -> dict[str, Any]:
     """Write the final reports, print the markdown, say where they are; return the payload."""
     print(write_reports(payload))
     log(f"wrote {payload['out']}/results.{{json,md,png}}")

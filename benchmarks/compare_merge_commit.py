@@ -22,10 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
 import torch  # noqa: E402
 
+import common  # noqa: E402
 from falqon_dist import fp8  # noqa: E402
 from falqon_dist.method import every_row  # noqa: E402
 from falqon_dist.method.merge_math import adapter_projector  # noqa: E402
@@ -33,8 +32,13 @@ from falqon_dist.method.rounding import Rounding  # noqa: E402
 
 
 def load_old_proxy(commit: str):
-    source = subprocess.run(["git", "show", f"{commit}:falqon_dist/method/proxy.py"], cwd=common.REPO,
-                            capture_output=True, text=True, check=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{commit}:falqon_dist/method/proxy.py"],
+        cwd=common.REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     path = Path(tempfile.mkdtemp()) / "old_proxy.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_proxy", path)
@@ -59,10 +63,20 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     layers = []
     for _ in common.progress(range(args.layers), "layers", "layer"):
-        bits = fp8.to_bits((torch.randn(out + args.rank, in_features, generator=gen) * 40).clamp(-448, 448)
-                           .to(fp8.E4M3)).clone()
+        bits = fp8.to_bits(
+            (torch.randn(out + args.rank, in_features, generator=gen) * 40)
+            .clamp(-448, 448)
+            .to(fp8.E4M3)
+        ).clone()
         adapter_q = bits[out:].view(fp8.E4M3).float()
-        layers.append((bits, torch.randn(out, args.rank, generator=gen) * 1e-2, adapter_q, adapter_projector(adapter_q)))
+        layers.append(
+            (
+                bits,
+                torch.randn(out, args.rank, generator=gen) * 1e-2,
+                adapter_q,
+                adapter_projector(adapter_q),
+            )
+        )
 
     def merge_old():
         for bits, proxy, adapter_q, projector in layers:
@@ -74,9 +88,15 @@ def main() -> None:
 
     bits, proxy, adapter_q, projector = layers[0]
     mine, theirs = bits.clone(), bits.clone()
-    carry_old = old.merge_every_row_(theirs[:out], proxy, adapter_q, old.NEAREST, projector=projector).carry
-    carry_new = every_row.merge_every_row_(mine, 0, proxy, adapter_q, Rounding(), projector=projector).carry
-    print(f"one layer: bytes equal {torch.equal(mine, theirs)}, carry equal {torch.equal(carry_old, carry_new)}")
+    carry_old = old.merge_every_row_(
+        theirs[:out], proxy, adapter_q, old.NEAREST, projector=projector
+    ).carry
+    carry_new = every_row.merge_every_row_(
+        mine, 0, proxy, adapter_q, Rounding(), projector=projector
+    ).carry
+    print(
+        f"one layer: bytes equal {torch.equal(mine, theirs)}, carry equal {torch.equal(carry_old, carry_new)}"
+    )
     merge_old(), merge_new()  # warm-up: compile
     times = {"old": [], "new": []}
     for index in common.progress(range(args.rounds), "paired rounds", "round"):
@@ -87,9 +107,11 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) * 1e3)
     old_ms, new_ms = statistics.median(times["old"]), statistics.median(times["new"])
     ratios = [n / o for o, n in zip(times["old"], times["new"])]
-    print(f"{args.layers} layers {args.shape}, rank {args.rank}, {torch.get_num_threads()} threads: "
-          f"{args.commit} {old_ms:.0f} ms, today {new_ms:.0f} ms per merge of all layers; "
-          f"today / {args.commit}: {new_ms / old_ms:.2f} (per round {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(
+        f"{args.layers} layers {args.shape}, rank {args.rank}, {torch.get_num_threads()} threads: "
+        f"{args.commit} {old_ms:.0f} ms, today {new_ms:.0f} ms per merge of all layers; "
+        f"today / {args.commit}: {new_ms / old_ms:.2f} (per round {', '.join(f'{r:.2f}' for r in ratios)})"
+    )
 
 
 if __name__ == "__main__":

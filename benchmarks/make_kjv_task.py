@@ -30,15 +30,21 @@ VERSE = re.compile(r"^(?P<ref>[1-3]?[A-Za-z]+\d+:\d+) (?P<text>.+)$")
 def read_verses() -> list[tuple[str, str]]:
     """All ``(reference, text)`` pairs from Debian's ``bible`` reader."""
     if shutil.which("bible") is None:
-        sys.exit("the `bible` command is missing: install Debian's bible-kjv package (apt-get install bible-kjv)")
-    output = subprocess.run(["bible", "-f", "Ge1:1-Re22:21"], capture_output=True, text=True, check=True).stdout
+        sys.exit(
+            "the `bible` command is missing: install Debian's bible-kjv package (apt-get install bible-kjv)"
+        )
+    output = subprocess.run(
+        ["bible", "-f", "Ge1:1-Re22:21"], capture_output=True, text=True, check=True
+    ).stdout
     verses = []
     for line in output.splitlines():
         match = VERSE.match(line.strip())
         if match:
             verses.append((match["ref"], match["text"]))
     if len(verses) < 30000:
-        sys.exit(f"`bible` printed {len(verses)} verses; expected 31,102 (is bible-kjv-text installed?)")
+        sys.exit(
+            f"`bible` printed {len(verses)} verses; expected 31,102 (is bible-kjv-text installed?)"
+        )
     return verses
 
 
@@ -49,7 +55,9 @@ def rows(verses: list[tuple[str, str]], min_chars: int, max_chars: int) -> list[
             continue
         words = text.split()
         half = len(words) // 2
-        out.append({"prompt": f"{ref} {' '.join(words[:half])}", "response": " " + " ".join(words[half:])})
+        out.append(
+            {"prompt": f"{ref} {' '.join(words[:half])}", "response": " " + " ".join(words[half:])}
+        )
     return out
 
 

@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def paired_step_times(variants: dict[str, list[str]], steps: int, warmup: int) -> dict[str, list[float]]:
+def paired_step_times(
+    variants: dict[str, list[str]], steps: int, warmup: int
+) -> dict[str, list[float]]:
     """Build one trainer per variant, then time ``steps`` alternating steps of each (see module doc)."""
     from hydra import compose, initialize_config_dir
 

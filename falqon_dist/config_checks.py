@@ -16,8 +16,9 @@ from typing import Any
 class InvalidField(ValueError):
     """A config's field holds an invalid value: ``<Config>.<field> <requirement>, got <value>``.
 
-    ``field`` and ``requirement`` let a caller re-word it in its own terms (the trainer names the
-    Hydra key, ``method.rank``)."""
+    ``owner`` (the config class), ``field``, ``requirement`` and ``value`` let a caller re-word it in
+    its own terms (the trainer names the Hydra key, ``method.rank``); a caller tells which field is to
+    blame by ``field``, never by the message's text."""
 
     def __init__(self, owner: str, field: str, requirement: str, value: Any) -> None:
         self.owner, self.field, self.requirement, self.value = owner, field, requirement, value
@@ -44,8 +45,16 @@ def check_int(owner: str, field: str, value: Any) -> None:
         raise InvalidField(owner, field, "must be an integer", value)
 
 
-def check_number(owner: str, field: str, value: Any, low: float, high: float | None = None, *,
-                 low_open: bool = False, high_open: bool = False) -> None:
+def check_number(
+    owner: str,
+    field: str,
+    value: Any,
+    low: float,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     """A finite number between ``low`` and ``high`` (each bound closed unless ``*_open``). NaN and
     ±inf are never valid: ``train.lr=inf`` would put NaN into every merge."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -73,11 +82,24 @@ def check_patterns(owner: str, field: str, value: Any) -> None:
     """None, or a non-empty tuple of module names / dotted suffixes / regular expressions."""
     if value is None:
         return
-    if not isinstance(value, tuple) or not value or not all(isinstance(item, str) and item for item in value):
-        raise InvalidField(owner, field, "must be null or a list of module names or regexes, e.g. [q_proj,v_proj]", value)
+    if (
+        not isinstance(value, tuple)
+        or not value
+        or not all(isinstance(item, str) and item for item in value)
+    ):
+        raise InvalidField(
+            owner,
+            field,
+            "must be null or a list of module names or regexes, e.g. [q_proj,v_proj]",
+            value,
+        )
     for item in value:
         try:
             re.compile(item)
         except re.error as error:
-            raise InvalidField(owner, field, f"holds {item!r}, which is not a valid regular expression ({error})",
-                               value) from None
+            raise InvalidField(
+                owner,
+                field,
+                f"holds {item!r}, which is not a valid regular expression ({error})",
+                value,
+            ) from None

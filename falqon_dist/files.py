@@ -78,16 +78,28 @@ def check_plain_file(path: str | os.PathLike[str], *, in_place: bool = True) -> 
 
 def _check_regular(path: str | os.PathLike[str], info: os.stat_result, *, writing: bool) -> None:
     if not stat.S_ISREG(info.st_mode):
-        raise UnsafeFileError(errno.EINVAL, f"{path} is not a regular file; falqon_dist writes only regular files "
-                                            "in a run directory — remove it")  # fmt: skip
+        raise UnsafeFileError(
+            errno.EINVAL,
+            f"{path} is not a regular file; falqon_dist writes only regular files "
+            "in a run directory — remove it",
+        )
     if writing and info.st_nlink > 1:
-        raise UnsafeFileError(errno.EMLINK, f"{path} has {info.st_nlink - 1} other hard link(s) (a copy made with "
-                                            "cp -al or ln?); writing it would change every copy — replace it "
-                                            "with a plain copy (cp --remove-destination) or remove it")  # fmt: skip
+        raise UnsafeFileError(
+            errno.EMLINK,
+            f"{path} has {info.st_nlink - 1} other hard link(s) (a copy made with "
+            "cp -al or ln?); writing it would change every copy — replace it "
+            "with a plain copy (cp --remove-destination) or remove it",
+        )
 
 
-def open_no_follow(path: str | os.PathLike[str], mode: str = "r", *, encoding: str | None = None,
-                   errors: str | None = None, perms: int = 0o666) -> IO[Any]:
+def open_no_follow(
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    *,
+    encoding: str | None = None,
+    errors: str | None = None,
+    perms: int = 0o666,
+) -> IO[Any]:
     """``open(path, mode)`` that never follows a symbolic link at ``path`` and opens only a regular
     file (see the module doc); raises :class:`UnsafeFileError` naming ``path`` otherwise.
 
@@ -97,7 +109,9 @@ def open_no_follow(path: str | os.PathLike[str], mode: str = "r", *, encoding: s
     binary = "b" in mode
     base = mode.replace("b", "").replace("t", "")
     if base not in _FLAGS:
-        raise ValueError(f"open_no_follow: unsupported mode {mode!r} (one of {', '.join(_FLAGS)}, with b or not)")
+        raise ValueError(
+            f"open_no_follow: unsupported mode {mode!r} (one of {', '.join(_FLAGS)}, with b or not)"
+        )
     # O_NONBLOCK: a FIFO planted at the name must not block the open; cleared once it is a regular file.
     # O_TRUNC waits for the checks: a file with another hard link must not be emptied before it is refused.
     flags = _FLAGS[base] | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -109,16 +123,23 @@ def open_no_follow(path: str | os.PathLike[str], mode: str = "r", *, encoding: s
         if error.errno == errno.ELOOP or (error.errno == errno.EEXIST and os.path.islink(path)):
             raise _symlink_error(path) from None
         if error.errno == errno.ENXIO:  # a FIFO with no reader, opened for writing
-            raise UnsafeFileError(errno.ENXIO, f"{path} is not a regular file; falqon_dist writes only regular "
-                                               "files in a run directory — remove it") from None  # fmt: skip
+            raise UnsafeFileError(
+                errno.ENXIO,
+                f"{path} is not a regular file; falqon_dist writes only regular "
+                "files in a run directory — remove it",
+            ) from None
         raise
     try:
         _check_regular(path, os.fstat(fd), writing=base != "r")
         os.set_blocking(fd, True)
         if truncate:
             os.ftruncate(fd, 0)
-        return os.fdopen(fd, mode if binary else base, encoding=None if binary else encoding,
-                         errors=None if binary else errors)  # fmt: skip
+        return os.fdopen(
+            fd,
+            mode if binary else base,
+            encoding=None if binary else encoding,
+            errors=None if binary else errors,
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -130,12 +151,15 @@ def umask() -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting (not thread-safe; Linux never gets here)
+    # elsewhere: the classic read-by-setting (not thread-safe; Linux never gets here)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes, *, encoding: str = "utf-8") -> None:
+def write_atomic(
+    path: str | os.PathLike[str], data: str | bytes, *, encoding: str = "utf-8"
+) -> None:
     """Replace ``path`` with ``data`` as one step: a temporary file in the same directory, fsynced,
     then ``os.replace``-d over ``path`` (and the directory fsynced), so a crash or a full disk leaves
     the old file or the new one, never a truncated one. Refuses (:class:`UnsafeFileError`) a
@@ -159,7 +183,8 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes, *, encoding: s
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(temporary, mode)
-        os.replace(temporary, path)  # over a link planted since the check: the link goes, its target stays
+        # over a link planted since the check: the link goes, its target stays
+        os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)

@@ -63,4 +63,6 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     values = (os.environ.get(var, "") for var in OFFLINE_VARS)
-    return bool(constants.HF_HUB_OFFLINE) or any(v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in values)
+    return bool(constants.HF_HUB_OFFLINE) or any(
+        v.strip().upper() in ("1", "ON", "YES", "TRUE") for v in values
+    )

@@ -108,8 +108,10 @@ def export_settings(export_dir: Path, config: str | None):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"run.dir={export_dir}"])
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # our own config: resolved as training does
-    return _settings_from(resolved, "conf/config.yaml"), "the shipped default conf/config.yaml (no run config found)"
+    # our own config: resolved as training does
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    origin = "the shipped default conf/config.yaml (no run config found)"
+    return _settings_from(resolved, "conf/config.yaml"), origin
 
 
 def load_export(export_dir: Path, dequantize: bool):
@@ -121,7 +123,9 @@ def load_export(export_dir: Path, dequantize: bool):
     with warnings.catch_warnings():  # "quantization_config from the model will be used" (intended)
         warnings.simplefilter("ignore", UserWarning)
         model = AutoModelForCausalLM.from_pretrained(
-            export_dir, quantization_config=CompressedTensorsConfig(dequantize=dequantize), trust_remote_code=False
+            export_dir,
+            quantization_config=CompressedTensorsConfig(dequantize=dequantize),
+            trust_remote_code=False,
         )
     return model.eval()
 
@@ -148,16 +152,29 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     if _is_run_dir(path):
         restored = restore_run(path, args["tag"])
         model, tokenizer, settings = restored.model, restored.tokenizer, restored.settings
-        result.update(kind="run", tag=restored.tag, step=restored.step, config_source=str(path / "config.yaml"),
-                      forward=f"FALQON FP8 (fp8.backend={settings.fp8.backend}, model.dtype={settings.model.dtype})")
+        result.update(
+            kind="run",
+            tag=restored.tag,
+            step=restored.step,
+            config_source=str(path / "config.yaml"),
+            forward=f"FALQON FP8 (fp8.backend={settings.fp8.backend}, model.dtype={settings.model.dtype})",
+        )
     elif _is_export_dir(path):
         settings, source = export_settings(path, args["config"])
         model = load_export(path, args["dequantize"])
         has_tokenizer = (path / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(str(path) if has_tokenizer else resolve_model_path(settings),
-                                   settings.model.trust_remote_code)
-        forward = "dequantized weights (fp8 x scale)" if args["dequantize"] else "compressed-tensors FP8 forward"
-        result.update(kind="export", config_source=source, forward=f"transformers, {forward}, {model.dtype}")
+        tokenizer = load_tokenizer(
+            str(path) if has_tokenizer else resolve_model_path(settings),
+            settings.model.trust_remote_code,
+        )
+        forward = (
+            "dequantized weights (fp8 x scale)"
+            if args["dequantize"]
+            else "compressed-tensors FP8 forward"
+        )
+        result.update(
+            kind="export", config_source=source, forward=f"transformers, {forward}, {model.dtype}"
+        )
     else:
         raise RestoreError(
             f"path={str(path)!r} is neither a run directory (config.yaml + checkpoints/) nor an FP8 export "
@@ -167,8 +184,10 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
         data = build_data(settings.data, tokenizer)
     except FileNotFoundError as error:
         source = result.get("config_source", path)
-        raise RestoreError(f"{error}: eval reads the run's eval split from its training data "
-                           f"(data={settings.data.name} in {source}); restore that file") from None
+        raise RestoreError(
+            f"{error}: eval reads the run's eval split from its training data "
+            f"(data={settings.data.name} in {source}); restore that file"
+        ) from None
     batch_size = args["batch_size"] or settings.train.micro_batch_size
     samples = min(args["samples"], len(data.eval))
     result.update(data=settings.data.name, eval_samples=samples)
@@ -180,7 +199,9 @@ def evaluate(args: dict[str, Any]) -> dict[str, Any]:
     result["perplexity"] = math.exp(loss) if loss is not None and loss < 700 else None
     generate = min(args["generate"], len(data.eval_records))
     if settings.data.name == "synthetic" and generate:
-        result["exact_match"] = greedy_exact_match(model, tokenizer, data.eval_records, generate, batch_size=64)
+        result["exact_match"] = greedy_exact_match(
+            model, tokenizer, data.eval_records, generate, batch_size=64
+        )
         result["generate_samples"] = generate
     result["seconds"] = time.perf_counter() - start
     return result
@@ -210,11 +231,16 @@ def main(argv: list[str]) -> int:
         f" config          {result['config_source']}",
         f" data            {result['data']}: {result['eval_samples']} eval sequences",
         f" eval loss       {_fmt(result['eval_loss'])}",
-        *(f"   {name:<13} {_fmt(value)}" for name, value in result.get("eval_loss_by_source", {}).items()),
+        *(
+            f"   {name:<13} {_fmt(value)}"
+            for name, value in result.get("eval_loss_by_source", {}).items()
+        ),
         f" perplexity      {_fmt(result['perplexity'], '.3f')}",
     ]
     if "exact_match" in result:
-        lines.append(f" exact match     {result['exact_match']:.4f} ({result['generate_samples']} prompts)")
+        lines.append(
+            f" exact match     {result['exact_match']:.4f} ({result['generate_samples']} prompts)"
+        )
     lines += [f" time            {result['seconds']:.1f} s", "=" * 64]
     print("\n".join(lines), flush=True)
     if args["json"]:

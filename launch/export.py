@@ -46,11 +46,14 @@ def fp8_tensor_count(directory: Path) -> int:
     count = 0
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
-            count += sum(handle.get_slice(key).get_dtype().startswith("F8") for key in handle.keys())
+            names = handle.keys()  # a safe_open handle is not iterable
+            count += sum(handle.get_slice(name).get_dtype().startswith("F8") for name in names)
     return count
 
 
-def export_run(run_dir: str, tag: str, out: str | None, overwrite: bool, max_shard_size: str) -> dict:
+def export_run(
+    run_dir: str, tag: str, out: str | None, overwrite: bool, max_shard_size: str
+) -> dict:
     """Restore ``run_dir`` at ``tag``, export it; returns the summary that :func:`main` prints."""
     import logging
 
@@ -69,10 +72,21 @@ def export_run(run_dir: str, tag: str, out: str | None, overwrite: bool, max_sha
 
     hf_logging.disable_progress_bar()
     restored = restore_run(run_path, tag)
-    origin = {"run_dir": restored.run_dir, "tag": restored.tag, "step": restored.step,
-              "base_model": restored.model_path, "config": restored.config}  # fmt: skip
-    export_fp8(restored.model, out_dir, tokenizer=restored.tokenizer, max_shard_size=max_shard_size,
-               overwrite=overwrite, run_info=origin)  # fmt: skip
+    origin = {
+        "run_dir": restored.run_dir,
+        "tag": restored.tag,
+        "step": restored.step,
+        "base_model": restored.model_path,
+        "config": restored.config,
+    }
+    export_fp8(
+        restored.model,
+        out_dir,
+        tokenizer=restored.tokenizer,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        run_info=origin,
+    )
     files = [p for p in out_dir.iterdir() if p.is_file()]
     return {
         "out": str(out_dir),
@@ -91,25 +105,29 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         args = parse_args(argv)
-        summary = export_run(args["run.dir"], args["tag"], args["out"], args["overwrite"], args["max_shard_size"])
+        summary = export_run(
+            args["run.dir"], args["tag"], args["out"], args["overwrite"], args["max_shard_size"]
+        )
     except (RestoreError, FileExistsError, ValueError) as error:
         print(f"launch/export.py: error: {error}", file=sys.stderr)
         return 2
     print(
-        "\n".join([
-            "=" * 64,
-            " falqon_dist FP8 export",
-            "-" * 64,
-            f" run directory   {summary['run_dir']}",
-            f" checkpoint      {summary['tag']} (step {summary['step']})",
-            f" export          {summary['out']}",
-            f" size            {summary['size_mb']:.2f} MB",
-            f" FP8 tensors     {summary['fp8_tensors']}",
-            f" time            {summary['seconds']:.1f} s",
-            "=" * 64,
-        ]),
+        "\n".join(
+            [
+                "=" * 64,
+                " falqon_dist FP8 export",
+                "-" * 64,
+                f" run directory   {summary['run_dir']}",
+                f" checkpoint      {summary['tag']} (step {summary['step']})",
+                f" export          {summary['out']}",
+                f" size            {summary['size_mb']:.2f} MB",
+                f" FP8 tensors     {summary['fp8_tensors']}",
+                f" time            {summary['seconds']:.1f} s",
+                "=" * 64,
+            ]
+        ),
         flush=True,
-    )  # fmt: skip
+    )
     return 0
 
 

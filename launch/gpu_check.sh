@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One-command check of falqon_dist on a CUDA machine, sized for the H200 this project borrows
-# (~15 min of device time per session, start-up included; at most 8 files come back from $OUT).
+# One-command check of falqon_dist on a CUDA machine, sized to end within BUDGET_S; $OUT receives
+# two files.
 #
-#   OUT=/some/dir bash launch/gpu_check.sh    # the lent device collects $OUT
+#   OUT=/some/dir bash launch/gpu_check.sh    # writes summary.txt and results.tar.gz into $OUT
 #   bash launch/gpu_check.sh                  # writes runs/gpu_check/<timestamp>/
 #
 # $OUT receives exactly two files, both rewritten after every step, so a time-out still returns
@@ -28,7 +28,7 @@
 #                (1 GPU, NCCL, DeepSpeed ZeRO-2, bf16, packed rows): falqon, lora, fp8_lora, qlora
 #
 # Knobs (environment): PYTHON (python3), BUDGET_S (500: every step's timeout is cut so the whole
-# check ends within it, leaving the device's start-up and packing inside its 540 s), WHEELS (wheels/
+# check ends within it), WHEELS (wheels/
 # in the repo), LAYER_REPEATS (10), MODEL_STEPS (12).
 set -uo pipefail
 

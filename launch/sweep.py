@@ -8,7 +8,8 @@ launches one multi-rank job per point, sequentially, each in its own run directo
     python launch/sweep.py --num-gpus 2 --grid method.rank=8,16,32 train.lr=0.05,0.1 -- train.max_steps=200
     python launch/sweep.py --hostfile launch/hostfile.example --grid method=falqon,lora -- model=llama3_8b ...
     python launch/sweep.py --launcher-args "--master_port 29600 --include localhost:2,3" --grid train.lr=0.1,0.2
-    python launch/sweep.py --grid 'data.sources=[{path: a.jsonl, format: chat, weight: 1}],[{path: a.jsonl, format: chat}, {path: b/, format: text}]' -- data=mix
+    ONE='[{path: a.jsonl, format: chat, weight: 1}]' TWO='[{path: a.jsonl, format: chat}, {path: b/, format: text}]'
+    python launch/sweep.py --grid "data.sources=$ONE,$TWO" -- data=mix
 
 ``--launcher-args`` are passed to the ``deepspeed`` launcher of every job (its own flags: ports,
 ``--include``/``--exclude``, ``--launcher pdsh|slurm|...``). ``--grid`` takes ``key=v1,v2,...`` axes
@@ -25,8 +26,8 @@ table of final eval metrics read from each job's metrics.jsonl. Running a sweep 
 from __future__ import annotations
 
 import argparse
-import itertools
 import hashlib
+import itertools
 import json
 import re
 import shlex
@@ -75,7 +76,8 @@ def run_label(combo: list[str]) -> str:
     spaces, and neither may a path component hold ``/``), none starting or ending with ``-`` or
     ``.`` (so no label is ``.``, ``..`` or hidden), joined by ``_``. Different
     combinations may get the same label (``[a,b]`` and ``[a, b]``): :func:`run_labels` tells them apart."""
-    parts = (re.sub(r"[^\w.+-]+", "-", override).strip("-.") for override in combo)  # "k=[a, b]" -> "k-a-b"
+    # "k=[a, b]" -> "k-a-b"
+    parts = (re.sub(r"[^\w.+-]+", "-", override).strip("-.") for override in combo)
     label = "_".join(part for part in parts if part) or "run"
     if len(label) > 100:
         label = f"{label[:80]}-{hashlib.sha1('_'.join(combo).encode()).hexdigest()[:10]}"
@@ -96,18 +98,23 @@ def run_labels(combos: list[list[str]]) -> list[str]:
     seen: set[tuple[str, ...]] = set()
     for combo in combos:
         if tuple(combo) in seen:
-            raise SystemExit(f"--grid: the combination {' '.join(combo)} appears twice (a value repeated in an axis?)")
+            raise SystemExit(
+                f"--grid: the combination {' '.join(combo)} appears twice (a value repeated in an axis?)"
+            )
         seen.add(tuple(combo))
     base = [run_label(combo) for combo in combos]
     for length in (8, 16, 40):
         counts: dict[str, int] = {}
         for label in base:
             counts[label.casefold()] = counts.get(label.casefold(), 0) + 1
-        labels = [f"{label}-{_digest(combo, length)}" if counts[label.casefold()] > 1 else label
-                  for label, combo in zip(base, combos)]  # fmt: skip
+        labels = [
+            f"{label}-{_digest(combo, length)}" if counts[label.casefold()] > 1 else label
+            for label, combo in zip(base, combos)
+        ]
         if len({label.casefold() for label in labels}) == len(labels):
             return labels
-    raise SystemExit("--grid: cannot give every combination its own directory name")  # a sha1 collision
+    # reached only on a sha1 collision
+    raise SystemExit("--grid: cannot give every combination its own directory name")
 
 
 def final_metrics(run_dir: Path) -> dict:
@@ -119,11 +126,15 @@ def final_metrics(run_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--grid", nargs="+", required=True, help="axes key=v1,v2,...")
     parser.add_argument("--num-gpus", type=int, default=2, help="ranks per job on this node")
     parser.add_argument("--hostfile", help="multi-node DeepSpeed hostfile (overrides --num-gpus)")
-    parser.add_argument("--launcher-args", default="", help="flags for the deepspeed launcher, one quoted string")
+    parser.add_argument(
+        "--launcher-args", default="", help="flags for the deepspeed launcher, one quoted string"
+    )
     parser.add_argument("--root", default="runs/sweeps")
     parser.add_argument("--name", default="sweep")
     parser.add_argument("--stop-on-error", action="store_true")
@@ -132,9 +143,13 @@ def main() -> None:
     common = [a for a in rest if a != "--"]
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     flags = shlex.split(args.launcher_args)
-    choose = not any(f.split("=")[0] in ("--include", "--exclude", "--num_gpus") for f in flags)  # or deepspeed refuses
-    launcher = [deepspeed, "--hostfile", args.hostfile] if args.hostfile else [deepspeed] + (
-        ["--num_gpus", str(args.num_gpus)] if choose else [])
+    # --num_gpus only when --launcher-args selects no devices itself (deepspeed refuses both)
+    choose = not any(f.split("=")[0] in ("--include", "--exclude", "--num_gpus") for f in flags)
+    launcher = (
+        [deepspeed, "--hostfile", args.hostfile]
+        if args.hostfile
+        else [deepspeed] + (["--num_gpus", str(args.num_gpus)] if choose else [])
+    )
     launcher += flags
     results = []
     combos = expand(args.grid)
@@ -151,7 +166,8 @@ def main() -> None:
     if results:
         print("\n| combination | exit | eval_loss | eval_exact_match |\n|---|---:|---:|---:|")
         for combo, code, metrics in results:
-            print(f"| {' '.join(combo)} | {code} | {metrics.get('eval_loss', '—')} | {metrics.get('eval_exact_match', '—')} |")
+            loss, exact = metrics.get("eval_loss", "—"), metrics.get("eval_exact_match", "—")
+            print(f"| {' '.join(combo)} | {code} | {loss} | {exact} |")
     sys.exit(max((code for _, code, _ in results), default=0))
 
 

@@ -51,7 +51,8 @@ if __name__ == "__main__":
     argv = move_overrides(strip_local_rank(sys.argv[1:]))
     try:
         run_dir = start(argv)
-    except (RendezvousError, StaleLockError) as exc:  # one line, no traceback: the message says it all
+    except (RendezvousError, StaleLockError) as exc:
+        # one line, no traceback: the message says it all
         print(f"falqon_dist: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
     overrides = [a for a in argv if not a.lstrip("+~").startswith("run.dir=")]
@@ -69,6 +70,7 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        if not existed:  # Hydra creates hydra.run.dir even for a run refused before any work: leave no trace
+        # Hydra creates hydra.run.dir even for a run refused before any work: leave no trace
+        if not existed:
             with contextlib.suppress(OSError):
                 os.rmdir(run_dir)  # only ever removes an empty directory

@@ -10,6 +10,7 @@ its output in anonymous files (no pipe can fill or be held), and on timeout, on 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,10 +28,18 @@ class ProcessGroup:
 
     def __init__(self, cmd: Sequence[str], *, cwd: Path | str, env: dict[str, str]) -> None:
         self.cmd = [str(part) for part in cmd]
-        self._stdout = tempfile.TemporaryFile(mode="w+")
-        self._stderr = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=self._stdout, stderr=self._stderr,
-                                     text=True, start_new_session=True)  # fmt: skip
+        # closed by __exit__ (the process writes into them until then)
+        self._stdout = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=cwd,
+            env=env,
+            stdout=self._stdout,
+            stderr=self._stderr,
+            text=True,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -59,8 +68,10 @@ class ProcessGroup:
         except subprocess.TimeoutExpired:
             self.kill()
             stdout, stderr = self.output()
-            raise AssertionError(f"{' '.join(self.cmd)} still running after {timeout:.0f}s; killed its process "
-                                 f"group\n{(stdout + stderr)[-6000:]}") from None  # fmt: skip
+            raise AssertionError(
+                f"{' '.join(self.cmd)} still running after {timeout:.0f}s; killed its process "
+                f"group\n{(stdout + stderr)[-6000:]}"
+            ) from None
         self.kill()  # ranks a leader left behind (it exited, they did not)
         stdout, stderr = self.output()
         return subprocess.CompletedProcess(self.cmd, returncode, stdout, stderr)
@@ -75,10 +86,8 @@ class ProcessGroup:
             deadline = time.monotonic() + wait_s
             while time.monotonic() < deadline and _group_alive(self.proc.pid):
                 if self.proc.poll() is None:
-                    try:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
                         self.proc.wait(timeout=0.2)
-                    except subprocess.TimeoutExpired:
-                        pass
                 else:
                     time.sleep(0.2)
             if not _group_alive(self.proc.pid):
@@ -105,7 +114,9 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def run(cmd: Sequence[str], *, cwd: Path | str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def run(
+    cmd: Sequence[str], *, cwd: Path | str, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` to completion (see ProcessGroup); its group is gone when this returns or raises."""
     with ProcessGroup(cmd, cwd=cwd, env=env) as group:
         return group.wait(timeout)

@@ -7,9 +7,11 @@
 * ``qlora`` — NF4 backbone through bitsandbytes + peft LoRA (:func:`apply_qlora`; bitsandbytes is
   imported only when it is used).
 
-Each has a frozen config in :mod:`falqon_dist.baselines.config`; :mod:`falqon_dist.methods` puts
-them and FALQON behind one entry point::
+Each has a frozen config in :mod:`falqon_dist.baselines.config` and is applied as FALQON's
+``convert_model`` is, ``fn(model, config, *, device=None, module_filter_fn=None) -> names``;
+:mod:`falqon_dist.methods` puts them and FALQON behind one entry point::
 
+    names = apply_lora(model, LoraConfig(rank=16, dropout=0.05))
     names = prepare_model(model, Fp8LoraConfig(rank=64, backend="auto"))
 """
 

@@ -13,19 +13,28 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from falqon_dist.fp8.backends import BACKEND_NAMES
 from falqon_dist.config_checks import InvalidField, check_bool, check_choice, check_positive_int
+from falqon_dist.fp8.backends import BACKEND_NAMES
 
 
 def _check_alpha(owner: str, alpha: Any) -> None:
     if alpha is None:
         return
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
         raise InvalidField(owner, "alpha", "must be None (= rank) or a finite number > 0", alpha)
 
 
 def _check_dropout(owner: str, dropout: Any) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, (int, float))
+        or not 0.0 <= dropout < 1.0
+    ):
         raise InvalidField(owner, "dropout", "must be a number in [0, 1)", dropout)
 
 

@@ -45,7 +45,16 @@ import math
 import torch
 from torch import nn
 
-from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, resolve_backend, to_bits
+from falqon_dist.baselines.config import Fp8LoraConfig
+from falqon_dist.fp8 import (
+    E4M3,
+    E5M2,
+    dequantize,
+    from_bits,
+    quantize_dynamic,
+    resolve_backend,
+    to_bits,
+)
 from falqon_dist.fp8.module import Float32ScaleMixin
 from falqon_dist.method.swap import ModuleFilter, swap_linears, target_module_names
 
@@ -68,30 +77,41 @@ class _Fp8LoraMatmul(torch.autograd.Function):
         h = backend.gemm(x_fp8, a_fp8.t(), x_scale, a_scale, torch.float32)
         h_fp8, h_scale, _ = backend.quantize(h, E4M3)
         y = backend.gemm(x_fp8, weight_fp8.t(), x_scale, scale, x_hp.dtype)
-        y += backend.gemm(h_fp8, b_fp8.t(), h_scale, b_scale * scaling, torch.float32)  # adapter term added in fp32
+        # adapter term added in fp32
+        y += backend.gemm(h_fp8, b_fp8.t(), h_scale, b_scale * scaling, torch.float32)
         # qweight is saved as the Parameter itself: under ZeRO-3 its data is re-gathered for backward.
-        ctx.save_for_backward(x_fp8, x_scale, a_fp8, a_scale, b_fp8, b_scale, h_fp8, h_scale, qweight, scale)
+        ctx.save_for_backward(
+            x_fp8, x_scale, a_fp8, a_scale, b_fp8, b_scale, h_fp8, h_scale, qweight, scale
+        )
         ctx.scaling, ctx.backend_name, ctx.x_shape = scaling, backend_name, x_hp.shape
         ctx.param_dtypes = (lora_a_hp.dtype, lora_b_hp.dtype)
         return y.reshape(*x_hp.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_fp8, x_scale, a_fp8, a_scale, b_fp8, b_scale, h_fp8, h_scale, qweight, scale = ctx.saved_tensors
+        x_fp8, x_scale, a_fp8, a_scale, b_fp8, b_scale, h_fp8, h_scale, qweight, scale = (
+            ctx.saved_tensors
+        )
         backend = resolve_backend(ctx.backend_name, grad_out.device)
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         g_fp8, g_scale, _ = backend.quantize(grad_out.reshape(-1, qweight.shape[0]), E5M2)
         g_scale_lora = g_scale * ctx.scaling  # ∂L/∂(h_q B_qᵀ) = c·g
         grad_x = grad_a = grad_b = None
         if need_b:
-            grad_b = backend.gemm(g_fp8.t(), h_fp8, g_scale_lora, h_scale, torch.float32).to(ctx.param_dtypes[1])
+            grad_b = backend.gemm(g_fp8.t(), h_fp8, g_scale_lora, h_scale, torch.float32).to(
+                ctx.param_dtypes[1]
+            )
         if need_x or need_a:
             grad_h = backend.gemm(g_fp8, b_fp8, g_scale_lora, b_scale, torch.float32)
             gh_fp8, gh_scale, _ = backend.quantize(grad_h, E5M2)
             if need_a:
-                grad_a = backend.gemm(gh_fp8.t(), x_fp8, gh_scale, x_scale, torch.float32).to(ctx.param_dtypes[0])
+                grad_a = backend.gemm(gh_fp8.t(), x_fp8, gh_scale, x_scale, torch.float32).to(
+                    ctx.param_dtypes[0]
+                )
             if need_x:
-                grad_x = backend.gemm(g_fp8, from_bits(qweight, E4M3), g_scale, scale, grad_out.dtype)
+                grad_x = backend.gemm(
+                    g_fp8, from_bits(qweight, E4M3), g_scale, scale, grad_out.dtype
+                )
                 grad_x += backend.gemm(gh_fp8, a_fp8, gh_scale, a_scale, torch.float32)
                 grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, grad_a, grad_b, None, None, None, None
@@ -125,13 +145,16 @@ class Fp8LoraLinear(Float32ScaleMixin):
         self.scaling = self.alpha / rank
         self.backend = backend
         self.qweight = nn.Parameter(
-            torch.zeros(out_features, in_features, dtype=torch.uint8, device=device), requires_grad=False
+            torch.zeros(out_features, in_features, dtype=torch.uint8, device=device),
+            requires_grad=False,
         )
         self.register_buffer("scale", torch.ones(1, dtype=torch.float32, device=device))
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False
+            )
         else:
             self.register_parameter("bias", None)
         self.reset_adapter()
@@ -181,7 +204,9 @@ class Fp8LoraLinear(Float32ScaleMixin):
         return dequantize(from_bits(self.qweight, E4M3), self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _Fp8LoraMatmul.apply(x, self.lora_A, self.lora_B, self.qweight, self.scale, self.scaling, self.backend)
+        y = _Fp8LoraMatmul.apply(
+            x, self.lora_A, self.lora_B, self.qweight, self.scale, self.scaling, self.backend
+        )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -195,25 +220,30 @@ class Fp8LoraLinear(Float32ScaleMixin):
 
 def convert_fp8_lora(
     model: nn.Module,
+    config: Fp8LoraConfig,
     *,
-    rank: int,
-    alpha: float | None = None,
-    backend: str = "auto",
+    device: torch.device | str | None = None,
     module_filter_fn: ModuleFilter | None = None,
     seed: int = 0,
-    device: torch.device | str | None = None,
 ) -> list[str]:
     """Swap eligible linears of ``model`` in place for :class:`Fp8LoraLinear`; freeze everything else.
 
     Eligible layers are FALQON's (:func:`~falqon_dist.method.swap.target_module_names`, or
-    ``module_filter_fn(module, fqn)``). ``alpha`` defaults to ``rank`` (scaling 1). Every ``A`` is
-    drawn from one generator seeded with ``seed`` in module order, so every rank builds the same
-    bytes. ``device`` moves each linear there just before it is converted (default: stay put).
-    Afterwards ``lora_A`` / ``lora_B`` are the only trainable parameters. Returns the names.
+    ``module_filter_fn(module, fqn)``). ``config`` gives the rank, alpha (None = rank: scaling 1)
+    and FP8 backend. Every ``A`` is drawn from one generator seeded with ``seed`` in module order, so
+    every rank builds the same bytes. ``device`` moves each linear there just before it is converted
+    (default: stay put). Afterwards ``lora_A`` / ``lora_B`` are the only trainable parameters.
+    Returns the names.
     """
     generator = torch.Generator().manual_seed(seed)
 
     def build(name: str, linear: nn.Linear) -> nn.Module:
-        return Fp8LoraLinear.from_linear(linear, rank=rank, alpha=alpha, backend=backend, generator=generator)
+        return Fp8LoraLinear.from_linear(
+            linear,
+            rank=config.rank,
+            alpha=config.alpha,
+            backend=config.backend,
+            generator=generator,
+        )
 
     return swap_linears(model, build, target_module_names(model, module_filter_fn), device=device)

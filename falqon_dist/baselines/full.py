@@ -9,14 +9,27 @@ a small adapter for the adapter methods, whose optimizer state covers only the a
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from falqon_dist.baselines.config import FullConfig
+from falqon_dist.method.swap import ModuleFilter
 
-def prepare_full_finetune(model: nn.Module) -> list[str]:
+
+def prepare_full_finetune(
+    model: nn.Module,
+    config: FullConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    module_filter_fn: ModuleFilter | None = None,
+) -> list[str]:
     """Unfreeze every parameter of ``model`` in place; return their names (see module docstring).
 
-    Integer / FP8-bit parameters cannot require gradients and are reported as an error, since they
-    mean the model was already converted by an FP8 method.
+    ``config`` (:class:`FullConfig`, nothing to set), ``device`` and ``module_filter_fn`` are every
+    method's signature (:func:`falqon_dist.methods.prepare_model`): full fine-tuning trains every
+    parameter where it is, so the layer choice and the device are not used. Integer / FP8-bit
+    parameters cannot require gradients and are reported as an error, since they mean the model was
+    already converted by an FP8 method.
     """
     names = []
     for name, param in model.named_parameters():

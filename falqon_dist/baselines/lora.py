@@ -25,46 +25,70 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
-from falqon_dist.method.swap import target_module_names
+from falqon_dist.baselines.config import LoraConfig
+from falqon_dist.method.swap import ModuleFilter, target_module_names
 
 
-def check_lora_args(rank: int, dropout: float, caller: str) -> None:
-    """Raise ``ValueError`` (prefixed with ``caller``) for a rank that is not a positive integer or a
-    dropout outside [0, 1)."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"{caller}: rank must be a positive integer, got {rank!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"{caller}: dropout must be in [0, 1), got {dropout!r}")
+def lora_targets(
+    model: nn.Module,
+    module_filter_fn: ModuleFilter | None,
+    target_modules: Sequence[str] | None,
+    caller: str,
+) -> list[str]:
+    """The names an adapter method targets: ``target_modules`` as given, else the linears
+    ``module_filter_fn`` accepts (default: FALQON's layers,
+    :func:`~falqon_dist.method.swap.target_module_names`). ``ValueError`` (prefixed with ``caller``)
+    when both are given or when nothing is left."""
+    if target_modules is not None and module_filter_fn is not None:
+        raise ValueError(f"{caller}: pass module_filter_fn or target_modules, not both")
+    names = (
+        list(target_modules)
+        if target_modules is not None
+        else target_module_names(model, module_filter_fn)
+    )
+    if not names:
+        raise ValueError(
+            f"{caller}: no target modules (no eligible nn.Linear found and none given)"
+        )
+    return names
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, names: Sequence[str]) -> None:
+    """peft LoRA adapters on the modules ``names`` of ``model``, in place (``alpha`` None = rank)."""
+    from peft import LoraConfig as PeftLoraConfig  # heavy import, only when LoRA is used
+    from peft import inject_adapter_in_model
+
+    peft_config = PeftLoraConfig(
+        r=config.rank,
+        # peft annotates an int; it scales by lora_alpha / r in floating point either way
+        lora_alpha=float(config.rank if config.alpha is None else config.alpha),  # type: ignore[arg-type]
+        lora_dropout=config.dropout,
+        target_modules=list(names),
+        bias="none",
+    )
+    inject_adapter_in_model(peft_config, model)
 
 
 def apply_lora(
     model: nn.Module,
+    config: LoraConfig,
     *,
-    rank: int,
-    alpha: float | None = None,
-    dropout: float = 0.0,
+    device: torch.device | str | None = None,
+    module_filter_fn: ModuleFilter | None = None,
     target_modules: Sequence[str] | None = None,
-) -> nn.Module:
-    """Inject LoRA adapters into ``model`` in place and return it (see module docstring).
+) -> list[str]:
+    """Inject LoRA adapters into ``model`` in place (see module docstring); return the adapted names.
 
-    ``alpha`` defaults to ``rank`` (scaling α/r = 1, the same footing as FALQON, which has no
-    scaling). ``target_modules`` are fully qualified module names; the default is
-    :func:`~falqon_dist.method.swap.target_module_names` (FALQON's layers). Afterwards only the
-    adapter weights are trainable.
+    ``config.alpha`` None means ``rank`` (scaling α/r = 1, the same footing as FALQON, which has no
+    scaling). The layers are the linears ``module_filter_fn(module, fqn)`` accepts (default:
+    :func:`~falqon_dist.method.swap.target_module_names`, FALQON's layers), or exactly the fully
+    qualified names ``target_modules``. ``device`` is part of every method's signature
+    (:func:`falqon_dist.methods.prepare_model`); peft builds each adapter where its layer is, so it is
+    not used. Afterwards only the adapter weights are trainable.
     """
-    check_lora_args(rank, dropout, "apply_lora")
-    names = list(target_modules) if target_modules is not None else target_module_names(model)
-    if not names:
-        raise ValueError("apply_lora: no target modules (no eligible nn.Linear found and none given)")
-    from peft import LoraConfig, inject_adapter_in_model  # heavy import, only when LoRA is used
-
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=float(rank if alpha is None else alpha),
-        lora_dropout=dropout,
-        target_modules=names,
-        bias="none",
-    )
-    return inject_adapter_in_model(config, model)
+    names = lora_targets(model, module_filter_fn, target_modules, "apply_lora")
+    inject_lora(model, config, names)
+    return names

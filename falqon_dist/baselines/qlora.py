@@ -48,13 +48,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from types import ModuleType
+from typing import cast
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from falqon_dist.baselines.lora import apply_lora, check_lora_args
-from falqon_dist.method.swap import swap_linears, target_module_names
+from falqon_dist.baselines.config import LoraConfig, QloraConfig
+from falqon_dist.baselines.lora import inject_lora, lora_targets
+from falqon_dist.method.swap import ModuleFilter, swap_linears
 
 #: What to run when bitsandbytes is missing (the ``qlora`` extra pins the tested minimum).
 INSTALL_HINT = "`pip install bitsandbytes` (or `pip install -e .[qlora]`)"
@@ -89,40 +91,38 @@ def import_bitsandbytes() -> ModuleType:
 
 def apply_qlora(
     model: nn.Module,
+    config: QloraConfig,
     *,
-    rank: int,
-    alpha: float | None = None,
-    dropout: float = 0.0,
-    target_modules: Sequence[str] | None = None,
-    double_quant: bool = True,
-    compute_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    module_filter_fn: ModuleFilter | None = None,
+    target_modules: Sequence[str] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Quantize the targeted linears of ``model`` to NF4 in place, add LoRA adapters, return the names.
 
-    ``target_modules`` are fully qualified names of ``nn.Linear`` modules with floating-point
-    weights; the default is :func:`~falqon_dist.method.swap.target_module_names` (FALQON's
-    layers). Each is replaced by a ``bitsandbytes.nn.Linear4bit`` (NF4, ``compress_statistics =
-    double_quant``, ``uint8`` storage) quantized on ``device`` — default: where its weight is (CPU
-    included); pass the GPU when the model was loaded on the CPU, which quantizes one layer at a time
-    there instead of on the CPU (minutes per 7B model) and leaves the NF4 layers on it; the
-    original weight is dropped with the replaced module and the bias, if any, is kept frozen.
-    ``compute_dtype`` defaults to each layer's weight dtype. Then peft LoRA is injected on the same
-    layers (:func:`~falqon_dist.baselines.lora.apply_lora`: ``alpha`` defaults to ``rank``) and the
-    adapters are cast to the compute dtype. Afterwards only the adapter weights are trainable.
+    The targets are the linears ``module_filter_fn(module, fqn)`` accepts (default:
+    :func:`~falqon_dist.method.swap.target_module_names`, FALQON's layers), or exactly the fully
+    qualified names ``target_modules``, each an ``nn.Linear`` with a floating-point weight. Each is
+    replaced by a ``bitsandbytes.nn.Linear4bit`` (NF4, ``compress_statistics = config.double_quant``,
+    ``uint8`` storage) quantized on ``device`` — default: where its weight is (CPU included); pass
+    the GPU when the model was loaded on the CPU, which quantizes one layer at a time there instead
+    of on the CPU (minutes per 7B model) and leaves the NF4 layers on it; the original weight is
+    dropped with the replaced module and the bias, if any, is kept frozen. ``compute_dtype``
+    defaults to each layer's weight dtype. Then peft LoRA is injected on the same layers (rank,
+    alpha (None = rank) and dropout of ``config``) and the adapters are cast to the compute dtype.
+    Afterwards only the adapter weights are trainable.
 
-    Raises ``ValueError`` for a bad ``rank``/``dropout``/``double_quant`` or a target that is not a
-    floating-point ``nn.Linear`` (checked before anything is modified), ``ImportError`` (with the
-    install command) when bitsandbytes does not import.
+    Raises ``ValueError`` for a bad ``compute_dtype`` or a target that is not a floating-point
+    ``nn.Linear`` (checked before anything is modified), ``ImportError`` (with the install command)
+    when bitsandbytes does not import.
     """
-    check_lora_args(rank, dropout, "apply_qlora")
-    if not isinstance(double_quant, bool):
-        raise ValueError(f"apply_qlora: double_quant must be True or False, got {double_quant!r}")
-    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
-        raise ValueError(f"apply_qlora: compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}")
-    names = list(target_modules) if target_modules is not None else target_module_names(model)
-    if not names:
-        raise ValueError("apply_qlora: no target modules (no eligible nn.Linear found and none given)")
+    if compute_dtype is not None and not (
+        isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+    ):
+        raise ValueError(
+            f"apply_qlora: compute_dtype must be a floating-point torch.dtype, got {compute_dtype!r}"
+        )
+    names = lora_targets(model, module_filter_fn, target_modules, "apply_qlora")
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, nn.Linear) or not module.weight.is_floating_point():
@@ -133,25 +133,35 @@ def apply_qlora(
                 f"apply_qlora: target {name!r} is a {kind}; expected an nn.Linear with floating-point weight"
             )
         if module.weight.device.type == "meta":
-            raise ValueError(f"apply_qlora: target {name!r} is on the meta device; load its weights first")
+            raise ValueError(
+                f"apply_qlora: target {name!r} is on the meta device; load its weights first"
+            )
     bnb = import_bitsandbytes()
 
-    adapter_dtypes = {}
+    adapter_dtypes: dict[str, torch.dtype] = {}
 
     def build(name: str, linear: nn.Linear) -> nn.Module:
-        layer = _nf4_linear(bnb, linear, double_quant=double_quant, compute_dtype=compute_dtype, device=device)
-        adapter_dtypes[name] = layer.compute_dtype
+        layer = _nf4_linear(
+            bnb,
+            linear,
+            double_quant=config.double_quant,
+            compute_dtype=compute_dtype,
+            device=device,
+        )
+        adapter_dtypes[name] = cast(torch.dtype, layer.compute_dtype)
         return layer
 
     swap_linears(model, build, names)  # _nf4_linear quantizes on `device` itself
     # transformers' own 4-bit loader sets this flag; peft reads it to wrap Linear4bit with its
     # bitsandbytes-aware LoRA layer, transformers to count 4-bit parameters in num_parameters().
-    model.is_loaded_in_4bit = True
-    apply_lora(model, rank=rank, alpha=alpha, dropout=dropout, target_modules=names)
+    model.is_loaded_in_4bit = True  # type: ignore[assignment]
+    inject_lora(
+        model, LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout), names
+    )
     for name, dtype in adapter_dtypes.items():  # peft leaves them fp32 next to a uint8 weight
         wrapper = model.get_submodule(name)
-        wrapper.lora_A.to(dtype)
-        wrapper.lora_B.to(dtype)
+        cast(nn.Module, wrapper.lora_A).to(dtype)
+        cast(nn.Module, wrapper.lora_B).to(dtype)
     return names
 
 
@@ -185,10 +195,13 @@ def _nf4_linear(
         quant_storage=torch.uint8,
         module=layer,
     )
-    layer.to(device if device is not None else weight.device)  # bitsandbytes quantizes on this first move
+    # bitsandbytes quantizes on this first move
+    layer.to(device if device is not None else weight.device)
     if linear.bias is not None:  # shared and frozen when it stays on its device
-        layer.bias = linear.bias if linear.bias.device == layer.weight.device else nn.Parameter(
-            linear.bias.detach().to(layer.weight.device), requires_grad=False
+        layer.bias = (
+            linear.bias
+            if linear.bias.device == layer.weight.device
+            else nn.Parameter(linear.bias.detach().to(layer.weight.device), requires_grad=False)
         )
     # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at the first eval-mode,
     # no-grad forward into an inference-only layout whose kernel has no autograd: a later training
@@ -245,6 +258,7 @@ def _load_quant_state(module: nn.Module, state_dict: dict, prefix: str, *args) -
     from bitsandbytes.functional import QuantState
 
     stats = {key[len(key_prefix) :]: state_dict.pop(key) for key in keys}
-    quant_state = QuantState.from_dict(stats, device=module.weight.device)
-    module.weight.quant_state = quant_state
-    module.quant_state = quant_state
+    weight = cast(torch.Tensor, module.weight)
+    quant_state = QuantState.from_dict(stats, device=weight.device)
+    weight.quant_state = quant_state  # type: ignore[attr-defined]
+    module.quant_state = quant_state  # type: ignore[assignment]

@@ -20,9 +20,15 @@ from falqon_dist.data.config import DATASET_NAMES, DataConfig, DataSource
 from falqon_dist.data.formats import DataFormatError, Record
 from falqon_dist.data.generation import evaluate_exact_match, generate_answers, mean_response_loss
 from falqon_dist.data.mixing import MixShare, interleave
-from falqon_dist.data.sources import load_mixture, load_records
+from falqon_dist.data.sources import load_mixture, load_records, split_records
 from falqon_dist.data.synthetic import exact_match, finetune_splits
-from falqon_dist.data.tokenization import IGNORE_INDEX, TokenizedDataset, TokenizeStats, special_ids, tokenize_records
+from falqon_dist.data.tokenization import (
+    IGNORE_INDEX,
+    TokenizedDataset,
+    TokenizeStats,
+    special_ids,
+    tokenize_records,
+)
 
 
 @dataclass
@@ -75,21 +81,39 @@ def load_split_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
 def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
     """Load, normalize, tokenize (loss on responses only) and optionally pack the data of ``cfg``."""
     if cfg.max_length is None:
-        raise ValueError("DataConfig.max_length is None: set it (the trainer sets it from model.max_length)")
+        raise ValueError(
+            "DataConfig.max_length is None: set it (the trainer sets it from model.max_length)"
+        )
     mixture = load_mixture(cfg) if cfg.name == "mix" else None
-    train_records, eval_records = (mixture.train, mixture.eval) if mixture else load_split_records(cfg)
+    train_records, eval_records = (
+        (mixture.train, mixture.eval) if mixture else load_split_records(cfg)
+    )
     _, pad_id = special_ids(tokenizer)
     train_examples, train_stats = tokenize_records(
-        train_records, tokenizer, cfg.max_length, train_on_inputs=cfg.train_on_inputs)
-    if mixture is None:
-        eval_examples, eval_stats = tokenize_records(eval_records, tokenizer, cfg.max_length)  # eval: the outputs
-        eval_groups: tuple[int, ...] = ()
+        train_records, tokenizer, cfg.max_length, train_on_inputs=cfg.train_on_inputs
+    )
+    eval_groups: tuple[int, ...] = ()
+    if mixture is None and not eval_records:  # one text corpus: hold out windows, before packing
+        train_examples, eval_examples = split_records(
+            train_examples, cfg.eval_fraction, cfg.seed, where=f"{cfg.path} (its windows)"
+        )
+        eval_stats = TokenizeStats(total=len(eval_examples), kept=len(eval_examples))
+        eval_records = [
+            {"text": tokenizer.decode(example["input_ids"])} for example in eval_examples
+        ]
+    elif mixture is None:
+        # eval: the outputs
+        eval_examples, eval_stats = tokenize_records(eval_records, tokenizer, cfg.max_length)
     else:
-        eval_examples, eval_groups, eval_stats = _tokenize_eval_parts(mixture.eval_parts, tokenizer, cfg.max_length)
+        eval_examples, eval_groups, eval_stats = _tokenize_eval_parts(
+            mixture.eval_parts, tokenizer, cfg.max_length
+        )
     if not train_examples or not eval_examples:
         raise ValueError(
-            f"no examples fit max_length={cfg.max_length}: train kept {train_stats.kept}/{train_stats.total}, "
-            f"eval kept {eval_stats.kept}/{eval_stats.total}; raise model.max_length (DataConfig.max_length when calling build_data yourself)"
+            f"no examples fit max_length={cfg.max_length}: "
+            f"train kept {train_stats.kept}/{train_stats.total}, "
+            f"eval kept {eval_stats.kept}/{eval_stats.total}; raise model.max_length "
+            f"(DataConfig.max_length when calling build_data yourself)"
         )
     if cfg.packing:
         train_examples = pack_examples(train_examples, cfg.max_length)
@@ -111,9 +135,18 @@ def _tokenize_eval_parts(parts, tokenizer, max_length: int):
     """Each source's eval records tokenized on its own, the examples interleaved across sources (as
     the records are), with the source index of every example and the summed counts."""
     tokenized = [tokenize_records(part, tokenizer, max_length) for part in parts]
-    tagged = interleave([[(index, example) for example in examples] for index, (examples, _) in enumerate(tokenized)])
-    stats = TokenizeStats(**{field.name: sum(getattr(part_stats, field.name) for _, part_stats in tokenized)
-                             for field in dataclasses.fields(TokenizeStats)})  # fmt: skip
+    tagged = interleave(
+        [
+            [(index, example) for example in examples]
+            for index, (examples, _) in enumerate(tokenized)
+        ]
+    )
+    stats = TokenizeStats(
+        **{
+            field.name: sum(getattr(part_stats, field.name) for _, part_stats in tokenized)
+            for field in dataclasses.fields(TokenizeStats)
+        }
+    )
     return [example for _, example in tagged], tuple(index for index, _ in tagged), stats
 
 

@@ -53,12 +53,16 @@ def chat_template(tokenizer) -> str:
 def render(tokenizer, turns: Sequence[Turn], *, add_generation_prompt: bool = False) -> str:
     """``turns`` as text, with the tokenizer's template (or the default one)."""
     return tokenizer.apply_chat_template(
-        [dict(turn) for turn in turns], chat_template=chat_template(tokenizer), tokenize=False,
+        [dict(turn) for turn in turns],
+        chat_template=chat_template(tokenizer),
+        tokenize=False,
         add_generation_prompt=add_generation_prompt,
     )
 
 
-def chat_segments(tokenizer, turns: Sequence[Turn], *, train_on_inputs: bool = False) -> list[Segment]:
+def chat_segments(
+    tokenizer, turns: Sequence[Turn], *, train_on_inputs: bool = False
+) -> list[Segment]:
     """The rendered conversation as consecutive ``(text, trained)`` segments: the assistant turns
     (through the template's end-of-turn token) trained, the rest not, unless ``train_on_inputs``."""
     segments: list[Segment] = []
@@ -74,9 +78,9 @@ def chat_segments(tokenizer, turns: Sequence[Turn], *, train_on_inputs: bool = F
                 "not render a conversation as a prefix of its continuation, so the assistant turns cannot be "
                 "told apart from the rest; use data=jsonl with prompt/response rows instead"
             )
-        segments += [(before[len(done):], train_on_inputs), (after[len(before):], True)]
+        segments += [(before[len(done) :], train_on_inputs), (after[len(before) :], True)]
         done = after
-    rest = render(tokenizer, turns)[len(done):]
+    rest = render(tokenizer, turns)[len(done) :]
     if rest:
         segments.append((rest, train_on_inputs))
     return [(text, trained) for text, trained in segments if text]

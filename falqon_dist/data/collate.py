@@ -33,7 +33,9 @@ def pack_examples(examples: Sequence[Example], max_length: int) -> list[Example]
     for example in examples:
         n = len(example["input_ids"])
         if n > max_length:
-            raise ValueError(f"cannot pack an example of {n} tokens into rows of max_length={max_length}")
+            raise ValueError(
+                f"cannot pack an example of {n} tokens into rows of max_length={max_length}"
+            )
         if len(row["input_ids"]) + n > max_length:
             rows.append(row)
             row = {"input_ids": [], "labels": [], "position_ids": []}
@@ -108,7 +110,8 @@ class TrainBatchSampler(torch.utils.data.Sampler[list[int]]):
             )
         self.lengths = list(lengths)
         self.batch_size, self.num_replicas, self.rank = batch_size, num_replicas, rank
-        self.seed, self.group_by_length, self.group, self.drop_last = seed, group_by_length, group, drop_last
+        self.seed, self.group_by_length = seed, group_by_length
+        self.group, self.drop_last = group, drop_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -119,13 +122,17 @@ class TrainBatchSampler(torch.utils.data.Sampler[list[int]]):
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        chunk_size = self.batch_size * self.num_replicas * self.group if self.group_by_length else len(order)
+        chunk_size = (
+            self.batch_size * self.num_replicas * self.group if self.group_by_length else len(order)
+        )
         batches: list[list[int]] = []
         for start in range(0, len(order), max(chunk_size, 1)):
             chunk = order[start : start + chunk_size]
             if self.group_by_length:
                 chunk.sort(key=lambda i: self.lengths[i], reverse=True)
-            batches.extend(chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+            batches.extend(
+                chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+            )
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
         rng.shuffle(batches)

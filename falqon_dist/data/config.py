@@ -25,6 +25,8 @@ DATASET_NAMES = ("synthetic", "alpaca", "oasst1", "jsonl", "chat", "text", "mix"
 LOCAL_ONLY = ("jsonl", "chat", "text")
 #: Hub dataset used for ``alpaca`` / ``oasst1`` when ``path`` is None (needs network).
 DEFAULT_HUB_NAMES = {"alpaca": "tatsu-lab/alpaca", "oasst1": "OpenAssistant/oasst1"}
+#: How a .txt file of ``text`` data becomes documents (Hugging Face's ``text`` loader's ``sample_by``).
+SAMPLE_BY = ("document", "paragraph", "line")
 #: What one source of a ``mix`` can be: every file dataset.
 SOURCE_FORMATS = ("alpaca", "oasst1", "jsonl", "chat", "text")
 _SOURCE_KEYS = ("path", "format", "weight", "name")
@@ -37,7 +39,9 @@ def _check_path(owner: str, field: str, path: Any) -> str | tuple[str, ...]:
         path = tuple(path)
     paths = path if isinstance(path, tuple) else (path,)
     if not paths or not all(isinstance(p, str) and p for p in paths):
-        raise InvalidField(owner, field, "must be a non-empty string or a non-empty list of them", path)
+        raise InvalidField(
+            owner, field, "must be a non-empty string or a non-empty list of them", path
+        )
     return path
 
 
@@ -61,8 +65,12 @@ class DataSource:
         object.__setattr__(self, "path", _check_path(owner, "path", self.path))
         check_choice(owner, "format", self.format, SOURCE_FORMATS)
         check_number(owner, "weight", self.weight, 0.0, low_open=True)
-        if self.name is not None and (not isinstance(self.name, str) or not _SOURCE_NAME.match(self.name)):
-            raise InvalidField(owner, "name", "must be null or letters, digits and _.- (e.g. chat_en)", self.name)
+        if self.name is not None and (
+            not isinstance(self.name, str) or not _SOURCE_NAME.match(self.name)
+        ):
+            raise InvalidField(
+                owner, "name", "must be null or letters, digits and _.- (e.g. chat_en)", self.name
+            )
 
     @property
     def default_name(self) -> str:
@@ -77,8 +85,10 @@ def source_names(sources: tuple[DataSource, ...]) -> tuple[str, ...]:
     given = [source.name for source in sources if source.name is not None]
     defaults = Counter(source.default_name for source in sources if source.name is None)
     return tuple(
-        source.name if source.name is not None
-        else source.default_name if defaults[source.default_name] == 1 and source.default_name not in given
+        source.name
+        if source.name is not None
+        else source.default_name
+        if defaults[source.default_name] == 1 and source.default_name not in given
         else f"{source.default_name}_{index}"
         for index, source in enumerate(sources)
     )
@@ -90,17 +100,28 @@ def _source(index: int, item: Any) -> DataSource:
     if isinstance(item, DataSource):
         return item
     if not isinstance(item, Mapping):
-        raise InvalidField("DataConfig", field, "must be a mapping {path, format, weight, name}", item)
+        raise InvalidField(
+            "DataConfig", field, "must be a mapping {path, format, weight, name}", item
+        )
     unknown = sorted(set(item) - set(_SOURCE_KEYS))
     if unknown:
-        raise InvalidField("DataConfig", field, f"has unknown key(s) {unknown}; a source has {_SOURCE_KEYS}", dict(item))
+        raise InvalidField(
+            "DataConfig",
+            field,
+            f"has unknown key(s) {unknown}; a source has {_SOURCE_KEYS}",
+            dict(item),
+        )
     for key in ("path", "format"):
         if key not in item:
-            raise InvalidField("DataConfig", field, f"needs {key!r} (a source has {_SOURCE_KEYS})", dict(item))
+            raise InvalidField(
+                "DataConfig", field, f"needs {key!r} (a source has {_SOURCE_KEYS})", dict(item)
+            )
     try:
         return DataSource(**item)
     except InvalidField as exc:
-        raise InvalidField("DataConfig", f"{field}.{exc.field}", exc.requirement, exc.value) from None
+        raise InvalidField(
+            "DataConfig", f"{field}.{exc.field}", exc.requirement, exc.value
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -141,7 +162,13 @@ class DataConfig:
     num_train: int = 2000
     num_eval: int = 200
     #: Share of records held out for eval when a file dataset has no split of its own, in (0, 1).
+    #: ``text`` read by document with fewer than 1/eval_fraction documents (one corpus file): the
+    #: share of its max_length windows, held out before packing (eval windows never train).
     eval_fraction: float = 0.05
+    #: ``text`` (and the text sources of ``mix``): what one document of a .txt file is — "document"
+    #: (the whole file), "paragraph" (blank-line separated blocks) or "line" (every non-blank line,
+    #: as Hugging Face's ``text`` loader). Rows of JSON / parquet files are documents as they are.
+    sample_by: str = "document"
     #: File / hub datasets: keep at most this many records per split (of each source for mix,
     #: before mixing; None keeps all).
     max_records: int | None = None
@@ -156,24 +183,50 @@ class DataConfig:
         if self.path is not None:
             object.__setattr__(self, "path", _check_path(owner, "path", self.path))
         if self.name in ("synthetic", "mix") and self.path is not None:
-            raise InvalidField(owner, "path", f"must be None for name={self.name!r}"
-                               + (" (each source has its own path)" if self.name == "mix" else ""), self.path)
+            raise InvalidField(
+                owner,
+                "path",
+                f"must be None for name={self.name!r}"
+                + (" (each source has its own path)" if self.name == "mix" else ""),
+                self.path,
+            )
         if not isinstance(self.sources, (list, tuple)):
-            raise InvalidField(owner, "sources", "must be a list of {path, format, weight}", self.sources)
-        object.__setattr__(self, "sources", tuple(_source(i, item) for i, item in enumerate(self.sources)))
+            raise InvalidField(
+                owner, "sources", "must be a list of {path, format, weight}", self.sources
+            )
+        object.__setattr__(
+            self, "sources", tuple(_source(i, item) for i, item in enumerate(self.sources))
+        )
         names = [source.name for source in self.sources if source.name is not None]
         if len(set(names)) != len(names):
-            raise InvalidField(owner, "sources", "hold the same name twice; each source's name must be its own",
-                               names)
+            raise InvalidField(
+                owner,
+                "sources",
+                "hold the same name twice; each source's name must be its own",
+                names,
+            )
         if self.name == "mix" and not self.sources:
-            raise InvalidField(owner, "sources", "is required for name='mix': a list of {path, format, weight}",
-                               list(self.sources))
+            raise InvalidField(
+                owner,
+                "sources",
+                "is required for name='mix': a list of {path, format, weight}",
+                list(self.sources),
+            )
         if self.name != "mix" and self.sources:
-            raise InvalidField(owner, "sources", f"is only read by name='mix' (this is {self.name!r}); "
-                               "use name='mix' to mix several datasets", list(self.sources))
+            raise InvalidField(
+                owner,
+                "sources",
+                f"is only read by name='mix' (this is {self.name!r}); "
+                "use name='mix' to mix several datasets",
+                list(self.sources),
+            )
         if self.name in LOCAL_ONLY and self.path is None:
-            raise InvalidField(owner, "path", f"is required for name={self.name!r} (a local file or directory)",
-                               self.path)
+            raise InvalidField(
+                owner,
+                "path",
+                f"is required for name={self.name!r} (a local file or directory)",
+                self.path,
+            )
         check_choice(owner, "task", self.task, FINETUNE_TASKS)
         if self.max_length is not None and (not is_int(self.max_length) or self.max_length < 8):
             raise InvalidField(owner, "max_length", "must be an integer >= 8", self.max_length)
@@ -181,9 +234,22 @@ class DataConfig:
         check_bool(owner, "train_on_inputs", self.train_on_inputs)
         check_positive_int(owner, "num_train", self.num_train)
         check_positive_int(owner, "num_eval", self.num_eval)
-        check_number(owner, "eval_fraction", self.eval_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        check_number(
+            owner, "eval_fraction", self.eval_fraction, 0.0, 1.0, low_open=True, high_open=True
+        )
+        check_choice(owner, "sample_by", self.sample_by, SAMPLE_BY)
+        if self.sample_by != "document" and self.name not in ("text", "mix"):
+            raise InvalidField(
+                owner,
+                "sample_by",
+                f"is read only by name='text' (and the text sources of 'mix'), not {self.name!r}; "
+                "leave it at 'document'",
+                self.sample_by,
+            )
         if self.max_records is not None:
             check_positive_int(owner, "max_records", self.max_records)
         if self.lang is not None and (not isinstance(self.lang, str) or not self.lang):
-            raise InvalidField(owner, "lang", "must be None or a language code such as 'en'", self.lang)
+            raise InvalidField(
+                owner, "lang", "must be None or a language code such as 'en'", self.lang
+            )
         check_int(owner, "seed", self.seed)

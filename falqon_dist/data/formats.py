@@ -40,7 +40,13 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 OASST_ROLES = ("prompter", "assistant")
 #: ShareGPT speakers, and how chat roles are named in a conversation.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 CHAT_ROLES = {**SHAREGPT_ROLES}
 
 
@@ -71,7 +77,9 @@ def _text(row: Mapping[str, Any], field: str, where: str, *, optional: bool = Fa
 def normalize_alpaca(row: Mapping[str, Any], where: str) -> Record:
     """An Alpaca row as a record with the standard Alpaca prompt template."""
     if not isinstance(row, Mapping):
-        raise DataFormatError(f"{where}: expected an object with 'instruction', 'output' (and optional 'input')")
+        raise DataFormatError(
+            f"{where}: expected an object with 'instruction', 'output' (and optional 'input')"
+        )
     instruction = _text(row, "instruction", where)
     extra = _text(row, "input", where, optional=True)
     output = _text(row, "output", where)
@@ -102,7 +110,9 @@ def _rank(row: Mapping[str, Any], where: str) -> float:
     if rank is None:
         return float("inf")
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise DataFormatError(f"{where}: field 'rank' must be a number or null, got {_describe(rank)}")
+        raise DataFormatError(
+            f"{where}: field 'rank' must be a number or null, got {_describe(rank)}"
+        )
     return float(rank)
 
 
@@ -116,10 +126,14 @@ def _turn(turn: Any, index: int, field: str, where: str) -> dict[str, str]:
     role = CHAT_ROLES.get(speaker) if isinstance(speaker, str) else None
     if role is None:
         valid = ("system", "user", "assistant") if field == "messages" else tuple(SHAREGPT_ROLES)
-        raise DataFormatError(f"{at}: field {role_key!r} must be one of {valid}, got {_describe(speaker)}")
+        raise DataFormatError(
+            f"{at}: field {role_key!r} must be one of {valid}, got {_describe(speaker)}"
+        )
     content = turn.get(text_key)
     if isinstance(content, list):
-        raise DataFormatError(f"{at}: field {text_key!r} is a list of content parts; only text (a string) is supported")
+        raise DataFormatError(
+            f"{at}: field {text_key!r} is a list of content parts; only text (a string) is supported"
+        )
     return {"role": role, "content": _text(turn, text_key, at)}
 
 
@@ -128,8 +142,14 @@ def normalize_chat(row: Mapping[str, Any], where: str) -> Record:
     ``{"conversations": [{"from", "value"}, ...]}``, as ``{"messages": [{"role", "content"}]}``.
 
     Roles are system (first turn only), user and assistant; at least one assistant turn."""
-    field = next((f for f in ("messages", "conversations") if isinstance(row, Mapping) and row.get(f) is not None),
-                 None)
+    field = next(
+        (
+            f
+            for f in ("messages", "conversations")
+            if isinstance(row, Mapping) and row.get(f) is not None
+        ),
+        None,
+    )
     if field is None:
         raise DataFormatError(
             f"{where}: expected an object with 'messages' (a list of {{'role', 'content'}}) or ShareGPT "
@@ -137,7 +157,9 @@ def normalize_chat(row: Mapping[str, Any], where: str) -> Record:
         )
     turns = row[field]
     if not isinstance(turns, list) or not turns:
-        raise DataFormatError(f"{where}: field {field!r} must be a non-empty list of turns, got {_describe(turns)}")
+        raise DataFormatError(
+            f"{where}: field {field!r} must be a non-empty list of turns, got {_describe(turns)}"
+        )
     messages = [_turn(turn, i, field, where) for i, turn in enumerate(turns)]
     for i, message in enumerate(messages[1:], start=1):
         if message["role"] == "system":
@@ -154,21 +176,13 @@ def normalize_text(row: Mapping[str, Any], where: str) -> Record:
     return {"text": _text(row, "text", where)}
 
 
-def _rank(row: Mapping[str, Any], where: str) -> float:
-    rank = row.get("rank")
-    if rank is None:
-        return float("inf")
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-        raise DataFormatError(f"{where}: field 'rank' must be a number or null, got {_describe(rank)}")
-    return float(rank)
-
-
 def oasst_conversations(
     rows: Sequence[Mapping[str, Any]], wheres: Sequence[str], lang: str | None = None
 ) -> list[Record]:
     """OASST1 message trees as multi-turn conversations (see module docstring), in thread order."""
     messages: dict[str, tuple[str, str, str | None]] = {}  # message_id -> (role, text, lang)
-    children: dict[str | None, list[tuple[float, int, str]]] = {}  # parent -> [(rank, row index, id)]
+    # parent -> [(rank, row index, id)]
+    children: dict[str | None, list[tuple[float, int, str]]] = {}
     order: list[str] = []
     deleted: set[str] = set()
     for index, (row, where) in enumerate(zip(rows, wheres, strict=True)):
@@ -177,10 +191,14 @@ def oasst_conversations(
         message_id = _text(row, "message_id", where)
         parent_id = row.get("parent_id")
         if parent_id is not None and not isinstance(parent_id, str):
-            raise DataFormatError(f"{where}: field 'parent_id' must be a string or null, got {_describe(parent_id)}")
+            raise DataFormatError(
+                f"{where}: field 'parent_id' must be a string or null, got {_describe(parent_id)}"
+            )
         role = row.get("role")
         if role not in OASST_ROLES:
-            raise DataFormatError(f"{where}: field 'role' must be one of {OASST_ROLES}, got {_describe(role)}")
+            raise DataFormatError(
+                f"{where}: field 'role' must be one of {OASST_ROLES}, got {_describe(role)}"
+            )
         text = _text(row, "text", where)
         rank = _rank(row, where)
         if row.get("deleted") is True:
@@ -196,18 +214,22 @@ def oasst_conversations(
         replies = sorted(kid for kid in children.get(message_id, []) if messages[kid[2]][0] == role)
         return replies[0][2] if replies else None
 
-    conversations = []
+    conversations: list[Record] = []
     for message_id in order:
         role, _, row_lang = messages[message_id]
         parent = parents.get(message_id)
-        if role != "prompter" or parent in messages or parent in deleted:  # not the start of a thread here
+        # not the start of a thread here
+        if role != "prompter" or parent in messages or parent in deleted:
             continue
         if lang is not None and row_lang != lang:
             continue
-        turns, node = [], message_id
+        turns: list[dict[str, str]] = []
+        node: str | None = message_id
         while node is not None:
             node_role, text, _ = messages[node]
-            turns.append({"role": "user" if node_role == "prompter" else "assistant", "content": text})
+            turns.append(
+                {"role": "user" if node_role == "prompter" else "assistant", "content": text}
+            )
             node = best_reply(node, "assistant" if node_role == "prompter" else "prompter")
         if turns[-1]["role"] == "user":
             turns.pop()  # a final prompter message without a reply: nothing to learn from it

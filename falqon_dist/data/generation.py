@@ -94,7 +94,9 @@ def evaluate_exact_match(
     :func:`generate_answers`.
     """
     if max_new_tokens is None:
-        max_new_tokens = 2 + max(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in records)
+        max_new_tokens = 2 + max(
+            len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in records
+        )
     answers = generate_answers(
         model,
         tokenizer,
@@ -126,8 +128,11 @@ def response_loss_sums(
     was_training = model.training
     model.eval()
     totals = torch.zeros(num_groups, 2, dtype=torch.float64, device=device)
-    group_ids = torch.tensor([groups[i] for i in indices] if groups is not None else [0] * len(indices),
-                             dtype=torch.long, device=device)  # fmt: skip
+    group_ids = torch.tensor(
+        [groups[i] for i in indices] if groups is not None else [0] * len(indices),
+        dtype=torch.long,
+        device=device,
+    )
     try:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
@@ -135,9 +140,15 @@ def response_loss_sums(
             labels = batch.pop("labels").to(device)
             logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
             shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
-            token_losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX,
-                                           reduction="none")  # fmt: skip
-            rows = torch.stack([token_losses.double().sum(1), (shift_labels != IGNORE_INDEX).sum(1).double()], 1)
+            token_losses = F.cross_entropy(
+                shift_logits.transpose(1, 2),
+                shift_labels,
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+            rows = torch.stack(
+                [token_losses.double().sum(1), (shift_labels != IGNORE_INDEX).sum(1).double()], 1
+            )
             totals.index_add_(0, group_ids[start : start + batch_size], rows)
     finally:
         model.train(was_training)
@@ -146,5 +157,7 @@ def response_loss_sums(
 
 def mean_response_loss(model, dataset, collate_fn, *, batch_size: int = 64) -> float:
     """Token-weighted mean cross-entropy over all target (non-masked) tokens of ``dataset``."""
-    (loss, count), = response_loss_sums(model, dataset, collate_fn, range(len(dataset)), batch_size=batch_size)
+    ((loss, count),) = response_loss_sums(
+        model, dataset, collate_fn, range(len(dataset)), batch_size=batch_size
+    )
     return float(loss / count.clamp(min=1))

@@ -21,11 +21,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain, zip_longest
 from typing import TypeVar
 
 T = TypeVar("T")
-_GAP = object()
 
 
 @dataclass(frozen=True)
@@ -45,8 +43,10 @@ class MixShare:
     eval_records: int
 
     def describe(self) -> str:
-        return (f"{self.name} = {self.label} ({self.format}, weight {self.weight:g}): {self.taken} train records from "
-                f"{self.available} (x{self.taken / self.available:.2f}), {self.eval_records} eval")
+        return (
+            f"{self.name} = {self.label} ({self.format}, weight {self.weight:g}): {self.taken} train records from "
+            f"{self.available} (x{self.taken / self.available:.2f}), {self.eval_records} eval"
+        )
 
 
 def apportion(total: int, weights: Sequence[float]) -> list[int]:
@@ -71,10 +71,13 @@ def sample(records: Sequence[T], count: int, rng: random.Random) -> list[T]:
 
 def interleave(parts: Sequence[Sequence[T]]) -> list[T]:
     """Round-robin over ``parts``: first of each, second of each, … (a shorter part just ends)."""
-    return [item for item in chain.from_iterable(zip_longest(*parts, fillvalue=_GAP)) if item is not _GAP]
+    longest = max((len(part) for part in parts), default=0)
+    return [part[i] for i in range(longest) for part in parts if i < len(part)]
 
 
-def mix(train_parts: Sequence[Sequence[T]], weights: Sequence[float], seed: int) -> tuple[list[T], list[int]]:
+def mix(
+    train_parts: Sequence[Sequence[T]], weights: Sequence[float], seed: int
+) -> tuple[list[T], list[int]]:
     """The shuffled weighted mixture of ``train_parts`` and how many records each part gave."""
     if len(train_parts) != len(weights) or any(not part for part in train_parts):
         raise ValueError("need one weight per source and at least one record in every source")

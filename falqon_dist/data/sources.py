@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -69,7 +70,9 @@ def _parse_json(path: Path) -> Rows:
             raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
         for i, row in enumerate(rows, start=1):
             if not isinstance(row, dict):
-                raise DataFormatError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+                raise DataFormatError(
+                    f"{path}: row {i}: expected a JSON object, got {type(row).__name__}"
+                )
         return rows, [f"{path}: row {i}" for i in range(1, len(rows) + 1)]
     rows, wheres = [], []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -78,27 +81,58 @@ def _parse_json(path: Path) -> Rows:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}: line {lineno}: invalid JSON ({err.msg}); expected one object per line") from None
+            raise DataFormatError(
+                f"{path}: line {lineno}: invalid JSON ({err.msg}); expected one object per line"
+            ) from None
         if not isinstance(row, dict):
-            raise DataFormatError(f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}")
+            raise DataFormatError(
+                f"{path}: line {lineno}: expected a JSON object, got {type(row).__name__}"
+            )
         rows.append(row)
         wheres.append(f"{path}: line {lineno}")
     return rows, wheres
 
 
-def read_file(path: Path, check: Callable[[Rows], object] | None = None) -> Rows:
+_PARAGRAPH_BREAK = re.compile(r"\n(?:[ \t\r\f\v]*\n)+")
+
+
+def split_text(text: str, sample_by: str, where: str) -> Rows:
+    """The documents of one .txt file's ``text`` and their locations, by ``sample_by``: the whole
+    file, each blank-line separated paragraph, or each non-blank line (blank ones carry no token)."""
+    if sample_by == "document":
+        return ([{"text": text}], [where]) if text.strip() else ([], [])
+    rows: list[Mapping[str, Any]] = []
+    wheres: list[str] = []
+    if sample_by == "line":
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                rows.append({"text": line})
+                wheres.append(f"{where}: line {lineno}")
+        return rows, wheres
+    blocks = [block.strip("\n") for block in _PARAGRAPH_BREAK.split(text)]
+    for number, block in enumerate((b for b in blocks if b.strip()), start=1):
+        rows.append({"text": block})
+        wheres.append(f"{where}: paragraph {number}")
+    return rows, wheres
+
+
+def read_file(
+    path: Path, check: Callable[[Rows], object] | None = None, sample_by: str = "document"
+) -> Rows:
     """Rows of one local file and their locations (file + line for jsonl, file + row otherwise).
 
     ``check`` (a normalizer) first runs on our own parse of a JSON file, so a malformed row is
-    reported with its line before ``datasets`` sees the file.
+    reported with its line before ``datasets`` sees the file. A .txt file gives its documents by
+    ``sample_by`` (:func:`split_text`).
     """
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     if path.suffix not in FILE_SUFFIXES:
-        raise DataFormatError(f"{path}: unsupported file type {path.suffix!r}; expected one of {FILE_SUFFIXES}")
+        raise DataFormatError(
+            f"{path}: unsupported file type {path.suffix!r}; expected one of {FILE_SUFFIXES}"
+        )
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        return ([{"text": text}], [str(path)]) if text.strip() else ([], [])
+        return split_text(path.read_text(encoding="utf-8"), sample_by, str(path))
     builder, wheres = "parquet", None
     if path.suffix != ".parquet":
         parsed = _parse_json(path)
@@ -112,7 +146,9 @@ def read_file(path: Path, check: Callable[[Rows], object] | None = None) -> Rows
     if wheres is None:
         wheres = [f"{path}: row {i}" for i in range(1, len(dataset) + 1)]
     if len(wheres) != len(dataset):
-        raise DataFormatError(f"{path}: read {len(dataset)} rows but found {len(wheres)} JSON objects")
+        raise DataFormatError(
+            f"{path}: read {len(dataset)} rows but found {len(wheres)} JSON objects"
+        )
     return dataset, wheres
 
 
@@ -125,20 +161,29 @@ def _concat(parts: Sequence[Rows]) -> Rows:
     return rows, wheres
 
 
-def read_local(path: Path, check: Callable[[Rows], object] | None = None) -> tuple[Rows, Rows | None]:
-    """``(train_or_pool, eval_or_None)`` rows of a local file or directory (``check``: see read_file)."""
+def read_local(
+    path: Path, check: Callable[[Rows], object] | None = None, sample_by: str = "document"
+) -> tuple[Rows, Rows | None]:
+    """``(train_or_pool, eval_or_None)`` rows of a local file or directory (``check``,
+    ``sample_by``: see read_file)."""
+
+    def read(file: Path) -> Rows:
+        return read_file(file, check, sample_by)
+
     if path.is_file():
-        return read_file(path, check), None
+        return read(path), None
     if any((path / name).is_file() for name in _SAVED_DATASET_FILES):
         return read_saved(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no {'/'.join(FILE_SUFFIXES)} files under dataset directory {path}")
+        raise FileNotFoundError(
+            f"no {'/'.join(FILE_SUFFIXES)} files under dataset directory {path}"
+        )
     train = [f for f in files if "train" in f.name.lower()]
     evals = [f for f in files if any(word in f.name.lower() for word in _EVAL_WORDS)]
     if train and evals:
-        return _concat([read_file(f, check) for f in train]), _concat([read_file(f, check) for f in evals])
-    return _concat([read_file(f, check) for f in files]), None
+        return _concat([read(f) for f in train]), _concat([read(f) for f in evals])
+    return _concat([read(f) for f in files]), None
 
 
 def read_saved(path: Path) -> tuple[Rows, Rows | None]:
@@ -147,8 +192,10 @@ def read_saved(path: Path) -> tuple[Rows, Rows | None]:
         try:
             saved = datasets.load_from_disk(str(path))
         except Exception as err:  # noqa: BLE001 - a damaged or foreign directory: name it
-            raise DataFormatError(f"{path}: looks like a `datasets` save_to_disk directory but cannot be loaded "
-                                  f"({type(err).__name__}: {err})") from None
+            raise DataFormatError(
+                f"{path}: looks like a `datasets` save_to_disk directory but cannot be loaded "
+                f"({type(err).__name__}: {err})"
+            ) from None
 
     def rows(dataset, split: str | None) -> Rows:
         label = f"{path} [{split}]" if split else str(path)
@@ -174,15 +221,22 @@ def read_hub(name: str) -> tuple[Rows, Rows | None]:
             f"{name!r} is not a local file or directory, and loading it from the Hugging Face hub failed "
             f"({type(err).__name__}: {err}); pass a local path (no network here?)"
         ) from err
+
     def rows(split: str) -> Rows:
-        return splits[split], [f"hub dataset {name} [{split}]: row {i}" for i in range(1, len(splits[split]) + 1)]
+        return splits[split], [
+            f"hub dataset {name} [{split}]: row {i}" for i in range(1, len(splits[split]) + 1)
+        ]
 
     eval_split = next((s for s in ("validation", "test") if s in splits), None)
     return rows("train"), (rows(eval_split) if eval_split else None)
 
 
-_ROW_NORMALIZERS = {"alpaca": normalize_alpaca, "jsonl": normalize_generic, "chat": normalize_chat,
-                     "text": normalize_text}
+_ROW_NORMALIZERS = {
+    "alpaca": normalize_alpaca,
+    "jsonl": normalize_generic,
+    "chat": normalize_chat,
+    "text": normalize_text,
+}
 
 
 def _normalizer(cfg: DataConfig) -> Callable[[Rows], list[Record]]:
@@ -208,64 +262,126 @@ class Mixture:
 
 def source_config(cfg: DataConfig, source: DataSource) -> DataConfig:
     """``cfg`` read as the single dataset ``source`` (its format and path; every other field kept)."""
-    return dataclasses.replace(cfg, name=source.format, path=source.path, sources=())
+    sample_by = cfg.sample_by if source.format == "text" else "document"
+    return dataclasses.replace(
+        cfg, name=source.format, path=source.path, sources=(), sample_by=sample_by
+    )
 
 
 def load_mixture(cfg: DataConfig) -> Mixture:
     """Each source of a ``mix`` config read on its own (its split, ``max_records``), then mixed."""
     parts = [load_records(source_config(cfg, source)) for source in cfg.sources]
-    train, taken = mix([part[0] for part in parts], [source.weight for source in cfg.sources], cfg.seed)
+    for name, source, (_, evals) in zip(source_names(cfg.sources), cfg.sources, parts, strict=True):
+        if not evals:  # text by document, too few documents: data=text alone would take windows
+            raise DataFormatError(
+                f"data.sources ({name}: {source.path}): too few text documents to hold out "
+                f"eval_fraction={cfg.eval_fraction} of them in a mixture; set data.sample_by="
+                "paragraph or line, or train on it alone with data=text (eval windows)"
+            )
+    train, taken = mix(
+        [part[0] for part in parts], [source.weight for source in cfg.sources], cfg.seed
+    )
     shares = tuple(
-        MixShare(name=name, label=source.path if isinstance(source.path, str) else ",".join(source.path),
-                 format=source.format, weight=source.weight, available=len(part[0]), taken=count,
-                 eval_records=len(part[1]))
-        for name, source, part, count in zip(source_names(cfg.sources), cfg.sources, parts, taken, strict=True)
+        MixShare(
+            name=name,
+            label=source.path if isinstance(source.path, str) else ",".join(source.path),
+            format=source.format,
+            weight=source.weight,
+            available=len(part[0]),
+            taken=count,
+            eval_records=len(part[1]),
+        )
+        for name, source, part, count in zip(
+            source_names(cfg.sources), cfg.sources, parts, taken, strict=True
+        )
     )
     return Mixture(train=train, eval_parts=tuple(part[1] for part in parts), shares=shares)
 
 
 def load_records(cfg: DataConfig) -> tuple[list[Record], list[Record]]:
-    """Normalized ``(train, eval)`` records of a file or hub dataset, or of several (not ``synthetic``)."""
+    """Normalized ``(train, eval)`` records of a file or hub dataset, or of several (not ``synthetic``).
+
+    Each source is split on its own (``eval_fraction`` of its records, unless it has an eval split).
+    ``text`` read by document with fewer than 1/eval_fraction documents in all (one corpus file)
+    returns every document for training and no eval record: its eval set is a share of the
+    tokenized windows, held out by :func:`falqon_dist.data.build_data` (:func:`takes_eval_windows`).
+    """
     if cfg.name == "mix":
         mixture = load_mixture(cfg)
         return mixture.train, mixture.eval
-    sources = cfg.path if isinstance(cfg.path, tuple) else (cfg.path or DEFAULT_HUB_NAMES.get(cfg.name),)
-    if sources[0] is None:
-        raise ValueError(f"DataConfig.path is required for name={cfg.name!r}")
-    parts = [_load_source(cfg, source) for source in sources]
+    if isinstance(cfg.path, tuple):
+        sources: tuple[str, ...] = cfg.path
+    else:
+        path = cfg.path or DEFAULT_HUB_NAMES.get(cfg.name)
+        if path is None:
+            raise ValueError(f"DataConfig.path is required for name={cfg.name!r}")
+        sources = (path,)
+    read = [_read_source(cfg, source) for source in sources]
+    pool = [record for records, _ in read for record in records]
+    if takes_eval_windows(cfg, len(pool)) and all(evals is None for _, evals in read):
+        train = pool[: cfg.max_records] if cfg.max_records is not None else pool
+        if not train:
+            raise DataFormatError(f"{', '.join(sources)}: no usable records (no text)")
+        return train, []
+    parts = [
+        (records, evals)
+        if evals is not None
+        else split_records(records, cfg.eval_fraction, cfg.seed, where=source + _split_hint(cfg))
+        for source, (records, evals) in zip(sources, read, strict=True)
+    ]
     train = [record for part_train, _ in parts for record in part_train]
-    evals = interleave([part_evals for _, part_evals in parts])  # any prefix (train.eval_samples) has every source
+    # any prefix (train.eval_samples) has every source
+    evals = interleave([part_evals for _, part_evals in parts])
     if cfg.max_records is not None:
         train, evals = train[: cfg.max_records], evals[: cfg.max_records]
     if not train or not evals:
-        raise DataFormatError(f"{', '.join(sources)}: no usable records (train {len(train)}, eval {len(evals)})")
+        raise DataFormatError(
+            f"{', '.join(sources)}: no usable records (train {len(train)}, eval {len(evals)})"
+        )
     return train, evals
 
 
-def _load_source(cfg: DataConfig, source: str) -> tuple[list[Record], list[Record]]:
-    """Normalized ``(train, eval)`` records of one path or hub name."""
+def takes_eval_windows(cfg: DataConfig, num_documents: int) -> bool:
+    """Whether ``text`` data of ``num_documents`` documents (none with an eval split) takes its eval
+    set from the tokenized windows: read by document, and too few documents for ``eval_fraction``
+    of them to be at least one."""
+    return (
+        cfg.name == "text" and cfg.sample_by == "document" and num_documents * cfg.eval_fraction < 1
+    )
+
+
+def _split_hint(cfg: DataConfig) -> str:
+    if cfg.name == "text" and cfg.sample_by == "document":
+        return " (text read by document: data.sample_by=paragraph or line reads more records)"
+    return ""
+
+
+def _read_source(cfg: DataConfig, source: str) -> tuple[list[Record], list[Record] | None]:
+    """Normalized ``(records, eval_or_None)`` of one path or hub name (None: no eval split given)."""
     local = Path(source).expanduser()
     normalize = _normalizer(cfg)
     if local.exists():
-        train_rows, eval_rows = read_local(local, normalize)
+        train_rows, eval_rows = read_local(local, normalize, cfg.sample_by)
     elif is_hub_dataset(cfg.name, source):
         train_rows, eval_rows = read_hub(source)
     else:
         reason = local_reason(source)
-        raise FileNotFoundError(f"dataset path not found: {local}" + (f" (a local path, as {reason})" if reason else ""))
-    train = normalize(train_rows)
-    if eval_rows is not None:
-        evals = normalize(eval_rows)
-    else:
-        train, evals = split_records(train, cfg.eval_fraction, cfg.seed, where=source)
-    return train, evals
+        raise FileNotFoundError(
+            f"dataset path not found: {local}" + (f" (a local path, as {reason})" if reason else "")
+        )
+    return normalize(train_rows), None if eval_rows is None else normalize(eval_rows)
 
 
 def is_hub_dataset(name: str, source: str) -> bool:
     """Whether data ``name`` reads the missing local path ``source`` from the Hugging Face hub: only
     alpaca / oasst1, only a hub id (:mod:`falqon_dist.hub_names`) without a data file suffix."""
-    return (name in DEFAULT_HUB_NAMES and local_reason(source) is None and not source.endswith(FILE_SUFFIXES)
-            and source.count("/") == 1 and hub_id_problem(source) is None)
+    return (
+        name in DEFAULT_HUB_NAMES
+        and local_reason(source) is None
+        and not source.endswith(FILE_SUFFIXES)
+        and source.count("/") == 1
+        and hub_id_problem(source) is None
+    )
 
 
 def split_records(
@@ -273,7 +389,9 @@ def split_records(
 ) -> tuple[list[Record], list[Record]]:
     """Seeded random ``(train, eval)`` split with ``round(n · eval_fraction)`` (at least 1) eval records."""
     if len(records) < 2:
-        raise DataFormatError(f"{where}: need at least 2 records to split off an eval set, got {len(records)}")
+        raise DataFormatError(
+            f"{where}: need at least 2 records to split off an eval set, got {len(records)}"
+        )
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     num_eval = min(max(1, round(len(records) * eval_fraction)), len(records) - 1)

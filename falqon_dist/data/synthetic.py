@@ -68,7 +68,9 @@ _ENTITIES = tuple(WORLD)
 
 
 def _word(rng: random.Random) -> str:
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(MIN_WORD, MAX_WORD)))
+    return "".join(
+        rng.choice(string.ascii_lowercase) for _ in range(rng.randint(MIN_WORD, MAX_WORD))
+    )
 
 
 def _add(rng: random.Random) -> Record:
@@ -130,7 +132,9 @@ PRETRAIN_TASKS = tuple(PRETRAIN_MIX)
 FINETUNE_TASKS = ("shift", "sort", "sub")
 
 
-def pretrain_corpus(num_records: int, seed: int = 0, mix: dict[str, float] | None = None) -> list[Record]:
+def pretrain_corpus(
+    num_records: int, seed: int = 0, mix: dict[str, float] | None = None
+) -> list[Record]:
     """``num_records`` records drawn from the tasks of ``mix`` (default :data:`PRETRAIN_MIX`) with its
     weights; deterministic in ``seed``."""
     mix = PRETRAIN_MIX if mix is None else mix
@@ -177,7 +181,9 @@ def finetune_splits(
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """Fraction of predictions equal to their reference after stripping surrounding whitespace."""
     if len(predictions) != len(references):
-        raise ValueError(f"exact_match: {len(predictions)} predictions but {len(references)} references")
+        raise ValueError(
+            f"exact_match: {len(predictions)} predictions but {len(references)} references"
+        )
     if not references:
         raise ValueError("exact_match: no references")
     hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))

@@ -52,7 +52,9 @@ def special_ids(tokenizer) -> tuple[int, int]:
     """``(eos_id, pad_id)`` of ``tokenizer``; the pad id falls back to EOS when there is no pad token."""
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token; set one before building data")
+        raise ValueError(
+            f"tokenizer {type(tokenizer).__name__} has no eos_token; set one before building data"
+        )
     pad_id = tokenizer.pad_token_id
     return eos_id, eos_id if pad_id is None else pad_id
 
@@ -66,7 +68,9 @@ def tokenize_record(
     prompt_ids = list(tokenizer(record["prompt"], add_special_tokens=True)["input_ids"])
     if prompt_ids and prompt_ids[-1] == eos_id:  # tokenizers whose post-processor appends EOS
         prompt_ids.pop()
-    response_ids = list(tokenizer(record["response"], add_special_tokens=False)["input_ids"]) + [eos_id]
+    response_ids = list(tokenizer(record["response"], add_special_tokens=False)["input_ids"]) + [
+        eos_id
+    ]
     room = max_length - len(prompt_ids)
     if room <= 0:
         return None, False
@@ -74,7 +78,8 @@ def tokenize_record(
     response_ids = response_ids[:room]
     return {
         "input_ids": prompt_ids + response_ids,
-        "labels": (prompt_ids if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids)) + response_ids,
+        "labels": (prompt_ids if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids))
+        + response_ids,
     }, truncated
 
 
@@ -123,9 +128,12 @@ def tokenize_records(
             continue
         if "messages" in record:
             example, truncated = tokenize_conversation(
-                record["messages"], tokenizer, max_length, train_on_inputs=train_on_inputs)
+                record["messages"], tokenizer, max_length, train_on_inputs=train_on_inputs
+            )
         else:
-            example, truncated = tokenize_record(record, tokenizer, max_length, train_on_inputs=train_on_inputs)
+            example, truncated = tokenize_record(
+                record, tokenizer, max_length, train_on_inputs=train_on_inputs
+            )
         if example is None:
             stats.dropped += 1
             continue
@@ -154,4 +162,6 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     def num_target_tokens(self) -> int:
         """Tokens that carry a loss (labels other than ``IGNORE_INDEX``)."""
-        return sum(sum(label != IGNORE_INDEX for label in example["labels"]) for example in self.examples)
+        return sum(
+            sum(label != IGNORE_INDEX for label in example["labels"]) for example in self.examples
+        )

@@ -66,8 +66,13 @@ def _read(path: str) -> str | None:
 def this_host() -> dict[str, str]:
     """What tells two processes apart that share a hostname: the host, its boot, the PID namespace
     (two containers of one machine share a boot but not their PIDs)."""
-    return {"host": socket.gethostname(), "boot": _read("/proc/sys/kernel/random/boot_id") or "?",
-            "pidns": (os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else "?").replace(" ", "")}
+    return {
+        "host": socket.gethostname(),
+        "boot": _read("/proc/sys/kernel/random/boot_id") or "?",
+        "pidns": (
+            os.readlink("/proc/self/ns/pid") if os.path.exists("/proc/self/ns/pid") else "?"
+        ).replace(" ", ""),
+    }
 
 
 def _start_time(pid: int) -> str | None:
@@ -77,8 +82,12 @@ def _start_time(pid: int) -> str | None:
     stat = _read(f"/proc/{pid}/stat")
     if not stat:
         return None
-    fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)"; comm may hold spaces and parentheses
-    if len(fields) <= 19 or fields[0] in ("Z", "X"):  # a zombie has exited: it builds nothing any more
+    # after "pid (comm)"; comm may hold spaces and parentheses
+    fields = stat.rsplit(")", 1)[-1].split()
+    if len(fields) <= 19 or fields[0] in (
+        "Z",
+        "X",
+    ):  # a zombie has exited: it builds nothing any more
         return None
     return fields[19]
 
@@ -86,8 +95,12 @@ def _start_time(pid: int) -> str | None:
 def owner_line(pid: int | None = None) -> str:
     """The owner record :func:`stamp_build_locks` writes into a lock this process takes."""
     pid = os.getpid() if pid is None else pid
-    fields = {**this_host(), "pid": str(pid), "start": _start_time(pid) or "?",
-              "since": dt.datetime.now().isoformat(timespec="seconds")}
+    fields = {
+        **this_host(),
+        "pid": str(pid),
+        "start": _start_time(pid) or "?",
+        "since": dt.datetime.now().isoformat(timespec="seconds"),
+    }
     return f"{OWNER_PREFIX} " + " ".join(f"{key}={value}" for key, value in fields.items()) + "\n"
 
 
@@ -97,7 +110,7 @@ def read_owner(lock: Path) -> dict[str, str] | None:
     text = _read(str(lock))
     if not text or not text.startswith(OWNER_PREFIX):
         return None
-    owner = dict(field.split("=", 1) for field in text[len(OWNER_PREFIX):].split() if "=" in field)
+    owner = dict(field.split("=", 1) for field in text[len(OWNER_PREFIX) :].split() if "=" in field)
     return owner if owner.get("pid", "").isdigit() and "host" in owner else None
 
 
@@ -130,7 +143,7 @@ def stamp_build_locks() -> None:
 
     try_acquire._falqon_stamps = True  # type: ignore[attr-defined]
     try_acquire.__doc__ = original.__doc__
-    FileBaton.try_acquire = try_acquire
+    FileBaton.try_acquire = try_acquire  # type: ignore[method-assign]
 
 
 def extensions_root() -> Path:
@@ -187,16 +200,23 @@ def _state(lock: Path, quiet_s: float) -> tuple[str, str]:
     if owner is not None and all(owner.get(key) == here[key] for key in here):
         pid, since = int(owner["pid"]), owner.get("since", "?")
         started = _start_time(pid)
-        if started is not None and owner.get("start") in (started, "?"):  # "?": its start was unreadable
+        if started is not None and owner.get("start") in (
+            started,
+            "?",
+        ):  # "?": its start was unreadable
             return "held", f"built by pid {pid} on this host since {since}, still running"
         return "stale", f"its builder, pid {pid} on this host (since {since}), is gone"
     if owner is not None:
-        who = f"built by pid {owner['pid']} on {owner['host']} since {owner.get('since', '?')}, which this host cannot check"
+        since = owner.get("since", "?")
+        who = f"built by pid {owner['pid']} on {owner['host']} since {since}, which this host cannot check"
     else:
         who = "its builder is unknown: nothing recorded in it, no process here holds it"
     quiet = time.time() - _last_change(lock.parent)
     if quiet < quiet_s:
-        return "busy", f"{who}; {lock.parent} changed {quiet:.0f}s ago, stale after {quiet_s:.0f}s without a change"
+        return (
+            "busy",
+            f"{who}; {lock.parent} changed {quiet:.0f}s ago, stale after {quiet_s:.0f}s without a change",
+        )
     return "stale", f"{who}, and {lock.parent} has not changed for {quiet:.0f}s"
 
 
@@ -226,7 +246,7 @@ def clear_stale_build_locks(
         detail = ""
 
         def what(lock: Path = lock) -> str:
-            return f"the build lock {lock} ({detail})"
+            return f"the build lock {lock} ({detail})"  # noqa: B023 - the detail as it is now
 
         with announced(what, emit=emit):
             while True:
@@ -240,8 +260,10 @@ def clear_stale_build_locks(
                         lock.unlink()
                     except FileNotFoundError:  # another rank on this host cleared it first
                         break
-                    emit(f"removed the stale build lock {lock} ({detail}): a run killed while "
-                         f"building the {lock.parent.name!r} op left it behind")
+                    emit(
+                        f"removed the stale build lock {lock} ({detail}): a run killed while "
+                        f"building the {lock.parent.name!r} op left it behind"
+                    )
                     removed.append(lock)
                     break
                 if time.monotonic() > deadline:

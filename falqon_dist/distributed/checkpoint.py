@@ -33,19 +33,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
-from falqon_dist.distributed.safe_load import NUMPY_ARRAY, load_file, use_safe_loads, weights_only_loads
+from falqon_dist.distributed.safe_load import (
+    NUMPY_ARRAY,
+    load_file,
+    use_safe_loads,
+    weights_only_loads,
+)
 from falqon_dist.distributed.waits import barrier
 from falqon_dist.files import write_atomic
 
@@ -87,13 +90,17 @@ def _rank() -> int:
     return tdist.get_rank() if tdist.is_initialized() else 0
 
 
-def _from_rank0(flag: bool) -> bool:
-    """Rank 0's ``flag`` on every rank (its view of the checkpoint directory decides)."""
+_T = TypeVar("_T")
+
+
+def _from_rank0(value: _T) -> _T:
+    """Rank 0's ``value`` (a flag or a short string) on every rank (its view of the checkpoint
+    directory decides)."""
     if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return flag
-    box = [flag]
+        return value
+    box = [value]
     tdist.broadcast_object_list(box, src=0)  # on the backend's device (NCCL needs CUDA tensors)
-    return bool(box[0])
+    return box[0]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -116,17 +123,23 @@ def latest_tag(ckpt_dir: str | Path) -> str | None:
     ckpt_dir = Path(ckpt_dir)
     pointer = ckpt_dir / LATEST
     if pointer.is_symlink() or (pointer.exists() and not pointer.is_file()):
-        raise CheckpointReadError(f"{pointer} is not a regular file; falqon_dist writes it as one (holding a tag "
-                                  "like step_00000100): remove it, or point train.resume at a run it wrote")
+        raise CheckpointReadError(
+            f"{pointer} is not a regular file; falqon_dist writes it as one (holding a tag "
+            "like step_00000100): remove it, or point train.resume at a run it wrote"
+        )
     if not pointer.is_file():
         return None
     tag = pointer.read_text(errors="replace").strip()
     if not TAG_PATTERN.match(tag):
-        raise CheckpointReadError(f"{pointer} holds {tag[:80]!r}, not a checkpoint tag (step_ and 8 digits, a "
-                                  f"directory inside {ckpt_dir})")
+        raise CheckpointReadError(
+            f"{pointer} holds {tag[:80]!r}, not a checkpoint tag (step_ and 8 digits, a "
+            f"directory inside {ckpt_dir})"
+        )
     directory = ckpt_dir / tag
     if directory.is_symlink():
-        raise CheckpointReadError(f"{directory} is a symbolic link; a checkpoint is a directory inside {ckpt_dir}")
+        raise CheckpointReadError(
+            f"{directory} is a symbolic link; a checkpoint is a directory inside {ckpt_dir}"
+        )
     return tag if directory.is_dir() else None
 
 
@@ -200,7 +213,9 @@ def save(
     try:
         (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
         torch.save(rng, _rng_file(ckpt_dir, tag, rank))
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=dict(client_state or {}), save_latest=False)
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state=dict(client_state or {}), save_latest=False
+        )
     except (OSError, RuntimeError) as error:  # torch.save wraps a failed write in a RuntimeError
         raise _write_failure(error, ckpt_dir, tag, "write", needed, free) from error
     barrier(f"finish writing checkpoint {tag}")
@@ -208,25 +223,36 @@ def save(
         try:
             _atomic_write_text(ckpt_dir / LATEST, tag)
         except OSError as error:  # complete but not marked: as good as never written
-            raise _write_failure(error, ckpt_dir, tag, "mark as the latest", needed, free) from error
+            raise _write_failure(
+                error, ckpt_dir, tag, "mark as the latest", needed, free
+            ) from error
         if keep > 0:
             _prune(ckpt_dir, keep, current=tag)
     barrier(f"see rank 0 mark {tag} as the latest checkpoint")
     return tag
 
 
-def _write_failure(error: Exception, ckpt_dir: Path, tag: str, action: str, needed: int, free: int) -> CheckpointWriteError:
+def _write_failure(
+    error: Exception, ckpt_dir: Path, tag: str, action: str, needed: int, free: int
+) -> CheckpointWriteError:
     """The error of a save that failed on this rank, after removing what it wrote of ``tag``.
 
     A full disk is told apart by the error (ENOSPC) or, as torch's zip writer reports only "file
     write failed", by less than 1 MiB left on ``ckpt_dir`` when the write failed."""
-    full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+    full = (
+        isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+    )
     with contextlib.suppress(OSError):
         full = full or shutil.disk_usage(ckpt_dir).free < 2**20
-    shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never left half-written, never marked latest
+    # never left half-written, never marked latest
+    shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     last = latest_tag(ckpt_dir)
-    cause = (f"the disk filled up: about {needed * SPACE_MARGIN / 2**20:,.1f} MiB expected, "
-             f"{free / 2**20:,.1f} MiB were free when the save began" if full else f"{type(error).__name__}: {error}")
+    cause = (
+        f"the disk filled up: about {needed * SPACE_MARGIN / 2**20:,.1f} MiB expected, "
+        f"{free / 2**20:,.1f} MiB were free when the save began"
+        if full
+        else f"{type(error).__name__}: {error}"
+    )
     return CheckpointWriteError(
         f"rank {_rank()} could not {action} checkpoint {tag} in {ckpt_dir} ({cause}); the incomplete directory was "
         f"removed and the last good checkpoint is {ckpt_dir / last if last else 'none'}"
@@ -242,12 +268,19 @@ def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
 
 def _rng_state() -> dict[str, Any]:
     """This rank's RNG states as tensors and plain values (readable with ``weights_only=True``)."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
+    name, keys, position, has_gauss, cached = cast(
+        tuple[str, Any, int, int, float], np.random.get_state()
+    )
     return {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},  # fmt: skip
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
@@ -257,8 +290,13 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
     random.setstate(rng["python"])
     numpy = rng["numpy"]
     if isinstance(numpy, dict):
-        numpy = (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                 numpy["cached_gaussian"])  # fmt: skip
+        numpy = (
+            numpy["name"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
     np.random.set_state(numpy)  # a tuple holding an ndarray in RNG files of earlier versions
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -299,33 +337,48 @@ def resolve_tag(ckpt_dir: Path, tag: str | int | None = "latest") -> str:
     if text.isdigit():
         text = tag_for(int(text))
     if not TAG_PATTERN.match(text):
-        raise CheckpointReadError(f"checkpoint tag {text[:80]!r} is not a tag: use 'latest', a step number or "
-                                  "step_ and 8 digits (a directory inside checkpoints/)")
+        raise CheckpointReadError(
+            f"checkpoint tag {text[:80]!r} is not a tag: use 'latest', a step number or "
+            "step_ and 8 digits (a directory inside checkpoints/)"
+        )
     if not (ckpt_dir / text).is_dir() or (ckpt_dir / text).is_symlink():
-        available = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
-        raise CheckpointReadError(f"checkpoint {ckpt_dir / text} not found; available tags: {available or 'none'}")
+        available = sorted(
+            p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)
+        )
+        raise CheckpointReadError(
+            f"checkpoint {ckpt_dir / text} not found; available tags: {available or 'none'}"
+        )
     return text
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> tuple[dict[str, torch.Tensor], dict]:
+def consolidated_state_dict(
+    ckpt_dir: Path, tag: str, zero_stage: int
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The full module state dict saved under ``ckpt_dir/tag`` by a run with ``zero_stage``, and the
     rest of rank 0's model-state file (client state such as ``step``; the module entry removed)."""
     directory = ckpt_dir / tag
     if zero_stage == 3:
         files = sorted(directory.glob(PARTITIONED_STATES))
         if not files:
-            raise CheckpointReadError(f"{directory}: no {PARTITIONED_STATES} (the config says deepspeed.zero_stage=3)")
+            raise CheckpointReadError(
+                f"{directory}: no {PARTITIONED_STATES} (the config says deepspeed.zero_stage=3)"
+            )
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # it prints a report per file and tqdm bars: keep the CLI's output to its own summary
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
-                weights_only_loads(directory):
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            weights_only_loads(directory),
+        ):
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
         meta_file = directory / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     else:
         meta_file = directory / REPLICATED_STATES
         if not meta_file.is_file():
-            raise CheckpointReadError(f"{meta_file} not found (the config says deepspeed.zero_stage={zero_stage})")
+            raise CheckpointReadError(
+                f"{meta_file} not found (the config says deepspeed.zero_stage={zero_stage})"
+            )
         state = None
     meta = load_file(meta_file)
     module_state = meta.pop("module")

@@ -35,12 +35,22 @@ def rendezvous(rank: int, world: int, timeout_s: float, poll_s: float = 0.2) -> 
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     where = f"{addr}:{port}"
     try:
-        with announced(f"the rendezvous host {where} (rank 0{' / the torchrun agent' if agent else ''}) to answer"):
+        with announced(
+            f"the rendezvous host {where} (rank 0{' / the torchrun agent' if agent else ''}) to answer"
+        ):
             store = tdist.TCPStore(
-                addr, port, world, is_master=rank == 0 and not agent, timeout=dt.timedelta(seconds=timeout_s),
-                wait_for_workers=False, multi_tenant=True,
+                addr,
+                port,
+                world,
+                is_master=rank == 0 and not agent,
+                timeout=dt.timedelta(seconds=timeout_s),
+                wait_for_workers=False,
+                multi_tenant=True,
             )
-    except (RuntimeError, OSError) as exc:  # DistNetworkError / DistStoreError derive from RuntimeError
+    except (
+        RuntimeError,
+        OSError,
+    ) as exc:  # DistNetworkError / DistStoreError derive from RuntimeError
         raise RendezvousError(
             f"rank {rank}: the rendezvous host {where} did not answer within {timeout_s:.0f}s (dist.timeout_s): "
             f"is rank 0 running, and are MASTER_ADDR/MASTER_PORT right? ({exc})"
@@ -57,7 +67,9 @@ def rendezvous(rank: int, world: int, timeout_s: float, poll_s: float = 0.2) -> 
 
     def waiting_for() -> str:
         absent = missing()
-        shown = ", ".join(map(str, absent[:16])) + (f" and {len(absent) - 16} more" if len(absent) > 16 else "")
+        shown = ", ".join(map(str, absent[:16])) + (
+            f" and {len(absent) - 16} more" if len(absent) > 16 else ""
+        )
         return f"rank(s) {shown} of {world} to join the rendezvous at {where}"
 
     with announced(waiting_for, every_s=NOTICE_EVERY_S):
@@ -72,7 +84,8 @@ def rendezvous(rank: int, world: int, timeout_s: float, poll_s: float = 0.2) -> 
             time.sleep(poll_s)
             try:
                 joined = store.add(f"{prefix}count", 0)
-            except RuntimeError as exc:  # DistNetworkError: the host's store closed (rank 0 gave up or died)
+            # DistNetworkError: the host's store closed (rank 0 gave up or died)
+            except RuntimeError as exc:
                 raise RendezvousError(
                     f"rank {rank}: the rendezvous host {where} went away while {joined} of {world} ranks had "
                     f"joined (rank 0 gave up or exited; see its output) ({type(exc).__name__})"

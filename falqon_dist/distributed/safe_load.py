@@ -122,7 +122,9 @@ def weights_only_loads(directory: str | Path | None = None) -> Iterator[None]:
         culprit = _first_unsafe(Path(directory)) if directory is not None else None
         if culprit is not None:
             raise _refusal(culprit, error) from None
-        raise UnsafeCheckpointError(f"{directory or 'a checkpoint file'}: refused to load ({error})") from None
+        raise UnsafeCheckpointError(
+            f"{directory or 'a checkpoint file'}: refused to load ({error})"
+        ) from None
     finally:
         if previous is None:
             os.environ.pop(_FORCE, None)

@@ -91,6 +91,8 @@ def sweep_stale_segments(
         removed.append(segment)
         freed += stat.st_size
     if removed:
-        emit(f"removed {len(removed)} stale DeepSpeed shared-memory segment(s) ({freed / 2**20:.0f} MiB of "
-             f"RAM) that earlier runs left in {SHM_DIR}")  # fmt: skip
+        emit(
+            f"removed {len(removed)} stale DeepSpeed shared-memory segment(s) ({freed / 2**20:.0f} MiB of "
+            f"RAM) that earlier runs left in {SHM_DIR}"
+        )
     return removed

@@ -13,6 +13,7 @@ The bound itself is the process group's timeout (``dist.timeout_s``) or the wait
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import sys
@@ -30,10 +31,8 @@ def say(message: str) -> None:
     """One line on stderr, tagged with this process's rank (logging may not be set up yet). Never
     raises: a launcher that died may have taken its pipe with it."""
     rank = os.environ.get("RANK", "0")
-    try:
+    with contextlib.suppress(OSError, ValueError):
         print(f"[falqon_dist rank {rank}] {message}", file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
 
 
 @contextmanager

@@ -18,8 +18,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from falqon_dist.method import FalqonConfig, FalqonLinear, convert_model
 from falqon_dist.distributed.zero_facts import has_partitions
+from falqon_dist.method import FalqonConfig, FalqonLinear, convert_model
 from falqon_dist.method.convert import LayerBuilder, ModuleFilter
 
 
@@ -73,14 +73,21 @@ def load_pretrained_zero3(
     from transformers.integrations import HfDeepSpeedConfig
 
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
-        raise ValueError("load_pretrained_zero3 needs zero_optimization.stage=3 in the DeepSpeed config")
+        raise ValueError(
+            "load_pretrained_zero3 needs zero_optimization.stage=3 in the DeepSpeed config"
+        )
     # Must stay alive while loading and converting: transformers only sees ZeRO-3 through a weakref to it.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), dtype=dtype, trust_remote_code=trust_remote_code
+    )
     gc.collect()  # loading leaves the checkpoint's tensors in reference cycles; free them before converting
     release_freed_host_memory()
     names = convert_model(
-        model, falqon_config, module_filter_fn=module_filter_fn, layer_builder=zero3_layer_builder(ds_config)
+        model,
+        falqon_config,
+        module_filter_fn=module_filter_fn,
+        layer_builder=zero3_layer_builder(ds_config),
     )
     del hf_ds_config
     return model, names

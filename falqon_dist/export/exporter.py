@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from falqon_dist.distributed.merge import merge_model_
+from falqon_dist.distributed.proxies import ProxyMasters
 from falqon_dist.distributed.zero_facts import is_partitioned
 from falqon_dist.export.format import SCALE_SUFFIX, WEIGHT_SUFFIX, quantization_config
 from falqon_dist.export.run_info import write_run_info
@@ -84,27 +86,31 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def merge_pending_proxies_(model: nn.Module) -> list[str]:
-    """Merge every FALQON layer whose proxy B is non-zero; return the names of the merged layers.
+    """Fold what B still holds into the FP8 backbone of every FALQON layer whose B is non-zero;
+    return the names of those layers.
 
-    The trainer folds B into the backbone after its last step (``FalqonLinear.fold_``), so B is zero
-    in a run's final checkpoint; in an earlier one it holds the rows no merge took yet
-    (``unmerged="keep"``), the carry (``carry_residual``) or the updates since the last merge
-    (``merge_every``), and they are folded here the same way. The fold changes the
-    model in place (under ZeRO-3, on every rank). An optimizer's fp32 master copy of B is NOT zeroed:
-    to keep training afterwards, merge through the trainer's post-step hook before exporting.
+    The trainer folds B into the backbone after its last step (``ProxyMergeHook.fold``), so B is zero
+    in a run's final checkpoint; in an earlier one it holds the rows no merge took yet (``topk_carry``,
+    ``topk_keep``), the carry (``every_row``, ``topk_carry``) or the updates since the last merge
+    (``merge_every``), and they are folded here the same way, through the same model-level merge
+    (:func:`~falqon_dist.distributed.merge.merge_model_` with ``fold=True``: every row, nearest,
+    nothing carried, B zeroed, byte for byte the trainer's final fold), so the live model computes
+    exactly what the export holds. The fold changes the model in place (under ZeRO-3, each rank its
+    partitions). An optimizer's fp32 master copy of B is NOT zeroed (the parameters are B's masters
+    here): to keep training afterwards, fold through the trainer's post-step hook before exporting.
     """
-    merged, unexpected = [], []  # unexpected: a pending B in a layer whose merges zero all of B
+    pending = []
     for name, layer in falqon_layers(model):
         with gathered([layer.B]):
-            pending = bool(layer.B.detach().ne(0).any())
-        if pending:
-            with gathered(list(layer.parameters(recurse=False)), modify=True):
-                # every row, nearest, nothing carried (the trainer's final fold, byte for byte): B ends
-                # at zero, so the live model computes exactly what the export holds
-                layer.fold_()
-            merged.append(name)
-            if layer.unmerged != "keep" and not layer.carry_residual:  # B holds neither unmerged rows nor a carry
-                unexpected.append(name)
+            if bool(layer.B.detach().ne(0).any()):
+                pending.append((name, layer))
+    if pending:
+        merge_model_(model, ProxyMasters(), fold=True, layers=pending)
+    merged = [name for name, _ in pending]
+    # a pending B in a layer whose merges zero all of B (the paper's): an update no merge took
+    unexpected = [
+        name for name, layer in pending if layer.unmerged != "keep" and not layer.carry_residual
+    ]
     if unexpected:
         logger.warning(
             "export_fp8 merged pending proxy updates of %d FALQON layer(s) (first: %s); an optimizer "
@@ -113,7 +119,10 @@ def merge_pending_proxies_(model: nn.Module) -> list[str]:
             merged[0],
         )
     elif merged:
-        logger.info("export_fp8 merged what B still held (unmerged rows or the carry) in %d layer(s)", len(merged))
+        logger.info(
+            "export_fp8 merged what B still held (unmerged rows or the carry) in %d layer(s)",
+            len(merged),
+        )
     return merged
 
 
@@ -161,9 +170,11 @@ def checkpoint_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # --------------------------------------------------------------------------------------------- files
-def _write_metadata(model: nn.Module, directory: Path, ignore: list[str], tokenizer: Any | None) -> None:
+def _write_metadata(
+    model: nn.Module, directory: Path, ignore: list[str], tokenizer: Any | None
+) -> None:
     """``config.json`` (with ``quantization_config``), ``generation_config.json``, the tokenizer."""
-    config = copy.deepcopy(model.config)
+    config: Any = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     if getattr(model, "dtype", None) is not None:
         config.dtype = model.dtype
@@ -221,8 +232,8 @@ def export_fp8(
     if writes:
         try:
             check_destination(out_dir, overwrite)
-        except FileExistsError as error:
-            problem = str(error)
+        except FileExistsError as exists:
+            problem = str(exists)
     problem = _from_rank0(problem)
     if problem is not None:
         raise FileExistsError(problem)
@@ -240,14 +251,19 @@ def export_fp8(
     try:
         writer = ShardWriter(staging.path, max_shard_bytes) if staging is not None else None
         error = _stream_tensors(model, writer) or error  # every rank visits every module
-        if staging is not None and error is None:
+        if staging is not None and writer is not None and error is None:
             files = writer.finish()
             _write_metadata(model, staging.path, ignore, tokenizer)
             if run_info is not None:
                 write_run_info(staging.path, **run_info)
             staging.commit()
-            logger.info("exported %d tensors (%d bytes, %d file(s)) to %s",
-                        writer.num_tensors, writer.total_bytes, len(files), out_dir)  # fmt: skip
+            logger.info(
+                "exported %d tensors (%d bytes, %d file(s)) to %s",
+                writer.num_tensors,
+                writer.total_bytes,
+                len(files),
+                out_dir,
+            )
     except Exception as caught:  # noqa: BLE001 - raised below
         error = error or caught
     finally:

@@ -18,10 +18,23 @@ from falqon_dist.files import write_atomic
 RUN_INFO = "falqon_run.json"
 
 
-def write_run_info(out_dir: Path, *, run_dir: Path, tag: str, step: int | None, base_model: str,
-                   config: dict[str, Any]) -> Path:  # fmt: skip
+def write_run_info(
+    out_dir: Path,
+    *,
+    run_dir: Path,
+    tag: str,
+    step: int | None,
+    base_model: str,
+    config: dict[str, Any],
+) -> Path:
     """Write ``out_dir/falqon_run.json``; returns its path."""
-    info = {"run_dir": str(run_dir), "tag": tag, "step": step, "base_model": base_model, "config": config}
+    info = {
+        "run_dir": str(run_dir),
+        "tag": tag,
+        "step": step,
+        "base_model": base_model,
+        "config": config,
+    }
     path = Path(out_dir) / RUN_INFO
     write_atomic(path, json.dumps(info, indent=2, default=str) + "\n")
     return path
@@ -43,6 +56,8 @@ def read_run_info(export_dir: Path) -> dict[str, Any] | None:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
-        raise ValueError(f"{path}: expected an object with a 'config' object (written by falqon_dist's export)")
+        raise ValueError(
+            f"{path}: expected an object with a 'config' object (written by falqon_dist's export)"
+        )
     check_no_interpolation(info["config"], f"{path}: config")
     return info

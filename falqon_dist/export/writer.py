@@ -19,10 +19,17 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}  # fmt: skip
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -34,7 +41,9 @@ def parse_size(size: int | str) -> int:
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
         if match is None or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"max_shard_size must look like 2GB, 500MB, 1GiB or a byte count; got {size!r}")
+            raise ValueError(
+                f"max_shard_size must look like 2GB, 500MB, 1GiB or a byte count; got {size!r}"
+            )
         value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if value <= 0:
         raise ValueError(f"max_shard_size must be a positive size, got {size!r}")
@@ -102,6 +111,9 @@ class ShardWriter:
             path.rename(final)
             files.append(final)
             weight_map.update(dict.fromkeys(keys, final.name))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return files

@@ -100,12 +100,14 @@ def _cast_e5m2_t(x_hp: torch.Tensor) -> CastResult:
     return _cast_eager(x_hp, E5M2, True)
 
 
-_COMPILED_CASTS = CompiledVariants({
-    (E4M3, False): _cast_e4m3,
-    (E4M3, True): _cast_e4m3_t,
-    (E5M2, False): _cast_e5m2,
-    (E5M2, True): _cast_e5m2_t,
-})
+_COMPILED_CASTS = CompiledVariants(
+    {
+        (E4M3, False): _cast_e4m3,
+        (E4M3, True): _cast_e4m3_t,
+        (E5M2, False): _cast_e5m2,
+        (E5M2, True): _cast_e5m2_t,
+    }
+)
 
 
 def _dispatch_mode_active() -> bool:
@@ -117,7 +119,9 @@ def _dispatch_mode_active() -> bool:
     return _python_dispatch._get_current_dispatch_mode() is not None
 
 
-def dynamic_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, *, transpose_copy: bool = False) -> CastResult:
+def dynamic_cast(
+    x_hp: torch.Tensor, fp8_dtype: torch.dtype, *, transpose_copy: bool = False
+) -> CastResult:
     """``(Q(x/s), s, Q(x/s)ᵀ as a row-major copy or None)`` with ``s = amax(|x|)/F`` of shape (1,).
 
     Runs the implementation chosen by :func:`set_cast_kernels`; both give the same bits.
@@ -135,7 +139,9 @@ def dynamic_cast(x_hp: torch.Tensor, fp8_dtype: torch.dtype, *, transpose_copy: 
     if not transpose_copy:
         x = x.reshape(-1)
     x_fp8, scale, x_fp8_t = run_compiled(
-        _COMPILED_CASTS[fp8_dtype, transpose_copy], lambda: _cast_eager(x_hp, fp8_dtype, transpose_copy), x,
+        _COMPILED_CASTS[fp8_dtype, transpose_copy],
+        lambda: _cast_eager(x_hp, fp8_dtype, transpose_copy),
+        x,
         what="FP8 cast",
     )
     return x_fp8.view(x_hp.shape), scale, x_fp8_t
@@ -178,14 +184,18 @@ def _warn_recompile_limit(exc: Exception, what: str) -> None:
     )
 
 
-def _scale_product(product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _scale_product(
+    product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     return (product.float() * scale).to(out_dtype)
 
 
 _COMPILED_SCALE_PRODUCT = CompiledVariants({None: _scale_product})
 
 
-def scale_epilogue(product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def scale_epilogue(
+    product: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``(product · scale)`` formed in float32 and rounded to ``out_dtype`` (one fused pass when compiled)."""
     if not compiled_kernels_apply(product):
         return _scale_product(product, scale, out_dtype)
@@ -209,9 +219,7 @@ class SharedCast:
         self.hits = 0
         self.misses = 0
 
-    def get(
-        self, x_hp: torch.Tensor, key: tuple, compute: Callable[[], CastResult]
-    ) -> CastResult:
+    def get(self, x_hp: torch.Tensor, key: tuple, compute: Callable[[], CastResult]) -> CastResult:
         """The cast of ``x_hp`` under ``key`` (format, backend, …): cached, or ``compute()``."""
         full_key = (key, x_hp._version, x_hp.dtype, x_hp.shape, x_hp.device)
         source = self._source() if self._source is not None else None

@@ -43,19 +43,25 @@ def tensorwise_scale(x_hp: torch.Tensor, fp8_dtype: torch.dtype = E4M3) -> torch
     return torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
 
 
-def quantize(x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = E4M3) -> torch.Tensor:
+def quantize(
+    x_hp: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype = E4M3
+) -> torch.Tensor:
     """``Q(x / s)``: divide in float32, clamp to the format's range, round to nearest even."""
     fmax = _check_format(fp8_dtype)
     return (x_hp.float() / scale.float()).clamp_(-fmax, fmax).to(fp8_dtype)
 
 
-def quantize_dynamic(x_hp: torch.Tensor, fp8_dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_dynamic(
+    x_hp: torch.Tensor, fp8_dtype: torch.dtype = E4M3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize with a fresh tensor-wise scale; returns ``(x_fp8, scale)``."""
     scale = tensorwise_scale(x_hp, fp8_dtype)
     return quantize(x_hp, scale, fp8_dtype), scale
 
 
-def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    x_fp8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``fp8 × s`` in ``dtype`` (the product is formed in float32)."""
     return (x_fp8.float() * scale.float()).to(dtype)
 

@@ -40,12 +40,12 @@ def count_casts() -> Iterator[list[torch.dtype]]:
         return quantize
 
     for cls, original in originals:
-        cls.quantize = counting(original)
+        cls.quantize = counting(original)  # type: ignore[method-assign]
     try:
         yield calls
     finally:
         for cls, original in originals:
-            cls.quantize = original
+            cls.quantize = original  # type: ignore[method-assign]
 
 
 #: ATen overload packets whose execution makes the host wait for the device.
@@ -62,6 +62,8 @@ _SYNC_OPS = {
     "is_nonzero",
     "equal",
 }
+#: Indexing ops that synchronize when an index is a boolean mask (its count of True sets the shape).
+_INDEX_OPS = ("index", "index_put", "index_put_", "_index_put_impl_")
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -99,14 +101,18 @@ class HostSyncCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in _SYNC_OPS:
             self.by_op[name] += 1
-        elif name in ("index", "index_put", "index_put_", "_index_put_impl_") and _has_bool_index(args):
+        elif name in _INDEX_OPS and _has_bool_index(args):
             self.by_op[f"{name}[bool mask]"] += 1
         return func(*args, **kwargs)
 
 
 def _has_bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (indices or ()) if i is not None)
+    return any(
+        isinstance(i, torch.Tensor) and i.dtype == torch.bool
+        for i in (indices or ())
+        if i is not None
+    )
 
 
 class OpTraffic(TorchDispatchMode):
@@ -129,11 +135,18 @@ class OpTraffic(TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.is_view:
             return out
-        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = [
+            t
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        ]
         outputs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         in_place = func._schema.name.endswith("_") or "out" in kwargs
         self.ops += 1
-        self.bytes_read += sum(_nbytes(t) for t in (inputs[1:] if in_place and func._schema.name.endswith("_") else inputs))
+        self.bytes_read += sum(
+            _nbytes(t)
+            for t in (inputs[1:] if in_place and func._schema.name.endswith("_") else inputs)
+        )
         self.bytes_written += sum(_nbytes(t) for t in outputs)
         if not in_place:
             for t in outputs:

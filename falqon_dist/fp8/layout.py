@@ -33,8 +33,8 @@ class TransposedBitsCache:
     backbone then takes about as much memory as a bf16 one — so it is opt-in. The owner must call
     :meth:`invalidate` whenever the weight bytes change after the first backward pass (proxy merge,
     state-dict load); writes before it (conversion, DeepSpeed's initial broadcast) need nothing, as
-    the copy is built lazily. :meth:`get` also rebuilds on a change of device or shape. Not for ZeRO-3: the cached copy would be a full,
-    unpartitioned ``Wᵀ`` on every rank.
+    the copy is built lazily. :meth:`get` also rebuilds on a change of device or shape. Not for
+    ZeRO-3: the cached copy would be a full, unpartitioned ``Wᵀ`` on every rank.
     """
 
     def __init__(self) -> None:

@@ -60,7 +60,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     """``"2.10.0.dev0+cu13"`` → ``(2, 10)``: major and minor, each from its leading digits."""
     parts = []
     for piece in version.split(".")[:2]:
-        digits = re.match(r"\d*", piece).group()
+        digits = re.sub(r"\D.*", "", piece, flags=re.DOTALL)
         parts.append(int(digits or 0))
     return tuple(parts)
 
@@ -71,13 +71,18 @@ def load_transformer_engine() -> SimpleNamespace:
         raise _unavailable("CUDA is not available on this machine")
     capability = torch.cuda.get_device_capability()
     if capability < (8, 9):  # TE imports on older GPUs, but cuBLASLt has no FP8 GEMM there
-        raise _unavailable(f"this GPU has compute capability {capability[0]}.{capability[1]}; FP8 GEMMs need 8.9 or later")
+        raise _unavailable(
+            f"this GPU has compute capability {capability[0]}.{capability[1]}; FP8 GEMMs need 8.9 or later"
+        )
     try:
         import transformer_engine
         import transformer_engine.pytorch  # noqa: F401  (loads TE's CUDA extension)
         import transformer_engine_torch as tex
         from transformer_engine.pytorch.cpp_extensions import general_gemm
-        from transformer_engine.pytorch.tensor.float8_tensor import Float8CurrentScalingQuantizer, Float8Tensor
+        from transformer_engine.pytorch.tensor.float8_tensor import (
+            Float8CurrentScalingQuantizer,
+            Float8Tensor,
+        )
     except Exception as exc:  # ImportError, or OSError / RuntimeError from a broken CUDA extension
         raise _unavailable(f"it did not import ({type(exc).__name__}: {exc})") from exc
     version = str(getattr(transformer_engine, "__version__", "0"))
@@ -110,7 +115,9 @@ class TEBackend:
         try:
             return self._te.dtypes[fp8_dtype]
         except KeyError:
-            raise ValueError(f"te backend: unsupported FP8 format {fp8_dtype}; valid: {list(self._te.dtypes)}") from None
+            raise ValueError(
+                f"te backend: unsupported FP8 format {fp8_dtype}; valid: {list(self._te.dtypes)}"
+            ) from None
 
     def _workspace(self, device: torch.device) -> dict[str, torch.Tensor]:
         """``{"workspace": ...}`` for TE < 2.10, whose ``general_gemm`` needs one; else nothing."""
@@ -132,7 +139,8 @@ class TEBackend:
         quantizer = self._te.quantizer_cls(
             self._te_dtype(fp8_dtype), x_hp.device, rowwise=True, columnwise=transpose
         )
-        quantizer.internal = True  # plain storage object, no autograd wrapper: we only read the bits
+        # plain storage object, no autograd wrapper: we only read the bits
+        quantizer.internal = True
         with torch.cuda.device(x_hp.device):  # TE allocates its outputs on the current device
             quantized = quantizer(x_hp.contiguous())
         data, data_t = quantized.get_data_tensors()
@@ -159,8 +167,10 @@ class TEBackend:
         (m, k), n = a_fp8.shape, b_fp8.shape[1]
         mp, kp, np_ = round_up(m), round_up(k), round_up(n)
         a_rows = pad_to(a_fp8, mp, kp).contiguous()  # (M, K) row-major: TE's B
-        b_cols = pad_to(b_fp8.t(), np_, kp).contiguous()  # (N, K) row-major: TE's A, used transposed
-        with torch.cuda.device(a_fp8.device):  # TE allocates operands and output on the current device
+        # (N, K) row-major: TE's A, used transposed
+        b_cols = pad_to(b_fp8.t(), np_, kp).contiguous()
+        # TE allocates operands and output on the current device
+        with torch.cuda.device(a_fp8.device):
             out = self._te.general_gemm(
                 self._operand(b_cols, scale_b),
                 self._operand(a_rows, scale_a),

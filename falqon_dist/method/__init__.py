@@ -8,4 +8,11 @@ from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.convert import convert_model, default_filter, falqon_layers, merge_proxies_
 from falqon_dist.method.linear import FalqonLinear
 
-__all__ = ["FalqonConfig", "FalqonLinear", "convert_model", "default_filter", "falqon_layers", "merge_proxies_"]
+__all__ = [
+    "FalqonConfig",
+    "FalqonLinear",
+    "convert_model",
+    "default_filter",
+    "falqon_layers",
+    "merge_proxies_",
+]

@@ -1,4 +1,4 @@
-"""The every-row merge (``topk="all"``, the default) in tiles: no out × in temporary, ever.
+"""The every-row merge (``merge="every_row"``, the default) in tiles: no out × in temporary, ever.
 
 For every W row ``j`` of ``M_q`` (scaled FP8 domain, see :mod:`falqon_dist.method.merge_math`):
 
@@ -30,12 +30,20 @@ No host synchronization: the tiles are Python integers, everything else a device
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from falqon_dist.fp8.cast import CompiledVariants, compiled_kernels_apply, run_compiled
 from falqon_dist.method import merge_kernel
 from falqon_dist.method.merge_math import (
-    MergeStats, RowMerge, _merge_rows, merged_row_bits, project_onto_adapter, row_updates, rows_merged,
+    MergeStats,
+    RowMerge,
+    _merge_rows,
+    merged_row_bits,
+    project_onto_adapter,
+    row_updates,
+    rows_merged,
 )
 from falqon_dist.method.rounding import NEAREST, Rounding
 
@@ -98,17 +106,24 @@ def merge_every_row_(
     out, in_features = proxy.shape[0], adapter_q.shape[1]
     flat = flat.view(-1)
     device = flat.device
-    lo, hi = offset, min(offset + flat.numel(), out * in_features)  # the W elements held, flat in M_q
+    lo, hi = (
+        offset,
+        min(offset + flat.numel(), out * in_features),
+    )  # the W elements held, flat in M_q
     proxy, adapter_q = proxy.to(device).float(), adapter_q.to(device).float()
     rows = rows_merged(proxy)
     if hi <= lo:  # only A rows here: nothing written, nothing counted but B's rows
         zero = torch.zeros((), dtype=torch.int64, device=device)
-        carry = None if projector is None else torch.zeros(out, proxy.shape[1], dtype=torch.float32, device=device)
+        carry = (
+            None
+            if projector is None
+            else torch.zeros(out, proxy.shape[1], dtype=torch.float32, device=device)
+        )
         return RowMerge(MergeStats(rows, zero, zero, zero, zero, layers=1), flat[:0], carry)
     projector = None if projector is None else projector.to(device).float()
     merge = merge_kernel.merge_every_row_ if _use_triton(flat) else _merge_tiles_
     carry, counts = merge(flat, offset, lo, hi, proxy, adapter_q, rounding, projector)
-    stats = MergeStats(rows, *counts, layers=1)
+    stats = MergeStats.from_counts((rows, *counts), layers=1)
     written = flat[lo - offset : hi - offset]
     if lo == 0 and hi == out * in_features:
         written = written.view(out, in_features)
@@ -116,7 +131,10 @@ def merge_every_row_(
 
 
 def _merge_tile(
-    held: torch.Tensor, proxy_rows: torch.Tensor, adapter_q: torch.Tensor, noise: torch.Tensor | None,
+    held: torch.Tensor,
+    proxy_rows: torch.Tensor,
+    adapter_q: torch.Tensor,
+    noise: torch.Tensor | None,
     projector: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, ...]:
     """One tile of whole rows, in place: its update GEMM, the element-wise merge written into
@@ -145,15 +163,19 @@ def _tile_stochastic_carry(held, proxy_rows, adapter_q, noise, projector):
     return _merge_tile(held, proxy_rows, adapter_q, noise, projector)
 
 
-_COMPILED_TILES = CompiledVariants({
-    (False, False): _tile_nearest,
-    (False, True): _tile_nearest_carry,
-    (True, False): _tile_stochastic,
-    (True, True): _tile_stochastic_carry,
-})
+_COMPILED_TILES = CompiledVariants(
+    {
+        (False, False): _tile_nearest,
+        (False, True): _tile_nearest_carry,
+        (True, False): _tile_stochastic,
+        (True, True): _tile_stochastic_carry,
+    }
+)
 
 
-def _merge_whole_tile_(held, proxy_rows, adapter_q, noise, projector) -> tuple[torch.Tensor | None, ...]:
+def _merge_whole_tile_(
+    held, proxy_rows, adapter_q, noise, projector
+) -> tuple[torch.Tensor | None, ...]:
     """:func:`_merge_tile`, compiled as one graph where the compiled kernels apply (same bytes)."""
     eager = lambda: _merge_tile(held, proxy_rows, adapter_q, noise, projector)  # noqa: E731
     if not compiled_kernels_apply(held, proxy_rows):
@@ -164,8 +186,14 @@ def _merge_whole_tile_(held, proxy_rows, adapter_q, noise, projector) -> tuple[t
 
 
 def _merge_tiles_(
-    flat: torch.Tensor, offset: int, lo: int, hi: int, proxy: torch.Tensor, adapter_q: torch.Tensor,
-    rounding: Rounding, projector: torch.Tensor | None,
+    flat: torch.Tensor,
+    offset: int,
+    lo: int,
+    hi: int,
+    proxy: torch.Tensor,
+    adapter_q: torch.Tensor,
+    rounding: Rounding,
+    projector: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
     """The torch tiles: per canonical tile, the update GEMM, the element-wise merge of the rows the
     slice holds (written in place; a row cut by the slice boundary through a padded copy whose
@@ -175,19 +203,25 @@ def _merge_tiles_(
     in_features, device = adapter_q.shape[1], flat.device
     first, last = lo // in_features, (hi - 1) // in_features  # the rows the slice touches
     tile = tile_rows(out, in_features)
-    carry = None if projector is None else torch.zeros(out, rank, dtype=torch.float32, device=device)
+    carry = (
+        None if projector is None else torch.zeros(out, rank, dtype=torch.float32, device=device)
+    )
     counts: tuple[torch.Tensor, ...] | None = None
     for start in range(first // tile * tile, last + 1, tile):
         stop = min(start + tile, out)
         a, b = max(start, first), min(stop, last + 1)  # this tile's rows that the slice touches
         e_lo, e_hi = max(lo, a * in_features), min(hi, b * in_features)
         noise = rounding.noise_for_rows(torch.arange(a, b, device=device), in_features, device)
-        if (a, b) == (start, stop) and (e_lo, e_hi) == (a * in_features, b * in_features):  # the whole tile
+        whole_tile = (a, b) == (start, stop) and (e_lo, e_hi) == (a * in_features, b * in_features)
+        if whole_tile:
             held = flat[e_lo - offset : e_hi - offset].view(b - a, in_features)
-            tile_carry, *part = _merge_whole_tile_(held, proxy[start:stop], adapter_q, noise, projector)
+            tile_carry, *tile_counts = _merge_whole_tile_(
+                held, proxy[start:stop], adapter_q, noise, projector
+            )
             if carry is not None:
-                carry[a:b] = tile_carry
-            counts = tuple(part) if counts is None else tuple(x + y for x, y in zip(counts, part))
+                carry[a:b] = cast(torch.Tensor, tile_carry)
+            part = tuple(cast(list[torch.Tensor], tile_counts))
+            counts = part if counts is None else tuple(x + y for x, y in zip(counts, part))
             continue
         # part of a tile (a ZeRO-3 slice boundary): the whole tile's GEMM, whatever the slice
         update = row_updates(proxy[start:stop], adapter_q)[a - start : b - start]
@@ -198,14 +232,19 @@ def _merge_tiles_(
             residual = merged.residual
         else:  # a row the slice boundary cuts
             padded = torch.zeros((b - a) * in_features, dtype=torch.uint8, device=device)
-            padded[e_lo - a * in_features : e_hi - a * in_features] = flat[e_lo - offset : e_hi - offset]
+            padded[e_lo - a * in_features : e_hi - a * in_features] = flat[
+                e_lo - offset : e_hi - offset
+            ]
             index = torch.arange(a * in_features, b * in_features, device=device)
             owned = ((index >= e_lo) & (index < e_hi)).view(b - a, in_features)
             merged = merged_row_bits(padded.view(b - a, in_features), update, noise, owned)
-            flat[e_lo - offset : e_hi - offset] = merged.bits.view(-1)[e_lo - a * in_features : e_hi - a * in_features]
+            flat[e_lo - offset : e_hi - offset] = merged.bits.view(-1)[
+                e_lo - a * in_features : e_hi - a * in_features
+            ]
             residual = torch.where(owned, merged.residual, 0.0)
-        if carry is not None:
+        if carry is not None and projector is not None:
             carry[a:b] = project_onto_adapter(residual, projector)
         part = (merged.saturated, merged.nonfinite, merged.changed, merged.elements)
         counts = part if counts is None else tuple(x + y for x, y in zip(counts, part))
+    assert counts is not None, "a slice holds at least one element (the caller returns early)"
     return carry, counts

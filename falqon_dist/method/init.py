@@ -1,4 +1,4 @@
-"""Initialization of the melded matrix M = [W; A] (the README's *The method in one paragraph*).
+"""Initialization of the melded matrix M = [W; A] (docs/method.md, The melded layer).
 
 ``init="svd"``: with ``s0 = amax(W)/448`` the backbone's FP8 quantization error is
 ``ΔQ = W − s0·Q(W/s0)``; its rank-r truncated SVD ``ΔQ ≈ U_r Σ_r V_rᵀ`` gives
@@ -27,7 +27,11 @@ def quantization_error(weight_hp: torch.Tensor) -> torch.Tensor:
 
 
 def truncated_svd(
-    matrix: torch.Tensor, rank: int, generator: torch.Generator, oversample: int = 16, power_iters: int = 2
+    matrix: torch.Tensor,
+    rank: int,
+    generator: torch.Generator,
+    oversample: int = 16,
+    power_iters: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular values and right singular vectors ``(Σ_r, V_rᵀ)`` of ``matrix``.
 
@@ -39,7 +43,9 @@ def truncated_svd(
         _, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
         return sigma[:rank], vh[:rank]
     width = min(rank + oversample, rows, cols)
-    probe = torch.randn(cols, width, generator=generator, dtype=matrix.dtype, device="cpu").to(matrix.device)
+    probe = torch.randn(cols, width, generator=generator, dtype=matrix.dtype, device="cpu").to(
+        matrix.device
+    )
     basis, _ = torch.linalg.qr(matrix @ probe)
     for _ in range(power_iters):
         basis, _ = torch.linalg.qr(matrix.T @ basis)
@@ -48,20 +54,26 @@ def truncated_svd(
     return sigma[:rank], vh[:rank]
 
 
-def adapter_init(weight_hp: torch.Tensor, rank: int, method: str, generator: torch.Generator) -> torch.Tensor:
+def adapter_init(
+    weight_hp: torch.Tensor, rank: int, method: str, generator: torch.Generator
+) -> torch.Tensor:
     """The LoRA A matrix (rank × in, float32) that is melded under W."""
     w = weight_hp.float()
     if method == "svd":
         sigma, vh = truncated_svd(quantization_error(w), rank, generator)
         return sigma.sqrt().unsqueeze(1) * vh
     if method == "random":
-        noise = torch.randn(rank, w.shape[1], generator=generator, dtype=torch.float32, device="cpu")
+        noise = torch.randn(
+            rank, w.shape[1], generator=generator, dtype=torch.float32, device="cpu"
+        )
         adapter = noise.to(w.device) * w.std() + w.mean()
         return adapter.clamp_(w.min(), w.max())
     raise ValueError(f"init must be 'svd' or 'random', got {method!r}")
 
 
-def meld(weight_hp: torch.Tensor, adapter_hp: torch.Tensor, *, headroom: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def meld(
+    weight_hp: torch.Tensor, adapter_hp: torch.Tensor, *, headroom: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``M = [W; A]`` with one tensor-wise scale ``s = headroom · amax(M)/448``; returns
     ``(uint8 bits, scale (1,))``.
 

@@ -6,11 +6,13 @@ Forward (``x``: N × in, ``M_q = Q([W; A]/s)`` stored as uint8 bits, s fixed):
     Y   = (x_q · M_qᵀ) · s_x · s         ONE FP8 GEMM, N × (out + r)
     y   = Y[:, :out] (+ bias)            o_A = Y[:, out:] is kept (in E4M3) for backward
 
-With the paper's merge (``unmerged="discard"``) B is zero at every forward (the merge zeroes it after
-each optimizer step), so the LoRA term ``o_A · Bᵀ`` would add nothing and is not computed. With
-``unmerged="keep"`` the rows a merge does not take stay in B, and ``y += o_A · Bᵀ``. With
-``topk="all"`` every merge takes every row: B holds at most the carry (what FP8 rounding dropped),
-which the forward adds and the backward's ∂L/∂x leaves out (:attr:`FalqonLinear.lora_terms`).
+What B holds at a forward depends on the layer's merge recipe (``FalqonConfig.merge``, see
+:mod:`falqon_dist.method.config`): with ``paper`` it is zero (the merge zeroes it after each
+optimizer step), so the LoRA term ``o_A · Bᵀ`` would add nothing and is not computed; with
+``topk_carry`` / ``topk_keep`` the rows a merge does not take stay in B, and ``y += o_A · Bᵀ``; with
+``every_row`` (the default) every merge takes every row: B holds at most the carry (what FP8
+rounding dropped), which the forward adds and the backward's ∂L/∂x leaves out
+(:attr:`FalqonLinear.lora_terms`).
 
 Backward (``g = ∂L/∂y``):
 
@@ -23,8 +25,8 @@ W and A are frozen inside ``M_q``: they get no gradient.
 Operand layouts: the forward GEMM reads ``M_q`` as it is stored (K-major, what FP8 tensor cores
 want). ∂L/∂x needs ``W`` column-major, which costs a transposed copy of the W rows per backward pass
 unless ``cache_weight_transpose`` keeps one (+1 byte per backbone parameter, its merged columns
-rewritten in place by every merge; see :class:`falqon_dist.fp8.TransposedBitsCache`). ∂L/∂B takes ``g_qᵀ`` and ``Q(o_A)ᵀ``, which a
-backend may write in the same kernel as the casts (``te``).
+rewritten in place by every merge; see :class:`falqon_dist.fp8.TransposedBitsCache`). ∂L/∂B takes
+``g_qᵀ`` and ``Q(o_A)ᵀ``, which a backend may write in the same kernel as the casts (``te``).
 """
 
 from __future__ import annotations
@@ -37,12 +39,11 @@ from torch import nn
 from falqon_dist.fp8 import E4M3, E5M2, TransposedBitsCache, dequantize, from_bits, resolve_backend
 from falqon_dist.fp8.cast import SharedCast
 from falqon_dist.fp8.module import Float32ScaleMixin
-from falqon_dist.method.config import STOCHASTIC_WITH_CARRY, FalqonConfig, carry_is_live
+from falqon_dist.method.config import FalqonConfig
 from falqon_dist.method.init import adapter_init, meld
 from falqon_dist.method.merge_math import MergeStats, RowMerge, adapter_projector
 from falqon_dist.method.proxy import merge_slice_, select_rows
 from falqon_dist.method.rounding import NEAREST, Rounding
-
 
 #: One cast of an input tensor shared by the layers that read it in the same forward (q/k/v, gate/up).
 #: Benchmarks that feed the very same tensor step after step clear it to time a fresh cast each step.
@@ -60,12 +61,22 @@ class _MeldedFP8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x_hp, proxy, qweight, scale, out_features: int, backend_name: str, weight_t_cache, lora_forward: bool,
+        ctx,
+        x_hp,
+        proxy,
+        qweight,
+        scale,
+        out_features: int,
+        backend_name: str,
+        weight_t_cache,
+        lora_forward: bool,
         lora_dgrad: bool,
     ):
         backend = resolve_backend(backend_name, x_hp.device)
         x_fp8, x_scale, _ = shared_input_casts.get(
-            x_hp, (backend.name, E4M3), lambda: backend.quantize(x_hp.reshape(-1, x_hp.shape[-1]), E4M3)
+            x_hp,
+            (backend.name, E4M3),
+            lambda: backend.quantize(x_hp.reshape(-1, x_hp.shape[-1]), E4M3),
         )
         melded_fp8 = from_bits(qweight, E4M3)
         # One rounding to the activation dtype: E4M3 re-quantization of o_A loses far more than bf16.
@@ -73,14 +84,22 @@ class _MeldedFP8Matmul(torch.autograd.Function):
         y_full = backend.gemm(x_fp8, melded_fp8.t(), x_scale, scale, x_hp.dtype, fast_accum=True)
         adapter_out = y_full[:, out_features:]
         # Only Q(o_A)ᵀ is needed (as the b operand of ∂L/∂B = g_qᵀ · Q(o_A)).
-        _, adapter_out_scale, adapter_out_fp8_t = backend.quantize(adapter_out, E4M3, transpose=True)
+        _, adapter_out_scale, adapter_out_fp8_t = backend.quantize(
+            adapter_out, E4M3, transpose=True
+        )
         y = y_full[:, :out_features]
         if lora_forward:  # in place, into the GEMM's own output buffer: no copy of y
             y.addmm_(adapter_out, proxy.detach().to(y.dtype).t())
         # qweight (and B) are saved as the Parameters: under ZeRO-3 their data is re-gathered for backward.
         lora_dgrad = lora_dgrad and lora_forward
-        ctx.save_for_backward(qweight, scale, adapter_out_fp8_t, adapter_out_scale, proxy if lora_dgrad else None)
-        ctx.out_features, ctx.backend_name, ctx.proxy_dtype = out_features, backend_name, proxy.dtype
+        ctx.save_for_backward(
+            qweight, scale, adapter_out_fp8_t, adapter_out_scale, proxy if lora_dgrad else None
+        )
+        ctx.out_features, ctx.backend_name, ctx.proxy_dtype = (
+            out_features,
+            backend_name,
+            proxy.dtype,
+        )
         ctx.x_shape, ctx.weight_t_cache, ctx.lora_dgrad = x_hp.shape, weight_t_cache, lora_dgrad
         return y.reshape(*x_hp.shape[:-1], out_features)
 
@@ -94,7 +113,8 @@ class _MeldedFP8Matmul(torch.autograd.Function):
         grad_x = grad_proxy = None
         if need_x:
             weight_bits = qweight[: ctx.out_features]
-            if ctx.weight_t_cache is not None:  # W as a column-major view of the cached row-major Wᵀ
+            # W as a column-major view of the cached row-major Wᵀ
+            if ctx.weight_t_cache is not None:
                 weight_fp8 = from_bits(ctx.weight_t_cache.get(weight_bits), E4M3).t()
             else:
                 weight_fp8 = from_bits(weight_bits, E4M3)
@@ -104,13 +124,20 @@ class _MeldedFP8Matmul(torch.autograd.Function):
                 grad_x = torch.addmm(grad_x, g2d @ proxy.to(g2d.dtype), adapter)
             grad_x = grad_x.reshape(ctx.x_shape)
         if need_proxy:
-            grad_proxy = backend.gemm(g_fp8_t, adapter_out_fp8_t.t(), g_scale, adapter_out_scale, torch.float32)
+            grad_proxy = backend.gemm(
+                g_fp8_t, adapter_out_fp8_t.t(), g_scale, adapter_out_scale, torch.float32
+            )
             grad_proxy = grad_proxy.to(ctx.proxy_dtype)
         return grad_x, grad_proxy, None, None, None, None, None, None, None
 
 
 class FalqonLinear(Float32ScaleMixin):
     """Drop-in replacement for ``nn.Linear`` trained with FALQON (see module docstring).
+
+    ``FalqonLinear(in_features, out_features, config=FalqonConfig(...))``: the layer keeps its
+    :class:`~falqon_dist.method.FalqonConfig` (:attr:`config`) and derives from it everything it does
+    (rank, merge recipe, rounding, backend); the read-only properties below (``topk``,
+    ``carry_residual``, ``unmerged``, ...) are what the merge glue reads of it.
 
     State: ``qweight`` (frozen uint8 Parameter, (out + rank, in): E4M3 bits of ``M_q = [W; A]``),
     ``scale`` (float32 buffer, (1,): ``real = fp8 × s``, fixed for the whole run), ``B`` (the only
@@ -125,47 +152,54 @@ class FalqonLinear(Float32ScaleMixin):
         self,
         in_features: int,
         out_features: int,
-        rank: int,
         *,
+        config: FalqonConfig,
         bias: bool = False,
-        backend: str = "auto",
-        topk: int | str | None = None,
-        cache_weight_transpose: bool = False,
-        merge_rounding: str = "nearest",
-        unmerged: str = "keep",
-        carry_residual: bool = False,
-        merge_every: int = 1,
-        seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if topk is not None and topk != "all" and not (isinstance(topk, int) and 1 <= topk <= out_features):
-            raise ValueError(f"topk must be None, 'all' or in 1..out_features={out_features}, got {topk!r}")
-        if rank > min(in_features, out_features):
-            raise ValueError(
-                f"rank {rank} exceeds min(in_features, out_features) = {min(in_features, out_features)}"
-            )
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.backend, self.topk = backend, topk
-        self.merge_rounding, self.seed = merge_rounding, seed
-        self.unmerged, self.merge_every = unmerged, merge_every
-        # the paper's merge (discard, top-k) zeroes all of B: there is nothing to carry back
-        self.carry_residual = carry_is_live(topk, unmerged, carry_residual)
-        if self.carry_residual and merge_rounding == "stochastic":
-            raise ValueError(f"merge_rounding {STOCHASTIC_WITH_CARRY}")
-        self._projector: torch.Tensor | None = None  # A_q's projector, derived from qweight (not state)
-        self._adapter_bits: torch.Tensor | None = None  # A's bytes where qweight is partitioned (ZeRO-3)
-        self.weight_t_cache = TransposedBitsCache() if cache_weight_transpose else None
+        config.check_layer(in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self._config = config
+        self._projector: torch.Tensor | None = (
+            None  # A_q's projector, derived from qweight (not state)
+        )
+        self._adapter_bits: torch.Tensor | None = (
+            None  # A's bytes where qweight is partitioned (ZeRO-3)
+        )
+        self.weight_t_cache = TransposedBitsCache() if config.cache_weight_transpose else None
         self.qweight = nn.Parameter(
-            torch.zeros(out_features + rank, in_features, dtype=torch.uint8, device=device), requires_grad=False
+            torch.zeros(out_features + config.rank, in_features, dtype=torch.uint8, device=device),
+            requires_grad=False,
         )
         self.register_buffer("scale", torch.ones(1, dtype=torch.float32, device=device))
-        self.B = nn.Parameter(torch.zeros(out_features, rank, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(out_features, config.rank, dtype=dtype, device=device))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            self.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False
+            )
         else:
             self.register_parameter("bias", None)
+
+    @property
+    def config(self) -> FalqonConfig:
+        """The layer's :class:`FalqonConfig`; everything below derives from it."""
+        return self._config
+
+    @config.setter
+    def config(self, config: FalqonConfig) -> None:
+        """Change how the next merges run (``merge``, ``topk``, ``merge_rounding``, ``merge_every``,
+        ``backend``, ``seed``); what shaped the layer's state (``rank``, ``cache_weight_transpose``)
+        cannot change."""
+        for field in ("rank", "cache_weight_transpose"):
+            if getattr(config, field) != getattr(self._config, field):
+                raise ValueError(
+                    f"FalqonLinear.config: {field} shapes the layer's state and cannot change "
+                    f"({getattr(self._config, field)!r} -> {getattr(config, field)!r})"
+                )
+        config.check_layer(self.in_features, self.out_features)
+        self._config = config
 
     @classmethod
     def shaped_like(cls, linear: nn.Linear, config: FalqonConfig) -> FalqonLinear:
@@ -174,16 +208,8 @@ class FalqonLinear(Float32ScaleMixin):
         return cls(
             linear.in_features,
             linear.out_features,
-            config.rank,
+            config=config,
             bias=linear.bias is not None,
-            backend=config.backend,
-            topk=config.topk,
-            cache_weight_transpose=config.cache_weight_transpose,
-            merge_rounding=config.merge_rounding,
-            unmerged=config.unmerged,
-            carry_residual=config.carry_residual,
-            merge_every=config.merge_every,
-            seed=config.seed,
             device=weight.device,
             dtype=weight.dtype if weight.is_floating_point() else torch.float32,
         )
@@ -203,38 +229,80 @@ class FalqonLinear(Float32ScaleMixin):
             layer.bias.copy_(linear.bias)
         return layer
 
+    # What the layer's config fixes, read by the merge glue (falqon_dist.distributed, the export).
+    @property
+    def rank(self) -> int:
+        return self._config.rank
+
+    @property
+    def backend(self) -> str:
+        return self._config.backend
+
+    @property
+    def merge(self) -> str:
+        """The merge recipe (:data:`~falqon_dist.method.config.MERGE_RECIPES`)."""
+        return self._config.merge
+
+    @property
+    def topk(self) -> int | None:
+        """``config.topk``: rows per top-k merge (None = rank; always None with ``merge="every_row"``)."""
+        return self._config.topk
+
+    @property
+    def merge_rounding(self) -> str:
+        return self._config.merge_rounding
+
+    @property
+    def merge_every(self) -> int:
+        return self._config.merge_every
+
+    @property
+    def seed(self) -> int:
+        return self._config.seed
+
     @property
     def merges_every_row(self) -> bool:
-        """``topk="all"``: every merge takes every row, so B never holds more than the carry."""
-        return self.topk == "all"
+        """``merge="every_row"``: every merge takes every row, so B never holds more than the carry."""
+        return not self._config.recipe.top_k
+
+    @property
+    def unmerged(self) -> str:
+        """What a merge does with the rows of B it does not take: ``"keep"`` (they stay in B:
+        ``topk_carry``, ``topk_keep``; ``every_row`` takes every row, so B holds only the carry) or
+        ``"discard"`` (B is zeroed: ``paper``)."""
+        return "keep" if self._config.recipe.keeps_unmerged else "discard"
+
+    @property
+    def carry_residual(self) -> bool:
+        """Whether a merge puts what rounding dropped back into B (``every_row``, ``topk_carry``)."""
+        return self._config.recipe.carries
 
     @property
     def rows_per_merge(self) -> int:
-        """k of the row-wise top-k: ``topk``, ``out_features`` for ``"all"``, or ``rank`` when unset
-        (the authors' behaviour)."""
+        """k of the row-wise top-k: ``topk``, or ``rank`` when unset (the authors' behaviour);
+        ``out_features`` for ``every_row``."""
         return self.out_features if self.merges_every_row else self.topk or self.rank
 
     @property
     def lora_terms(self) -> tuple[bool, bool]:
         """Whether the forward adds ``o_A·Bᵀ`` and whether the backward adds its ``(g·B)·A``.
 
-        * the paper's merge: B is zero after every merge — neither.
-        * ``unmerged="keep"`` with top-k: B holds whole rows no merge took yet — both, as LoRA.
-        * ``topk="all"`` with ``carry_residual``: B holds only the carry C, what FP8 rounding dropped
-          (each element of C·A below one FP8 step of W). The forward adds it, so the layer computes
-          the unrounded ``W_q + C·A`` within A's row space (what the benchmark's real-text task
-          needs); the backward leaves it out of ``∂L/∂x``, where it is smaller than the FP8
-          rounding of W that GEMM already carries. One small GEMM over the paper's layer.
-        * ``topk="all"`` without the carry: B is zero after every merge — neither.
+        * ``paper``: B is zero after every merge — neither.
+        * ``topk_carry``, ``topk_keep``: B holds whole rows no merge took yet — both, as LoRA.
+        * ``every_row``: B holds only the carry C, what FP8 rounding dropped (each element of C·A
+          below one FP8 step of W). The forward adds it, so the layer computes the unrounded
+          ``W_q + C·A`` within A's row space (what the benchmark's real-text task needs); the
+          backward leaves it out of ``∂L/∂x``, where it is smaller than the FP8 rounding of W that
+          GEMM already carries. One small GEMM over the paper's layer.
         * ``merge_every > 1``: between merges B holds the updates of the steps since the last one,
           whatever the merge — both, as LoRA.
         """
         if self.merge_every > 1:
             return True, True
-        if self.merges_every_row:
-            return self.carry_residual, False
-        keep = self.unmerged == "keep"
-        return keep, keep
+        recipe = self._config.recipe
+        if not recipe.top_k:
+            return True, False
+        return recipe.keeps_unmerged, recipe.keeps_unmerged
 
     def merge_due(self, step: int) -> bool:
         """Whether the merge after optimizer step ``step`` (1, 2, …) runs: every ``merge_every``-th."""
@@ -254,7 +322,13 @@ class FalqonLinear(Float32ScaleMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _MeldedFP8Matmul.apply(
-            x, self.B, self.qweight, self.scale, self.out_features, self.backend, self.weight_t_cache,
+            x,
+            self.B,
+            self.qweight,
+            self.scale,
+            self.out_features,
+            self.backend,
+            self.weight_t_cache,
             *self.lora_terms,
         )
         if self.bias is not None:
@@ -265,7 +339,7 @@ class FalqonLinear(Float32ScaleMixin):
     def merge_proxy_(
         self, proxy: torch.Tensor | None = None, *, step: int = 0, rows: torch.Tensor | None = None
     ) -> MergeStats:
-        """Merge the top-k rows of B (every row with ``topk="all"``) into the FP8 backbone, then
+        """Merge the top-k rows of B (every row with ``merge="every_row"``) into the FP8 backbone, then
         reset B (see :mod:`falqon_dist.method.proxy`).
 
         ``proxy`` overrides the B that is read (e.g. an optimizer's fp32 master copy); resetting that
@@ -302,15 +376,22 @@ class FalqonLinear(Float32ScaleMixin):
         """Write rows ``rows`` of ``proxy`` (B or its master; None = every row) into the backbone;
         B is not touched.
 
-        Returns the statistics, the new bits and, with ``carry_residual``, the carry that
+        Returns the statistics, the new bits and, for a recipe that carries, the carry that
         :meth:`remainder` puts back into B. A cached ``Wᵀ`` is updated in place (only the merged rows,
         i.e. its columns, change). ``fold``: the final merge of :meth:`fold_` (nearest, no carry).
         """
         proxy = proxy.detach().float()
         adapter_q = self.adapter_q()
         merge = merge_slice_(
-            self.qweight.data, 0, proxy, rows, adapter_q, self.merge_rounding_at(step, fold),
-            projector=self.adapter_projector(adapter_q) if self.carry_residual and not fold else None,
+            self.qweight.data,
+            0,
+            proxy,
+            rows,
+            adapter_q,
+            self.merge_rounding_at(step, fold),
+            projector=self.adapter_projector(adapter_q)
+            if self.carry_residual and not fold
+            else None,
         )
         self.rows_rewritten(rows, merge.bits)
         return merge
@@ -326,19 +407,26 @@ class FalqonLinear(Float32ScaleMixin):
     def remainder(
         self, proxy: torch.Tensor, rows: torch.Tensor | None, carry: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """What B holds after merging ``rows`` of ``proxy`` (None = every row): zeros (the paper's
-        ``unmerged="discard"``), or ``proxy`` with the merged rows zeroed (``unmerged="keep"``), or
-        set to ``carry``, what rounding dropped from them (``carry_residual``). A row holding NaN/inf
-        is zeroed whatever the mode: the merge never wrote it into the backbone, and it must not
-        poison the next forward."""
-        if (self.unmerged != "keep" and rows is not None) or (rows is None and carry is None):
+        """What B holds after merging ``rows`` of ``proxy`` (None = every row): zeros (``paper``, or
+        every row merged without a carry: the final fold), ``proxy`` with the merged rows zeroed
+        (``topk_keep``) or set to ``carry``, what rounding dropped from them (``topk_carry``,
+        ``every_row``). A row holding NaN/inf is zeroed whatever the recipe: the merge never
+        wrote it into the backbone, and it must not poison the next forward."""
+        # every row merged: the carry alone, finite by construction (zero where the sum was not)
+        if rows is None:
+            return (
+                torch.zeros_like(proxy)
+                if carry is None
+                else carry.to(device=proxy.device, dtype=proxy.dtype)
+            )
+        if not self._config.recipe.keeps_unmerged:
             return torch.zeros_like(proxy)
-        if rows is None:  # the carry alone: finite by construction (zero where the sum was not)
-            return carry.to(device=proxy.device, dtype=proxy.dtype)
         if carry is None:
             kept = proxy.index_fill(0, rows.to(proxy.device), 0)
         else:
-            kept = proxy.index_copy(0, rows.to(proxy.device), carry.to(device=proxy.device, dtype=proxy.dtype))
+            kept = proxy.index_copy(
+                0, rows.to(proxy.device), carry.to(device=proxy.device, dtype=proxy.dtype)
+            )
         return torch.where(torch.isfinite(kept).all(dim=1, keepdim=True), kept, 0.0)
 
     def adapter_projector(self, adapter_q: torch.Tensor | None = None) -> torch.Tensor:
@@ -384,11 +472,10 @@ class FalqonLinear(Float32ScaleMixin):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-            f"bias={self.bias is not None}, topk={'all' if self.merges_every_row else self.rows_per_merge}, "
-            f"backend={self.backend}"
+            f"bias={self.bias is not None}, merge={self.merge}"
+            + ("" if self.merges_every_row else f", topk={self.rows_per_merge}")
+            + f", backend={self.backend}"
             + (", cache_weight_transpose=True" if self.weight_t_cache is not None else "")
             + (", merge_rounding=stochastic" if self.merge_rounding == "stochastic" else "")
-            + (", unmerged=discard" if self.unmerged == "discard" else "")
-            + (", carry_residual=True" if self.carry_residual else "")
             + (f", merge_every={self.merge_every}" if self.merge_every > 1 else "")
         )

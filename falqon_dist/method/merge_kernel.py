@@ -45,8 +45,10 @@ def available() -> bool:
 def require() -> None:
     """Raise a clear error where the kernel cannot run."""
     if triton is None:
-        raise RuntimeError("the Triton merge kernel needs the `triton` package (pip install triton); "
-                           "without it the merge runs as torch tiles (set_merge_kernel('auto') or 'torch')")
+        raise RuntimeError(
+            "the Triton merge kernel needs the `triton` package (pip install triton); "
+            "without it the merge runs as torch tiles (set_merge_kernel('auto') or 'torch')"
+        )
 
 
 def _int32(key: int) -> int:
@@ -89,7 +91,9 @@ if triton is not None:
         """Round finite ``value`` (|value| ≤ 448) to E4M3 bits, to nearest even (torch's cast)."""
         bits = value.to(tl.uint32, bitcast=True)
         magnitude_bits = bits & 0x7FFFFFFF
-        normal = ((magnitude_bits + 0x7FFFF + ((magnitude_bits >> 20) & 1)) >> 20).to(tl.int32) - 960
+        normal = ((magnitude_bits + 0x7FFFF + ((magnitude_bits >> 20) & 1)) >> 20).to(
+            tl.int32
+        ) - 960
         scaled = tl.abs(value) * 512.0
         whole = scaled.to(tl.int32)
         fraction = scaled - whole.to(tl.float32)
@@ -115,17 +119,38 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["key_lo", "key_hi"])
     def _every_row_kernel(
-        flat_ptr, offset, lo, hi, proxy_ptr, adapter_ptr, projector_ptr, carry_ptr, counts_ptr,
-        out_features, in_features, rank, first_row, last_row, key_lo, key_hi,
-        STOCHASTIC: tl.constexpr, CARRY: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RANK_PAD: tl.constexpr,
+        flat_ptr,
+        offset,
+        lo,
+        hi,
+        proxy_ptr,
+        adapter_ptr,
+        projector_ptr,
+        carry_ptr,
+        counts_ptr,
+        out_features,
+        in_features,
+        rank,
+        first_row,
+        last_row,
+        key_lo,
+        key_hi,
+        STOCHASTIC: tl.constexpr,
+        CARRY: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        RANK_PAD: tl.constexpr,
     ):
         pid = tl.program_id(0)
         rows = first_row + pid * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows <= last_row
         ks = tl.arange(0, RANK_PAD)
         k_ok = ks < rank
-        proxy = tl.load(proxy_ptr + rows[:, None] * rank + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        proxy = tl.load(
+            proxy_ptr + rows[:, None] * rank + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
         key_lo_u = key_lo.to(tl.uint32, bitcast=True)
         key_hi_u = key_hi.to(tl.uint32, bitcast=True)
         carry = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
@@ -136,8 +161,11 @@ if triton is not None:
         for col0 in range(0, in_features, BLOCK_N):
             cols = col0 + tl.arange(0, BLOCK_N)
             col_ok = cols < in_features
-            adapter = tl.load(adapter_ptr + ks[:, None] * in_features + cols[None, :],
-                              mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            adapter = tl.load(
+                adapter_ptr + ks[:, None] * in_features + cols[None, :],
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             update = tl.dot(proxy, adapter, input_precision="ieee")
             index = rows[:, None].to(tl.int64) * in_features + cols[None, :]  # element of M_q
             owned = row_ok[:, None] & col_ok[None, :] & (index >= lo) & (index < hi)
@@ -145,7 +173,9 @@ if triton is not None:
             target = _decode_e4m3(old_code) + update
             finite = tl.abs(target) <= 3.4028234663852886e38  # false for NaN and ±inf
             clamped = finite & (tl.abs(target) > 448.0)
-            updated = tl.where(finite, tl.minimum(tl.maximum(target, -448.0), 448.0), _decode_e4m3(old_code))
+            updated = tl.where(
+                finite, tl.minimum(tl.maximum(target, -448.0), 448.0), _decode_e4m3(old_code)
+            )
             if STOCHASTIC:
                 mixed = _hash32((index & 0xFFFFFFFF).to(tl.uint32) ^ key_lo_u)
                 mixed = _hash32(mixed ^ (index >> 32).to(tl.uint32) ^ key_hi_u)
@@ -159,13 +189,22 @@ if triton is not None:
             changed += tl.sum(((new_code != old_code) & owned).to(tl.int32))
             elements += tl.sum(owned.to(tl.int32))
             if CARRY:
-                residual = tl.where(finite & ~clamped & owned, updated - _decode_e4m3(new_code), 0.0)
-                projector = tl.load(projector_ptr + cols[:, None] * rank + ks[None, :],
-                                    mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                residual = tl.where(
+                    finite & ~clamped & owned, updated - _decode_e4m3(new_code), 0.0
+                )
+                projector = tl.load(
+                    projector_ptr + cols[:, None] * rank + ks[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
                 carry = tl.dot(residual, projector, carry, input_precision="ieee")
         if CARRY:
             carry = tl.where(tl.abs(carry) <= 3.4028234663852886e38, carry, 0.0)
-            tl.store(carry_ptr + rows[:, None] * rank + ks[None, :], carry, mask=row_ok[:, None] & k_ok[None, :])
+            tl.store(
+                carry_ptr + rows[:, None] * rank + ks[None, :],
+                carry,
+                mask=row_ok[:, None] & k_ok[None, :],
+            )
         tl.store(counts_ptr + pid * 4 + 0, saturated)
         tl.store(counts_ptr + pid * 4 + 1, nonfinite)
         tl.store(counts_ptr + pid * 4 + 2, changed)
@@ -173,8 +212,14 @@ if triton is not None:
 
 
 def merge_every_row_(
-    flat: torch.Tensor, offset: int, lo: int, hi: int, proxy: torch.Tensor, adapter_q: torch.Tensor,
-    rounding: Rounding, projector: torch.Tensor | None,
+    flat: torch.Tensor,
+    offset: int,
+    lo: int,
+    hi: int,
+    proxy: torch.Tensor,
+    adapter_q: torch.Tensor,
+    rounding: Rounding,
+    projector: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...]]:
     """Run the kernel over the W elements ``[lo, hi)`` of ``M_q`` that ``flat`` (from ``offset``)
     holds: the same contract as the torch tiles of :mod:`falqon_dist.method.every_row`. Returns the
@@ -186,15 +231,35 @@ def merge_every_row_(
     first, last = lo // in_features, (hi - 1) // in_features
     programs = triton.cdiv(last - first + 1, BLOCK_M)
     counts = torch.empty(programs, 4, dtype=torch.int32, device=device)
-    carry = torch.zeros(out, rank, dtype=torch.float32, device=device) if projector is not None else None
+    carry = (
+        torch.zeros(out, rank, dtype=torch.float32, device=device)
+        if projector is not None
+        else None
+    )
     key_lo, key_hi = noise_keys(rounding.seed, rounding.step)
     dummy = proxy  # an unused pointer argument (CARRY is off)
     _every_row_kernel[(programs,)](
-        flat, offset, lo, hi, proxy.contiguous(), adapter_q.contiguous(),
-        dummy if projector is None else projector.contiguous(), dummy if carry is None else carry, counts,
-        out, in_features, rank, first, last, _int32(key_lo), _int32(key_hi),
-        STOCHASTIC=rounding.stochastic, CARRY=projector is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, RANK_PAD=max(16, triton.next_power_of_2(rank)),
+        flat,
+        offset,
+        lo,
+        hi,
+        proxy.contiguous(),
+        adapter_q.contiguous(),
+        dummy if projector is None else projector.contiguous(),
+        dummy if carry is None else carry,
+        counts,
+        out,
+        in_features,
+        rank,
+        first,
+        last,
+        _int32(key_lo),
+        _int32(key_hi),
+        STOCHASTIC=rounding.stochastic,
+        CARRY=projector is not None,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        RANK_PAD=max(16, triton.next_power_of_2(rank)),
     )
     totals = counts.sum(dim=0, dtype=torch.int64)
     return carry, tuple(totals.unbind())

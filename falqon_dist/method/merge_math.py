@@ -52,9 +52,18 @@ class MergeStats:
             return self
         for name in COUNT_NAMES:
             mine = getattr(self, name)
-            setattr(self, name, getattr(other, name) if mine is None else mine + getattr(other, name))
+            setattr(
+                self, name, getattr(other, name) if mine is None else mine + getattr(other, name)
+            )
         self.layers += other.layers
         return self
+
+    @classmethod
+    def from_counts(
+        cls, counts: torch.Tensor | tuple[torch.Tensor, ...], layers: int
+    ) -> MergeStats:
+        """The stats of ``counts`` (the :data:`COUNT_NAMES` in order, as :meth:`counts` gives them)."""
+        return cls(**dict(zip(COUNT_NAMES, counts, strict=True)), layers=layers)
 
     def counts(self) -> torch.Tensor:
         """The counts in :data:`COUNT_NAMES` order as one int64 device tensor (e.g. to all-reduce)."""
@@ -82,7 +91,10 @@ class MergedRows(NamedTuple):
 
 
 def _merge_rows(
-    old_bits: torch.Tensor, update: torch.Tensor, noise: torch.Tensor | None, owned: torch.Tensor | None
+    old_bits: torch.Tensor,
+    update: torch.Tensor,
+    noise: torch.Tensor | None,
+    owned: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
     """The eager reference of :func:`merged_row_bits` (and what ``torch.compile`` traces)."""
     old = old_bits.view(E4M3).float()
@@ -95,9 +107,16 @@ def _merge_rows(
     residual = torch.where(finite & ~saturated, updated - rounded.float(), 0.0)
     nonfinite, changed = ~finite, new_bits != old_bits
     if owned is None:
-        elements = torch.full((), old_bits.numel(), dtype=torch.int64, device=old_bits.device)  # a fill: no copy
+        elements = torch.full(
+            (), old_bits.numel(), dtype=torch.int64, device=old_bits.device
+        )  # a fill: no copy
     else:
-        saturated, nonfinite, changed, elements = saturated & owned, nonfinite & owned, changed & owned, owned
+        saturated, nonfinite, changed, elements = (
+            saturated & owned,
+            nonfinite & owned,
+            changed & owned,
+            owned,
+        )
     return new_bits, residual, saturated.sum(), nonfinite.sum(), changed.sum(), elements.sum()
 
 
@@ -118,12 +137,14 @@ def _merge_stochastic_owned(old_bits, update, noise, owned):
     return _merge_rows(old_bits, update, noise, owned)
 
 
-_COMPILED_MERGES = CompiledVariants({
-    (False, False): _merge_nearest,
-    (False, True): _merge_nearest_owned,
-    (True, False): _merge_stochastic,
-    (True, True): _merge_stochastic_owned,
-})
+_COMPILED_MERGES = CompiledVariants(
+    {
+        (False, False): _merge_nearest,
+        (False, True): _merge_nearest_owned,
+        (True, False): _merge_stochastic,
+        (True, True): _merge_stochastic_owned,
+    }
+)
 
 
 def merged_row_bits(
@@ -202,4 +223,3 @@ class RowMerge(NamedTuple):
     stats: MergeStats
     bits: torch.Tensor
     carry: torch.Tensor | None
-

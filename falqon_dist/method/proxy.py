@@ -11,12 +11,12 @@ as ``saturated``. An element whose sum is not finite (a NaN or ±inf in B) keeps
 counted as ``nonfinite``: FALQON writes into the backbone, so a NaN there would be permanent.
 ``Q`` rounds to nearest (the paper) or stochastically (:mod:`falqon_dist.method.rounding`).
 
-**Merging every row** (``rows=None``, the layer's ``topk="all"``, the default): ``T`` is all of W's
-rows, so nothing is sorted, gathered or scattered, and the merge runs in tiles or as one kernel
-(:mod:`falqon_dist.method.every_row`). B then holds at most the carry, and the backbone follows
+**Merging every row** (``rows=None``: the layer's ``merge="every_row"``, the default, and the final
+fold): ``T`` is all of W's rows, so nothing is sorted, gathered or scattered, and the merge runs in
+tiles or as one kernel (:mod:`falqon_dist.method.every_row`). B then holds at most the carry, and the backbone follows
 ``W_0 + Σ_t ΔB_t·A`` up to one FP8 rounding, as LoRA with A frozen would.
 
-**Carrying what rounding drops** (a ``projector`` given, for ``unmerged="keep"`` or ``topk="all"``):
+**Carrying what rounding drops** (a ``projector`` given: the recipes ``every_row`` and ``topk_carry``):
 the residual of a merged row, ``R_j = (W_q,j + B_j A_q) − Q(W_q,j + B_j A_q)`` (zero where the sum
 clamped or was not finite), is what FP8 rounded away. Its least-squares projection onto A's rows,
 
@@ -46,9 +46,15 @@ import torch
 
 from falqon_dist.method.every_row import merge_every_row_
 from falqon_dist.method.merge_math import (
-    MergedRows, RowMerge, merge_stats, merged_row_bits, project_onto_adapter, row_updates,
+    MergedRows,
+    RowMerge,
+    merge_stats,
+    merged_row_bits,
+    project_onto_adapter,
+    row_updates,
 )
 from falqon_dist.method.rounding import NEAREST, Rounding
+
 
 def select_rows(proxy: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` rows of ``proxy`` with the largest ``Σ_k |B_jk|``, sorted ascending.
@@ -74,7 +80,9 @@ def _merge(
     """:func:`merged_row_bits` of the gathered rows ``rows`` (their bits ``old_rows``, k × in) of ``M_q``."""
     device = old_rows.device
     noise = rounding.noise_for_rows(rows, old_rows.shape[1], device)
-    return merged_row_bits(old_rows, row_updates(proxy_rows.to(device), adapter_q.to(device)), noise, owned)
+    return merged_row_bits(
+        old_rows, row_updates(proxy_rows.to(device), adapter_q.to(device)), noise, owned
+    )
 
 
 def _carry(merged: MergedRows, projector: torch.Tensor | None) -> torch.Tensor | None:
@@ -133,7 +141,9 @@ def _merge_rows_into_slice_(
     def final_value(position: int) -> torch.Tensor:
         """What local ``position`` holds after the merge, as a (1,) uint8 tensor."""
         row, col = divmod(offset + position, in_features)
-        wanted = torch.full((1,), row, device=device, dtype=rows.dtype)  # a fill, not a host-to-device copy
+        wanted = torch.full(
+            (1,), row, device=device, dtype=rows.dtype
+        )  # a fill, not a host-to-device copy
         slot = torch.searchsorted(rows, wanted).clamp_(max=rows.numel() - 1)
         selected = rows.index_select(0, slot) == row
         chosen = new_flat.index_select(0, slot * in_features + col)
@@ -175,7 +185,17 @@ def merge_slice_(
         return _merge_top_rows_(w_rows, rows, proxy_rows, adapter_q, rounding, projector=projector)
     flat = flat.view(-1)
     if old_rows is None:
-        raise ValueError("merge_slice_: a top-k merge into a slice that does not hold the W rows needs their "
-                         "current bits (old_rows, k x in)")
-    return _merge_rows_into_slice_(flat, offset, rows.to(flat.device), old_rows, proxy_rows, adapter_q, rounding,
-                                   projector=projector)
+        raise ValueError(
+            "merge_slice_: a top-k merge into a slice that does not hold the W rows needs their "
+            "current bits (old_rows, k x in)"
+        )
+    return _merge_rows_into_slice_(
+        flat,
+        offset,
+        rows.to(flat.device),
+        old_rows,
+        proxy_rows,
+        adapter_q,
+        rounding,
+        projector=projector,
+    )

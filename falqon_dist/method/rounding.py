@@ -76,12 +76,16 @@ class Rounding:
         """Uniform noise for these elements of ``M_q``, or None for nearest rounding."""
         return merge_noise(self.seed, self.step, element_index) if self.stochastic else None
 
-    def noise_for_rows(self, rows: torch.Tensor, in_features: int, device: torch.device) -> torch.Tensor | None:
+    def noise_for_rows(
+        self, rows: torch.Tensor, in_features: int, device: torch.device
+    ) -> torch.Tensor | None:
         """Noise for every element of ``rows`` of ``M_q`` (k × in), or None for nearest rounding,
         which never builds the k × in element indices."""
         if not self.stochastic:
             return None
-        return self.noise(rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device))
+        return self.noise(
+            rows.to(device).unsqueeze(1) * in_features + torch.arange(in_features, device=device)
+        )
 
 
 NEAREST = Rounding()
@@ -102,4 +106,3 @@ def stochastic_round_e4m3(values: torch.Tensor, noise: torch.Tensor) -> torch.Te
     fraction = torch.where(step > 0, (magnitude - lo) / torch.where(step > 0, step, 1.0), 0.0)
     rounded = torch.where(noise < fraction, hi, lo)
     return (rounded * values.sign()).to(E4M3)
-

@@ -27,11 +27,17 @@ def default_filter(module: nn.Module, fqn: str) -> bool:
     )
 
 
-def target_module_names(model: nn.Module, module_filter_fn: ModuleFilter | None = None) -> list[str]:
+def target_module_names(
+    model: nn.Module, module_filter_fn: ModuleFilter | None = None
+) -> list[str]:
     """Fully qualified names of the ``nn.Linear`` modules ``module_filter_fn(module, fqn)`` accepts
     (default :func:`default_filter`), in module order."""
     accept = module_filter_fn or default_filter
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and accept(module, name)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and accept(module, name)
+    ]
 
 
 def matches(pattern: str, fqn: str) -> bool:
@@ -63,7 +69,9 @@ def module_filter(
 
 
 def select_modules(
-    model: nn.Module, target_modules: Sequence[str] | None = None, exclude_modules: Sequence[str] | None = None
+    model: nn.Module,
+    target_modules: Sequence[str] | None = None,
+    exclude_modules: Sequence[str] | None = None,
 ) -> ModuleFilter:
     """:func:`module_filter`, checked against ``model`` first: every pattern must name at least one
     ``nn.Linear``, else ``ValueError`` lists the linear layers there are, and something must be
@@ -74,8 +82,10 @@ def select_modules(
         for pattern in patterns or ():
             if not any(matches(pattern, name) for name in linears):
                 kinds = sorted({name.rsplit(".", 1)[-1] for name in linears})
-                raise ValueError(f"{key}: {pattern!r} names no nn.Linear of the model; its linear layers are "
-                                 f"{', '.join(kinds)} (e.g. {linears[0]!r}), by name suffix or regex")  # fmt: skip
+                raise ValueError(
+                    f"{key}: {pattern!r} names no nn.Linear of the model; its linear layers are "
+                    f"{', '.join(kinds)} (e.g. {linears[0]!r}), by name suffix or regex"
+                )
 
     accept = module_filter(target_modules, exclude_modules)
     if not target_module_names(model, accept):

@@ -53,19 +53,36 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 
 def move_overrides(argv: list[str]) -> list[str]:
     """Overrides of a key that moved (:data:`~falqon_dist.train.config_migrations.MOVED_KEYS`) renamed to its
-    new key, with one notice on stderr from rank 0, so an existing command line keeps working."""
-    from falqon_dist.train.config_migrations import MOVED_KEYS
+    new key, and FALQON's old merge keys (``method.topk=all``, ``method.unmerged``,
+    ``method.carry_residual``) combined into one ``method.merge`` recipe
+    (:func:`~falqon_dist.train.config_migrations.merge_overrides`), each with one notice on stderr from
+    rank 0, so an existing command line keeps working. A combination no longer offered is one error
+    line (from rank 0) and exit status 1, before any work."""
+    from falqon_dist.train.config_errors import ConfigError
+    from falqon_dist.train.config_migrations import MOVED_KEYS, merge_overrides
 
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         new = MOVED_KEYS.get(key.lstrip("+~"))
         if sep and new:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"falqon_dist: {key.lstrip('+~')} is now {new}; read {arg!r} as {new}={value}",
-                      file=sys.stderr, flush=True)
+            if rank0:
+                print(
+                    f"falqon_dist: {key.lstrip('+~')} is now {new}; read {arg!r} as {new}={value}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             arg = f"{new}={value}"
         out.append(arg)
+    try:
+        out, notice = merge_overrides(out)
+    except ConfigError as error:
+        if rank0:
+            print(f"falqon_dist: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    if notice and rank0:
+        print(f"falqon_dist: {notice}", file=sys.stderr, flush=True)
     return out
 
 
@@ -86,7 +103,9 @@ def timeout_from_overrides(argv: list[str]) -> float:
     except (TypeError, ValueError):
         timeout = float("nan")
     if not timeout > 0 or timeout == float("inf"):
-        raise SystemExit(f"falqon_dist: dist.timeout_s must be a positive number of seconds, got {value!r}")
+        raise SystemExit(
+            f"falqon_dist: dist.timeout_s must be a positive number of seconds, got {value!r}"
+        )
     return timeout
 
 
@@ -120,7 +139,9 @@ def init_process_group(timeout_s: float) -> None:
     if not tdist.is_initialized():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         store = rendezvous(rank, world, timeout_s)
-        tdist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        tdist.init_process_group(
+            backend=backend, store=store, rank=rank, world_size=world, timeout=timeout
+        )
     with announced("DeepSpeed's communication set-up (its CPU op may be building)"):
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     barrier("map each other's DeepSpeed shared-memory segments")

@@ -26,7 +26,9 @@ def compose_cli(config_name: str, argv: list[str], script: str) -> DictConfig:
     from hydra.errors import HydraException
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"{script} runs as one plain `python` process, whatever the run's world size")
+        raise ValueError(
+            f"{script} runs as one plain `python` process, whatever the run's world size"
+        )
     overrides = strip_local_rank(argv)
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         valid = list(flatten(OmegaConf.to_container(compose(config_name=config_name))))
@@ -35,11 +37,15 @@ def compose_cli(config_name: str, argv: list[str], script: str) -> DictConfig:
             if not sep:
                 raise ValueError(f"expected key=value, got {override!r} (keys: {', '.join(valid)})")
             if key.lstrip("+~") not in valid:
-                raise ValueError(f"unknown key {key.lstrip('+~')!r}; valid keys: {', '.join(valid)}")
+                raise ValueError(
+                    f"unknown key {key.lstrip('+~')!r}; valid keys: {', '.join(valid)}"
+                )
         try:
             cfg = compose(config_name=config_name, overrides=overrides)
         except HydraException as error:
-            raise ValueError(f"cannot read the overrides {' '.join(overrides)}: {' '.join(str(error).split())}") from None
+            raise ValueError(
+                f"cannot read the overrides {' '.join(overrides)}: {' '.join(str(error).split())}"
+            ) from None
     for key in OmegaConf.missing_keys(cfg):
         raise ValueError(f"{key}=... is required")
     return cfg

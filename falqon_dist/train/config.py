@@ -53,8 +53,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         owner = "TrainConfig"
-        for field in ("max_steps", "micro_batch_size", "grad_accum", "keep_checkpoints", "log_every",
-                      "max_nonfinite_steps"):
+        for field in (
+            "max_steps",
+            "micro_batch_size",
+            "grad_accum",
+            "keep_checkpoints",
+            "log_every",
+            "max_nonfinite_steps",
+        ):
             check_positive_int(owner, field, getattr(self, field))
         for field in ("save_every", "eval_every", "eval_samples", "eval_generate_samples"):
             check_non_negative_int(owner, field, getattr(self, field))
@@ -84,7 +90,7 @@ class TrainConfig:
         if self.epochs is None:
             return self
         steps = max(1, math.ceil(self.epochs * micro_batches_per_epoch / self.grad_accum))
-        warmup = None if self._warmup_from_ratio else self.warmup_steps
+        warmup = None if getattr(self, "_warmup_from_ratio", False) else self.warmup_steps
         return dataclasses.replace(self, max_steps=steps, warmup_steps=warmup)
 
 

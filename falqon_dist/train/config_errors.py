@@ -26,5 +26,6 @@ def named_as(prefix: str, fp8_fields: tuple[str, ...] = ()) -> Iterator[None]:
     except InvalidField as exc:
         key = f"fp8.{exc.field}" if exc.field in fp8_fields else f"{prefix}{exc.field}"
         raise ConfigError(f"{key} {exc.requirement}, got {exc.value!r}") from None
-    except TypeError as exc:  # a saved config whose section has a key its class does not (or lacks one)
+    # a saved config whose section has a key its class does not (or lacks one)
+    except TypeError as exc:
         raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from None

@@ -51,38 +51,58 @@ class StepWatch:
         """Whether the most recent step had non-finite values (then nothing may be saved from it)."""
         return self.nonfinite_steps > 0
 
-    def check(self, step: int, record: dict[str, Any], *, last_checkpoint: Callable[[], str | None]) -> None:
+    def check(
+        self, step: int, record: dict[str, Any], *, last_checkpoint: Callable[[], str | None]
+    ) -> None:
         """Warn or raise for ``step``'s ``record``; ``last_checkpoint()`` (only called to name it in an
         error) says where the last good state is."""
         self._check_nonfinite(step, record, last_checkpoint)
         self._check_saturation(step, record, last_checkpoint)
         self._check_stalls(step, record)
 
-    def _check_nonfinite(self, step: int, record: dict[str, Any], last_checkpoint: Callable[[], str | None]) -> None:
-        loss, grad_norm, refused = record["loss"], record.get("grad_norm"), record.get("nonfinite", 0)
+    def _check_nonfinite(
+        self, step: int, record: dict[str, Any], last_checkpoint: Callable[[], str | None]
+    ) -> None:
+        loss, grad_norm, refused = (
+            record["loss"],
+            record.get("grad_norm"),
+            record.get("nonfinite", 0),
+        )
         problems = []
         if not math.isfinite(loss):
             problems.append(f"loss {loss}")
         if grad_norm is not None and not math.isfinite(grad_norm):
             problems.append(f"gradient norm {grad_norm}")
         if refused:
-            problems.append(f"{refused} merged FP8 elements with a non-finite update (refused; B's bad rows zeroed)")
+            problems.append(
+                f"{refused} merged FP8 elements with a non-finite update (refused; B's bad rows zeroed)"
+            )
         self.nonfinite_steps = self.nonfinite_steps + 1 if problems else 0
         if not problems:
             return
-        log.warning("step %d: non-finite values: %s (%d/%d in a row before the run stops)", step,
-                    "; ".join(problems), self.nonfinite_steps, self.train.max_nonfinite_steps)
+        log.warning(
+            "step %d: non-finite values: %s (%d/%d in a row before the run stops)",
+            step,
+            "; ".join(problems),
+            self.nonfinite_steps,
+            self.train.max_nonfinite_steps,
+        )
         if self.nonfinite_steps >= self.train.max_nonfinite_steps:
             checkpoint = last_checkpoint()
             raise DivergedError(
                 f"step {step}: {self.nonfinite_steps} consecutive steps with non-finite values "
                 f"({'; '.join(problems)}); the run is diverging (train.lr={self.train.lr:g}). Nothing non-finite "
                 f"was written into the FP8 backbone and no checkpoint was saved from these steps. "
-                + (f"Last good checkpoint: {checkpoint}; resume from it (train.resume=true) with a lower train.lr."
-                   if checkpoint else "No checkpoint was saved yet: restart with a lower train.lr.")
+                + (
+                    f"Last good checkpoint: {checkpoint}; resume from it (train.resume=true) with a lower train.lr."
+                    if checkpoint
+                    else "No checkpoint was saved yet: restart with a lower train.lr."
+                )
             )
 
-    def _check_saturation(self, step: int, record: dict[str, Any], last_checkpoint: Callable[[], str | None]) -> None:
+    def _check_saturation(
+        self, step: int, record: dict[str, Any], last_checkpoint: Callable[[], str | None]
+    ) -> None:
         elements = record.get("elements")
         if not elements:
             return
@@ -103,11 +123,13 @@ class StepWatch:
             log.warning(
                 "step %d: %.2f%% of the merged FP8 elements clamped at ±448 (above train.saturation_warn=%g): the "
                 "merged weights are leaving the FP8 range; lower train.lr or raise method.scale_headroom",
-                step, 100 * fraction, self.train.saturation_warn,
+                step,
+                100 * fraction,
+                self.train.saturation_warn,
             )
 
     def _check_stalls(self, step: int, record: dict[str, Any]) -> None:
-        after_warmup = step > self.train.warmup_steps
+        after_warmup = step > (self.train.warmup_steps or 0)
         if "rows_merged" in record:  # a step that merged (method.merge_every may skip some)
             stalled = record["rows_merged"] and record.get("changed") == 0
             self._rounded_away = self._rounded_away + 1 if stalled else 0
@@ -115,14 +137,17 @@ class StepWatch:
             log.warning(
                 "FALQON: %d steps in a row merged rows of B without changing a single FP8 weight: every "
                 "update is below half an FP8 step and is rounded away (lr %.3g). FALQON needs far larger "
-                "rates than LoRA (10-50x, see the README): raise train.lr, or keep what rounding drops "
-                "(method.carry_residual=true, the default) or round stochastically instead (method.merge_rounding="
-                "stochastic method.carry_residual=false)",
-                STALL_STEPS, record["lr"],
+                "rates than LoRA (10-50x, see docs/method.md): raise train.lr, or keep what rounding drops in B "
+                "(method.merge=every_row, the default, or topk_carry) or round stochastically instead "
+                "(method.merge=topk_keep method.merge_rounding=stochastic)",
+                STALL_STEPS,
+                record["lr"],
             )
         self._zero_grad = self._zero_grad + 1 if record.get("grad_norm") == 0.0 else 0
         if self._zero_grad == STALL_STEPS and after_warmup:
             log.warning(
                 "%d steps in a row with a gradient norm of exactly 0: training has stalled (saturated "
-                "activations after a too-large train.lr=%g?)", STALL_STEPS, self.train.lr,
+                "activations after a too-large train.lr=%g?)",
+                STALL_STEPS,
+                self.train.lr,
             )

@@ -16,16 +16,31 @@ from falqon_dist.data import DataBundle, evaluate_exact_match
 from falqon_dist.data.generation import response_loss_sums
 
 
-def eval_losses(model, data: DataBundle, num_samples: int, batch_size: int) -> tuple[float, dict[str, float | None]]:
+def eval_losses(
+    model, data: DataBundle, num_samples: int, batch_size: int
+) -> tuple[float, dict[str, float | None]]:
     """The eval loss of the first ``num_samples`` eval rows of ``data`` and, for ``data=mix``, each
     source's (None where none of its rows was evaluated), from the same forward passes."""
-    overall, per_group = response_losses(model, data.eval, data.collate_fn, num_samples, batch_size,
-                                         groups=data.eval_groups or None, num_groups=max(1, len(data.mixture)))
+    overall, per_group = response_losses(
+        model,
+        data.eval,
+        data.collate_fn,
+        num_samples,
+        batch_size,
+        groups=data.eval_groups or None,
+        num_groups=max(1, len(data.mixture)),
+    )
     return overall, {share.name: loss for share, loss in zip(data.mixture, per_group)}
 
 
 def response_losses(
-    model, dataset, collate_fn, num_samples: int, batch_size: int, *, groups: Sequence[int] | None = None,
+    model,
+    dataset,
+    collate_fn,
+    num_samples: int,
+    batch_size: int,
+    *,
+    groups: Sequence[int] | None = None,
     num_groups: int = 1,
 ) -> tuple[float, list[float | None]]:
     """Token-weighted cross-entropy over response tokens of the first ``num_samples`` rows, each rank
@@ -34,8 +49,15 @@ def response_losses(
     world = tdist.get_world_size() if tdist.is_initialized() else 1
     rank = tdist.get_rank() if tdist.is_initialized() else 0
     usable = min(num_samples, len(dataset)) // world * world
-    totals = response_loss_sums(model, dataset, collate_fn, range(rank, usable, world), batch_size=batch_size,
-                                groups=groups, num_groups=num_groups)  # fmt: skip
+    totals = response_loss_sums(
+        model,
+        dataset,
+        collate_fn,
+        range(rank, usable, world),
+        batch_size=batch_size,
+        groups=groups,
+        num_groups=num_groups,
+    )
     if tdist.is_initialized():
         tdist.all_reduce(totals)
     overall = totals.sum(0)
@@ -47,5 +69,9 @@ def greedy_exact_match(model, tokenizer, records, num_samples: int, batch_size: 
     """Greedy exact match on the first ``num_samples`` eval records (same work on every rank)."""
     synced = tdist.is_initialized() and tdist.get_world_size() > 1
     return evaluate_exact_match(
-        model, tokenizer, records[:num_samples], batch_size=batch_size, generate_kwargs={"synced_gpus": synced}
+        model,
+        tokenizer,
+        records[:num_samples],
+        batch_size=batch_size,
+        generate_kwargs={"synced_gpus": synced},
     )

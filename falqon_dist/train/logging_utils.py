@@ -8,12 +8,13 @@ at ``train.log`` or ``metrics.jsonl`` is refused, never appended through to its 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, cast
 
 from tqdm.auto import tqdm
 
@@ -38,8 +39,12 @@ class NoFollowFileHandler(logging.FileHandler):
     a symbolic link (or a FIFO, or a hard-linked file) at the log's name raises
     :class:`~falqon_dist.files.UnsafeFileError` naming it instead of writing through it."""
 
-    def _open(self) -> IO[str]:  # the one place FileHandler opens its stream (at construction and after a close)
-        return open_no_follow(self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors)
+    def _open(self) -> io.TextIOWrapper:
+        """The one place FileHandler opens its stream (at construction and after a close)."""
+        stream = open_no_follow(
+            self.baseFilename, self.mode, encoding=self.encoding, errors=self.errors
+        )
+        return cast(io.TextIOWrapper, stream)  # text mode: os.fdopen's TextIOWrapper
 
 
 def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
@@ -57,7 +62,9 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
         logger.addHandler(file_handler)
         logger.setLevel(logging.INFO)
         for note in _EARLY_NOTES:  # already on stderr: into the file only
-            file_handler.handle(logger.makeRecord(LOGGER_NAME, logging.WARNING, __file__, 0, note, None, None))
+            file_handler.handle(
+                logger.makeRecord(LOGGER_NAME, logging.WARNING, __file__, 0, note, (), None)
+            )
         _EARLY_NOTES.clear()
     else:
         logger.setLevel(logging.WARNING)
@@ -77,7 +84,8 @@ class MetricsWriter:
             with open_no_follow(path, "r") as handle:
                 lines = handle.read().splitlines()
             kept = [line for line in lines if line.strip() and _step_of(line) <= resume_step]
-            write_atomic(path, "".join(line + "\n" for line in kept))  # a crash here keeps the old history
+            # a crash here keeps the old history
+            write_atomic(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         """Append ``record`` as one line (never through a symbolic link at ``metrics.jsonl``)."""
@@ -96,7 +104,13 @@ def _step_of(line: str) -> int:
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     """A step progress bar on rank 0, silent when stderr is not a terminal (CI, log files)."""
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not (enabled and sys.stderr.isatty()))
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        disable=not (enabled and sys.stderr.isatty()),
+    )
 
 
 class ProgressClock:

@@ -14,7 +14,6 @@ from falqon_dist.config_checks import InvalidField, check_choice, check_patterns
 from falqon_dist.fp8.config import Fp8Config
 from falqon_dist.methods import METHODS, MethodConfig, method_config
 from falqon_dist.train.config_errors import ConfigError, named_as
-from falqon_dist.train.config_migrations import SAVED_CONFIG_DEFAULTS
 
 #: Methods whose layers run FP8 GEMMs (and so use the ``fp8/`` group).
 FP8_METHODS = ("falqon", "fp8_lora")
@@ -38,14 +37,15 @@ class MethodSettings:
 
 
 def method_settings(m: dict[str, Any], fp8: Fp8Config) -> MethodSettings:
-    """The ``method/`` group (and the ``fp8/`` fields the method takes) as the method's own config."""
+    """The ``method/`` group (and the ``fp8/`` fields the method takes) as the method's own config.
+
+    ``m`` is read as it is: keys from older configs were rewritten before
+    (:func:`~falqon_dist.train.config_migrations.move_keys`)."""
     with named_as(""):
         check_choice("", "method", m.get("name"), tuple(METHODS))
     name = m["name"]
     fields = {key: value for key, value in m.items() if key not in RUN_METHOD_KEYS}
     fields.update({key: getattr(fp8, key) for key in FP8_FIELDS.get(name, ())})
-    for key, value in SAVED_CONFIG_DEFAULTS.get(name, {}).items():
-        fields.setdefault(key, value)
     with named_as("method.", FP8_FIELDS.get(name, ())):
         try:
             config = method_config(name, fields)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as tdist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from falqon_dist.distributed.waits import barrier
 from falqon_dist.distributed.zero3_init import load_pretrained_zero3
 from falqon_dist.fp8.cast import set_cast_kernels
 from falqon_dist.hub_names import is_local
+from falqon_dist.method import FalqonConfig
 from falqon_dist.method.swap import ModuleFilter, module_filter
 from falqon_dist.methods import prepare_model
 from falqon_dist.train.settings import RunSettings
@@ -75,7 +77,9 @@ def parameter_facts(model: torch.nn.Module) -> dict[str, int]:
     storage: an FP8 ``qweight`` counts 1 byte per element, an NF4 weight its packed bytes), whole
     model, whatever the ZeRO stage."""
     params = list(model.parameters())
-    stored = sum((p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in params)
+    stored = sum(
+        (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in params
+    )
     return {
         "params": sum(_numel(p) for p in params),
         "trainable_params": sum(_numel(p) for p in params if p.requires_grad),
@@ -105,14 +109,30 @@ def build_model(path: str, settings: RunSettings, ds_config: dict) -> torch.nn.M
     set_cast_kernels(settings.fp8.cast)
     chosen = layer_filter(settings)
     if method.name == "falqon" and settings.deepspeed.zero_stage == 3:
-        model, names = load_pretrained_zero3(path, ds_config, method.config, dtype=dtype, module_filter_fn=chosen,
-                                             trust_remote_code=settings.model.trust_remote_code)
+        model, names = load_pretrained_zero3(
+            path,
+            ds_config,
+            cast(FalqonConfig, method.config),
+            dtype=dtype,
+            module_filter_fn=chosen,
+            trust_remote_code=settings.model.trust_remote_code,
+        )
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=settings.model.trust_remote_code)
-        names = prepare_model(model, method.config, device=_local_accelerator(), module_filter_fn=chosen)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=settings.model.trust_remote_code
+        )
+        names = prepare_model(
+            model, method.config, device=_local_accelerator(), module_filter_fn=chosen
+        )
     if settings.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        cast(PreTrainedModel, model).gradient_checkpointing_enable()
     facts = parameter_facts(model)
     trainable, total = facts["trainable_params"], facts["params"]
-    log.info("method=%s: %d modules targeted, %s trainable of %s parameters", method.name, len(names), f"{trainable:,}", f"{total:,}")
+    log.info(
+        "method=%s: %d modules targeted, %s trainable of %s parameters",
+        method.name,
+        len(names),
+        f"{trainable:,}",
+        f"{total:,}",
+    )
     return model

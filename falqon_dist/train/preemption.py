@@ -26,7 +26,9 @@ class Preempted(Exception):
     """A stop requested by a signal; the run saved at ``step`` and exits with ``128 + signum``."""
 
     def __init__(self, step: int, signum: int) -> None:
-        super().__init__(f"preempted at step {step} ({signal.Signals(signum).name}); resume with train.resume=true")
+        super().__init__(
+            f"preempted at step {step} ({signal.Signals(signum).name}); resume with train.resume=true"
+        )
         self.step, self.signum = step, signum
 
 
@@ -46,7 +48,9 @@ class Preemption:
         _die_with_parent()
         launchers = launcher_ancestors()
         if launchers:
-            threading.Thread(target=self._watch, args=(launchers,), name="falqon-launcher-watch", daemon=True).start()
+            threading.Thread(
+                target=self._watch, args=(launchers,), name="falqon-launcher-watch", daemon=True
+            ).start()
 
     def _watch(self, launchers: dict[int, str], poll_s: float = 1.0) -> None:
         """Request a stop (as SIGTERM would) as soon as any launcher above this rank is gone."""
@@ -54,15 +58,20 @@ class Preemption:
         while not stop.wait(poll_s):
             gone = [pid for pid, started in launchers.items() if _start_time(pid) != started]
             if gone:
-                self.signum = self.signum or signal.SIGTERM  # first: the output below may go nowhere
-                say(f"launcher process {gone[0]} exited: stopping after this step and saving a checkpoint")
+                # first: the output below may go nowhere
+                self.signum = self.signum or signal.SIGTERM
+                say(
+                    f"launcher process {gone[0]} exited: stopping after this step and saving a checkpoint"
+                )
                 return
 
     def _request(self, signum: int, _frame) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        say(f"{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint")
+        say(
+            f"{signal.Signals(signum).name} received: stopping after this step and saving a checkpoint"
+        )
 
     @property
     def requested(self) -> bool:
@@ -98,7 +107,12 @@ def launcher_ancestors() -> dict[int, str]:
     pid = os.getppid()
     while pid > 1:
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (
+                Path(f"/proc/{pid}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+            )
             parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             break

@@ -27,15 +27,20 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from falqon_dist.distributed import checkpoint
-from falqon_dist.method import FalqonLinear, convert_model, falqon_layers
-from falqon_dist.train.model_setup import TORCH_DTYPES, layer_filter, load_tokenizer, resolve_model_path
+from falqon_dist.method import FalqonConfig, FalqonLinear, convert_model, falqon_layers
+from falqon_dist.train.model_setup import (
+    TORCH_DTYPES,
+    layer_filter,
+    load_tokenizer,
+    resolve_model_path,
+)
 from falqon_dist.train.saved_config import CHECKPOINTS, CONFIG_FILE, RestoreError, load_run_config
 from falqon_dist.train.settings import RunSettings
 
@@ -80,9 +85,11 @@ def parameters_on_meta() -> Iterator[None]:
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(module, name, param)
         if param is not None and param.device != META:
-            module._parameters[name] = nn.Parameter(param.to(META), requires_grad=param.requires_grad)
+            module._parameters[name] = nn.Parameter(
+                param.to(META), requires_grad=param.requires_grad
+            )
 
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign, assignment]
     try:
         yield
     finally:
@@ -101,7 +108,10 @@ def build_falqon_skeleton(model_path: str, settings: RunSettings) -> nn.Module:
             config, dtype=TORCH_DTYPES[settings.model.dtype], trust_remote_code=trust
         )
     convert_model(
-        model, settings.method.config, layer_builder=FalqonLinear.shaped_like, module_filter_fn=layer_filter(settings)
+        model,
+        cast(FalqonConfig, settings.method.config),  # a FALQON run's settings (require_falqon)
+        layer_builder=FalqonLinear.shaped_like,
+        module_filter_fn=layer_filter(settings),
     )
     return model
 
@@ -111,7 +121,10 @@ def _owned(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     storage (a consolidated checkpoint may hand out views of one flat buffer)."""
     if value.dtype != like.dtype:
         return value.to(like.dtype).contiguous()
-    whole = value.storage_offset() == 0 and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+    whole = (
+        value.storage_offset() == 0
+        and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+    )
     return value.contiguous() if whole else value.clone(memory_format=torch.contiguous_format)
 
 
@@ -122,16 +135,27 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path) ->
     for name, _ in falqon_layers(model):
         key = f"{name}.qweight"
         if key in state and state[key].dtype != torch.uint8:
-            raise RestoreError(f"{source}: {key} has dtype {state[key].dtype}, expected the uint8 FP8 codes")
+            raise RestoreError(
+                f"{source}: {key} has dtype {state[key].dtype}, expected the uint8 FP8 codes"
+            )
     expected = model.state_dict()
-    owned = {key: _owned(value, expected[key]) if key in expected else value for key, value in state.items()}
+    owned = {
+        key: _owned(value, expected[key]) if key in expected else value
+        for key, value in state.items()
+    }
     try:
         model.load_state_dict(owned, strict=True, assign=True)
     except RuntimeError as error:
-        raise RestoreError(f"{source} does not match the model rebuilt from {CONFIG_FILE}: {error}") from None
+        raise RestoreError(
+            f"{source} does not match the model rebuilt from {CONFIG_FILE}: {error}"
+        ) from None
     if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.device == META]
+        model.tie_weights()  # type: ignore[operator]  # a transformers PreTrainedModel
+    left = [
+        name
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if tensor.device == META
+    ]
     if left:
         raise RestoreError(f"{source}: the checkpoint holds no value for {', '.join(left[:5])}")
 
@@ -148,7 +172,9 @@ def restore_run(run_dir: str | Path, tag: str | int | None = "latest") -> Restor
     ckpt_dir = run_dir / CHECKPOINTS
     try:
         tag = checkpoint.resolve_tag(ckpt_dir, tag)
-        state, meta = checkpoint.consolidated_state_dict(ckpt_dir, tag, settings.deepspeed.zero_stage)
+        state, meta = checkpoint.consolidated_state_dict(
+            ckpt_dir, tag, settings.deepspeed.zero_stage
+        )
     except checkpoint.CheckpointReadError as error:
         raise RestoreError(str(error)) from None
 
@@ -161,7 +187,7 @@ def restore_run(run_dir: str | Path, tag: str | int | None = "latest") -> Restor
     return RestoredRun(
         run_dir=run_dir,
         settings=settings,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True)),
         tag=tag,
         step=int(step) if step is not None else None,
         model=model,

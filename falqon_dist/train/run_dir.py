@@ -37,7 +37,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch.distributed as tdist
 from omegaconf import DictConfig, OmegaConf
@@ -54,24 +54,64 @@ LOCK_NAME = ".lock"
 
 #: What a run writes into its run directory besides the lock: a directory holding any of these (or
 #: an ``error_rank<R>.txt``) holds a run, which a fresh run must not write into.
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "checkpoints", "export", "tensorboard", "wandb",
-               "wandb_run_id")
+RUN_OUTPUTS = (
+    "config.yaml",
+    "metrics.jsonl",
+    "train.log",
+    "checkpoints",
+    "export",
+    "tensorboard",
+    "wandb",
+    "wandb_run_id",
+)
 #: A rank's traceback of a failed run (``falqon_dist.train.trainer.report_crash``).
 ERROR_FILES = "error_rank*.txt"
 #: The files a run writes directly in its run directory, and whether each is written in place
 #: (appended or locked: a hard link would be written through) rather than replaced whole.
-RUN_FILES = {LOCK_NAME: True, "train.log": True, "metrics.jsonl": True, "config.yaml": False, "wandb_run_id": False}
+RUN_FILES = {
+    LOCK_NAME: True,
+    "train.log": True,
+    "metrics.jsonl": True,
+    "config.yaml": False,
+    "wandb_run_id": False,
+}
 
 #: Keys a resume may change (a key equal to an entry or below it), and which of them re-shape the schedule.
 RESUME_MAY_CHANGE = (
-    "run.dir", "train.max_steps", "train.epochs", "train.lr", "train.warmup_steps", "train.warmup_ratio", "train.schedule",
-    "train.min_lr_ratio", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_samples",
-    "train.eval_generate_samples", "train.resume", "train.log_every", "train.max_nonfinite_steps",
-    "train.saturation_warn", "train.saturation_abort", "logger", "wandb", "export", "dist", "fp8.cast",
+    "run.dir",
+    "train.max_steps",
+    "train.epochs",
+    "train.lr",
+    "train.warmup_steps",
+    "train.warmup_ratio",
+    "train.schedule",
+    "train.min_lr_ratio",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.eval_every",
+    "train.eval_samples",
+    "train.eval_generate_samples",
+    "train.resume",
+    "train.log_every",
+    "train.max_nonfinite_steps",
+    "train.saturation_warn",
+    "train.saturation_abort",
+    "logger",
+    "wandb",
+    "export",
+    "dist",
+    "fp8.cast",
     "run.overwrite",
 )
-SCHEDULE_KEYS = ("train.max_steps", "train.epochs", "train.lr", "train.warmup_steps", "train.warmup_ratio", "train.schedule",
-                 "train.min_lr_ratio")
+SCHEDULE_KEYS = (
+    "train.max_steps",
+    "train.epochs",
+    "train.lr",
+    "train.warmup_steps",
+    "train.warmup_ratio",
+    "train.schedule",
+    "train.min_lr_ratio",
+)
 
 
 class RunDirBusy(RuntimeError):
@@ -85,7 +125,8 @@ class RunDirLock:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / LOCK_NAME
         try:
-            self._handle = open_no_follow(self.path, "a+")  # a link at .lock must not lock (and empty) its target
+            # a link at .lock must not lock (and empty) its target
+            self._handle = open_no_follow(self.path, "a+")
         except UnsafeFileError as error:
             raise ConfigError(str(error)) from None
         try:
@@ -98,7 +139,11 @@ class RunDirLock:
         self._handle.seek(0)
         previous = self._handle.read().strip()
         if previous:
-            log.warning("run.dir %s: taking over the lock left by a run that no longer exists (%s)", run_dir, previous)
+            log.warning(
+                "run.dir %s: taking over the lock left by a run that no longer exists (%s)",
+                run_dir,
+                previous,
+            )
         self._handle.seek(0)
         self._handle.truncate()
         since = dt.datetime.now().isoformat(timespec="seconds")
@@ -117,8 +162,10 @@ class RunDirLock:
 
 
 def _busy(run_dir: Path, holder: str) -> RunDirBusy:
-    return RunDirBusy(f"run.dir {run_dir} is in use by another run ({holder}); wait for it to finish, or choose "
-                      "another run.dir")
+    return RunDirBusy(
+        f"run.dir {run_dir} is in use by another run ({holder}); wait for it to finish, or choose "
+        "another run.dir"
+    )
 
 
 def _live_holder(run_dir: Path) -> str | None:
@@ -130,7 +177,8 @@ def _live_holder(run_dir: Path) -> str | None:
         return None
     with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts with a live run's exclusive lock
+            # conflicts with a live run's exclusive lock
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return handle.read().strip() or "unknown"
         fcntl.flock(handle, fcntl.LOCK_UN)
@@ -188,7 +236,7 @@ def move_previous_run(run_dir: Path, names: list[str]) -> Path:
             done = f"moved {', '.join(moved)} to {aside}, not " if moved else "moved nothing; "
             raise ConfigError(
                 f"run.overwrite=true: cannot move {real / name} to {aside} ({error.strerror}); {done}"
-                f"{', '.join(names[len(moved):])}: move or remove the previous run in {run_dir} yourself"
+                f"{', '.join(names[len(moved) :])}: move or remove the previous run in {run_dir} yourself"
             ) from None
         moved.append(name)
     return aside
@@ -216,7 +264,9 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> str | No
             f"over with run.overwrite=true (moves it to {run_dir.resolve()}.old-<time>), or choose another run.dir"
         )
     aside = move_previous_run(run_dir, names)
-    return f"run.overwrite=true: moved the previous run in {run_dir} ({', '.join(names)}) to {aside}"
+    return (
+        f"run.overwrite=true: moved the previous run in {run_dir} ({', '.join(names)}) to {aside}"
+    )
 
 
 def check_run_dir_use(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -238,7 +288,9 @@ def check_run_dir_use(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             if moved is not None:
                 note_before_logging(moved)
     if world > 1:
-        with announced("rank 0 to check the run directory (a fresh run into a used one is refused)"):
+        with announced(
+            "rank 0 to check the run directory (a fresh run into a used one is refused)"
+        ):
             tdist.broadcast_object_list(verdict, src=0)
     kind, message = verdict
     if kind is not None:
@@ -259,7 +311,9 @@ def _may_change(key: str) -> bool:
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE)
 
 
-def check_resume(run_dir: Path, cfg: DictConfig, world_size: int, saved_world_size: int | None) -> list[str]:
+def check_resume(
+    run_dir: Path, cfg: DictConfig, world_size: int, saved_world_size: int | None
+) -> list[str]:
     """Raise :class:`ConfigError` if resuming ``run_dir`` with ``cfg`` cannot work; return warnings.
 
     ``saved_world_size``: the ranks that wrote the latest checkpoint (None: no checkpoint yet, in which
@@ -271,16 +325,23 @@ def check_resume(run_dir: Path, cfg: DictConfig, world_size: int, saved_world_si
     from falqon_dist.train.saved_config import RestoreError, read_saved_config
 
     try:  # never resolved: a `${oc.env:...}` put into the saved file must not read this machine's environment
-        saved_tree = OmegaConf.to_container(read_saved_config(saved_path), resolve=False)
+        saved_tree = cast(
+            dict[str, Any], OmegaConf.to_container(read_saved_config(saved_path), resolve=False)
+        )
     except RestoreError as error:
         raise ConfigError(f"train.resume=true: {error}") from None
     move_keys(saved_tree)
     saved = flatten(saved_tree)
-    new = flatten(OmegaConf.to_container(cfg, resolve=True))
-    errors, warnings = [], []
+    new_tree = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    move_keys(new_tree)  # both sides read as today's keys
+    new = flatten(new_tree)
+    errors: list[str] = []
+    warnings: list[str] = []
     for key in sorted(set(saved) | set(new)):
         if key not in saved:
-            warnings.append(f"{key}={new[key]!r} (not in the saved config, written by an older version)")
+            warnings.append(
+                f"{key}={new[key]!r} (not in the saved config, written by an older version)"
+            )
         elif key not in new:
             warnings.append(f"{key} (saved as {saved[key]!r}) no longer exists")
         elif saved[key] != new[key]:
@@ -294,8 +355,9 @@ def check_resume(run_dir: Path, cfg: DictConfig, world_size: int, saved_world_si
         )
     if errors:
         raise ConfigError(
-            f"train.resume=true: the run in {run_dir} cannot continue with this config; nothing was changed. "
-            f"Differences that change what the checkpoint is: {'; '.join(errors)}. Use the saved values, or a new run.dir."
+            f"train.resume=true: the run in {run_dir} cannot continue with this config; "
+            f"nothing was changed. Differences that change what the checkpoint is: "
+            f"{'; '.join(errors)}. Use the saved values, or a new run.dir."
         )
     schedule = [w for w in warnings if w.split(":")[0] in SCHEDULE_KEYS]
     if schedule:

@@ -3,6 +3,9 @@
 Only coherence is checked here (:func:`~falqon_dist.train.settings.validate`): the training data,
 the user's DeepSpeed JSON and the training libraries need not exist any more (that is
 :func:`~falqon_dist.train.preflight.preflight`'s job, before training).
+Keys an older version wrote are read as today's (a moved key under its new name, FALQON's
+``method.topk`` / ``unmerged`` / ``carry_residual`` as the ``method.merge`` recipe they meant, a merge
+no longer offered refused naming the file and the key: :mod:`falqon_dist.train.config_migrations`).
 
 **A saved config never resolves the reader's environment.** Every read-back of one (a run's
 ``config.yaml``, the ``config`` object of an export's ``falqon_run.json``) goes through
@@ -29,7 +32,12 @@ CONFIG_FILE = "config.yaml"
 CHECKPOINTS = "checkpoints"
 
 __all__ = [
-    "CHECKPOINTS", "CONFIG_FILE", "RestoreError", "check_no_interpolation", "load_run_config", "read_saved_config",
+    "CHECKPOINTS",
+    "CONFIG_FILE",
+    "RestoreError",
+    "check_no_interpolation",
+    "load_run_config",
+    "read_saved_config",
     "validate_saved_config",
 ]
 
@@ -41,12 +49,16 @@ def load_run_config(run_dir: str | Path) -> tuple[DictConfig, RunSettings]:
         raise RestoreError(f"run.dir={str(run_dir)!r}: no such run directory")
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        raise RestoreError(f"{path} not found: run.dir must be a training run directory (rank 0 writes {CONFIG_FILE})")
+        raise RestoreError(
+            f"{path} not found: run.dir must be a training run directory (rank 0 writes {CONFIG_FILE})"
+        )
     cfg = read_saved_config(path)
     return cfg, validate_saved_config(cfg, str(path))
 
 
-def read_saved_config(source: str | Path | Mapping[str, Any], where: str | None = None) -> DictConfig:
+def read_saved_config(
+    source: str | Path | Mapping[str, Any], where: str | None = None
+) -> DictConfig:
     """A saved run config, loaded without any resolver: the one way a saved config is read back.
 
     ``source`` is a ``config.yaml`` path, or the already-parsed ``config`` object of a
@@ -58,21 +70,32 @@ def read_saved_config(source: str | Path | Mapping[str, Any], where: str | None 
     """
     if isinstance(source, Mapping):
         where = where or "saved config"
-        tree: Any = OmegaConf.to_container(source, resolve=False) if isinstance(source, DictConfig) else source
+        tree: Any = (
+            OmegaConf.to_container(source, resolve=False)
+            if isinstance(source, DictConfig)
+            else source
+        )
     else:
         path = Path(source)
         where = where or str(path)
         if not path.is_file():
             raise RestoreError(f"{where}: no such file (a training run's {CONFIG_FILE})")
         try:
-            loaded = OmegaConf.load(path)  # parses only: interpolations are resolved on access, never here
+            # parses only: interpolations are resolved on access, never here
+            loaded = OmegaConf.load(path)
         except Exception as error:  # noqa: BLE001 - yaml's and OmegaConf's parse errors have no common base
-            raise RestoreError(f"{where}: not a readable YAML config ({type(error).__name__}: {error})") from None
+            raise RestoreError(
+                f"{where}: not a readable YAML config ({type(error).__name__}: {error})"
+            ) from None
         if not isinstance(loaded, DictConfig):
-            raise RestoreError(f"{where}: expected a mapping of config groups (a training run's {CONFIG_FILE})")
+            raise RestoreError(
+                f"{where}: expected a mapping of config groups (a training run's {CONFIG_FILE})"
+            )
         tree = OmegaConf.to_container(loaded, resolve=False)
     if not isinstance(tree, Mapping):
-        raise RestoreError(f"{where}: expected a mapping of config groups, got {type(tree).__name__}")
+        raise RestoreError(
+            f"{where}: expected a mapping of config groups, got {type(tree).__name__}"
+        )
     check_no_interpolation(tree, where)
     return OmegaConf.create(dict(tree))
 
@@ -96,7 +119,10 @@ def validate_saved_config(cfg: DictConfig | dict, where: str) -> RunSettings:
         try:
             check_backend("te")
         except ImportError:
-            log.info("%s: trained with fp8.backend=te, which cannot run here; using fp8.backend=auto", where)
+            log.info(
+                "%s: trained with fp8.backend=te, which cannot run here; using fp8.backend=auto",
+                where,
+            )
             cfg.fp8.backend = "auto"
     try:
         return validate(cfg)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -99,11 +99,15 @@ def validate(cfg: DictConfig | dict) -> RunSettings:
     """Check every value of the composed config; raise :class:`ConfigError` on the first bad one."""
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     if OmegaConf.is_missing(cfg.data, "path"):
-        raise ConfigError(f"data.path is required for data={cfg.data.name} (a local .jsonl/.json file or directory)")
+        raise ConfigError(
+            f"data.path is required for data={cfg.data.name} (a local .jsonl/.json file or directory)"
+        )
     if cfg.data.get("name") == "mix" and OmegaConf.is_missing(cfg.data, "sources"):
-        raise ConfigError("data.sources is required for data=mix: a list of {path, format, weight}, e.g. "
-                          "'data.sources=[{path: a.jsonl, format: chat, weight: 2}, {path: b.txt, format: text}]'")
-    tree = OmegaConf.to_container(cfg, resolve=True)
+        raise ConfigError(
+            "data.sources is required for data=mix: a list of {path, format, weight}, e.g. "
+            "'data.sources=[{path: a.jsonl, format: chat, weight: 2}, {path: b.txt, format: text}]'"
+        )
+    tree = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     move_keys(tree)
     run = tree["run"]
     if run.get("dir") is None:
@@ -128,10 +132,13 @@ def validate(cfg: DictConfig | dict) -> RunSettings:
     with named_as("train."):
         train = TrainConfig(**tree["train"])
     if train.resume and overwrite:
-        raise ConfigError("train.resume=true and run.overwrite=true contradict each other: train.resume=true "
-                          "continues the run in run.dir, run.overwrite=true moves it aside to start over; "
-                          "set one of them to false")  # fmt: skip
-    timeout = tree.get("dist", {}).get("timeout_s", 300.0)  # configs saved before dist.timeout_s have no `dist`
+        raise ConfigError(
+            "train.resume=true and run.overwrite=true contradict each other: train.resume=true "
+            "continues the run in run.dir, run.overwrite=true moves it aside to start over; "
+            "set one of them to false"
+        )
+    # configs saved before dist.timeout_s have no `dist`
+    timeout = tree.get("dist", {}).get("timeout_s", 300.0)
     with named_as("dist."):
         check_number("", "timeout_s", timeout, 0.0, low_open=True)
     return RunSettings(

@@ -23,8 +23,10 @@ def check_tensorboard() -> None:
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        raise ImportError("logger=tensorboard needs the tensorboard package: pip install tensorboard "
-                          "(or pip install -e .[tensorboard]); or choose logger=none|wandb") from None
+        raise ImportError(
+            "logger=tensorboard needs the tensorboard package: pip install tensorboard "
+            "(or pip install -e .[tensorboard]); or choose logger=none|wandb"
+        ) from None
 
 
 class TensorBoardLogger:
@@ -38,7 +40,9 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(Path(run_dir) / SUBDIR))
-            self._writer.add_text("config", f"```\n{json.dumps(config, indent=2, default=str)}\n```", 0)
+            self._writer.add_text(
+                "config", f"```\n{json.dumps(config, indent=2, default=str)}\n```", 0
+            )
         except Exception as error:  # noqa: BLE001 - logging must never stop training
             self._disable(error)
 
@@ -62,6 +66,9 @@ class TensorBoardLogger:
             self._writer = None
 
     def _disable(self, error: Exception) -> None:
-        log.warning("TensorBoard logging failed (%s: %s); it is switched off, training goes on",
-                    type(error).__name__, error)
+        log.warning(
+            "TensorBoard logging failed (%s: %s); it is switched off, training goes on",
+            type(error).__name__,
+            error,
+        )
         self._writer = None

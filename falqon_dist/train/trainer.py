@@ -1,14 +1,15 @@
 """The training recipe: setup → evaluate → train (micro-batches, step, merge, log, save) → evaluate.
 
 ``run(cfg)`` is what ``launch/train.py`` calls on every rank. The loop never touches FP8 details:
-the DeepSpeed engine's ``step()`` applies FALQON's merges, and its stats come back as metrics.
+after each optimizer step it calls the method's post-optimizer hook
+(:func:`falqon_dist.methods.post_optimizer_hook`: FALQON's merge of B into the FP8 backbone, none for
+the baselines), whose statistics come back as metrics, and before the final export the hook's fold.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -31,12 +32,25 @@ from falqon_dist.distributed import checkpoint, initialize
 from falqon_dist.distributed.waits import announced, barrier, errors_of_every_rank
 from falqon_dist.files import open_no_follow, write_atomic
 from falqon_dist.method.merge_math import COUNT_NAMES
+from falqon_dist.methods import PostOptimizerHook, post_optimizer_hook
 from falqon_dist.train.batches import BatchStream
-from falqon_dist.train.preflight import preflight, resolve_model_context
+from falqon_dist.train.divergence import DivergedError, StepWatch
 from falqon_dist.train.evaluate import eval_losses, greedy_exact_match
-from falqon_dist.train.logging_utils import MetricsWriter, ProgressClock, progress_bar, setup_logging
-from falqon_dist.train.model_setup import build_model, load_tokenizer, parameter_facts, resolve_model_path
-from falqon_dist.train.guards import DivergedError, Preempted, Preemption, StepWatch
+from falqon_dist.train.logging_utils import (
+    MetricsWriter,
+    ProgressClock,
+    progress_bar,
+    setup_logging,
+)
+from falqon_dist.train.loss import StepSums, accumulate_step
+from falqon_dist.train.model_setup import (
+    build_model,
+    load_tokenizer,
+    parameter_facts,
+    resolve_model_path,
+)
+from falqon_dist.train.preemption import Preempted, Preemption
+from falqon_dist.train.preflight import preflight, resolve_model_context
 from falqon_dist.train.run_dir import RunDirBusy, RunDirLock, check_resume
 from falqon_dist.train.settings import ConfigError, RunSettings, validate
 from falqon_dist.train.tensorboard_logger import TensorBoardLogger
@@ -51,34 +65,36 @@ log = logging.getLogger("falqon_dist")
 def lr_lambda(settings: RunSettings):
     """Linear warm-up, then constant, cosine or linear decay to ``min_lr_ratio`` of the peak."""
     t = settings.train
+    warmup = t.warmup_steps or 0  # resolved from warmup_ratio by now
 
     def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / (t.warmup_steps + 1)
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
         if t.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1.0 - progress
+        progress = min(1.0, (step - warmup) / max(1, t.max_steps - warmup))
+        shape = (
+            0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1.0 - progress
+        )
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * shape
 
     return factor
 
 
-def step_totals(
-    losses: list[torch.Tensor], tokens: list[torch.Tensor], device: torch.device, *, stop: bool = False
-) -> torch.Tensor:
-    """``[Σ loss, micro-batches, Σ input tokens, ranks asking to stop]`` of one optimizer step,
-    summed over ranks (so a stop requested on any rank is seen by all, after the same step).
+def step_totals(sums: StepSums, device: torch.device, *, stop: bool = False) -> torch.Tensor:
+    """``[Σ token losses, target tokens, input tokens, ranks asking to stop]`` of one optimizer step
+    (:func:`~falqon_dist.train.loss.accumulate_step`'s sums), summed over ranks (so a stop requested
+    on any rank is seen by all, after the same step). The step's loss is the first over the second.
 
     Built and all-reduced on ``device`` — the rank's accelerator: NCCL refuses CPU tensors — and
     left there, so the step issues no host synchronization until its record is read.
     """
     totals = torch.stack(
         [
-            torch.stack([loss.detach().double() for loss in losses]).sum(),
-            torch.full((), float(len(losses)), dtype=torch.float64, device=device),  # a fill: no copy
-            torch.stack([t.double() for t in tokens]).sum(),
-            torch.full((), float(stop), dtype=torch.float64, device=device),
+            sums.loss.detach().double(),
+            sums.targets.double(),
+            sums.input_tokens.double(),
+            torch.full((), float(stop), dtype=torch.float64, device=device),  # a fill: no copy
         ]
     ).to(device)
     if tdist.is_initialized():
@@ -93,13 +109,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _input_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Non-padding input tokens as a device tensor (packed rows count whole: their padding is a short tail)."""
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum()
-    return torch.full((), batch["input_ids"].numel(), dtype=torch.int64, device=batch["input_ids"].device)
-
-
 class Trainer:
     """One training run on every rank; rank 0 writes every output."""
 
@@ -107,8 +116,10 @@ class Trainer:
         self.settings = validate(cfg)  # fail before any work starts
         self.rank = tdist.get_rank() if tdist.is_initialized() else 0
         self.world = tdist.get_world_size() if tdist.is_initialized() else 1
-        self.ds_config = preflight(self.settings, self.world)  # files, libraries, the user's DeepSpeed JSON
-        self.settings = resolve_model_context(self.settings, cfg)  # model.max_length=null: the model's context
+        # files, libraries, the user's DeepSpeed JSON
+        self.ds_config = preflight(self.settings, self.world)
+        # model.max_length=null: the model's context
+        self.settings = resolve_model_context(self.settings, cfg)
         self.is_main = self.rank == 0
         self.run_dir = self.settings.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -119,7 +130,8 @@ class Trainer:
         setup_logging(self.run_dir, self.rank)
         for warning in resume_warnings:
             log.warning("train.resume=true with a changed config: %s", warning)
-        self.resolved_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)
+        self.resolved_config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+        self.merge_hook: PostOptimizerHook | None = None  # built with the engine (setup)
         self.wandb: WandbLogger | None = None
         self.tensorboard: TensorBoardLogger | None = None
         self.watch = StepWatch(self.settings.train)
@@ -129,7 +141,8 @@ class Trainer:
     def _claim_run_dir(self, cfg: DictConfig) -> tuple[RunDirLock | None, list[str]]:
         """Rank 0 locks the run directory and checks a resume against the saved config; every rank
         gets the verdict (one broadcast), so all fail together with the same message."""
-        lock, verdict = None, [None, None, []]  # [error kind, message, resume warnings]
+        lock = None
+        verdict: list[Any] = [None, None, []]  # [error kind, message, resume warnings]
         if self.is_main:
             try:
                 lock = RunDirLock(self.run_dir)
@@ -158,11 +171,15 @@ class Trainer:
         data, error = None, None
         try:
             data = build_data(self.settings.data, self.tokenizer)
-        except (ValueError, OSError) as exc:  # DataFormatError is a ValueError, FileNotFoundError an OSError
+        except (
+            ValueError,
+            OSError,
+        ) as exc:  # DataFormatError is a ValueError, FileNotFoundError an OSError
             error = str(exc)
         failed = errors_of_every_rank(error, "load and tokenize the data")
         if failed:
             raise ConfigError(ranks_failure(failed, self.world, "the data"))
+        assert data is not None  # no rank failed
         return data
 
     def setup(self) -> None:
@@ -170,46 +187,79 @@ class Trainer:
         random.seed(s.seed)
         np.random.seed(s.seed)
         torch.manual_seed(s.seed)
-        log.info("run dir %s | %d rank(s) | method=%s | ZeRO-%d | %s", self.run_dir, self.world, s.method.name,
-                 s.deepspeed.zero_stage, s.model.dtype)
+        log.info(
+            "run dir %s | %d rank(s) | method=%s | ZeRO-%d | %s",
+            self.run_dir,
+            self.world,
+            s.method.name,
+            s.deepspeed.zero_stage,
+            s.model.dtype,
+        )
         model_path = self.model_path = resolve_model_path(s)
         self.tokenizer = load_tokenizer(model_path, s.model.trust_remote_code)
         self.data = self._load_data()
-        log.info("data=%s: %d train rows, %d eval rows (%d train examples dropped: too long)", s.data.name,
-                 len(self.data.train), len(self.data.eval), self.data.train_stats.dropped)
+        log.info(
+            "data=%s: %d train rows, %d eval rows (%d train examples dropped: too long)",
+            s.data.name,
+            len(self.data.train),
+            len(self.data.eval),
+            self.data.train_stats.dropped,
+        )
         for share in self.data.mixture:
             log.info("data=mix: %s", share.describe())
-        sampler = self.data.train_batch_sampler(s.train.micro_batch_size, num_replicas=self.world, rank=self.rank)
-        if s.train.epochs is not None:  # the schedule needs max_steps: count the data's batches first
-            s = self.settings = dataclasses.replace(s, train=s.train.for_steps_per_epoch(len(sampler)))
+        sampler = self.data.train_batch_sampler(
+            s.train.micro_batch_size, num_replicas=self.world, rank=self.rank
+        )
+        # the schedule needs max_steps: count the data's batches first
+        if s.train.epochs is not None:
+            s = self.settings = dataclasses.replace(
+                s, train=s.train.for_steps_per_epoch(len(sampler))
+            )
             self.watch = StepWatch(s.train)
-            log.info("train.epochs=%g: %d optimizer steps (%d micro-batches of %d per rank and epoch; "
-                     "train.max_steps is not used)", s.train.epochs, s.train.max_steps, len(sampler),
-                     s.train.micro_batch_size)
-        ds_config = self.ds_config
-        model = build_model(model_path, s, ds_config)
+            log.info(
+                "train.epochs=%g: %d optimizer steps (%d micro-batches of %d per rank and epoch; "
+                "train.max_steps is not used)",
+                s.train.epochs,
+                s.train.max_steps,
+                len(sampler),
+                s.train.micro_batch_size,
+            )
+        model = build_model(model_path, s, self.ds_config)
         self.model_facts = parameter_facts(model)
         with announced("every rank's DeepSpeed engine set-up (its first collectives)"):
             self.engine = initialize(
                 model,
-                ds_config,
-                lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(s)),
+                self.ds_config,
+                lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(
+                    optimizer, lr_lambda(s)
+                ),
             )
+        # FALQON: merge B into the FP8 backbone after every optimizer step (None for the baselines)
+        self.merge_hook = post_optimizer_hook(
+            s.method.config, self.engine.module, self.engine.optimizer
+        )
         self.batches = BatchStream(self.data.train, sampler, self.data.collate_fn)
-        self.start_step, self.resumed_from = 0, None
+        self.start_step, self.resumed_from = 0, cast(str | None, None)
         if s.train.resume:
             self._resume()
         self.metrics = MetricsWriter(
-            self.run_dir / "metrics.jsonl", self.is_main, resume_step=self.start_step if s.train.resume else None
+            self.run_dir / "metrics.jsonl",
+            self.is_main,
+            resume_step=self.start_step if s.train.resume else None,
         )
-        self.wandb = WandbLogger(s.wandb, self.run_dir, self.resolved_config, enabled=self.is_main and s.uses_wandb)
-        self.tensorboard = TensorBoardLogger(self.run_dir, self.resolved_config,
-                                             enabled=self.is_main and s.uses_tensorboard)
+        self.wandb = WandbLogger(
+            s.wandb, self.run_dir, self.resolved_config, enabled=self.is_main and s.uses_wandb
+        )
+        self.tensorboard = TensorBoardLogger(
+            self.run_dir, self.resolved_config, enabled=self.is_main and s.uses_tensorboard
+        )
 
     def _resume(self) -> None:
         tag = checkpoint.latest_tag(self.ckpt_dir)
         if tag is None:
-            log.info("train.resume=true but %s holds no checkpoint: starting from step 0", self.ckpt_dir)
+            log.info(
+                "train.resume=true but %s holds no checkpoint: starting from step 0", self.ckpt_dir
+            )
             return
         with announced(f"every rank to load checkpoint {tag}"):
             tag, client_state = checkpoint.load(self.engine, self.ckpt_dir, tag)
@@ -224,52 +274,67 @@ class Trainer:
         s, module = self.settings, self.engine.module
         out: dict[str, float] = {}
         if s.train.eval_samples:
-            out["eval_loss"], by_source = eval_losses(module, self.data, s.train.eval_samples, s.train.micro_batch_size)
-            out.update({f"eval_loss/{name}": loss for name, loss in by_source.items() if loss is not None})
+            out["eval_loss"], by_source = eval_losses(
+                module, self.data, s.train.eval_samples, s.train.micro_batch_size
+            )
+            out.update(
+                {f"eval_loss/{name}": loss for name, loss in by_source.items() if loss is not None}
+            )
         if generate and s.train.eval_generate_samples and s.data.name == "synthetic":
             out["eval_exact_match"] = greedy_exact_match(
-                module, self.tokenizer, self.data.eval_records, s.train.eval_generate_samples, batch_size=64
+                module,
+                self.tokenizer,
+                self.data.eval_records,
+                s.train.eval_generate_samples,
+                batch_size=64,
             )
         return out
 
     def fold_and_evaluate(self, trained: dict[str, float]) -> dict[str, float]:
         """The final evaluation of the model an FP8 export holds, where the forward adds B's term
-        (the carry, unmerged rows, updates between merges; ``engine.adds_proxy_term``).
+        (the carry, unmerged rows, updates between merges; ``merge_hook.needs_fold``).
 
-        B is folded into the FP8 bytes (``engine.fold_carry``: every row, nearest, B zeroed) after
-        the last checkpoint was saved, and the model evaluated again: the reported metrics are the
-        folded model's, the bytes ``export.enabled`` and ``launch/export.py`` (which folds the
-        checkpoint's B the same way) write; ``before_fold/*`` keeps ``trained``, the training
-        forward's, and the log says what the fold cost.
+        B is folded into the FP8 bytes (``merge_hook.fold()``: every row, nearest, B and its master
+        zeroed) after the last checkpoint was saved, and the model evaluated again: the reported
+        metrics are the folded model's, the bytes ``export.enabled`` and ``launch/export.py`` (which
+        folds the checkpoint's B the same way) write; ``before_fold/*`` keeps ``trained``, the
+        training forward's, and the log says what the fold cost.
         """
-        self.engine.fold_carry()
+        if self.merge_hook is not None:
+            self.merge_hook.fold()
         shipped = self.evaluate()
         if "eval_loss" in trained:
             change = shipped["eval_loss"] / trained["eval_loss"] - 1
-            log.info("folded B into the FP8 backbone for the export: eval loss %.4f as trained -> %.4f as exported "
-                     "(%+.2f%%, what FP8 cannot hold of the carry)", trained["eval_loss"], shipped["eval_loss"],
-                     100 * change)
+            log.info(
+                "folded B into the FP8 backbone for the export: eval loss %.4f as trained -> %.4f as exported "
+                "(%+.2f%%, what FP8 cannot hold of the carry)",
+                trained["eval_loss"],
+                shipped["eval_loss"],
+                100 * change,
+            )
         return {**shipped, **{f"{BEFORE_FOLD}{key}": value for key, value in trained.items()}}
 
     # ------------------------------------------------------------------ training
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step: grad_accum micro-batches, then the engine's step (and merge).
+        """One optimizer step: grad_accum micro-batches (:func:`~falqon_dist.train.loss.accumulate_step`:
+        the loss weighted by token over the whole step), the engine's step, then the method's
+        post-optimizer hook (FALQON's merge) once the engine's step counter advanced.
 
+        The record's ``loss`` is the step's token-weighted mean: the cross-entropy summed over every
+        target token of every micro-batch on every rank, over their count (what was back-propagated).
         Losses, token counts and merge statistics stay on the device until the record is built:
         one read-back per step (plus DeepSpeed's own), none per micro-batch or per layer.
         """
         engine, start = self.engine, time.perf_counter()
-        losses, tokens = [], []
-        for _ in range(self.settings.train.grad_accum):
-            batch = {k: v.to(engine.device) for k, v in self.batches.next().items()}
-            tokens.append(_input_tokens(batch))
-            loss = engine(**batch, use_cache=False).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss)
-        totals = step_totals(losses, tokens, engine.device, stop=self.preemption.requested)
-        merge = getattr(engine, "last_merge_stats", None)
+        sums = accumulate_step(
+            engine, [self.batches.next() for _ in range(self.settings.train.grad_accum)]
+        )
+        merge, steps = None, engine.global_steps
+        engine.step()  # the accumulation boundary: the optimizer step
+        if self.merge_hook is not None and engine.global_steps > steps:
+            merge = self.merge_hook(engine.global_steps)
+        totals = step_totals(sums, engine.device, stop=self.preemption.requested)
         if merge is not None and not merge.layers:  # no layer was due (method.merge_every)
             merge = None
         if merge is not None:
@@ -278,7 +343,7 @@ class Trainer:
         self.stop_requested = values[3] > 0
         elapsed = time.perf_counter() - start
         record = {
-            "loss": values[0] / values[1],
+            "loss": values[0] / max(values[1], 1.0),
             "lr": engine.get_lr()[0],
             "step_time_s": elapsed,
             "tokens_per_s": values[2] / elapsed,
@@ -296,13 +361,19 @@ class Trainer:
         return None if tag is None else str(self.ckpt_dir / tag)
 
     def save(self, step: int) -> None:
-        if step == self.start_step and self.resumed_from is not None:  # resumed at max_steps: no step taken
-            log.info("checkpoint %s is the one this run resumed from and no step was taken since: kept as it is",
-                     self.ckpt_dir / self.resumed_from)
+        # resumed at max_steps: no step taken
+        if step == self.start_step and self.resumed_from is not None:
+            log.info(
+                "checkpoint %s is the one this run resumed from and no step was taken since: kept as it is",
+                self.ckpt_dir / self.resumed_from,
+            )
             return
         if self.watch.last_step_bad:  # never replace the last good checkpoint with a diverged state
-            log.warning("step %d had non-finite values: not saving a checkpoint from it (the last good one stays: %s)",
-                        step, self.last_checkpoint())
+            log.warning(
+                "step %d had non-finite values: not saving a checkpoint from it (the last good one stays: %s)",
+                step,
+                self.last_checkpoint(),
+            )
             return
         state = {"data": self.batches.state(), "step": step}
         # the first checkpoint's size, for the free-space check: the weights as stored, plus an fp32
@@ -338,12 +409,18 @@ class Trainer:
             if s.save_every and step % s.save_every == 0 and step != s.max_steps:
                 self.save(step)
         bar.close()
-        folds = self.engine.adds_proxy_term()
-        trained = self.evaluate(generate=not folds)  # with a fold, the losses suffice to say what it cost
-        self.save(s.max_steps)  # the exact training state: a resume continues as an uninterrupted run would
+        folds = self.merge_hook is not None and self.merge_hook.needs_fold
+        # with a fold, the losses suffice to say what it cost
+        trained = self.evaluate(generate=not folds)
+        # the exact training state: a resume continues as an uninterrupted run would
+        self.save(s.max_steps)
         after = self.fold_and_evaluate(trained) if folds else trained
         self.log_record({"step": s.max_steps, **after})
-        return {"before": before, "after": after, "tokens_per_s": float(np.median(speeds)) if speeds else None}
+        return {
+            "before": before,
+            "after": after,
+            "tokens_per_s": float(np.median(speeds)) if speeds else None,
+        }
 
     def log_record(self, record: dict[str, Any], progress: str | None = None) -> None:
         if not self.is_main:
@@ -352,8 +429,12 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self.tensorboard is not None:
-            self.tensorboard.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            self.tensorboard.log(
+                {k: v for k, v in record.items() if k != "step"}, step=record["step"]
+            )
+        line = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+        )
         log.info("%s%s", f"[{progress}] " if progress else "", line)
 
     def export(self) -> Path | None:
@@ -365,7 +446,9 @@ class Trainer:
         # where it came from (falqon_run.json), for launch/eval.py wherever the export is copied
         origin = {"run_dir": self.run_dir, "tag": checkpoint.tag_for(step), "step": step,
                   "base_model": self.model_path, "config": self.resolved_config}  # fmt: skip
-        export_fp8(self.engine.module, out, tokenizer=self.tokenizer, overwrite=True, run_info=origin)
+        export_fp8(
+            self.engine.module, out, tokenizer=self.tokenizer, overwrite=True, run_info=origin
+        )
         log.info("exported FP8 model to %s", out)
         return out
 
@@ -384,11 +467,20 @@ class Trainer:
             f"ZeRO-{self.settings.deepspeed.zero_stage})",
             "-" * 64,
             f" eval loss          {fmt('eval_loss', before):>10} -> {fmt('eval_loss', after):>10}",
-            *(f"   {key[len('eval_loss/'):]:<16} {fmt(key, before):>10} -> {fmt(key, after):>10}"
-              for key in after if key.startswith("eval_loss/")),
+            *(
+                f"   {key[len('eval_loss/') :]:<16} {fmt(key, before):>10} -> {fmt(key, after):>10}"
+                for key in after
+                if key.startswith("eval_loss/")
+            ),
             f" eval exact match   {fmt('eval_exact_match', before):>10} -> {fmt('eval_exact_match', after):>10}",
-            *([f" as trained (B live){'':>10} -> {fmt(BEFORE_FOLD + 'eval_loss', after):>10}  (the above: as exported, "
-               "B folded into FP8)"] if BEFORE_FOLD + "eval_loss" in after else []),
+            *(
+                [
+                    f" as trained (B live){'':>10} -> {fmt(BEFORE_FOLD + 'eval_loss', after):>10}"
+                    "  (the above: as exported, B folded into FP8)"
+                ]
+                if BEFORE_FOLD + "eval_loss" in after
+                else []
+            ),
             f" tokens/s (median)  {result['tokens_per_s'] or 0:>10.1f}",
             f" run directory      {self.run_dir}",
         ]
@@ -396,7 +488,8 @@ class Trainer:
             lines.append(f" FP8 export         {export_dir}")
         lines.append("=" * 64)
         print("\n".join(lines), flush=True)
-        with open_no_follow(self.run_dir / "train.log", "a") as handle:  # the summary stays with the run, not only on stdout
+        # the summary stays with the run, not only on stdout
+        with open_no_follow(self.run_dir / "train.log", "a") as handle:
             handle.write("\n".join(lines[1:]) + "\n")
         if self.wandb is not None:
             self.wandb.summary({f"final_{k}": v for k, v in after.items()})
@@ -416,7 +509,8 @@ def ranks_failure(failed: dict[int, str], world: int, what: str) -> str:
     if len(failed) == world and len(set(failed.values())) == 1:
         return next(iter(failed.values()))
     return f"{what} failed on {len(failed)} of {world} ranks: " + "; ".join(
-        f"rank {rank}: {message}" for rank, message in sorted(failed.items()))
+        f"rank {rank}: {message}" for rank, message in sorted(failed.items())
+    )
 
 
 def report(message: str, kind: str = "error", *, this_rank: bool = False) -> None:
@@ -474,9 +568,11 @@ def run(cfg: DictConfig) -> None:
         report(str(exc), this_rank=True)
         code, alone = 1, True  # only this rank failed: its peers may wait inside DeepSpeed's save
     except Preempted as exc:
-        report(f"{exc} (checkpoint: {trainer.last_checkpoint()})", kind="stopped")
+        last = trainer.last_checkpoint() if trainer is not None else None
+        report(f"{exc} (checkpoint: {last})", kind="stopped")
         code = 128 + exc.signum
-    except Exception as exc:  # a bug or an environment failure on this rank: said once, traced to a file
+    # a bug or an environment failure on this rank: said once, traced to a file
+    except Exception as exc:
         report_crash(exc, trainer.run_dir if trainer is not None else _existing_dir(cfg))
         code, alone = 1, True
     finally:
@@ -484,7 +580,8 @@ def run(cfg: DictConfig) -> None:
             trainer.cleanup()
         if tdist.is_initialized() and not alone:
             barrier("finish the run (rank 0 writes the summary and export)")
-        if tdist.is_initialized():  # a rank that failed alone leaves at once: the launcher ends its peers
+        # a rank that failed alone leaves at once: the launcher ends its peers
+        if tdist.is_initialized():
             tdist.destroy_process_group()
     if code:
         raise SystemExit(code)

@@ -20,7 +20,7 @@ import socket
 import stat
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from falqon_dist.files import write_atomic
 
@@ -51,18 +51,31 @@ def load_key_file() -> bool:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().strip().splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
-        log.warning("W&B key file %s cannot be read (%s): W&B goes on without the key; the file must be at the "
-                    "same path on rank 0's host (launch/multinode.sh: FALQON_SECRETS_DIR on a shared file system)",
-                    where, reason)  # fmt: skip
+        reason = (
+            error.strerror
+            if isinstance(error, OSError) and error.strerror
+            else type(error).__name__
+        )
+        log.warning(
+            "W&B key file %s cannot be read (%s): W&B goes on without the key; the file must be at the "
+            "same path on rank 0's host (launch/multinode.sh: FALQON_SECRETS_DIR on a shared file system)",
+            where,
+            reason,
+        )
         return False
     if len(lines) != 1 or not lines[0].strip():
-        log.warning("W&B key file %s holds %s, not one line with the key: W&B goes on without the key", where,
-                    "nothing" if not lines else f"{len(lines)} lines")  # fmt: skip
+        log.warning(
+            "W&B key file %s holds %s, not one line with the key: W&B goes on without the key",
+            where,
+            "nothing" if not lines else f"{len(lines)} lines",
+        )
         return False
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("W&B key file %s is readable by other users (mode %o): make it 0600 (launch/multinode.sh does)",
-                    where, stat.S_IMODE(mode))  # fmt: skip
+        log.warning(
+            "W&B key file %s is readable by other users (mode %o): make it 0600 (launch/multinode.sh does)",
+            where,
+            stat.S_IMODE(mode),
+        )
     os.environ["WANDB_API_KEY"] = lines[0].strip()
     log.info("W&B key read from %s (%s)", path, KEY_FILE_VAR)
     return True
@@ -79,18 +92,21 @@ def has_credentials() -> bool:
     return rc.authenticators(host) is not None
 
 
-def resolve_mode(mode: str) -> str:
+def resolve_mode(mode: str) -> Literal["online", "offline", "disabled"]:
+    """``wandb.mode`` as ``wandb.init`` takes it: ``auto`` is online with credentials, else offline."""
     if mode not in VALID_MODES:
         raise ValueError(f"wandb.mode must be one of {VALID_MODES}, got {mode!r}")
     if mode == "auto":
         return "online" if has_credentials() else "offline"
-    return mode
+    return cast(Literal["online", "offline", "disabled"], mode)
 
 
 class WandbLogger:
     """Thin, failure-proof wrapper around one ``wandb`` run."""
 
-    def __init__(self, settings: dict[str, Any], run_dir: Path, config: dict[str, Any], enabled: bool) -> None:
+    def __init__(
+        self, settings: dict[str, Any], run_dir: Path, config: dict[str, Any], enabled: bool
+    ) -> None:
         self.run = None
         if not enabled:
             return

@@ -19,15 +19,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(script: Path, *args: str, nproc: int = 2, timeout: int = 600, launcher: str = "torchrun") -> str:
+def run_ranks(
+    script: Path, *args: str, nproc: int = 2, timeout: int = 600, launcher: str = "torchrun"
+) -> str:
     """``torchrun --nproc_per_node nproc script args`` (or ``deepspeed --num_gpus nproc
     --no_local_rank``, which also exports LOCAL_SIZE); returns combined output, asserts exit 0."""
     if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+        ]
     elif launcher == "deepspeed":
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), "--no_local_rank"]  # fmt: skip
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            "--no_local_rank",
+        ]
     else:
         raise ValueError(launcher)
     cmd += [str(script), *args]

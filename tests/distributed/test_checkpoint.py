@@ -16,3 +16,4 @@ HERE = Path(__file__).parent
 def test_checkpoint_round_trip(stage, tmp_path):
     output = run_ranks(HERE / "worker_checkpoint.py", str(stage), str(tmp_path / "ckpt"))
     assert f"CHECK stage{stage} checkpoint-round-trip ok" in output, output[-4000:]
+    assert f"CHECK stage{stage} checkpoint-rank0-decides ok" in output, output[-4000:]

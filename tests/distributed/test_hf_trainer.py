@@ -20,5 +20,7 @@ def test_falqon_callback_in_the_hf_trainer_with_deepspeed(stage, tmp_path):
     output = run_ranks(HERE / "worker_hf_trainer.py", str(stage), str(tmp_path))
     for check in CHECKS:
         assert f"CHECK hf-trainer {check} ok" in output, (check, output[-4000:])
-    changed = set(re.findall(r"CHECK hf-trainer merged ok \(rank \d: (\d+) bytes changed\)", output))
+    changed = set(
+        re.findall(r"CHECK hf-trainer merged ok \(rank \d: (\d+) bytes changed\)", output)
+    )
     assert len(changed) == 1, changed  # both ranks hold the same backbone

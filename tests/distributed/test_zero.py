@@ -1,15 +1,16 @@
 """FALQON under DeepSpeed ZeRO 0–3 on 2 gloo ranks (bf16 off and on, grad accumulation, clipping).
 
-Each stage runs ``worker_zero.py`` once; the worker checks, for bf16 off and on: merges only at
+Each stage runs ``worker_zero.py`` once; the worker drives DeepSpeed's own engine and FALQON's
+post-optimizer hook as the trainer does, and checks, for bf16 off and on: merges only at
 accumulation boundaries, bit-identical backbone bytes across ranks (sha256 digest all-gathered),
 the fp32 master copy of B zeroed, scales float32 and unchanged, partition sizes (ZeRO-3), and that the
-distributed merge writes exactly the bytes of a single-process merge for the same B, with nearest and
-with stochastic rounding (the noise is a pure function of the element index, each ZeRO-3 rank uses
-its slice), and with ``unmerged="keep"`` (the fp32 master then holds exactly the unmerged rows) with
-and without ``carry_residual`` (the carried merged rows equal the single-process merge's), and with
-``topk="all"`` (every row; under ZeRO-3 nothing of W gathered, the carry summed over the slices);
-and that nothing non-finite reaches the backbone through the engine: a NaN loss, and NaN/inf in
-B's master at a merge (those rows keep their bytes, counted, the master zeroed there).
+distributed merge writes exactly the bytes of a single-process merge for the same B, for every merge
+recipe: ``paper`` and ``topk_keep`` with nearest and with stochastic rounding (the noise is a pure
+function of the element index, each ZeRO-3 rank uses its slice; the fp32 master then holds exactly
+the unmerged rows), ``topk_carry`` (the carried merged rows equal the single-process merge's) and
+``every_row`` (every row; under ZeRO-3 nothing of W gathered, the carry summed over the slices);
+and that nothing non-finite reaches the backbone: a NaN loss, and NaN/inf in B's master at a merge
+(those rows keep their bytes, counted, the master zeroed there).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ CHECKS = [
     "accumulation-boundaries",
     "replica-identity",
     "master-zeroed",
-    "merge-bytes-match-reference",
-    "stochastic-merge-bytes-match-reference",
-    "keep-merge-bytes-match-reference",
-    "keep-carry-merge-bytes-match-reference",
-    "keep-carry-all-rows-merge-bytes-match-reference",
-    "stochastic-carry-all-rows-merge-bytes-match-reference",
+    "paper-merge-bytes-match-reference",
+    "stochastic-paper-merge-bytes-match-reference",
+    "topk_keep-merge-bytes-match-reference",
+    "stochastic-topk_keep-merge-bytes-match-reference",
+    "topk_carry-merge-bytes-match-reference",
+    "every_row-merge-bytes-match-reference",
     "nonfinite-never-reaches-the-backbone",
 ]
 

@@ -26,10 +26,15 @@ import torch.distributed as tdist
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
 import falqon_dist as fd
-from falqon_dist.distributed import initialize
-from falqon_dist.export import export_fp8
-from falqon_dist.export import exporter
-from tests.distributed.worker_zero import RANK_CFG, batch, ds_config, tiny_llama
+from falqon_dist.export import export_fp8, exporter
+from tests.distributed.worker_zero import (
+    RANK_CFG,
+    batch,
+    build_engine,
+    ds_config,
+    optimizer_step,
+    tiny_llama,
+)
 
 
 def say(name: str) -> None:
@@ -43,11 +48,14 @@ def all_ranks(value):
     return gathered
 
 
-def train_steps(engine, steps: int, offset: int = 0) -> None:
+def train_steps(engine, hook, steps: int, offset: int = 0) -> dict[str, int]:
+    """``steps`` optimizer steps, each merged by the hook; the last merge's statistics."""
+    last = None
     for micro in range(steps * engine.gradient_accumulation_steps()):
         ids = batch(offset + micro)
         engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
+        last = optimizer_step(engine, hook) or last
+    return last.to_dict()
 
 
 def resident_numel(model) -> int:
@@ -78,7 +86,11 @@ def instrumented_export(model):
             record["staged"] += 1
             super().__init__(*args, **kwargs)
 
-    exporter.gathered, exporter.ShardWriter, exporter.StagedDirectory = gathered, CountingWriter, CountingStaging
+    exporter.gathered, exporter.ShardWriter, exporter.StagedDirectory = (
+        gathered,
+        CountingWriter,
+        CountingStaging,
+    )
     try:
         yield record
     finally:
@@ -89,7 +101,8 @@ def single_process_copy(module) -> torch.nn.Module:
     """A non-partitioned model holding exactly ``module``'s (gathered) parameters and buffers."""
     reference = tiny_llama()
     fd.convert_model(reference, RANK_CFG)
-    reference.to(torch.bfloat16)  # what DeepSpeed's bf16 mode does (uint8 codes and fp32 scales stay)
+    # what DeepSpeed's bf16 mode does (uint8 codes and fp32 scales stay)
+    reference.to(torch.bfloat16)
     ref_params = dict(reference.named_parameters())
     for name, param in module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
@@ -111,12 +124,14 @@ def main(out_root: Path) -> None:
     rank = tdist.get_rank()
     model = tiny_llama()
     fd.convert_model(model, RANK_CFG)
-    engine = initialize(model, ds_config(3, True))
-    train_steps(engine, 2)
+    engine, hook = build_engine(model, ds_config(3, True))
+    train_steps(engine, hook, 2)
     module = engine.module
     assert all(hasattr(p, "ds_id") for p in module.parameters())
 
-    largest_module = max(sum(p.ds_numel for p in m.parameters(recurse=False)) for m in module.modules())
+    largest_module = max(
+        sum(p.ds_numel for p in m.parameters(recurse=False)) for m in module.modules()
+    )
     total = sum(p.ds_numel for p in module.parameters())
     resident_before = resident_numel(module)
     out = out_root / "zero3"
@@ -126,7 +141,9 @@ def main(out_root: Path) -> None:
 
     # only rank 0 stages and writes; every rank took part in the same gathers
     records = all_ranks(record)
-    assert [r["staged"] for r in records] == [1, 0] and [r["writers"] for r in records] == [1, 0], records
+    assert [r["staged"] for r in records] == [1, 0] and [r["writers"] for r in records] == [1, 0], (
+        records
+    )
     assert len({r["gathers"] for r in records}) == 1 and records[0]["gathers"] > 0, records
     leftovers = [p.name for p in out_root.iterdir() if p.name.startswith(".")]
     assert not leftovers, f"staging leftovers: {leftovers}"
@@ -139,8 +156,11 @@ def main(out_root: Path) -> None:
     assert resident_numel(module) == 0, "parameters left gathered after export"
     say("module-by-module")
     if rank == 0:
-        print(f"peak resident during export: {records[0]['peak_resident']} of {total} elements "
-              f"(largest module {largest_module})", flush=True)  # fmt: skip
+        print(
+            f"peak resident during export: {records[0]['peak_resident']} of {total} elements "
+            f"(largest module {largest_module})",
+            flush=True,
+        )
 
     # bit-identical to a single-process export of the same weights (every rank calls export_fp8: it
     # broadcasts rank 0's checks; the copy is not partitioned, so nothing is gathered)
@@ -159,8 +179,8 @@ def main(out_root: Path) -> None:
     tdist.barrier()
     say("bitwise-single-process")
 
-    train_steps(engine, 1, offset=100)
-    assert engine.global_steps == 3 and engine.last_merge_stats.to_dict()["rows_merged"] > 0
+    stats = train_steps(engine, hook, 1, offset=100)
+    assert engine.global_steps == 3 and stats["rows_merged"] > 0
     assert resident_numel(module) == 0 and all(p.data.numel() == 0 for p in module.parameters())
     say("trains-after-export")
 

@@ -44,7 +44,10 @@ class MasterProbe(TrainerCallback):
             master = masters.read_full(layer.B).cpu()
             with gathered([layer.B]):
                 param = layer.B.detach().float().cpu().reshape(master.shape)
-            assert torch.allclose(master, param, atol=1e-6), (name, float((master - param).abs().max()))
+            assert torch.allclose(master, param, atol=1e-6), (
+                name,
+                float((master - param).abs().max()),
+            )
             assert 0 < master.abs().max() < args.learning_rate, (name, float(master.abs().max()))
         self.checked = True
 
@@ -55,17 +58,29 @@ def main(stage: int, out: Path) -> None:
     initial = {name: layer.qweight.detach().clone() for name, layer in fd.falqon_layers(model)}
     ds_config = {
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "train_batch_size": 4,
-        "gradient_clipping": "auto", "steps_per_print": 10**9,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": 4,
+        "gradient_clipping": "auto",
+        "steps_per_print": 10**9,
     }
     # accelerate runs DeepSpeed only on an accelerator device; on CPU ranks it needs the state set up
     # the way `accelerate launch` would (DeepSpeed, gloo), which the Trainer then reuses.
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
     args = TrainingArguments(
-        output_dir=str(out / "trainer"), max_steps=STEPS, per_device_train_batch_size=2, learning_rate=0.05,
-        lr_scheduler_type="constant", weight_decay=0.0, report_to=[], save_strategy="no", logging_steps=1,
-        disable_tqdm=True, deepspeed=ds_config, accelerator_config={"use_configured_state": True},
+        output_dir=str(out / "trainer"),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        deepspeed=ds_config,
+        accelerator_config={"use_configured_state": True},
     )
     callback = FalqonCallback(export_dir=out / "fp8")
     probe = MasterProbe()
@@ -73,12 +88,16 @@ def main(stage: int, out: Path) -> None:
     trainer.train()
     rank = tdist.get_rank()
 
-    merged = [e["falqon/rows_merged"] for e in trainer.state.log_history if "falqon/rows_merged" in e]
+    merged = [
+        e["falqon/rows_merged"] for e in trainer.state.log_history if "falqon/rows_merged" in e
+    ]
     assert len(merged) == STEPS and all(m > 0 for m in merged), trainer.state.log_history
     layers = fd.falqon_layers(model)
     with gathered([layer.qweight for _, layer in layers]):
         changed = sum(int((layer.qweight.cpu() != initial[name]).sum()) for name, layer in layers)
-        bits = torch.cat([layer.qweight.detach().reshape(-1).cpu().to(torch.int64) for _, layer in layers])
+        bits = torch.cat(
+            [layer.qweight.detach().reshape(-1).cpu().to(torch.int64) for _, layer in layers]
+        )
     assert changed > 0
     print(f"CHECK hf-trainer merged ok (rank {rank}: {changed} bytes changed)", flush=True)
     everyone = [torch.zeros_like(bits) for _ in range(tdist.get_world_size())]
@@ -93,8 +112,9 @@ def main(stage: int, out: Path) -> None:
     if rank == 0:
         from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-        loaded = AutoModelForCausalLM.from_pretrained(out / "fp8", quantization_config=CompressedTensorsConfig(
-            dequantize=True))
+        loaded = AutoModelForCausalLM.from_pretrained(
+            out / "fp8", quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
         assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
         print("CHECK hf-trainer exported ok", flush=True)
 

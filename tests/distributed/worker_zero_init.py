@@ -16,9 +16,16 @@ import torch.distributed as tdist
 from transformers import AutoModelForCausalLM
 
 import falqon_dist as fd
-from falqon_dist.distributed import initialize
 from falqon_dist.distributed.zero3_init import load_pretrained_zero3
-from tests.distributed.worker_zero import batch, ds_config, full_qweights, say, tiny_llama
+from tests.distributed.worker_zero import (
+    batch,
+    build_engine,
+    ds_config,
+    full_qweights,
+    optimizer_step,
+    say,
+    tiny_llama,
+)
 
 CFG = fd.FalqonConfig(rank=8, backend="emulated")
 
@@ -44,14 +51,23 @@ if __name__ == "__main__":
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     fd.convert_model(reference, CFG)
     for (_, ref), full in zip(fd.falqon_layers(reference), full_qweights(model)):
-        assert torch.equal(ref.qweight, full), "sharded conversion differs from single-process conversion"
+        assert torch.equal(ref.qweight, full), (
+            "sharded conversion differs from single-process conversion"
+        )
     say("zero-init bytes-match-single-process")
 
-    engine = initialize(model, config)
+    engine, hook = build_engine(model, config, CFG)
+    merges = []
     for micro in range(4):
         ids = batch(micro)
         engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-    assert engine.global_steps == 2 and engine.last_merge_stats.to_dict()["rows_merged"] > 0
+        merges.append(optimizer_step(engine, hook))
+    assert engine.global_steps == 2 and [m is not None for m in merges] == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert merges[-1].to_dict()["rows_merged"] > 0
     say("zero-init trains")
     tdist.barrier()

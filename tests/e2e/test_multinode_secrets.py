@@ -35,7 +35,7 @@ SECRET_SHA = hashlib.sha256(SECRET.encode()).hexdigest()
 #: Runs the remote command of DeepSpeed's pdsh launch on every host as ssh would (the arguments joined
 #: into one shell command, %n the host's index, a login environment: nothing of the launcher's), after
 #: recording argv, environment and the forwarded key file (its sha256 and mode, never its text).
-STAND_IN_PDSH = textwrap.dedent('''\
+STAND_IN_PDSH = textwrap.dedent("""\
     #!{python}
     import hashlib, json, os, re, subprocess, sys
     args = sys.argv[1:]
@@ -52,11 +52,11 @@ STAND_IN_PDSH = textwrap.dedent('''\
     login = {{"HOME": os.environ["HOME"], "PATH": {path!r}, "LANG": "C.UTF-8", "USER": "falqon-test"}}
     procs = [subprocess.Popen(["bash", "-c", command.replace("%n", str(i))], env=login) for i in range(len(hosts))]
     sys.exit(max(p.wait() for p in procs))
-''')
+""")
 
 #: A stand-in ``deepspeed``: records its argv, its environment, the env file DS_ENV_FILE names and
 #: the key file that one names (sha256 and mode), then exits with $STAND_IN_RC.
-STAND_IN_DEEPSPEED = textwrap.dedent('''\
+STAND_IN_DEEPSPEED = textwrap.dedent("""\
     #!{python}
     import hashlib, json, os, sys
     env_file = os.environ.get("DS_ENV_FILE")
@@ -72,7 +72,7 @@ STAND_IN_DEEPSPEED = textwrap.dedent('''\
                    "env_file_mode": os.stat(env_file).st_mode & 0o777 if env_file else None,
                    "key_file": key_file, "key_path": key}}, out)
     sys.exit(int(os.environ.get("STAND_IN_RC", "0")))
-''')
+""")
 
 
 def write_exe(path: Path, text: str) -> Path:
@@ -105,8 +105,14 @@ def home(tmp_path):
 
 
 def script_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "HOME": str(home), "WANDB_API_KEY": SECRET, "OMP_NUM_THREADS": "1",
-           "PYTHONWARNINGS": "ignore", **extra}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "WANDB_API_KEY": SECRET,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        **extra,
+    }
     env.pop("FALQON_SECRETS_DIR", None)
     env.pop("DS_ENV_FILE", None)
     return env
@@ -117,23 +123,43 @@ def script_env(home: Path, **extra: str) -> dict[str, str]:
 
 def test_the_script_forwards_a_0600_key_file_by_path_and_removes_both_files(tmp_path, home):
     record = tmp_path / "deepspeed.json"
-    fake = write_exe(tmp_path / "deepspeed", STAND_IN_DEEPSPEED.format(python=sys.executable, record=str(record)))
+    fake = write_exe(
+        tmp_path / "deepspeed", STAND_IN_DEEPSPEED.format(python=sys.executable, record=str(record))
+    )
     (home / ".deepspeed_env").write_text("NCCL_DEBUG=INFO\n\nFALQON_CACHE=/somewhere\n")
     before = repo_env_file()
     env = script_env(home, DEEPSPEED=str(fake), WANDB_PROJECT="proj", WANDB_MODE="offline")
-    proc = processes.run(["bash", SCRIPT, "hosts", "--master_port", "29600", "--", "train.lr=1"], cwd=REPO, env=env,
-                         timeout=60)
+    proc = processes.run(
+        ["bash", SCRIPT, "hosts", "--master_port", "29600", "--", "train.lr=1"],
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     seen = json.loads(record.read_text())
-    assert seen["argv"][1:] == ["--hostfile", "hosts", "--master_port", "29600", "launch/train.py", "train.lr=1"]
+    assert seen["argv"][1:] == [
+        "--hostfile",
+        "hosts",
+        "--master_port",
+        "29600",
+        "launch/train.py",
+        "train.lr=1",
+    ]
     secrets = home / ".cache" / "falqon_dist" / "secrets"
     assert Path(seen["env_file"]).parent == secrets and seen["env_file_mode"] == 0o600
-    assert seen["lines"][:2] == ["NCCL_DEBUG=INFO", "FALQON_CACHE=/somewhere"]  # ~/.deepspeed_env still applies
+    assert seen["lines"][:2] == [
+        "NCCL_DEBUG=INFO",
+        "FALQON_CACHE=/somewhere",
+    ]  # ~/.deepspeed_env still applies
     assert "WANDB_PROJECT=proj" in seen["lines"] and "WANDB_MODE=offline" in seen["lines"]
     assert seen["lines"][-1] == f"PYTHONPATH={REPO}"
-    assert Path(seen["key_path"]).parent == secrets and seen["key_file"]["inherited"] == seen["key_path"]
+    assert (
+        Path(seen["key_path"]).parent == secrets
+        and seen["key_file"]["inherited"] == seen["key_path"]
+    )
     assert seen["key_file"]["sha256"] == SECRET_SHA and seen["key_file"]["mode"] == 0o600
-    assert "WANDB_API_KEY" not in seen["env"]  # every rank gets the key from the file, local ones too
+    # every rank gets the key from the file, local ones too
+    assert "WANDB_API_KEY" not in seen["env"]
     assert SECRET not in json.dumps(seen) and SECRET not in proc.stdout + proc.stderr
     assert list(secrets.iterdir()) == []  # both temporary files removed at exit
     assert repo_env_file() == before  # ./.deepspeed_env neither written nor read
@@ -142,7 +168,9 @@ def test_the_script_forwards_a_0600_key_file_by_path_and_removes_both_files(tmp_
 
 def test_no_key_no_key_file_and_a_failing_launcher_still_cleans_up(tmp_path, home):
     record = tmp_path / "deepspeed.json"
-    fake = write_exe(tmp_path / "deepspeed", STAND_IN_DEEPSPEED.format(python=sys.executable, record=str(record)))
+    fake = write_exe(
+        tmp_path / "deepspeed", STAND_IN_DEEPSPEED.format(python=sys.executable, record=str(record))
+    )
     env = script_env(home, DEEPSPEED=str(fake), STAND_IN_RC="3")
     env.pop("WANDB_API_KEY")
     secrets = tmp_path / "shared-secrets"
@@ -150,7 +178,9 @@ def test_no_key_no_key_file_and_a_failing_launcher_still_cleans_up(tmp_path, hom
     proc = processes.run(["bash", SCRIPT, "hosts", "train.lr=1"], cwd=REPO, env=env, timeout=60)
     assert proc.returncode == 3  # the launcher's status
     seen = json.loads(record.read_text())
-    assert seen["key_path"] is None and not any(line.startswith("FALQON_WANDB_KEY_FILE") for line in seen["lines"])
+    assert seen["key_path"] is None and not any(
+        line.startswith("FALQON_WANDB_KEY_FILE") for line in seen["lines"]
+    )
     assert Path(seen["env_file"]).parent == secrets and list(secrets.iterdir()) == []
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
 
@@ -158,7 +188,9 @@ def test_no_key_no_key_file_and_a_failing_launcher_still_cleans_up(tmp_path, hom
 @pytest.mark.parametrize("where", ["home", "ds_env_file"])
 def test_an_env_file_holding_the_key_is_refused_naming_it(where, tmp_path, home):
     record = tmp_path / "deepspeed.json"
-    fake = write_exe(tmp_path / "deepspeed", STAND_IN_DEEPSPEED.format(python=sys.executable, record=str(record)))
+    fake = write_exe(
+        tmp_path / "deepspeed", STAND_IN_DEEPSPEED.format(python=sys.executable, record=str(record))
+    )
     env = script_env(home, DEEPSPEED=str(fake))
     target = home / ".deepspeed_env" if where == "home" else tmp_path / "my_env"
     if where == "ds_env_file":
@@ -166,8 +198,10 @@ def test_an_env_file_holding_the_key_is_refused_naming_it(where, tmp_path, home)
     target.write_text(f"NCCL_DEBUG=INFO\n  WANDB_API_KEY={SECRET}\n")
     proc = processes.run(["bash", SCRIPT, "hosts", "train.lr=1"], cwd=REPO, env=env, timeout=60)
     assert proc.returncode == 2 and not record.exists()  # refused before the launcher starts
-    assert proc.stderr.startswith(f"launch/multinode.sh: error: {target} holds WANDB_API_KEY: DeepSpeed would put it "
-                                  "on pdsh's command line"), proc.stderr
+    assert proc.stderr.startswith(
+        f"launch/multinode.sh: error: {target} holds WANDB_API_KEY: DeepSpeed would put it "
+        "on pdsh's command line"
+    ), proc.stderr
     assert SECRET not in proc.stdout + proc.stderr
 
 
@@ -192,26 +226,41 @@ def test_rank_0_reads_the_key_file_into_its_environment_never_logging_it(tmp_pat
     assert os.environ["WANDB_API_KEY"] == SECRET and has_credentials()
     assert [r.getMessage() for r in caplog.records] == [f"W&B key read from {key} ({KEY_FILE_VAR})"]
     key.write_text("other\n")
-    assert load_key_file() is False and os.environ["WANDB_API_KEY"] == SECRET  # a key already set wins
+    # a key already set wins
+    assert load_key_file() is False and os.environ["WANDB_API_KEY"] == SECRET
 
 
-@pytest.mark.parametrize("case, words", [("missing", "cannot be read (No such file or directory)"),
-                                         ("empty", "holds nothing, not one line with the key"),
-                                         ("two-lines", "holds 2 lines, not one line with the key"),
-                                         ("world-readable", "is readable by other users (mode 644)")])
-def test_a_key_file_that_does_not_fit_is_a_warning_naming_it(case, words, tmp_path, key_env, caplog):
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("missing", "cannot be read (No such file or directory)"),
+        ("empty", "holds nothing, not one line with the key"),
+        ("two-lines", "holds 2 lines, not one line with the key"),
+        ("world-readable", "is readable by other users (mode 644)"),
+    ],
+)
+def test_a_key_file_that_does_not_fit_is_a_warning_naming_it(
+    case, words, tmp_path, key_env, caplog
+):
     from falqon_dist.train.wandb_logger import KEY_FILE_VAR, load_key_file
 
     key = tmp_path / "key"
     if case != "missing":
-        key.write_text({"empty": "\n", "two-lines": f"{SECRET}\nmore\n", "world-readable": SECRET}[case])
+        key.write_text(
+            {"empty": "\n", "two-lines": f"{SECRET}\nmore\n", "world-readable": SECRET}[case]
+        )
         key.chmod(0o644 if case == "world-readable" else 0o600)
     key_env.setenv(KEY_FILE_VAR, str(key))
     with caplog.at_level(logging.INFO, logger="falqon_dist"):
         loaded = load_key_file()
-    assert loaded is (case == "world-readable") and (os.environ.get("WANDB_API_KEY") == SECRET) is loaded
+    assert (
+        loaded is (case == "world-readable")
+        and (os.environ.get("WANDB_API_KEY") == SECRET) is loaded
+    )
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and f"{KEY_FILE_VAR}={key} on " in warnings[0] and words in warnings[0], warnings
+    assert (
+        len(warnings) == 1 and f"{KEY_FILE_VAR}={key} on " in warnings[0] and words in warnings[0]
+    ), warnings
     assert all(SECRET not in r.getMessage() for r in caplog.records)
 
 
@@ -228,34 +277,67 @@ def test_through_deepspeeds_pdsh_launch_the_key_is_on_no_command_line_log_or_fil
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     login_path = f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"
-    write_exe(bin_dir / "pdsh", STAND_IN_PDSH.format(python=sys.executable, record=str(record), path=login_path))
+    write_exe(
+        bin_dir / "pdsh",
+        STAND_IN_PDSH.format(python=sys.executable, record=str(record), path=login_path),
+    )
     # what a user keeps in ~/.deepspeed_env for the remote ranks (the tiny model's cache, threads)
     (home / ".deepspeed_env").write_text(f"FALQON_CACHE={MODEL_CACHE}\nOMP_NUM_THREADS=1\n")
     (tmp_path / "hostfile").write_text("remote-host slots=1\n")
     run_dir = tmp_path / "run"
     before = repo_env_file()
-    env = script_env(home, PATH=f"{bin_dir}:{VENV_BIN}:{os.environ.get('PATH', '')}", WANDB_MODE="offline")
+    env = script_env(
+        home, PATH=f"{bin_dir}:{VENV_BIN}:{os.environ.get('PATH', '')}", WANDB_MODE="offline"
+    )
     proc = processes.run(
-        ["bash", SCRIPT, str(tmp_path / "hostfile"), "--force_multi", "--no_ssh_check", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "--", *QUICK, "train.max_steps=1", "train.eval_generate_samples=0",
-         "logger=wandb", "wandb.mode=offline", f"run.dir={run_dir}"],
-        cwd=REPO, env=env, timeout=600)
+        [
+            "bash",
+            SCRIPT,
+            str(tmp_path / "hostfile"),
+            "--force_multi",
+            "--no_ssh_check",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "--",
+            *QUICK,
+            "train.max_steps=1",
+            "train.eval_generate_samples=0",
+            "logger=wandb",
+            "wandb.mode=offline",
+            f"run.dir={run_dir}",
+        ],
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
 
     seen = json.loads(record.read_text())
-    assert seen["argv"][1:6] == ["-S", "-f", "1024", "-w", "remote-host"]  # DeepSpeed's pdsh command, for real
+    assert seen["argv"][1:6] == [
+        "-S",
+        "-f",
+        "1024",
+        "-w",
+        "remote-host",
+    ]  # DeepSpeed's pdsh command, for real
     assert not any(SECRET in arg for arg in seen["argv"]), "the key is on pdsh's command line"
     assert SECRET not in json.dumps(seen["env"]) and "WANDB_API_KEY" not in seen["env"]
     forwarded = " ".join(seen["argv"])
     secrets = home / ".cache" / "falqon_dist" / "secrets"
     assert f"export FALQON_WANDB_KEY_FILE={secrets}/wandb_key." in forwarded
-    assert f"export FALQON_CACHE={MODEL_CACHE};" in forwarded  # ~/.deepspeed_env still reaches the ranks
+    # ~/.deepspeed_env still reaches the ranks
+    assert f"export FALQON_CACHE={MODEL_CACHE};" in forwarded
     assert seen["key_file"]["sha256"] == SECRET_SHA and seen["key_file"]["mode"] == 0o600
 
-    assert "cmd = pdsh" in output and SECRET not in output  # DeepSpeed's INFO line: the path, not the key
+    # DeepSpeed's INFO line: the path, not the key
+    assert "cmd = pdsh" in output and SECRET not in output
     log = (run_dir / "train.log").read_text()
-    assert f"W&B key read from {seen['key_file']['path']} (FALQON_WANDB_KEY_FILE)" in log, log[-3000:]
+    assert f"W&B key read from {seen['key_file']['path']} (FALQON_WANDB_KEY_FILE)" in log, log[
+        -3000:
+    ]
     assert "offline mode" in log and SECRET not in log
     assert not Path(seen["key_file"]["path"]).exists() and list(secrets.iterdir()) == []
     assert files_holding(tmp_path, SECRET) == []  # run dir (wandb/ included), home, records

@@ -45,15 +45,24 @@ def tampered_copy(run_dir: Path, where: Path) -> tuple[Path, Path, Path]:
     """A copy of ``run_dir`` whose model-states file carries the payload; (copy, file, marker)."""
     copy = where / "run"
     shutil.copytree(run_dir, copy)
-    states = copy / "checkpoints" / f"step_{STEPS:08d}" / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3
+    states = (
+        copy / "checkpoints" / f"step_{STEPS:08d}" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    )  # ZeRO-3
     marker = where / "payload-ran"
     torch.save({**load_file(states), "extra": Payload(marker)}, states)
     return copy, states, marker
 
 
 def cli(script: str, args: list[str]) -> processes.subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "FALQON_CACHE": MODEL_CACHE}
-    return processes.run([sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "FALQON_CACHE": MODEL_CACHE,
+    }
+    return processes.run(
+        [sys.executable, str(REPO / "launch" / script), *args], cwd=REPO, env=env, timeout=300
+    )
 
 
 @pytest.mark.parametrize("reader", ["export", "eval", "resume"])
@@ -64,8 +73,11 @@ def test_a_crafted_checkpoint_is_refused_by_every_reader(run_dir, tmp_path, read
     elif reader == "eval":
         proc = cli("eval.py", [f"path={copy}", "samples=4", "generate=0"])
     else:
-        proc = launch("deepspeed", [*QUICK, f"train.max_steps={STEPS + 1}", "train.resume=true", f"run.dir={copy}"],
-                      check=False)  # fmt: skip
+        proc = launch(
+            "deepspeed",
+            [*QUICK, f"train.max_steps={STEPS + 1}", "train.resume=true", f"run.dir={copy}"],
+            check=False,
+        )
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output[-3000:]
     assert f"{states}: refused to load" in output and "posix.system" in output, output[-3000:]
@@ -81,8 +93,15 @@ def test_a_latest_pointer_out_of_checkpoints_is_refused(run_dir, tmp_path, point
     shutil.copytree(run_dir, copy)
     (copy / "checkpoints" / "latest").write_text(pointer)
     proc = cli("export.py", [f"run.dir={copy}"])
-    assert proc.returncode != 0 and f"holds {pointer!r}, not a checkpoint tag" in proc.stderr, proc.stderr[-2000:]
-    proc = launch("deepspeed", [*QUICK, f"train.max_steps={STEPS + 1}", "train.resume=true", f"run.dir={copy}"],
-                  check=False)  # fmt: skip
+    assert proc.returncode != 0 and f"holds {pointer!r}, not a checkpoint tag" in proc.stderr, (
+        proc.stderr[-2000:]
+    )
+    proc = launch(
+        "deepspeed",
+        [*QUICK, f"train.max_steps={STEPS + 1}", "train.resume=true", f"run.dir={copy}"],
+        check=False,
+    )
     output = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and output.count(f"holds {pointer!r}, not a checkpoint tag") == 1, output[-3000:]
+    assert proc.returncode != 0 and output.count(f"holds {pointer!r}, not a checkpoint tag") == 1, (
+        output[-3000:]
+    )

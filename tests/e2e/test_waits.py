@@ -44,7 +44,11 @@ def test_a_stale_build_lock_is_cleared_and_the_run_trains(tmp_path, monkeypatch)
         os.utime(path, (past, past))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
     start = time.monotonic()
-    proc = launch("deepspeed", [*QUICK, "train.max_steps=2", f"run.dir={tmp_path / 'run'}", "dist.timeout_s=120"], timeout=900)
+    proc = launch(
+        "deepspeed",
+        [*QUICK, "train.max_steps=2", f"run.dir={tmp_path / 'run'}", "dist.timeout_s=120"],
+        timeout=900,
+    )
     out = proc.stdout + proc.stderr
     assert f"removed the stale build lock {lock}" in out, out[-3000:]
     assert out.count(f"removed the stale build lock {lock}") == 1  # one host, one remover
@@ -55,16 +59,30 @@ def test_a_stale_build_lock_is_cleared_and_the_run_trains(tmp_path, monkeypatch)
 def test_a_rank_that_never_starts_is_named_within_the_bound(tmp_path):
     """A 2-rank job whose rank 1 never starts: rank 0 exits non-zero within dist.timeout_s (plus
     start-up), with one line naming rank 1, instead of gloo's silent 30 minutes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FALQON_CACHE": MODEL_CACHE, "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "FALQON_CACHE": MODEL_CACHE,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+    }
     start = time.monotonic()
-    proc = processes.run([sys.executable, TRAIN, *QUICK, f"run.dir={tmp_path / 'run'}", "dist.timeout_s=10"],
-                         cwd=REPO, env=env, timeout=120)
+    proc = processes.run(
+        [sys.executable, TRAIN, *QUICK, f"run.dir={tmp_path / 'run'}", "dist.timeout_s=10"],
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     err = proc.stderr
     assert proc.returncode == 1, (proc.returncode, err[-3000:])
-    assert "falqon_dist: error: rank 0: rank(s) 1 of 2 did not join the rendezvous" in err, err[-3000:]
+    assert "falqon_dist: error: rank 0: rank(s) 1 of 2 did not join the rendezvous" in err, err[
+        -3000:
+    ]
     assert "waiting" in err and "rank(s) 1 of 2 to join" in err  # it said so while it waited
     assert "Traceback" not in err
     assert not (tmp_path / "run").exists()  # nothing written

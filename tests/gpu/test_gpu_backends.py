@@ -30,6 +30,7 @@ they differ only by accumulation order (float32 on both) and by output rounding:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -62,14 +63,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _linear(in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
+def _linear(
+    in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype, seed: int = 0
+) -> nn.Linear:
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=bias)
     nn.init.normal_(linear.weight, std=0.02)  # bell-shaped like trained LLM weights
     return linear.to(CUDA, dtype)
 
 
-def _run(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(
+    layer: nn.Module, x: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.clone().requires_grad_(True)
     y = layer(x)
     y.backward(grad)
@@ -79,7 +84,11 @@ def _run(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.T
 def _pair(layer: nn.Module, backend: str) -> tuple[nn.Module, nn.Module]:
     """The same layer (same bytes) with the emulated backend and with ``backend``."""
     emulated, other = copy.deepcopy(layer), copy.deepcopy(layer)
-    emulated.backend, other.backend = "emulated", backend
+    for twin, name in ((emulated, "emulated"), (other, backend)):
+        if isinstance(twin, fd.FalqonLinear):  # the layer derives its backend from its config
+            twin.config = dataclasses.replace(twin.config, backend=name)
+        else:
+            twin.backend = name
     return emulated, other
 
 
@@ -88,7 +97,11 @@ FP32_PROMOTED_RTOL = 3e-4
 
 
 def _assert_close(
-    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str, same_casts: bool = True,
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    same_casts: bool = True,
     fast_accum: bool = False,
 ) -> None:
     if dtype == torch.float32 and same_casts and not fast_accum:
@@ -114,7 +127,9 @@ def test_auto_resolves_to_scaled_mm_on_fp8_hardware():
 def test_falqon_linear_gpu_backend_matches_emulated(backend, dtype, bias, cache_weight_transpose):
     _needs_fp8_hardware(backend)
     linear = _linear(1024, 768, bias=bias, dtype=dtype)
-    config = fd.FalqonConfig(rank=64, backend="emulated", cache_weight_transpose=cache_weight_transpose)
+    config = fd.FalqonConfig(
+        rank=64, backend="emulated", cache_weight_transpose=cache_weight_transpose
+    )
     layer = fd.FalqonLinear.from_linear(linear, config)
     emulated, scaled = _pair(layer, backend)
     x = torch.randn(4, 256, 1024, device=CUDA, dtype=dtype)
@@ -133,7 +148,7 @@ def test_falqon_linear_gpu_backend_matches_emulated(backend, dtype, bias, cache_
 #: The merge recipes the tier runs: the default (every row each step, with the carry) and the paper's.
 MERGES = {
     "default": {},
-    "paper": {"topk": None, "unmerged": "discard", "carry_residual": False},
+    "paper": {"merge": "paper"},
 }
 
 
@@ -148,7 +163,9 @@ def test_falqon_merge_on_cuda_is_deterministic_and_matches_cpu(merge):
     """
     _needs_fp8_hardware()
     linear = _linear(512, 384, bias=False, dtype=torch.float32)
-    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="scaled_mm", **MERGES[merge]))
+    layer = fd.FalqonLinear.from_linear(
+        linear, fd.FalqonConfig(rank=16, backend="scaled_mm", **MERGES[merge])
+    )
     torch.manual_seed(1)
     proxy = torch.randn(384, 16) * 0.05
     first, second, on_cpu = copy.deepcopy(layer), copy.deepcopy(layer), copy.deepcopy(layer).cpu()
@@ -179,7 +196,9 @@ def test_triton_merge_kernel_on_cuda_writes_the_cpu_tiles_bytes(stochastic, worl
 
     gen = torch.Generator().manual_seed(4)
     out, in_features, rank = 1000, 1536, 24
-    bits = fp8.to_bits((torch.randn(out + rank, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3))
+    bits = fp8.to_bits(
+        (torch.randn(out + rank, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3)
+    )
     adapter_q = fp8.from_bits(bits, fp8.E4M3)[out:].float()
     proxy = torch.randn(out, rank, generator=gen) * 0.05
     proxy[2] *= 1e4
@@ -191,10 +210,18 @@ def test_triton_merge_kernel_on_cuda_writes_the_cpu_tiles_bytes(stochastic, worl
     for rank_index in range(world):
         lo, hi = rank_index * part, min((rank_index + 1) * part, bits.numel())
         every_row.set_merge_kernel("triton")
-        got = every_row.merge_every_row_(on_gpu[lo:hi], lo, proxy.to(CUDA), adapter_q.to(CUDA), rounding,
-                                         projector=projector.to(CUDA))
+        got = every_row.merge_every_row_(
+            on_gpu[lo:hi],
+            lo,
+            proxy.to(CUDA),
+            adapter_q.to(CUDA),
+            rounding,
+            projector=projector.to(CUDA),
+        )
         every_row.set_merge_kernel("auto")
-        want = every_row.merge_every_row_(on_cpu[lo:hi], lo, proxy, adapter_q, rounding, projector=projector)
+        want = every_row.merge_every_row_(
+            on_cpu[lo:hi], lo, proxy, adapter_q, rounding, projector=projector
+        )
         assert got.stats.to_dict() == want.stats.to_dict()
         assert fp8.sqnr_db(want.carry, got.carry.cpu()) > 100
     differing = int((on_gpu.cpu() != on_cpu).sum())
@@ -231,7 +258,13 @@ def _exact(a_fp8, b_fp8, sa, sb) -> torch.Tensor:
 @pytest.mark.parametrize(
     "m, k, n, fmt_a, transpose_a",
     [
-        (2048, 4096, 4096 + 64, fp8.E4M3, False),  # FALQON forward, q/k/v/o_proj of a 7B model, r = 64
+        (
+            2048,
+            4096,
+            4096 + 64,
+            fp8.E4M3,
+            False,
+        ),  # FALQON forward, q/k/v/o_proj of a 7B model, r = 64
         (2048, 4096, 11008 + 64, fp8.E4M3, False),  # forward, gate/up_proj
         (2048, 11008, 4096, fp8.E5M2, False),  # ∂L/∂x of down_proj: E5M2 gradient × E4M3 W rows
         (4096, 2048, 64, fp8.E5M2, True),  # ∂L/∂B: gᵀ (transposed view) × o_A
@@ -242,7 +275,11 @@ def _exact(a_fp8, b_fp8, sa, sb) -> torch.Tensor:
 def test_gpu_gemm_matches_exact_reference_at_llm_shapes(backend, m, k, n, fmt_a, transpose_a):
     _needs_fp8_hardware(backend)
     gen = torch.Generator(device=CUDA).manual_seed(0)
-    a_hp = torch.randn(k, m, device=CUDA, generator=gen).t() if transpose_a else torch.randn(m, k, device=CUDA, generator=gen)
+    a_hp = (
+        torch.randn(k, m, device=CUDA, generator=gen).t()
+        if transpose_a
+        else torch.randn(m, k, device=CUDA, generator=gen)
+    )
     b_hp = torch.randn(n, k, device=CUDA, generator=gen).t() * 0.02  # (k, n) as a transposed weight
     a, sa = fp8.quantize_dynamic(a_hp, fmt_a)
     b, sb = fp8.quantize_dynamic(b_hp, fp8.E4M3)
@@ -274,7 +311,12 @@ def test_te_fused_cast_matches_torch_cast(fmt, shape):
     x = torch.randn(*shape, device=CUDA, dtype=torch.bfloat16) * 3
     x_fp8, scale, x_fp8_t = te_backend.quantize(x, fmt, transpose=True)
     ref_fp8, ref_scale = fp8.quantize_dynamic(x, fmt)
-    assert x_fp8.dtype == fmt and x_fp8.shape == shape and scale.dtype == torch.float32 and scale.shape == (1,)
+    assert (
+        x_fp8.dtype == fmt
+        and x_fp8.shape == shape
+        and scale.dtype == torch.float32
+        and scale.shape == (1,)
+    )
     assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
     differing = int((fp8.to_bits(x_fp8) != fp8.to_bits(ref_fp8)).sum())
     assert differing <= x.numel() // 10_000, differing
@@ -296,8 +338,14 @@ def test_conversion_on_the_gpu_matches_the_cpu():
     on_gpu = copy.deepcopy(on_cpu)
     names = prepare_model(on_cpu, fd.FalqonConfig(rank=16, backend="emulated"))
     assert prepare_model(on_gpu, fd.FalqonConfig(rank=16, backend="emulated"), device=CUDA) == names
-    for (_, cpu_layer), (_, gpu_layer) in zip(fd.falqon_layers(on_cpu), fd.falqon_layers(on_gpu), strict=True):
-        assert gpu_layer.qweight.is_cuda and gpu_layer.B.is_cuda and gpu_layer.scale.dtype == torch.float32
+    for (_, cpu_layer), (_, gpu_layer) in zip(
+        fd.falqon_layers(on_cpu), fd.falqon_layers(on_gpu), strict=True
+    ):
+        assert (
+            gpu_layer.qweight.is_cuda
+            and gpu_layer.B.is_cuda
+            and gpu_layer.scale.dtype == torch.float32
+        )
         assert fp8.sqnr_db(cpu_layer.backbone_weight(), gpu_layer.backbone_weight().cpu()) > 40
     assert on_gpu.model.embed_tokens.weight.device.type == "cpu"
 
@@ -316,20 +364,32 @@ def test_compiled_cast_on_cuda_is_bit_identical_to_eager(fmt, dtype):
     q, s, q_t = fp8_cast.dynamic_cast(x, fmt, transpose_copy=True)
     ref_q, ref_s = fp8.quantize_dynamic(x, fmt)
     assert torch.equal(s, ref_s) and torch.equal(fp8.to_bits(q), fp8.to_bits(ref_q))
-    assert q_t.is_contiguous() and torch.equal(fp8.to_bits(q_t), fp8.to_bits(ref_q).t().contiguous())
+    assert q_t.is_contiguous() and torch.equal(
+        fp8.to_bits(q_t), fp8.to_bits(ref_q).t().contiguous()
+    )
 
 
-@pytest.mark.parametrize("merge", ["default", "paper", "keep"])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_falqon_step_and_merge_never_synchronize_on_cuda(rounding, merge):
+@pytest.mark.parametrize(
+    "merge, rounding",
+    [
+        ("every_row", "nearest"),
+        ("topk_carry", "nearest"),
+        ("topk_keep", "stochastic"),
+        ("paper", "nearest"),
+        ("paper", "stochastic"),
+    ],
+)
+def test_falqon_step_and_merge_never_synchronize_on_cuda(merge, rounding):
     """CUDA's sync debug mode raises on any host synchronization: fwd + bwd + merge of 4 layers run under it
     (the default's merge is the Triton kernel, the others gather and scatter top-r rows)."""
     _needs_fp8_hardware()
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(4)]).to(CUDA, torch.bfloat16)
-    recipe = {**MERGES, "keep": {"topk": None, "unmerged": "keep"}}[merge]
-    recipe = {"carry_residual": rounding == "nearest", **recipe}  # stochastic rounding takes no carry
-    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="scaled_mm", merge_rounding=rounding, **recipe))
+    model = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(4)]).to(
+        CUDA, torch.bfloat16
+    )
+    fd.convert_model(
+        model, fd.FalqonConfig(rank=16, backend="scaled_mm", merge=merge, merge_rounding=rounding)
+    )
     fd.merge_proxies_(model, step=1)  # first call: compile the merge outside the check
     x = torch.randn(256, 512, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
     model(x).float().pow(2).mean().backward()  # first call: compile the casts outside the check
@@ -343,7 +403,7 @@ def test_falqon_step_and_merge_never_synchronize_on_cuda(rounding, merge):
         stats = fd.merge_proxies_(model, step=1)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    rows = 512 if merge == "default" else 16
+    rows = 512 if merge == "every_row" else 16
     assert stats.to_dict()["rows_merged"] == 4 * rows and stats.to_dict()["nonfinite"] == 0
 
 
@@ -367,7 +427,9 @@ def _tiny_model_and_batch(seed: int = 0):
     from falqon_dist.models import build_tiny_tokenizer, tiny_config
 
     tokenizer = build_tiny_tokenizer()
-    bundle = build_data(DataConfig(task="shift", max_length=128, packing=True, num_train=200, num_eval=8), tokenizer)
+    bundle = build_data(
+        DataConfig(task="shift", max_length=128, packing=True, num_train=200, num_eval=8), tokenizer
+    )
     batch = bundle.collate_fn([bundle.train[i] for i in range(8)])
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_config()).to(CUDA, torch.bfloat16)
@@ -402,7 +464,10 @@ def test_falqon_tiny_model_training_on_cuda_bf16(backend, merge):
     assert len(layers) == len(names) > 0
     expected = "scaled_mm" if backend == "auto" else backend
     assert all(fp8.resolve_backend(layer.backend, CUDA).name == expected for _, layer in layers)
-    assert all(layer.scale.dtype == torch.float32 and layer.B.dtype == torch.bfloat16 for _, layer in layers)
+    assert all(
+        layer.scale.dtype == torch.float32 and layer.B.dtype == torch.bfloat16
+        for _, layer in layers
+    )
     with torch.no_grad():
         loss_scaled = float(model(**batch, use_cache=False).loss)
         loss_emulated = float(reference(**batch, use_cache=False).loss)
@@ -415,7 +480,9 @@ def test_falqon_tiny_model_training_on_cuda_bf16(backend, merge):
     if merge == "paper":
         assert all(not layer.B.any() for _, layer in layers)  # zeroed by every merge
     else:  # B holds only the carry: what rounding dropped, below one FP8 step of the weights
-        assert all(torch.isfinite(layer.B).all() for _, layer in layers) and any(layer.B.any() for _, layer in layers)
+        assert all(torch.isfinite(layer.B).all() for _, layer in layers) and any(
+            layer.B.any() for _, layer in layers
+        )
     assert any(not torch.equal(layer.qweight, before[name]) for name, layer in layers)
 
 

@@ -24,9 +24,12 @@ RANK = 12
 
 def _inputs(out: int, in_features: int, rank: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    bits = fp8.to_bits((torch.randn(out + rank, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3))
+    bits = fp8.to_bits(
+        (torch.randn(out + rank, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3)
+    )
     bits = bits.clone()
-    bits[3, :6] = torch.tensor([0x80, 0x00, 0x01, 0x81, 0x07, 0x87], dtype=torch.uint8)  # ±0 and subnormals
+    # ±0 and subnormals
+    bits[3, :6] = torch.tensor([0x80, 0x00, 0x01, 0x81, 0x07, 0x87], dtype=torch.uint8)
     adapter_q = fp8.from_bits(bits, fp8.E4M3)[out:].float()
     proxy = torch.randn(out, rank, generator=gen) * 0.05
     proxy[2] *= 1e4  # saturates
@@ -62,7 +65,7 @@ def _check(case: str, bits, proxy, adapter_q, rounding, carry: bool, world: int)
                 sys.exit(f"{where}: carry differs by {error:.2e} of its largest entry")
         elif got.carry is not None:
             sys.exit(f"{where}: a carry without a projector")
-    if not torch.equal(kernel_bits.view_as(bits)[-proxy.shape[1]:], bits[-proxy.shape[1]:]):
+    if not torch.equal(kernel_bits.view_as(bits)[-proxy.shape[1] :], bits[-proxy.shape[1] :]):
         sys.exit(f"{case}: A's rows were written")
     if torch.equal(kernel_bits.view_as(bits), bits):
         sys.exit(f"{case}: nothing was merged")
@@ -74,11 +77,15 @@ def _rounding_sweep() -> None:
     codes = torch.arange(0, 0x7F, dtype=torch.uint8)  # finite magnitudes, 0 … 448
     values = codes.view(fp8.E4M3).float()
     mids = (values[:-1] + values[1:]) / 2
-    targets = torch.cat([mids, torch.nextafter(mids, torch.zeros(())), torch.nextafter(mids, values[1:]), values])
+    targets = torch.cat(
+        [mids, torch.nextafter(mids, torch.zeros(())), torch.nextafter(mids, values[1:]), values]
+    )
     targets = torch.cat([targets, -targets])
     in_features = 64
     rows = -(-targets.numel() // in_features)
-    targets = torch.cat([targets, torch.zeros(rows * in_features - targets.numel())]).view(rows, in_features)
+    targets = torch.cat([targets, torch.zeros(rows * in_features - targets.numel())]).view(
+        rows, in_features
+    )
     # W = 0 and rank 1 with A = 1: each element's update is its target exactly
     bits = torch.zeros(rows + 1, in_features, dtype=torch.uint8)
     bits[rows] = fp8.to_bits(torch.ones(in_features).to(fp8.E4M3))
@@ -91,7 +98,9 @@ def _rounding_sweep() -> None:
             _merge("triton", got, 0, proxy, adapter_q, rounding, None)
             _merge("torch", want, 0, proxy, adapter_q, rounding, None)
             if not torch.equal(got, want):
-                sys.exit(f"rounding sweep (stochastic={stochastic}): {int((got != want).sum())} bytes differ")
+                sys.exit(
+                    f"rounding sweep (stochastic={stochastic}): {int((got != want).sum())} bytes differ"
+                )
 
 
 def main() -> None:

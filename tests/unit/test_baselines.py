@@ -15,15 +15,22 @@ from falqon_dist.baselines import (
     LoraConfig,
     QloraConfig,
     apply_lora,
+    apply_qlora,
     convert_fp8_lora,
     prepare_full_finetune,
     target_module_names,
 )
+from falqon_dist.config_checks import InvalidField
 from falqon_dist.fp8 import E4M3, E5M2, dequantize, from_bits, quantize_dynamic, sqnr_db
 from falqon_dist.fp8.instrument import count_casts
 from falqon_dist.method import FalqonConfig, FalqonLinear
-from falqon_dist.config_checks import InvalidField
-from falqon_dist.methods import METHODS, method_config, method_name, prepare_model
+from falqon_dist.methods import (
+    METHODS,
+    method_config,
+    method_name,
+    post_optimizer_hook,
+    prepare_model,
+)
 from tests.models import tiny_llama
 
 # SQNR floors (dB) against a float64 computation with the high-precision W, A, B. E4M3 alone gives
@@ -39,12 +46,15 @@ def _batch(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 128, (2, 16), generator=generator)
 
 
-def _fp8_lora_layer(backend: str, bias: bool = True, seed: int = 0) -> tuple[nn.Linear, Fp8LoraLinear]:
+def _fp8_lora_layer(
+    backend: str, bias: bool = True, seed: int = 0
+) -> tuple[nn.Linear, Fp8LoraLinear]:
     torch.manual_seed(seed)
     linear = nn.Linear(256, 128, bias=bias)
     layer = Fp8LoraLinear.from_linear(linear, rank=16, alpha=32.0, backend=backend)
     with torch.no_grad():
-        layer.lora_B.normal_(0.0, 0.05)  # non-zero B, so that ∂L/∂A and the adapter path are exercised
+        # non-zero B, so that ∂L/∂A and the adapter path are exercised
+        layer.lora_B.normal_(0.0, 0.05)
     return linear, layer
 
 
@@ -63,7 +73,11 @@ def test_fp8_lora_matches_float_reference_sqnr(backend: str) -> None:
     x_ref = x.detach().double().requires_grad_()
     a_ref = layer.lora_A.detach().double().requires_grad_()
     b_ref = layer.lora_B.detach().double().requires_grad_()
-    y_ref = x_ref @ linear.weight.double().T + linear.bias.double() + layer.scaling * (x_ref @ a_ref.T) @ b_ref.T
+    y_ref = (
+        x_ref @ linear.weight.double().T
+        + linear.bias.double()
+        + layer.scaling * (x_ref @ a_ref.T) @ b_ref.T
+    )
     y_ref.backward(grad.double())
 
     measured = {
@@ -149,7 +163,9 @@ def test_quantize_op_counts_fp8_lora_vs_falqon() -> None:
     assert calls.count(E5M2) == 2  # g and ∂L/∂h
 
     torch.manual_seed(0)
-    falqon = FalqonLinear.from_linear(nn.Linear(256, 128), FalqonConfig(rank=16, backend="emulated"))
+    falqon = FalqonLinear.from_linear(
+        nn.Linear(256, 128), FalqonConfig(rank=16, backend="emulated")
+    )
     with count_casts() as calls:
         falqon(torch.randn(8, 256, requires_grad=True)).sum().backward()
     assert calls == [E4M3, E4M3, E5M2]  # x, o_A, g
@@ -160,18 +176,20 @@ def test_quantize_op_counts_fp8_lora_vs_falqon() -> None:
 def test_convert_fp8_lora_targets_falqon_layers_and_is_deterministic() -> None:
     model = tiny_llama()
     expected = target_module_names(model)
-    names = convert_fp8_lora(model, rank=4, alpha=8, backend="emulated", seed=3)
+    names = convert_fp8_lora(model, Fp8LoraConfig(rank=4, alpha=8, backend="emulated"), seed=3)
     assert names == expected and "lm_head" not in names and len(names) == 14
     assert all(isinstance(model.get_submodule(n), Fp8LoraLinear) for n in names)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{ab}" for n in names for ab in "AB"}
 
     again = tiny_llama()
-    convert_fp8_lora(again, rank=4, alpha=8, backend="emulated", seed=3)
+    convert_fp8_lora(again, Fp8LoraConfig(rank=4, alpha=8, backend="emulated"), seed=3)
     for (_, p), (_, q) in zip(model.named_parameters(), again.named_parameters(), strict=True):
         assert torch.equal(p, q)
-    assert torch.equal(from_bits(model.model.layers[0].mlp.up_proj.qweight).float(),
-                       from_bits(again.model.layers[0].mlp.up_proj.qweight).float())  # fmt: skip
+    assert torch.equal(
+        from_bits(model.model.layers[0].mlp.up_proj.qweight).float(),
+        from_bits(again.model.layers[0].mlp.up_proj.qweight).float(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,8 +199,8 @@ def test_convert_fp8_lora_targets_falqon_layers_and_is_deterministic() -> None:
 def test_apply_lora_trains_only_adapters_and_reduces_loss() -> None:
     model = tiny_llama()
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    returned = apply_lora(model, rank=4, alpha=8)
-    assert returned is model and isinstance(model, LlamaForCausalLM)
+    names = apply_lora(model, LoraConfig(rank=4, alpha=8))
+    assert names == target_module_names(tiny_llama()) and isinstance(model, LlamaForCausalLM)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert len(trainable) == 2 * len(target_module_names(tiny_llama()))
@@ -205,15 +223,34 @@ def test_apply_lora_trains_only_adapters_and_reduces_loss() -> None:
 
 
 def test_apply_lora_keeps_bf16_backbone_dtype() -> None:
-    model = apply_lora(tiny_llama(torch.bfloat16), rank=4)
+    model = tiny_llama(torch.bfloat16)
+    apply_lora(model, LoraConfig(rank=4))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_apply_lora_validates_arguments() -> None:
-    with pytest.raises(ValueError, match="rank"):
-        apply_lora(tiny_llama(), rank=0)
+def test_apply_lora_chooses_layers_by_filter_or_name_and_refuses_nothing_to_adapt() -> None:
+    model = tiny_llama()
+    names = apply_lora(
+        model, LoraConfig(rank=4), module_filter_fn=lambda module, fqn: fqn.endswith("q_proj")
+    )
+    assert (
+        names == [n for n in target_module_names(tiny_llama()) if n.endswith("q_proj")]
+        and len(names) == 2
+    )
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted == set(names)
+    assert apply_lora(
+        tiny_llama(), LoraConfig(rank=4), target_modules=["model.layers.0.mlp.up_proj"]
+    ) == ["model.layers.0.mlp.up_proj"]
+    with pytest.raises(ValueError, match="not both"):
+        apply_lora(
+            tiny_llama(),
+            LoraConfig(rank=4),
+            module_filter_fn=lambda m, n: True,
+            target_modules=["lm_head"],
+        )
     with pytest.raises(ValueError, match="no target modules"):
-        apply_lora(nn.Sequential(nn.Linear(10, 10)), rank=2)
+        apply_lora(nn.Sequential(nn.Linear(10, 10)), LoraConfig(rank=2))
 
 
 def test_prepare_full_finetune_unfreezes_everything() -> None:
@@ -227,7 +264,7 @@ def test_prepare_full_finetune_unfreezes_everything() -> None:
 
 def test_prepare_full_finetune_rejects_converted_model() -> None:
     model = tiny_llama()
-    convert_fp8_lora(model, rank=4, backend="emulated")
+    convert_fp8_lora(model, Fp8LoraConfig(rank=4, backend="emulated"))
     with pytest.raises(ValueError, match="qweight"):
         prepare_full_finetune(model)
 
@@ -246,8 +283,16 @@ def test_method_configs_are_built_by_name_and_reject_bad_values_naming_the_field
     for config, fields, message in [
         (LoraConfig, {"rank": 0}, "LoraConfig.rank must be a positive integer, got 0"),
         (LoraConfig, {"dropout": 1.0}, r"LoraConfig.dropout must be a number in \[0, 1\), got 1.0"),
-        (QloraConfig, {"alpha": -1.0}, r"QloraConfig.alpha must be None \(= rank\) or a finite number > 0, got -1.0"),
-        (QloraConfig, {"double_quant": "yes"}, "QloraConfig.double_quant must be true or false, got 'yes'"),
+        (
+            QloraConfig,
+            {"alpha": -1.0},
+            r"QloraConfig.alpha must be None \(= rank\) or a finite number > 0, got -1.0",
+        ),
+        (
+            QloraConfig,
+            {"double_quant": "yes"},
+            "QloraConfig.double_quant must be true or false, got 'yes'",
+        ),
         (Fp8LoraConfig, {"backend": "cuda"}, "Fp8LoraConfig.backend must be one of"),
         (FalqonConfig, {"topk": 0}, "FalqonConfig.topk must be None"),
     ]:
@@ -263,8 +308,11 @@ def test_every_method_runs_forward_backward(method: str, dtype: torch.dtype) -> 
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     model = tiny_llama(dtype)
-    fields = {"falqon": {"rank": 4, "backend": "emulated"}, "fp8_lora": {"rank": 4, "alpha": 8, "backend": "emulated"},
-              "full": {}}.get(method, {"rank": 4, "alpha": 8})
+    fields = {
+        "falqon": {"rank": 4, "backend": "emulated"},
+        "fp8_lora": {"rank": 4, "alpha": 8, "backend": "emulated"},
+        "full": {},
+    }.get(method, {"rank": 4, "alpha": 8})
     names = prepare_model(model, method_config(method, fields))
     assert names
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -278,3 +326,27 @@ def test_every_method_runs_forward_backward(method: str, dtype: torch.dtype) -> 
     grads = [p.grad for p in trainable]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_the_registry_points_at_the_public_convert_functions_and_only_falqon_has_a_post_optimizer_hook() -> (
+    None
+):
+    from falqon_dist.distributed import ProxyMergeHook
+    from falqon_dist.method import convert_model
+
+    converts = {name: method.convert for name, method in METHODS.items()}
+    assert converts == {
+        "falqon": convert_model,
+        "lora": apply_lora,
+        "fp8_lora": convert_fp8_lora,
+        "qlora": apply_qlora,
+        "full": prepare_full_finetune,
+    }  # no adapters in between
+    model = tiny_llama()
+    config = FalqonConfig(rank=4, backend="emulated")
+    prepare_model(model, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    hook = post_optimizer_hook(config, model, optimizer)
+    assert isinstance(hook, ProxyMergeHook) and hook.model is model and len(hook.layers) == 14
+    for name in ("lora", "fp8_lora", "qlora", "full"):
+        assert post_optimizer_hook(method_config(name, {}), model, optimizer) is None, name

@@ -22,7 +22,10 @@ def _inputs():
     torch.manual_seed(0)
     yield "fp32", torch.randn(96, 64) * 3
     yield "bf16", (torch.randn(200, 48) * 0.01).bfloat16()
-    yield "fp16 column slice", torch.randn(40, 80).half()[:, 16:48]  # strided, like o_A = Y[:, out:]
+    yield (
+        "fp16 column slice",
+        torch.randn(40, 80).half()[:, 16:48],
+    )  # strided, like o_A = Y[:, out:]
     yield "transposed view", torch.randn(64, 32).t()
     yield "one row", torch.randn(1, 64)
     yield "all zeros", torch.zeros(16, 16)
@@ -37,9 +40,13 @@ def test_compiled_cast_is_bit_identical_to_eager(fmt, transpose_copy):
         got_q, got_s, got_t = fp8_cast.dynamic_cast(x, fmt, transpose_copy=transpose_copy)
         want_q, want_s = fp8.quantize_dynamic(x, fmt)
         assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8)), name
-        assert torch.equal(got_s, want_s) and got_s.shape == (1,) and got_s.dtype == torch.float32, name
+        assert (
+            torch.equal(got_s, want_s) and got_s.shape == (1,) and got_s.dtype == torch.float32
+        ), name
         if transpose_copy:
-            assert got_t.is_contiguous() and torch.equal(got_t.view(torch.uint8), want_q.t().view(torch.uint8)), name
+            assert got_t.is_contiguous() and torch.equal(
+                got_t.view(torch.uint8), want_q.t().view(torch.uint8)
+            ), name
         else:
             assert got_t is None
 
@@ -56,7 +63,9 @@ def test_scale_epilogue_matches_eager():
     product = torch.randn(64, 48).bfloat16()
     scale = torch.tensor([0.0123])
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
-        assert torch.equal(fp8_cast.scale_epilogue(product, scale, dtype), (product.float() * scale).to(dtype))
+        assert torch.equal(
+            fp8_cast.scale_epilogue(product, scale, dtype), (product.float() * scale).to(dtype)
+        )
 
 
 def test_dispatch_mode_probe_exists_and_falls_back_to_the_same_bits():
@@ -98,7 +107,9 @@ def test_layers_reading_one_tensor_share_one_cast_and_match_separate_casts():
     assert casts.count(fp8.E4M3) == 1 + 3  # one cast of h for q, k and v; one Q(o_A) per layer
     # same outputs and gradients as three independent inputs (no sharing possible)
     separate_inputs = [h.detach().clone().requires_grad_() for _ in range(3)]
-    y_sep = shared.q(separate_inputs[0]) + shared.k(separate_inputs[1]) * shared.v(separate_inputs[2])
+    y_sep = shared.q(separate_inputs[0]) + shared.k(separate_inputs[1]) * shared.v(
+        separate_inputs[2]
+    )
     assert torch.equal(y, y_sep)
     y.sum().backward()
     y_sep.sum().backward()
@@ -134,7 +145,9 @@ def test_many_input_variants_stay_bit_identical_beyond_the_recompile_limit():
                         assert got_q.shape == x.shape and torch.equal(got_s, want_s)
                         assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
                         if copy:
-                            assert torch.equal(got_t.view(torch.uint8), want_q.t().contiguous().view(torch.uint8))
+                            assert torch.equal(
+                                got_t.view(torch.uint8), want_q.t().contiguous().view(torch.uint8)
+                            )
 
 
 def test_compiled_variants_need_one_function_each():
@@ -147,4 +160,7 @@ def test_compiled_variants_need_one_function_each():
     with pytest.raises(ValueError, match="its own function"):
         CompiledVariants({1: make(1), 2: make(2)})
     variants = CompiledVariants({1: lambda x: x + 1, 2: lambda x: x + 2})
-    assert torch.equal(variants[2](torch.ones(3)), torch.full((3,), 3.0)) and variants[2] is variants[2]
+    assert (
+        torch.equal(variants[2](torch.ones(3)), torch.full((3,), 3.0))
+        and variants[2] is variants[2]
+    )

@@ -19,7 +19,9 @@ class FakeEngine:
     def __init__(self, size: int = 4096, fail: OSError | None = None) -> None:
         self.size, self.fail, self.calls = size, fail, 0
 
-    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+    def save_checkpoint(
+        self, save_dir: str, tag: str, client_state: dict, save_latest: bool
+    ) -> None:
         self.calls += 1
         target = Path(save_dir) / tag / "mp_rank_00_model_states.pt"
         if self.fail is not None:
@@ -37,13 +39,21 @@ def saved(tmp_path):
 
 
 def test_too_little_space_is_refused_before_anything_is_written(saved, monkeypatch):
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(
+        checkpoint.shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000)
+    )
     engine = FakeEngine()
     with pytest.raises(checkpoint.CheckpointSpaceError) as err:
         checkpoint.save(engine, saved, 2)
     message = str(err.value)
-    assert "not enough space for checkpoint step_00000002" in message and "nothing was written" in message
-    assert f"the last good checkpoint is {saved / 'step_00000001'}" in message and "train.resume=true" in message
+    assert (
+        "not enough space for checkpoint step_00000002" in message
+        and "nothing was written" in message
+    )
+    assert (
+        f"the last good checkpoint is {saved / 'step_00000001'}" in message
+        and "train.resume=true" in message
+    )
     assert engine.calls == 0 and not (saved / "step_00000002").exists()
     assert checkpoint.latest_tag(saved) == "step_00000001"
 
@@ -52,11 +62,18 @@ def test_the_first_checkpoint_is_checked_against_the_callers_estimate(tmp_path, 
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: Usage(10**9, 0, 10**6))
     with pytest.raises(checkpoint.CheckpointSpaceError, match="the last good checkpoint is none"):
         checkpoint.save(FakeEngine(), tmp_path / "ckpt", 1, expected_bytes=10**7)
-    assert checkpoint.save(FakeEngine(), tmp_path / "ckpt", 1, expected_bytes=10**5) == "step_00000001"
+    assert (
+        checkpoint.save(FakeEngine(), tmp_path / "ckpt", 1, expected_bytes=10**5) == "step_00000001"
+    )
 
 
-@pytest.mark.parametrize("error, cause", [(OSError(errno.ENOSPC, "No space left on device"), "the disk filled up"),
-                                          (OSError(errno.EIO, "Input/output error"), "OSError")])  # fmt: skip
+@pytest.mark.parametrize(
+    "error, cause",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "the disk filled up"),
+        (OSError(errno.EIO, "Input/output error"), "OSError"),
+    ],
+)
 def test_a_write_that_fails_midway_is_removed_and_latest_stays(saved, error, cause):
     with pytest.raises(checkpoint.CheckpointWriteError) as err:
         checkpoint.save(FakeEngine(fail=error), saved, 2)
@@ -67,7 +84,8 @@ def test_a_write_that_fails_midway_is_removed_and_latest_stays(saved, error, cau
     assert f"the last good checkpoint is {saved / 'step_00000001'}" in message
     assert not (saved / "step_00000002").exists()  # its space is given back
     assert checkpoint.latest_tag(saved) == "step_00000001"
-    assert (saved / "step_00000001" / "mp_rank_00_model_states.pt").stat().st_size == 4096  # untouched
+    # untouched
+    assert (saved / "step_00000001" / "mp_rank_00_model_states.pt").stat().st_size == 4096
 
 
 def test_saving_the_latest_step_again_is_refused_and_never_rewrites_it(saved):
@@ -87,12 +105,16 @@ def test_a_directory_a_crashed_save_left_is_cleared_before_writing(saved):
     leftover.mkdir()
     (leftover / "rng_rank00007.pt").write_bytes(b"stale")
     assert checkpoint.save(FakeEngine(), saved, 2) == "step_00000002"
-    assert not (leftover / "rng_rank00007.pt").exists() and checkpoint.latest_tag(saved) == "step_00000002"
+    assert (
+        not (leftover / "rng_rank00007.pt").exists()
+        and checkpoint.latest_tag(saved) == "step_00000002"
+    )
 
 
 def test_a_latest_pointer_that_cannot_be_written_leaves_the_previous_one(saved, monkeypatch):
     """The disk fills up between the checkpoint's files and its ``latest`` pointer: the new
     checkpoint is removed (never marked, its space given back), ``latest`` stays."""
+
     def no_space(path, text):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -101,4 +123,6 @@ def test_a_latest_pointer_that_cannot_be_written_leaves_the_previous_one(saved, 
         checkpoint.save(FakeEngine(), saved, 2)
     assert "rank 0 could not mark as the latest checkpoint step_00000002" in str(err.value)
     assert "the disk filled up" in str(err.value)
-    assert not (saved / "step_00000002").exists() and checkpoint.latest_tag(saved) == "step_00000001"
+    assert (
+        not (saved / "step_00000002").exists() and checkpoint.latest_tag(saved) == "step_00000001"
+    )

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +15,18 @@ from torch import nn
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import falqon_dist as fd
+from falqon_dist.config_checks import InvalidField
 from tests.models import tiny_llama
 
 
 def tiny_neox() -> GPTNeoXForCausalLM:
     cfg = GPTNeoXConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
     )
     return GPTNeoXForCausalLM(cfg)
 
@@ -38,7 +47,9 @@ def test_convert_swaps_eligible_linears_and_freezes_the_rest(build, expected_suf
     assert {n.split(".")[-1] for n in names} == expected_suffixes
     assert len(names) == len(expected_suffixes) * 2
     assert all(isinstance(model.get_submodule(n), fd.FalqonLinear) for n in names)
-    assert not any(isinstance(m, fd.FalqonLinear) for n, m in model.named_modules() if n.endswith("lm_head"))
+    assert not any(
+        isinstance(m, fd.FalqonLinear) for n, m in model.named_modules() if n.endswith("lm_head")
+    )
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(".B") for n in trainable)
     assert len(trainable) == len(names)
@@ -53,14 +64,25 @@ def test_convert_accepts_a_user_filter_and_skips_misaligned_layers():
 
 
 def test_convert_names_the_layer_when_rank_is_too_large():
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj.*rank 64"):
+    with pytest.raises(
+        InvalidField,
+        match=r"rank cannot exceed.*'model\.layers\.0\.self_attn\.k_proj' \(64→32\) "
+        r"has 32.*got 64",
+    ) as refused:
         fd.convert_model(tiny_llama(), fd.FalqonConfig(rank=64, backend="emulated"))
+    assert refused.value.field == "rank"
 
 
 def test_convert_names_the_layer_when_topk_is_too_large():
-    # k_proj has 2 KV heads × 16 = 32 output rows
-    with pytest.raises(ValueError, match=r"k_proj.*topk 48"):
-        fd.convert_model(tiny_llama(), fd.FalqonConfig(rank=8, topk=48, backend="emulated"))
+    with pytest.raises(
+        InvalidField,
+        match=r"topk cannot exceed.*'model\.layers\.0\.self_attn\.k_proj' \(64→32\) "
+        r"has 32.*got 48",
+    ) as refused:
+        fd.convert_model(
+            tiny_llama(), fd.FalqonConfig(rank=8, merge="topk_keep", topk=48, backend="emulated")
+        )
+    assert refused.value.field == "topk"
 
 
 def test_convert_releases_each_original_layer():
@@ -68,7 +90,9 @@ def test_convert_releases_each_original_layer():
     originals = [weakref.ref(m.weight) for n, m in model.named_modules() if n.endswith("proj")]
     fd.convert_model(model, CFG)
     gc.collect()
-    assert all(ref() is None for ref in originals), "converted layers must not keep their float weights alive"
+    assert all(ref() is None for ref in originals), (
+        "converted layers must not keep their float weights alive"
+    )
 
 
 def test_converted_model_stays_close_to_the_original():
@@ -109,28 +133,27 @@ def test_state_dict_round_trip_on_a_model():
         assert torch.equal(value, state[key]), key
 
 
-@pytest.mark.parametrize("unmerged", ["discard", "keep", "keep+carry", "all"])
-def test_adamw_with_merges_trains_a_converted_llama(unmerged):
+@pytest.mark.parametrize("merge", ["paper", "topk_keep", "topk_carry", "every_row"])
+def test_adamw_with_merges_trains_a_converted_llama(merge):
     """End-to-end on a random tiny Llama: loss falls, merges happen, B is zero after every step
-    (discard, the paper) or holds only rows no merge took (keep: each step's top-k rows are zero;
-    keep+carry: they hold what rounding dropped, so B is never zeroed; all, the default: every row
-    merged, B holds only the carry).
+    (paper) or holds only rows no merge took (topk_keep: each step's top-k rows are zero;
+    topk_carry: they hold what rounding dropped, so B is never zeroed; every_row, the default: every
+    row merged, B holds only the carry).
 
     FALQON trains only B against a frozen A (and frozen embeddings), so a random model learns slowly;
     the strong learnability check is the teacher-student test in test_falqon_linear.py.
     """
     torch.manual_seed(0)
     model = tiny_llama()
-    carry = unmerged in ("keep+carry", "all")
-    if unmerged == "all":
+    carry = merge in ("topk_carry", "every_row")
+    if merge == "every_row":
         config = fd.FalqonConfig(rank=8, backend="emulated")
-        assert config.topk == "all" and config.carry_residual
+        assert config.merge == "every_row" and config.topk is None  # the default
     else:
-        config = fd.FalqonConfig(rank=8, backend="emulated", topk=None, unmerged=unmerged.split("+")[0],
-                                 carry_residual=carry)
+        config = fd.FalqonConfig(rank=8, backend="emulated", merge=merge)
     fd.convert_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    # FALQON needs a large learning rate: small merged updates round away in E4M3 (README, The method in one paragraph)
+    # FALQON needs a large learning rate: small merged updates round away in E4M3 (docs/method.md, the carry)
     optimizer = torch.optim.AdamW(params, lr=1e-1, weight_decay=0.0)
     start = torch.randint(0, 128, (16, 1))
     columns = [start]
@@ -146,7 +169,7 @@ def test_adamw_with_merges_trains_a_converted_llama(unmerged):
         merged += fd.merge_proxies_(model).to_dict()["rows_merged"]
         losses.append(loss.item())
     assert merged > 0
-    if unmerged == "discard":
+    if merge == "paper":
         assert all(not p.any() for p in params), "B must be zero after every merge"
     elif not carry:  # at most out - rank rows of each B are non-zero: the merged ones were zeroed
         assert all(int(p.ne(0).any(dim=1).sum()) <= p.shape[0] - p.shape[1] for p in params)
@@ -159,7 +182,8 @@ def test_adamw_with_merges_trains_a_converted_llama(unmerged):
 def test_failed_conversion_leaves_the_model_untouched():
     model = tiny_llama()
     with pytest.raises(ValueError, match="rank"):
-        fd.convert_model(model, fd.FalqonConfig(rank=48, backend="emulated"))  # fails on k_proj (32 rows)
+        # fails on k_proj (32 rows)
+        fd.convert_model(model, fd.FalqonConfig(rank=48, backend="emulated"))
     assert not fd.falqon_layers(model)
     assert all(p.requires_grad for p in model.parameters())
 
@@ -181,3 +205,61 @@ def test_conversion_device_builds_each_layer_there():
     fd.convert_model(moved, cfg, device="cpu")
     for (_, a), (_, b) in zip(fd.falqon_layers(default), fd.falqon_layers(moved), strict=True):
         assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scale, b.scale)
+
+
+# ---------------------------------------------------------------- save_pretrained of a converted model
+def test_save_pretrained_of_a_converted_model_runs_the_registered_saver(monkeypatch):
+    """convert_model routes save_pretrained to the saver the export registers (the method never
+    imports the export); a copy of the model saves itself; the class is left as it is."""
+    from falqon_dist.method import convert
+
+    calls = []
+    monkeypatch.setattr(
+        convert,
+        "_saver",
+        lambda model, directory, **kwargs: calls.append((model, directory, kwargs)),
+    )
+    model = tiny_llama()
+    fd.convert_model(model, CFG)
+    model.save_pretrained("out", max_shard_size="1GB")
+    copied = copy.deepcopy(model)
+    copied.save_pretrained("copy")
+    assert calls == [(model, "out", {"max_shard_size": "1GB"}), (copied, "copy", {})]
+    assert type(model).save_pretrained is type(tiny_llama()).save_pretrained
+
+
+def test_save_pretrained_without_a_registered_saver_refuses_to_write_transformers_files(
+    monkeypatch, tmp_path
+):
+    from falqon_dist.method import convert
+
+    monkeypatch.setattr(convert, "_saver", None)
+    model = tiny_llama()
+    fd.convert_model(model, CFG)
+    with pytest.raises(RuntimeError, match="import falqon_dist.export"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_importing_falqon_dist_is_enough_for_save_pretrained_to_write_the_fp8_export(tmp_path):
+    """``import falqon_dist`` alone (no import of the export by the user) registers the FP8 export as
+    a converted model's save_pretrained; the exporter itself is imported by the first save."""
+    code = (
+        "import json, pathlib, sys\n"
+        "import falqon_dist as fd\n"
+        "from tests.models import tiny_llama\n"
+        "model = tiny_llama()\n"
+        "fd.convert_model(model, fd.FalqonConfig(rank=8, backend='emulated'))\n"
+        "assert 'falqon_dist.export.exporter' not in sys.modules\n"
+        "model.save_pretrained(sys.argv[1])\n"
+        "print(json.loads((pathlib.Path(sys.argv[1]) / 'config.json').read_text())['quantization_config']['format'])\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "saved")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "float-quantized"

@@ -20,7 +20,12 @@ from falqon_dist.data import (
 )
 from falqon_dist.data.collate import Collator, TrainBatchSampler, pack_examples
 from falqon_dist.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
-from falqon_dist.data.synthetic import FINETUNE_TASKS, PRETRAIN_TASKS, finetune_splits, pretrain_corpus
+from falqon_dist.data.synthetic import (
+    FINETUNE_TASKS,
+    PRETRAIN_TASKS,
+    finetune_splits,
+    pretrain_corpus,
+)
 from falqon_dist.data.tokenization import tokenize_record, tokenize_records
 from falqon_dist.models.tiny import tiny_config
 from falqon_dist.models.tokenizer import build_tiny_tokenizer
@@ -32,7 +37,9 @@ def tokenizer():
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    path.write_text(
+        "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    )
     return path
 
 
@@ -69,11 +76,16 @@ def test_alpaca_json_array_file(tmp_path):
 def test_generic_jsonl_prompt_response_and_alpaca_rows(tmp_path):
     rows = [{"prompt": f"q{i}=", "response": f"a{i}"} for i in range(9)] + [ALPACA_ROWS[1]]
     path = write_jsonl(tmp_path / "data.jsonl", rows)
-    train, evals = load_split_records(DataConfig(name="jsonl", path=str(path), eval_fraction=0.2, seed=3))
+    train, evals = load_split_records(
+        DataConfig(name="jsonl", path=str(path), eval_fraction=0.2, seed=3)
+    )
     assert len(train) == 8 and len(evals) == 2
     records = train + evals
     assert {"prompt": "q4=", "response": "a4"} in records
-    assert {"prompt": ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 and 3"), "response": "5"} in records
+    assert {
+        "prompt": ALPACA_PROMPT.format(instruction="Add the numbers.", input="2 and 3"),
+        "response": "5",
+    } in records
     # The split is seeded: same seed, same split.
     again = load_split_records(DataConfig(name="jsonl", path=str(path), eval_fraction=0.2, seed=3))
     assert again == (train, evals)
@@ -90,19 +102,62 @@ def test_directory_with_train_and_validation_files(tmp_path):
 def oasst_rows() -> list[dict]:
     return [
         {"message_id": "p1", "parent_id": None, "role": "prompter", "text": "Hello?", "lang": "en"},
-        {"message_id": "a1", "parent_id": "p1", "role": "assistant", "text": "second best", "lang": "en", "rank": 1},
-        {"message_id": "a2", "parent_id": "p1", "role": "assistant", "text": "best", "lang": "en", "rank": 0},
+        {
+            "message_id": "a1",
+            "parent_id": "p1",
+            "role": "assistant",
+            "text": "second best",
+            "lang": "en",
+            "rank": 1,
+        },
+        {
+            "message_id": "a2",
+            "parent_id": "p1",
+            "role": "assistant",
+            "text": "best",
+            "lang": "en",
+            "rank": 0,
+        },
         {"message_id": "p2", "parent_id": "a2", "role": "prompter", "text": "Why?", "lang": "en"},
-        {"message_id": "a3", "parent_id": "p2", "role": "assistant", "text": "Because.", "lang": "en", "rank": None},
+        {
+            "message_id": "a3",
+            "parent_id": "p2",
+            "role": "assistant",
+            "text": "Because.",
+            "lang": "en",
+            "rank": None,
+        },
         {"message_id": "p3", "parent_id": None, "role": "prompter", "text": "Hola", "lang": "es"},
-        {"message_id": "a4", "parent_id": "p3", "role": "assistant", "text": "borrado", "deleted": True},
-        {"message_id": "a5", "parent_id": "p3", "role": "assistant", "text": "Buenas", "lang": "es"},
-        {"message_id": "p4", "parent_id": None, "role": "prompter", "text": "No answer here", "lang": "en"},
+        {
+            "message_id": "a4",
+            "parent_id": "p3",
+            "role": "assistant",
+            "text": "borrado",
+            "deleted": True,
+        },
+        {
+            "message_id": "a5",
+            "parent_id": "p3",
+            "role": "assistant",
+            "text": "Buenas",
+            "lang": "es",
+        },
+        {
+            "message_id": "p4",
+            "parent_id": None,
+            "role": "prompter",
+            "text": "No answer here",
+            "lang": "en",
+        },
     ]
 
 
 def _conversation(*texts: str) -> dict:
-    return {"messages": [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)]}
+    return {
+        "messages": [
+            {"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)
+        ]
+    }
 
 
 def test_oasst1_threads_become_multi_turn_conversations_of_best_ranked_replies(tmp_path):
@@ -110,12 +165,27 @@ def test_oasst1_threads_become_multi_turn_conversations_of_best_ranked_replies(t
     write_jsonl(
         tmp_path / "oasst_validation.jsonl",
         [
-            {"message_id": "q1", "parent_id": None, "role": "prompter", "text": "Eval?", "lang": "en"},
-            {"message_id": "r1", "parent_id": "q1", "role": "assistant", "text": "Yes.", "lang": "en"},
+            {
+                "message_id": "q1",
+                "parent_id": None,
+                "role": "prompter",
+                "text": "Eval?",
+                "lang": "en",
+            },
+            {
+                "message_id": "r1",
+                "parent_id": "q1",
+                "role": "assistant",
+                "text": "Yes.",
+                "lang": "en",
+            },
         ],
     )
     train, evals = load_split_records(DataConfig(name="oasst1", path=str(tmp_path)))
-    assert train == [_conversation("Hello?", "best", "Why?", "Because."), _conversation("Hola", "Buenas")]
+    assert train == [
+        _conversation("Hello?", "best", "Why?", "Because."),
+        _conversation("Hola", "Buenas"),
+    ]
     assert evals == [_conversation("Eval?", "Yes.")]
     train_en, _ = load_split_records(DataConfig(name="oasst1", path=str(tmp_path), lang="en"))
     assert train_en == [_conversation("Hello?", "best", "Why?", "Because.")]
@@ -124,7 +194,10 @@ def test_oasst1_threads_become_multi_turn_conversations_of_best_ranked_replies(t
 def test_oasst1_parquet_directory(tmp_path):
     import datasets
 
-    rows = [{**row, "rank": row.get("rank"), "deleted": row.get("deleted", False)} for row in oasst_rows()]
+    rows = [
+        {**row, "rank": row.get("rank"), "deleted": row.get("deleted", False)}
+        for row in oasst_rows()
+    ]
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "train-00000.parquet"))
     datasets.Dataset.from_list(rows[:2]).to_parquet(str(tmp_path / "validation-00000.parquet"))
     train, evals = load_split_records(DataConfig(name="oasst1", path=str(tmp_path)))
@@ -133,31 +206,57 @@ def test_oasst1_parquet_directory(tmp_path):
 
 
 CHAT_ROWS = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                  {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
-                  {"role": "assistant", "content": "4"}]},
-    {"conversations": [{"from": "human", "value": "Name a color"}, {"from": "gpt", "value": "red"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Name a color"},
+            {"from": "gpt", "value": "red"},
+        ]
+    },
 ]
 
 
 def _trained_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"], strict=True)
-                             if label != IGNORE_INDEX])
+    return tokenizer.decode(
+        [
+            t
+            for t, label in zip(example["input_ids"], example["labels"], strict=True)
+            if label != IGNORE_INDEX
+        ]
+    )
 
 
-def test_chat_rows_are_rendered_with_the_template_and_train_every_assistant_turn(tmp_path, tokenizer):
+def test_chat_rows_are_rendered_with_the_template_and_train_every_assistant_turn(
+    tmp_path, tokenizer
+):
     path = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS * 4)
     train, _ = load_split_records(DataConfig(name="chat", path=str(path), eval_fraction=0.25))
-    assert {"role": "user", "content": "Name a color"} in next(c for c in train if len(c["messages"]) == 2)["messages"]
+    assert {"role": "user", "content": "Name a color"} in next(
+        c for c in train if len(c["messages"]) == 2
+    )["messages"]
     examples, stats = tokenize_records(CHAT_ROWS[:1], tokenizer, max_length=128)
     (example,) = examples
     text = tokenizer.decode(example["input_ids"])
-    assert text == ("<s>### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nHello</s>\n\n"
-                    "### User:\n2+2?\n\n### Assistant:\n4</s>\n\n")  # the default template
+    # the default template
+    assert text == (
+        "<s>### System:\nBe brief.\n\n### User:\nHi\n\n### Assistant:\nHello</s>\n\n"
+        "### User:\n2+2?\n\n### Assistant:\n4</s>\n\n"
+    )
     # both assistant turns, each through its end-of-turn token (EOS here), nothing of the user's
     assert _trained_text(tokenizer, example) == "Hello</s>\n\n4</s>\n\n"
     everything, _ = tokenize_records(CHAT_ROWS[:1], tokenizer, max_length=128, train_on_inputs=True)
-    assert IGNORE_INDEX not in everything[0]["labels"] and everything[0]["input_ids"] == example["input_ids"]
+    assert (
+        IGNORE_INDEX not in everything[0]["labels"]
+        and everything[0]["input_ids"] == example["input_ids"]
+    )
 
 
 def test_chat_uses_the_tokenizers_own_template_and_its_end_of_turn_token(tokenizer):
@@ -171,7 +270,9 @@ def test_chat_uses_the_tokenizers_own_template_and_its_end_of_turn_token(tokeniz
     from falqon_dist.data.formats import normalize_chat
 
     (example,), _ = tokenize_records([normalize_chat(CHAT_ROWS[1], "row")], chatml, max_length=256)
-    assert chatml.decode(example["input_ids"]).startswith("<|im_start|>user\nName a color<|im_end|>")
+    assert chatml.decode(example["input_ids"]).startswith(
+        "<|im_start|>user\nName a color<|im_end|>"
+    )
     assert _trained_text(chatml, example) == "red<|im_end|>\n"
 
 
@@ -181,7 +282,9 @@ def test_a_chat_template_that_is_not_a_prefix_is_refused(tokenizer):
     from falqon_dist.data.chat import ChatTemplateError
 
     odd = copy.deepcopy(tokenizer)
-    odd.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    odd.chat_template = (
+        "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     with pytest.raises(ChatTemplateError, match="prefix"):
         tokenize_records(CHAT_ROWS[:1], odd, max_length=128)
 
@@ -189,44 +292,73 @@ def test_a_chat_template_that_is_not_a_prefix_is_refused(tokenizer):
 def test_text_rows_and_txt_files_train_every_token_in_windows(tmp_path, tokenizer):
     (tmp_path / "a.txt").write_text("lorem ipsum " * 20)
     (tmp_path / "b.txt").write_text("dolor sit amet")
-    train, evals = load_split_records(DataConfig(name="text", path=str(tmp_path), eval_fraction=0.5))
+    train, evals = load_split_records(
+        DataConfig(name="text", path=str(tmp_path), eval_fraction=0.5)
+    )
     assert sorted(r["text"][:5] for r in train + evals) == ["dolor", "lorem"]
     examples, stats = tokenize_records([{"text": "lorem ipsum " * 20}], tokenizer, max_length=64)
-    assert stats.kept == 1 and [len(e["input_ids"]) for e in examples] == [64, 64, 64, 50]  # 1 + 240 + 1 tokens
+    # 1 + 240 + 1 tokens
+    assert stats.kept == 1 and [len(e["input_ids"]) for e in examples] == [64, 64, 64, 50]
     assert all(e["labels"] == e["input_ids"] for e in examples)
-    assert examples[0]["input_ids"][0] == tokenizer.bos_token_id and examples[-1]["input_ids"][-1] == tokenizer.eos_token_id
-    rows = write_jsonl(tmp_path / "rows" / "t.jsonl", [{"text": f"doc {i}"} for i in range(10)]) if (
-        (tmp_path / "rows").mkdir() or True) else None
-    bundle = build_data(DataConfig(name="text", path=str(rows), max_length=32, packing=True), tokenizer)
-    assert bundle.train.num_target_tokens() == sum(len(e["input_ids"]) for e in bundle.train.examples)
+    assert (
+        examples[0]["input_ids"][0] == tokenizer.bos_token_id
+        and examples[-1]["input_ids"][-1] == tokenizer.eos_token_id
+    )
+    rows = (
+        write_jsonl(tmp_path / "rows" / "t.jsonl", [{"text": f"doc {i}"} for i in range(10)])
+        if ((tmp_path / "rows").mkdir() or True)
+        else None
+    )
+    bundle = build_data(
+        DataConfig(name="text", path=str(rows), max_length=32, packing=True), tokenizer
+    )
+    assert bundle.train.num_target_tokens() == sum(
+        len(e["input_ids"]) for e in bundle.train.examples
+    )
 
 
 def test_train_on_inputs_puts_the_loss_on_the_prompt_too(tokenizer):
     record = {"prompt": "sub(5,3)=", "response": "2"}
     (masked,), _ = tokenize_records([record], tokenizer, max_length=32)
     (full,), _ = tokenize_records([record], tokenizer, max_length=32, train_on_inputs=True)
-    assert masked["input_ids"] == full["input_ids"] == full["labels"] and IGNORE_INDEX in masked["labels"]
+    assert (
+        masked["input_ids"] == full["input_ids"] == full["labels"]
+        and IGNORE_INDEX in masked["labels"]
+    )
 
 
 def test_a_save_to_disk_directory_and_a_list_of_paths(tmp_path):
     import datasets
 
     rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(6)]
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
-                          "validation": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(rows[:4]),
+            "validation": datasets.Dataset.from_list(rows[4:]),
+        }
+    ).save_to_disk(str(tmp_path / "dd"))
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     train, evals = load_split_records(DataConfig(name="jsonl", path=str(tmp_path / "dd")))
-    assert [r["prompt"] for r in train] == ["q0", "q1", "q2", "q3"] and [r["prompt"] for r in evals] == ["q4", "q5"]
-    train, evals = load_split_records(DataConfig(name="jsonl", path=str(tmp_path / "ds"), eval_fraction=0.2))
+    assert [r["prompt"] for r in train] == ["q0", "q1", "q2", "q3"] and [
+        r["prompt"] for r in evals
+    ] == ["q4", "q5"]
+    train, evals = load_split_records(
+        DataConfig(name="jsonl", path=str(tmp_path / "ds"), eval_fraction=0.2)
+    )
     assert len(train) == 5 and len(evals) == 1
-    extra = write_jsonl(tmp_path / "extra.jsonl", [{"prompt": "x", "response": "y"}, {"prompt": "z", "response": "w"}])
+    extra = write_jsonl(
+        tmp_path / "extra.jsonl",
+        [{"prompt": "x", "response": "y"}, {"prompt": "z", "response": "w"}],
+    )
     both = DataConfig(name="jsonl", path=[str(tmp_path / "dd"), str(extra)], eval_fraction=0.5)
     assert both.path == (str(tmp_path / "dd"), str(extra))
     train, evals = load_split_records(both)
     assert len(train) == 5 and len(evals) == 3  # dd's own split + extra split in half
-    assert [r["prompt"] for r in evals][:2] in (["q4", "x"], ["q4", "z"])  # interleaved: both sources first
-    datasets.DatasetDict({"other": datasets.Dataset.from_list(rows), "more": datasets.Dataset.from_list(rows)}
-                         ).save_to_disk(str(tmp_path / "nosplit"))
+    # interleaved: both sources first
+    assert [r["prompt"] for r in evals][:2] in (["q4", "x"], ["q4", "z"])
+    datasets.DatasetDict(
+        {"other": datasets.Dataset.from_list(rows), "more": datasets.Dataset.from_list(rows)}
+    ).save_to_disk(str(tmp_path / "nosplit"))
     with pytest.raises(DataFormatError, match="without a 'train' split"):
         load_split_records(DataConfig(name="jsonl", path=str(tmp_path / "nosplit")))
 
@@ -237,23 +369,61 @@ def test_a_save_to_disk_directory_and_a_list_of_paths(tmp_path):
 @pytest.mark.parametrize(
     ("name", "rows", "where", "expected"),
     [
-        ("jsonl", [{"prompt": "a", "response": "b"}, "{not json", {"prompt": "c", "response": "d"}], "line 2", "invalid JSON"),
+        (
+            "jsonl",
+            [{"prompt": "a", "response": "b"}, "{not json", {"prompt": "c", "response": "d"}],
+            "line 2",
+            "invalid JSON",
+        ),
         ("jsonl", [{"prompt": "a", "response": "b"}, "", {"prompt": "c"}], "line 3", "'response'"),
-        ("jsonl", [{"prompt": "a", "response": 7}], "line 1", "'response' must be a non-empty string"),
-        ("jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": "   "}], "line 2", "empty"),
+        (
+            "jsonl",
+            [{"prompt": "a", "response": 7}],
+            "line 1",
+            "'response' must be a non-empty string",
+        ),
+        (
+            "jsonl",
+            [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": "   "}],
+            "line 2",
+            "empty",
+        ),
         ("jsonl", [[1, 2]], "line 1", "expected a JSON object"),
         ("jsonl", [{"question": "a", "answer": "b"}], "line 1", "'prompt' and 'response'"),
         ("alpaca", [ALPACA_ROWS[0], {"instruction": "x", "output": ""}], "line 2", "'output'"),
         ("alpaca", [{"instruction": "x", "input": 3, "output": "y"}], "line 1", "'input'"),
-        ("oasst1", [oasst_rows()[0], {"message_id": "m", "parent_id": "p1", "role": "bot", "text": "t"}], "line 2", "'role'"),
-        ("oasst1", [{"message_id": "m", "parent_id": None, "role": "prompter"}], "line 1", "'text'"),
+        (
+            "oasst1",
+            [oasst_rows()[0], {"message_id": "m", "parent_id": "p1", "role": "bot", "text": "t"}],
+            "line 2",
+            "'role'",
+        ),
+        (
+            "oasst1",
+            [{"message_id": "m", "parent_id": None, "role": "prompter"}],
+            "line 1",
+            "'text'",
+        ),
         ("chat", [CHAT_ROWS[0], {"prompt": "a", "response": "b"}], "line 2", "'messages'"),
-        ("chat", [{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}], "line 1",
-         "messages[1]: field 'role' must be one of"),
+        (
+            "chat",
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}],
+            "line 1",
+            "messages[1]: field 'role' must be one of",
+        ),
         ("chat", [{"messages": [{"role": "user", "content": "a"}]}], "line 1", "no assistant turn"),
-        ("chat", [{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "b"}]}], "line 1",
-         "conversations[0]: field 'value'"),
-        ("chat", [{"messages": [{"role": "user", "content": [{"type": "text"}]}]}], "line 1", "content parts"),
+        (
+            "chat",
+            [{"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "b"}]}],
+            "line 1",
+            "conversations[0]: field 'value'",
+        ),
+        (
+            "chat",
+            [{"messages": [{"role": "user", "content": [{"type": "text"}]}]}],
+            "line 1",
+            "content parts",
+        ),
         ("text", [{"text": "fine"}, {"body": "x"}], "line 2", "'text'"),
     ],
 )
@@ -286,9 +456,12 @@ def test_hub_name_without_network_fails_clearly(monkeypatch):
         raise ConnectionError("Couldn't reach the Hugging Face Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(FileNotFoundError, match="no-such-owner/no-such-dataset.*hub failed.*ConnectionError"):
+    with pytest.raises(
+        FileNotFoundError, match="no-such-owner/no-such-dataset.*hub failed.*ConnectionError"
+    ):
         load_split_records(DataConfig(name="alpaca", path="no-such-owner/no-such-dataset"))
-    with pytest.raises(FileNotFoundError, match="tatsu-lab/alpaca"):  # path=None: the default hub dataset
+    # path=None: the default hub dataset
+    with pytest.raises(FileNotFoundError, match="tatsu-lab/alpaca"):
         load_split_records(DataConfig(name="alpaca"))
 
 
@@ -296,7 +469,10 @@ def test_hub_name_without_network_fails_clearly(monkeypatch):
 
 
 def test_prompt_masking_and_padding(tokenizer):
-    records = [{"prompt": "sub(57,23)=", "response": "34"}, {"prompt": "copy(ab)=", "response": "abcdefg"}]
+    records = [
+        {"prompt": "sub(57,23)=", "response": "34"},
+        {"prompt": "copy(ab)=", "response": "abcdefg"},
+    ]
     examples, stats = tokenize_records(records, tokenizer, max_length=64)
     assert stats.kept == 2 and stats.truncated == stats.dropped == 0
     for record, example in zip(records, examples, strict=True):
@@ -304,7 +480,9 @@ def test_prompt_masking_and_padding(tokenizer):
         response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
         assert prompt_ids[0] == tokenizer.bos_token_id
         assert example["input_ids"] == prompt_ids + response_ids + [tokenizer.eos_token_id]
-        assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tokenizer.eos_token_id]
+        assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [
+            tokenizer.eos_token_id
+        ]
     batch = Collator(tokenizer.pad_token_id)(examples)
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
     lengths = [len(e["input_ids"]) for e in examples]
@@ -331,13 +509,19 @@ def test_truncation_cuts_response_and_drops_prompt_only_examples(tokenizer):
     assert cut["labels"][:13] == [IGNORE_INDEX] * 13 and IGNORE_INDEX not in cut["labels"][13:]
     assert tokenizer.eos_token_id not in cut["input_ids"]  # the EOS was cut with the tail
     example, truncated = tokenize_record({"prompt": "x" * 14, "response": "abc"}, tokenizer, 16)
-    assert example is not None and truncated and example["labels"][-1] == tokenizer.encode("a", add_special_tokens=False)[0]
+    assert (
+        example is not None
+        and truncated
+        and example["labels"][-1] == tokenizer.encode("a", add_special_tokens=False)[0]
+    )
 
 
 def test_build_data_counts_dropped_examples(tmp_path, tokenizer):
     rows = [{"prompt": "p" * (40 if i % 4 == 0 else 3), "response": "r"} for i in range(40)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    bundle = build_data(DataConfig(name="jsonl", path=str(path), max_length=16, eval_fraction=0.1), tokenizer)
+    bundle = build_data(
+        DataConfig(name="jsonl", path=str(path), max_length=16, eval_fraction=0.1), tokenizer
+    )
     stats = bundle.train_stats
     assert stats.total == 36 and stats.dropped + bundle.eval_stats.dropped == 10
     assert len(bundle.train) == stats.kept == stats.total - stats.dropped
@@ -379,37 +563,52 @@ def test_packed_rows_attend_per_example(tokenizer):
     """transformers builds a block-diagonal mask from restarting position_ids (use_cache=False)."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config()).eval()
-    records = [{"prompt": "add(1,2)=", "response": "3"}, {"prompt": "copy(abc)=", "response": "abc"}]
+    records = [
+        {"prompt": "add(1,2)=", "response": "3"},
+        {"prompt": "copy(abc)=", "response": "abc"},
+    ]
     examples, _ = tokenize_records(records, tokenizer, max_length=64)
     batch = Collator(tokenizer.pad_token_id)(pack_examples(examples, max_length=64))
     assert batch["input_ids"].shape[0] == 1
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        packed = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits[0]
         offset = 0
         for example in examples:
             alone = model(input_ids=torch.tensor([example["input_ids"]]), use_cache=False).logits[0]
-            torch.testing.assert_close(packed[offset : offset + len(alone)], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                packed[offset : offset + len(alone)], alone, rtol=1e-4, atol=1e-4
+            )
             offset += len(alone)
 
 
 def test_build_data_packing_and_sampler(tokenizer):
-    bundle = build_data(DataConfig(num_train=300, num_eval=20, packing=True, max_length=64), tokenizer)
+    bundle = build_data(
+        DataConfig(num_train=300, num_eval=20, packing=True, max_length=64), tokenizer
+    )
     assert bundle.packing and all(len(x["input_ids"]) <= 64 for x in bundle.train)
     assert sum(x["labels"].count(tokenizer.eos_token_id) for x in bundle.train) == 300
     assert all("position_ids" not in x for x in bundle.eval)  # eval is never packed
     sampler = bundle.train_batch_sampler(4)
-    loader = torch.utils.data.DataLoader(bundle.train, batch_sampler=sampler, collate_fn=bundle.collate_fn)
+    loader = torch.utils.data.DataLoader(
+        bundle.train, batch_sampler=sampler, collate_fn=bundle.collate_fn
+    )
     batch = next(iter(loader))
     assert batch["input_ids"].shape[0] == 4 and "position_ids" in batch
 
 
 def test_batch_sampler_groups_lengths_and_splits_ranks():
     lengths = [((i * 37) % 50) + 1 for i in range(203)]
-    per_rank = [list(TrainBatchSampler(lengths, 8, num_replicas=2, rank=r, seed=5, group=4)) for r in (0, 1)]
+    per_rank = [
+        list(TrainBatchSampler(lengths, 8, num_replicas=2, rank=r, seed=5, group=4)) for r in (0, 1)
+    ]
     assert len(per_rank[0]) == len(per_rank[1])
     seen = [i for batches in per_rank for batch in batches for i in batch]
     assert len(seen) == len(set(seen))  # ranks never share an example
-    spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in per_rank[0] if len(b) == 8]
+    spread = [
+        max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in per_rank[0] if len(b) == 8
+    ]
     assert sum(spread) / len(spread) < 10  # vs ~40 for random batches of lengths 1..50
     again = TrainBatchSampler(lengths, 8, num_replicas=2, rank=0, seed=5, group=4)
     assert list(again) == per_rank[0]

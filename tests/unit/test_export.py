@@ -52,7 +52,9 @@ def tiny_llama(dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausa
     return LlamaForCausalLM(LlamaConfig(**kwargs)).to(dtype).eval()
 
 
-def trained_falqon(dtype: torch.dtype = torch.float32, filter_fn=None, **overrides) -> LlamaForCausalLM:
+def trained_falqon(
+    dtype: torch.dtype = torch.float32, filter_fn=None, **overrides
+) -> LlamaForCausalLM:
     """A converted tiny Llama with pending (non-zero) proxies, as if exported right after a step."""
     model = tiny_llama(dtype, **overrides)
     fd.convert_model(model, fd.FalqonConfig(rank=8, backend="emulated"), module_filter_fn=filter_fn)
@@ -79,7 +81,7 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
-            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})
+            tensors.update({key: handle.get_tensor(key) for key in handle.keys()})  # noqa: SIM118 - no __iter__
     return tensors
 
 
@@ -118,15 +120,29 @@ def test_config_declares_per_tensor_fp8_weights_and_dynamic_token_inputs(exporte
     (group,) = qc["config_groups"].values()
     assert group["targets"] == ["Linear"]
     assert group["weights"] == {
-        "num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "tensor",
+        "num_bits": 8,
+        "type": "float",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": "tensor",
         "dynamic": False,
-    }  # fmt: skip
-    assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"] is True
-    assert group["input_activations"]["type"] == "float" and group["input_activations"]["num_bits"] == 8
+    }
+    assert (
+        group["input_activations"]["strategy"] == "token"
+        and group["input_activations"]["dynamic"] is True
+    )
+    assert (
+        group["input_activations"]["type"] == "float"
+        and group["input_activations"]["num_bits"] == 8
+    )
     assert qc["ignore"] == ["lm_head"]
     assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
     assert (out / "generation_config.json").is_file()
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", SINGLE_FILE]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        SINGLE_FILE,
+    ]
 
 
 def test_quantization_config_matches_compressed_tensors_models():
@@ -147,7 +163,10 @@ def test_exported_bytes_and_scales_are_the_trained_ones(exported):
     tensors = read_tensors(out)
     for name, layer in fd.falqon_layers(model):
         weight = tensors[f"{name}.weight"]
-        assert weight.dtype == torch.float8_e4m3fn and weight.shape == (layer.out_features, layer.in_features)
+        assert weight.dtype == torch.float8_e4m3fn and weight.shape == (
+            layer.out_features,
+            layer.in_features,
+        )
         assert torch.equal(weight.view(torch.uint8), layer.qweight.data[: layer.out_features])
         scale = tensors[f"{name}.weight_scale"]
         assert scale.dtype == torch.float32 and scale.shape == (1,)
@@ -200,7 +219,9 @@ def test_unconverted_linears_stay_float_and_are_ignored(tmp_path):
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert sorted(qc["ignore"]) == sorted(["lm_head", skip])
     tensors = read_tensors(out)
-    assert tensors[f"{skip}.weight"].dtype == torch.float32 and f"{skip}.weight_scale" not in tensors
+    assert (
+        tensors[f"{skip}.weight"].dtype == torch.float32 and f"{skip}.weight_scale" not in tensors
+    )
     assert torch.equal(tensors[f"{skip}.weight"], model.get_submodule(skip).weight)
     loaded = load(out, dequantize=True)
     assert torch.equal(loaded.get_submodule(skip).weight, model.get_submodule(skip).weight)
@@ -235,7 +256,8 @@ def test_sharded_export_has_an_index_and_loads(tmp_path, exported):
     assert set(index["weight_map"].values()) == {p.name for p in shards}
     total = sum(t.numel() * t.element_size() for t in read_tensors(out).values())
     assert index["metadata"]["total_size"] == total
-    for path in shards:  # each shard fits the limit (+ its JSON header) or holds one oversized tensor
+    # each shard fits the limit (+ its JSON header) or holds one oversized tensor
+    for path in shards:
         with safe_open(str(path), framework="pt") as handle:
             alone = len(handle.keys()) == 1
         assert alone or path.stat().st_size <= 100_000 + 10_000
@@ -255,7 +277,8 @@ def test_unwraps_engine_like_wrappers_and_saves_tokenizer(tmp_path, exported):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
 
-    class Engine(nn.Module):  # what a DeepSpeed engine looks like from here: the HF model is .module
+    # what a DeepSpeed engine looks like from here: the HF model is .module
+    class Engine(nn.Module):
         def __init__(self, module: nn.Module) -> None:
             super().__init__()
             self.module = module
@@ -332,7 +355,7 @@ def test_parse_size():
 
 
 def test_pending_keep_mode_proxies_are_merged_row_for_row():
-    """With unmerged="keep", B holds rows no merge took yet: the export merges every one of them."""
+    """With merge="topk_keep", B holds rows no merge took yet: the export merges every one of them."""
     import copy
 
     from torch import nn
@@ -342,7 +365,7 @@ def test_pending_keep_mode_proxies_are_merged_row_for_row():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48, bias=False))
-    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="emulated", topk=None, unmerged="keep"))
+    fd.convert_model(model, fd.FalqonConfig(rank=16, backend="emulated", merge="topk_keep"))
     layer = model[0]
     with torch.no_grad():
         layer.B.normal_(std=0.2)
@@ -355,19 +378,53 @@ def test_pending_keep_mode_proxies_are_merged_row_for_row():
     assert changed_rows > layer.rows_per_merge  # not just one step's top-k
 
 
+def test_the_pending_fold_is_the_hooks_fold_and_says_when_b_held_what_no_merge_leaves(caplog):
+    """merge_pending_proxies_ folds through the trainer's model-level merge: the same bytes as the
+    post-optimizer hook's fold; layers whose B is zero are left alone; a pending B under the paper's
+    merge (which zeroes B after every step) is a warning, the carry of every_row only an info line."""
+    import logging
+
+    from torch import nn
+
+    from falqon_dist.distributed import ProxyMergeHook
+    from falqon_dist.export.exporter import merge_pending_proxies_
+
+    for merge, level in (("every_row", logging.INFO), ("paper", logging.WARNING)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 48, bias=False), nn.Linear(48, 32, bias=False))
+        fd.convert_model(model, fd.FalqonConfig(rank=16, backend="emulated", merge=merge))
+        with torch.no_grad():
+            model[0].B.normal_(std=0.2)  # model[1].B stays zero
+        expected = copy.deepcopy(model)
+        if merge == "every_row":
+            assert ProxyMergeHook(expected[:1]).fold() is not None
+        else:  # B is zero after every paper merge: the hook has nothing to fold, the layer folds itself
+            expected[0].fold_()
+        untouched = model[1].qweight.clone()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="falqon_dist.export.exporter"):
+            assert merge_pending_proxies_(model) == ["0"]
+        assert torch.equal(model[0].qweight, expected[0].qweight) and not model[0].B.any()
+        assert torch.equal(model[1].qweight, untouched)
+        assert [r.levelno for r in caplog.records] == [level], (merge, caplog.records)
+
+
 # ------------------------------------------------------------------- save_pretrained of a converted model
 def test_save_pretrained_of_a_converted_model_writes_the_fp8_export(tmp_path):
     """transformers' own save_pretrained would write FalqonLinear state under names from_pretrained
     does not know (every linear reloaded randomly initialized, silently): it writes the export."""
     model = trained_falqon()
     plain = tiny_llama()
-    assert type(plain).save_pretrained is LlamaForCausalLM.save_pretrained  # the class is left as it is
+    # the class is left as it is
+    assert type(plain).save_pretrained is LlamaForCausalLM.save_pretrained
     model.save_pretrained(tmp_path / "saved", max_shard_size="10MB")
     assert "quantization_config" in json.loads((tmp_path / "saved" / "config.json").read_text())
     loaded = load(tmp_path / "saved", dequantize=True)
     got = logits(loaded, TOKENS)
     assert (got - logits(dequantized_reference(model), TOKENS)).abs().max().item() < DEQUANT_ATOL
-    model.save_pretrained(tmp_path / "saved", state_dict=model.state_dict(), safe_serialization=True)  # Trainer's call
+    model.save_pretrained(
+        tmp_path / "saved", state_dict=model.state_dict(), safe_serialization=True
+    )  # Trainer's call
     copied = copy.deepcopy(model)
     assert copied.save_pretrained.__self__ is copied  # a copy saves itself, not the original
 

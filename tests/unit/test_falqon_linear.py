@@ -13,6 +13,7 @@ Tolerances. Two references are used:
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 import falqon_dist as fd
 from falqon_dist import fp8
+from falqon_dist.config_checks import InvalidField
 from falqon_dist.method.init import quantization_error
 
 IN, OUT, RANK, TOKENS = 256, 192, 16, 96
@@ -28,9 +30,16 @@ IN, OUT, RANK, TOKENS = 256, 192, 16, 96
 def _layer(bias=True, backend="emulated", init="svd", topk=None, rank=RANK):
     linear = nn.Linear(IN, OUT, bias=bias)
     nn.init.normal_(linear.weight, std=0.02)  # bell-shaped like trained LLM weights, not uniform
-    config = fd.FalqonConfig(rank=rank, backend=backend, init=init, topk=topk, unmerged="discard")  # the paper
+    config = fd.FalqonConfig(rank=rank, backend=backend, init=init, merge="paper", topk=topk)
     layer = fd.FalqonLinear.from_linear(linear, config)
     return linear, layer
+
+
+def _with(layer: fd.FalqonLinear, **changes) -> fd.FalqonLinear:
+    """A copy of ``layer`` whose config differs by ``changes`` (another merge recipe, rounding, ...)."""
+    twin = copy.deepcopy(layer)
+    twin.config = dataclasses.replace(layer.config, **changes)
+    return twin
 
 
 def _rel(a, b):
@@ -121,7 +130,9 @@ def test_forward_backward_against_references(backend, bias):
     grad_b_float = g.reshape(-1, OUT).T @ (x.reshape(-1, IN) @ layer.adapter_weight().T)
     gx_sqnr = fp8.sqnr_db(x_float.grad, x_layer.grad)
     gb_sqnr = fp8.sqnr_db(grad_b_float, layer.B.grad)
-    print(f"\n[{backend}, bias={bias}] SQNR fwd {fwd_sqnr:.1f} dB, grad-x {gx_sqnr:.1f} dB, grad-B {gb_sqnr:.1f} dB")
+    print(
+        f"\n[{backend}, bias={bias}] SQNR fwd {fwd_sqnr:.1f} dB, grad-x {gx_sqnr:.1f} dB, grad-B {gb_sqnr:.1f} dB"
+    )
     assert gx_sqnr > 18 and gb_sqnr > 18
     # W and A are frozen inside M_q: no gradient reaches them
     assert layer.qweight.grad is None
@@ -225,7 +236,14 @@ def test_merge_counts_saturation():
 def test_merge_with_zero_proxy_is_a_no_op():
     _, layer = _layer()
     before = layer.qweight.clone()
-    expected = {"rows_merged": 0, "saturated": 0, "nonfinite": 0, "changed": 0, "elements": RANK * IN, "layers": 1}
+    expected = {
+        "rows_merged": 0,
+        "saturated": 0,
+        "nonfinite": 0,
+        "changed": 0,
+        "elements": RANK * IN,
+        "layers": 1,
+    }
     assert layer.merge_proxy_().to_dict() == expected  # k rows rewritten with their own bytes
     assert torch.equal(layer.qweight, before)
 
@@ -243,7 +261,9 @@ def _reachable_target() -> tuple[fd.FalqonLinear, torch.Tensor]:
     """A 128×128 FALQON layer (rank 16) and a teacher W + C·A whose change lies in A's row space."""
     linear = nn.Linear(128, 128, bias=False)
     nn.init.normal_(linear.weight, std=0.05)
-    layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated", topk=None))
+    layer = fd.FalqonLinear.from_linear(
+        linear, fd.FalqonConfig(rank=16, backend="emulated", merge="topk_carry")
+    )
     adapter = layer.adapter_weight()
     mixing = torch.randn(128, 16)
     mixing = mixing / (mixing @ adapter).std() * 0.02
@@ -255,7 +275,7 @@ def test_adamw_with_merges_learns_a_reachable_target():
 
     With only B trained and A fixed, updates live in A's row space; a target outside it is not
     learnable by construction, so the teacher's change is built inside it. lr 0.1: FP8 needs large
-    steps (README, The method in one paragraph). Measured: loss falls to ~8% of its start in 60 steps.
+    steps (docs/method.md, the carry). Measured: loss falls to ~8% of its start in 60 steps.
     """
     layer, teacher = _reachable_target()
     optimizer = torch.optim.AdamW([layer.B], lr=0.1, weight_decay=0.0)
@@ -283,7 +303,9 @@ def test_state_dict_round_trip_is_exact():
         layer.B.normal_()
     state = layer.state_dict()
     assert set(state) == {"qweight", "scale", "B", "bias"}
-    fresh = fd.FalqonLinear(IN, OUT, RANK, bias=True, backend="emulated")
+    fresh = fd.FalqonLinear(
+        IN, OUT, config=fd.FalqonConfig(rank=RANK, backend="emulated"), bias=True
+    )
     fresh.load_state_dict(state)
     for key in state:
         assert torch.equal(getattr(fresh, key), state[key]), key
@@ -294,7 +316,9 @@ def test_state_dict_round_trip_is_exact():
     [
         ({"rank": 0}, "rank"),
         ({"rank": 1.5}, "rank"),
-        ({"topk": 0}, "topk"),
+        ({"merge": "top_k"}, "merge"),
+        ({"merge": "paper", "topk": 0}, "topk"),
+        ({"merge": "paper", "topk": 2.0}, "topk"),
         ({"init": "gaussian"}, "init"),
         ({"backend": "cutlass"}, "backend"),
         ({"cache_weight_transpose": "yes"}, "cache_weight_transpose"),
@@ -305,11 +329,53 @@ def test_config_validation_names_the_field(kwargs, field):
         fd.FalqonConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, field, valid",
+    [
+        ({"topk": "all"}, "topk", "merge='every_row'"),  # the old spelling of every row
+        ({"topk": 4}, "topk", "'topk_carry', 'topk_keep', 'paper'"),  # a count with every_row
+        (
+            {"merge_rounding": "stochastic"},
+            "merge_rounding",
+            "'topk_keep' or 'paper'",
+        ),  # with every_row's carry
+        (
+            {"merge": "topk_carry", "merge_rounding": "stochastic"},
+            "merge_rounding",
+            "'topk_keep' or 'paper'",
+        ),
+    ],
+)
+def test_contradictory_fields_are_refused_naming_the_field_and_what_is_valid(kwargs, field, valid):
+    with pytest.raises(InvalidField) as refused:
+        fd.FalqonConfig(**kwargs)
+    assert refused.value.field == field and refused.value.owner == "FalqonConfig"
+    assert valid in str(refused.value)
+
+
+@pytest.mark.parametrize("merge", ["topk_keep", "paper"])
+def test_stochastic_rounding_goes_with_the_recipes_that_carry_nothing(merge):
+    assert (
+        fd.FalqonConfig(merge=merge, merge_rounding="stochastic", topk=3).merge_rounding
+        == "stochastic"
+    )
+
+
 def test_layer_rejects_topk_beyond_out_features_and_rank_beyond_dims():
-    with pytest.raises(ValueError, match="topk"):
-        fd.FalqonLinear.from_linear(nn.Linear(32, 16), fd.FalqonConfig(rank=4, topk=17))
-    with pytest.raises(ValueError, match="rank"):
-        fd.FalqonLinear.from_linear(nn.Linear(32, 16), fd.FalqonConfig(rank=17))
+    for build in (
+        lambda c: fd.FalqonLinear.from_linear(nn.Linear(32, 16), c),
+        lambda c: fd.FalqonLinear(32, 16, config=c),
+    ):
+        with pytest.raises(InvalidField, match="topk cannot exceed.*32→16 layer has 16.*got 17"):
+            build(fd.FalqonConfig(rank=4, merge="topk_keep", topk=17))
+        with pytest.raises(InvalidField, match="rank cannot exceed.*32→16 layer has 16.*got 17"):
+            build(fd.FalqonConfig(rank=17))
+    layer = fd.FalqonLinear(32, 16, config=fd.FalqonConfig(rank=4, merge="paper", topk=16))
+    with pytest.raises(InvalidField, match="topk"):  # a new config is checked against the shape
+        layer.config = dataclasses.replace(layer.config, topk=17)
+    with pytest.raises(ValueError, match="rank shapes the layer's state"):
+        layer.config = dataclasses.replace(layer.config, rank=8)
+    assert layer.topk == 16
 
 
 def test_initialization_is_deterministic():
@@ -339,9 +405,9 @@ def test_randomized_svd_for_large_layers_matches_exact_svd():
 def _cached_twin(layer):
     """A copy of ``layer`` that keeps the transposed W rows for the backward GEMM."""
     twin = fd.FalqonLinear.shaped_like(
-        nn.Linear(IN, OUT, bias=layer.bias is not None), fd.FalqonConfig(rank=RANK, cache_weight_transpose=True, unmerged=layer.unmerged)
+        nn.Linear(IN, OUT, bias=layer.bias is not None),
+        dataclasses.replace(layer.config, cache_weight_transpose=True),
     )
-    twin.backend = layer.backend
     twin.load_state_dict(layer.state_dict())
     return twin
 
@@ -370,7 +436,9 @@ def test_cached_weight_transpose_gives_identical_results_and_follows_merges(back
         each.merge_proxy_(proxy.clone())
     # the merge rewrote the cached columns in place: the copy is kept and equals a fresh transpose
     assert cached.weight_t_cache.nbytes == OUT * IN
-    assert torch.equal(cached.weight_t_cache.get(cached.qweight[:OUT]), cached.qweight[:OUT].t().contiguous())
+    assert torch.equal(
+        cached.weight_t_cache.get(cached.qweight[:OUT]), cached.qweight[:OUT].t().contiguous()
+    )
     assert torch.equal(cached.qweight, layer.qweight)
     _, grad_x, _ = _grads(cached, x, g)
     assert torch.equal(grad_x, _grads(layer, x, g)[1])  # ∂L/∂x sees the merged rows
@@ -404,7 +472,9 @@ def test_stochastic_rounding_is_unbiased_and_only_picks_neighbours():
     torch.manual_seed(0)
     values = (torch.randn(4096) * 30).clamp(-448, 448)
     values[:4] = torch.tensor([0.0, 448.0, -448.0, 1.5])  # representable: kept exactly
-    draws = torch.stack([stochastic_round_e4m3(values, torch.rand_like(values)).float() for _ in range(400)])
+    draws = torch.stack(
+        [stochastic_round_e4m3(values, torch.rand_like(values)).float() for _ in range(400)]
+    )
     nearest = values.to(fp8.E4M3).float()
     assert torch.equal(draws[:, :4], values[:4].expand(400, 4))
     # each draw is the lower or the upper E4M3 neighbour of the value
@@ -428,32 +498,37 @@ def test_stochastic_merge_applies_small_updates_on_average_and_is_seeded():
     ulp = (w_rows.abs() * 2**-3).clamp(min=2**-9)
     proxy *= 0.2 / float((delta.abs() / ulp).median())  # median update: 0.2 of an FP8 step
     delta = proxy @ adapter
-    merged_rows = torch.sort(proxy.abs().sum(1), descending=True, stable=True).indices[:RANK].sort().values
+    merged_rows = (
+        torch.sort(proxy.abs().sum(1), descending=True, stable=True).indices[:RANK].sort().values
+    )
 
     def realized(rounding: str, step: int) -> torch.Tensor:
-        each = copy.deepcopy(layer)
-        each.merge_rounding = rounding
+        each = _with(layer, merge_rounding=rounding)
         each.merge_proxy_(proxy.clone(), step=step)
-        return fp8.from_bits(each.qweight, fp8.E4M3).float()[:OUT][merged_rows] - w_rows[merged_rows]
+        return (
+            fp8.from_bits(each.qweight, fp8.E4M3).float()[:OUT][merged_rows] - w_rows[merged_rows]
+        )
 
     want = delta[merged_rows]
     nearest_error = _rel(realized("nearest", 0), want)
     stochastic_mean = torch.stack([realized("stochastic", step) for step in range(64)]).mean(0)
     stochastic_error = _rel(stochastic_mean, want)
-    print(f"rel. error of the realized update: nearest {nearest_error:.2f}, stochastic (mean of 64) {stochastic_error:.2f}")
-    assert nearest_error > 0.5  # measured 0.60: much of the update is rounded away (0.12 for stochastic)
+    print(
+        f"rel. error of the realized update: nearest {nearest_error:.2f}, "
+        f"stochastic (mean of 64) {stochastic_error:.2f}"
+    )
+    # measured 0.60: much of the update is rounded away (0.12 for stochastic)
+    assert nearest_error > 0.5
     assert stochastic_error < 0.35 * nearest_error
     assert torch.equal(realized("stochastic", 3), realized("stochastic", 3))
     assert not torch.equal(realized("stochastic", 3), realized("stochastic", 4))
 
 
-# ---------------------------------------------------------------- unmerged="keep"
+# ---------------------------------------------------------------- the top-k recipes that keep the unmerged rows
 
 
 def _keep_twin(layer):
-    twin = copy.deepcopy(layer)
-    twin.unmerged = "keep"
-    return twin
+    return _with(layer, merge="topk_keep")
 
 
 def test_keep_mode_forward_and_gradients_include_the_live_lora_term():
@@ -480,8 +555,7 @@ def test_keep_mode_forward_and_gradients_include_the_live_lora_term():
     assert fp8.sqnr_db(b.grad, keep.B.grad) > 20  # gᵀ·Q(o_A): E5M2 × E4M3 operands
     # the extra ∂L/∂x term is (g·B)·A with g unquantized: exact up to float32 rounding; the paper's
     # mode leaves B out of the forward (it is zero there by construction)
-    discard = copy.deepcopy(keep)
-    discard.unmerged = "discard"
+    discard = _with(keep, merge="paper")
     xd = x.clone().requires_grad_()
     y_discard = discard(xd)
     y_discard.backward(g)
@@ -509,9 +583,15 @@ def test_keep_mode_merge_zeroes_only_the_merged_rows():
     assert torch.equal(keep.remainder(proxy, rows), expected)
 
 
-def _final_loss_on_target(layer: fd.FalqonLinear, teacher: torch.Tensor, lr: float, steps: int = 60) -> float:
-    """Train ``layer``'s B with AdamW and a merge after every step on the teacher's outputs (fixed
-    data seed); the last step's loss."""
+def _final_loss_on_target(
+    layer: fd.FalqonLinear,
+    teacher: torch.Tensor,
+    lr: float,
+    steps: int = 60,
+    merge=fd.FalqonLinear.merge_proxy_,
+) -> float:
+    """Train ``layer``'s B with AdamW and ``merge(layer)`` after every step (the layer's own merge)
+    on the teacher's outputs (fixed data seed); the last step's loss."""
     optimizer = torch.optim.AdamW([layer.B], lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -520,25 +600,24 @@ def _final_loss_on_target(layer: fd.FalqonLinear, teacher: torch.Tensor, lr: flo
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        layer.merge_proxy_()
+        merge(layer)
     return loss.item()
 
 
-def test_keep_mode_learns_the_reachable_target_faster_than_discard():
+def test_keeping_the_unmerged_rows_learns_the_reachable_target_faster_than_the_paper():
     """The teacher-student task of the AdamW test, at a learning rate where the paper's merge
     (topk = rank of 128 rows per step, the rest discarded) makes little progress."""
     torch.manual_seed(0)
     base, teacher = _reachable_target()
-    final = {}
-    for mode in ("discard", "keep"):
-        layer = copy.deepcopy(base)
-        layer.unmerged = mode
-        final[mode] = _final_loss_on_target(layer, teacher, lr=0.02)
+    final = {
+        merge: _final_loss_on_target(_with(base, merge=merge), teacher, lr=0.02)
+        for merge in ("paper", "topk_keep")
+    }
     print(final)
-    assert final["keep"] < 0.5 * final["discard"], final
+    assert final["topk_keep"] < 0.5 * final["paper"], final
 
 
-# ---------------------------------------------------------------- carry_residual
+# ---------------------------------------------------------------- the carry (every_row, topk_carry)
 
 
 def test_projection_onto_the_adapter_recovers_a_proxy_exactly():
@@ -555,13 +634,12 @@ def test_projection_onto_the_adapter_recovers_a_proxy_exactly():
 
 
 def test_carry_puts_back_what_rounding_dropped_and_keeps_the_layer_function():
-    """With carry_residual the merged bytes are the same, and B's merged rows get the projection of
-    what rounding dropped: the layer function then changes only by the residual's part outside A's
-    rows; a row whose update rounds away entirely keeps its B."""
+    """With the carry (topk_carry against topk_keep) the merged bytes are the same, and B's merged
+    rows get the projection of what rounding dropped: the layer function then changes only by the
+    residual's part outside A's rows; a row whose update rounds away entirely keeps its B."""
     _, layer = _layer(topk=8)
     keep = _keep_twin(layer)
-    carry = _keep_twin(layer)
-    carry.carry_residual = True
+    carry = _with(layer, merge="topk_carry")
     torch.manual_seed(6)
     proxy = torch.randn(OUT, RANK) * 0.02  # small: much of each update is rounded away
     proxy[5] *= 1e-3  # row 5: nothing of its update survives rounding
@@ -572,9 +650,11 @@ def test_carry_puts_back_what_rounding_dropped_and_keeps_the_layer_function():
         each.merge_proxy_(rows=rows)
     assert torch.equal(keep.qweight, carry.qweight)  # carrying changes B, never the merged bytes
     assert torch.equal(keep.qweight[5], layer.qweight[5])  # row 5 rounded away...
-    assert torch.allclose(carry.B[5], proxy[5], atol=1e-3 * float(proxy[5].abs().max()))  # ...carried back whole
+    # ...carried back whole
+    assert torch.allclose(carry.B[5], proxy[5], atol=1e-3 * float(proxy[5].abs().max()))
     a = layer.adapter_weight()
-    want = layer.backbone_weight() + proxy @ a  # the function before the merge: W + B·A (real units)
+    # the function before the merge: W + B·A (real units)
+    want = layer.backbone_weight() + proxy @ a
     change_keep = keep.backbone_weight() + keep.B.detach() @ a - want
     change_carry = carry.backbone_weight() + carry.B.detach() @ a - want
     print(f"|function change| keep {change_keep.norm():.3e}, carry {change_carry.norm():.3e}")
@@ -586,10 +666,38 @@ def test_carry_puts_back_what_rounding_dropped_and_keeps_the_layer_function():
     assert torch.equal(carry.B[unmerged], proxy[unmerged]) and not keep.B[rows].any()
 
 
-def test_carry_is_the_default_with_keep_and_inert_with_the_papers_merge():
-    assert fd.FalqonConfig(rank=4).carry_residual and fd.FalqonConfig(rank=4).unmerged == "keep"
-    assert not fd.FalqonLinear(32, 32, 4, unmerged="discard", carry_residual=True).carry_residual
-    assert fd.FalqonLinear(32, 32, 4, unmerged="keep", carry_residual=True).carry_residual
+@pytest.mark.parametrize(
+    "merge, every_row, unmerged, carry, lora_terms",
+    [
+        (
+            "every_row",
+            True,
+            "keep",
+            True,
+            (True, False),
+        ),  # B holds only the carry: forward term only
+        ("topk_carry", False, "keep", True, (True, True)),
+        ("topk_keep", False, "keep", False, (True, True)),
+        ("paper", False, "discard", False, (False, False)),  # B is zero after every merge
+    ],
+)
+def test_the_recipe_decides_what_the_layer_merges_keeps_and_computes(
+    merge, every_row, unmerged, carry, lora_terms
+):
+    layer = fd.FalqonLinear(32, 24, config=fd.FalqonConfig(rank=4, merge=merge))
+    assert fd.FalqonConfig().merge == "every_row" and layer.config.merge == layer.merge == merge
+    assert (layer.merges_every_row, layer.unmerged, layer.carry_residual, layer.lora_terms) == (
+        every_row,
+        unmerged,
+        carry,
+        lora_terms,
+    )
+    assert layer.rows_per_merge == (24 if every_row else 4)  # top-k: topk=None is the rank
+    every_two = fd.FalqonLinear(32, 24, config=fd.FalqonConfig(rank=4, merge=merge, merge_every=2))
+    assert every_two.lora_terms == (
+        True,
+        True,
+    )  # B holds the updates between merges, whatever the recipe
 
 
 def test_carry_learns_the_reachable_target_at_a_learning_rate_where_rounding_eats_the_updates():
@@ -597,9 +705,9 @@ def test_carry_learns_the_reachable_target_at_a_learning_rate_where_rounding_eat
     base, teacher = _reachable_target()
     final = {}
     for carry in (False, True):
-        layer = copy.deepcopy(base)
-        layer.unmerged, layer.carry_residual = "keep", carry
-        final[carry] = _final_loss_on_target(layer, teacher, lr=0.002)
+        final[carry] = _final_loss_on_target(
+            _with(base, merge="topk_carry" if carry else "topk_keep"), teacher, lr=0.002
+        )
     print(final)
     assert final[True] < 0.8 * final[False], final
 
@@ -626,29 +734,29 @@ def test_scale_headroom_keeps_the_bits_and_leaves_room_to_grow():
         fd.FalqonConfig(rank=4, scale_headroom=6)
 
 
-# ---------------------------------------------------------------- topk="all"
+# ---------------------------------------------------------------- merge="every_row"
 
 
-def _all_rows_twin(layer: fd.FalqonLinear, carry: bool = True) -> fd.FalqonLinear:
-    twin = copy.deepcopy(layer)
-    twin.topk, twin.unmerged, twin.carry_residual = "all", "keep", carry
-    return twin
+def _all_rows_twin(layer: fd.FalqonLinear) -> fd.FalqonLinear:
+    return _with(layer, merge="every_row", topk=None)
 
 
 def test_merging_every_row_writes_the_float_reference_and_carries_what_rounding_dropped():
     """Every W row becomes Q(W_q + B·A_q) (nearest), A's rows stay, and B keeps exactly the
-    projection of the rounding residual onto A's rows (zeros without carry_residual)."""
+    projection of the rounding residual onto A's rows (zeros without the carry: the final fold)."""
     _, layer = _layer()
     torch.manual_seed(5)
     proxy = torch.randn(OUT, RANK) * 0.02  # small: rounding decides many elements
     results = {}
     for carry in (False, True):
-        twin = _all_rows_twin(layer, carry)
+        twin = _all_rows_twin(layer)
         with torch.no_grad():
             twin.B.copy_(proxy)
-        stats = twin.merge_proxy_().to_dict()
+        stats = (twin.merge_proxy_() if carry else twin.fold_()).to_dict()
         results[carry] = twin
-        assert stats["rows_merged"] == OUT and stats["elements"] == OUT * IN and stats["changed"] > 0
+        assert (
+            stats["rows_merged"] == OUT and stats["elements"] == OUT * IN and stats["changed"] > 0
+        )
     adapter_q = layer.adapter_q()
     target = fp8.from_bits(layer.qweight, fp8.E4M3)[:OUT].float() + proxy @ adapter_q
     expected = fp8.to_bits(target.clamp(-448, 448).to(fp8.E4M3))
@@ -656,14 +764,18 @@ def test_merging_every_row_writes_the_float_reference_and_carries_what_rounding_
         assert torch.equal(twin.qweight[:OUT], expected)
         assert torch.equal(twin.qweight[OUT:], layer.qweight[OUT:])
     assert not results[False].B.any()
-    residual = torch.where(target.abs() <= 448, target - fp8.from_bits(expected, fp8.E4M3).float(), 0.0)  # clamped: none
-    carried = fd.method.merge_math.project_onto_adapter(residual, fd.method.merge_math.adapter_projector(adapter_q))
+    residual = torch.where(
+        target.abs() <= 448, target - fp8.from_bits(expected, fp8.E4M3).float(), 0.0
+    )  # clamped: none
+    carried = fd.method.merge_math.project_onto_adapter(
+        residual, fd.method.merge_math.adapter_projector(adapter_q)
+    )
     assert torch.allclose(results[True].B, carried, rtol=1e-5, atol=1e-7) and results[True].B.any()
 
 
 def test_merging_every_row_adds_one_small_gemm_to_the_papers_layer():
-    """topk="all": the forward adds the carry's o_A·Cᵀ and the backward nothing (one GEMM over the
-    paper's layer; none without the carry), while keep with top-k adds three small GEMMs."""
+    """every_row: the forward adds the carry's o_A·Cᵀ and the backward nothing (one GEMM over the
+    paper's layer), while keeping the unmerged rows of a top-k merge adds three small GEMMs."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class MatmulCounter(TorchDispatchMode):
@@ -672,43 +784,52 @@ def test_merging_every_row_adds_one_small_gemm_to_the_papers_layer():
             self.count = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_,
-                                       torch.ops.aten.bmm):
+            if func.overloadpacket in (
+                torch.ops.aten.mm,
+                torch.ops.aten.addmm,
+                torch.ops.aten.addmm_,
+                torch.ops.aten.bmm,
+            ):
                 self.count += 1
             return func(*args, **(kwargs or {}))
 
     _, paper = _layer()
     counts = {}
-    twins = (("paper", paper), ("all", _all_rows_twin(paper)), ("all-no-carry", _all_rows_twin(paper, carry=False)),
-             ("keep", _keep_twin(paper)))
+    twins = (("paper", paper), ("all", _all_rows_twin(paper)), ("keep", _keep_twin(paper)))
     for name, twin in twins:
         with torch.no_grad():
-            twin.B.normal_(std=0.05)  # not zero (a carry, unmerged rows): only the mode decides
+            twin.B.normal_(std=0.05)  # not zero (a carry, unmerged rows): only the recipe decides
         x = torch.randn(TOKENS, IN, requires_grad=True)
         with MatmulCounter() as counter:
             twin(x).pow(2).mean().backward()
         counts[name] = counter.count
-    assert counts["all-no-carry"] == counts["paper"], counts
     assert counts["all"] == counts["paper"] + 1 and counts["keep"] == counts["paper"] + 3, counts
 
 
 def test_the_carry_is_added_in_place_into_the_gemms_output():
     """o_A·Cᵀ goes into the melded GEMM's own output buffer (addmm_): the layer's output is a view of
     that N × (out + r) buffer, not a fresh N × out copy."""
-    layer = fd.FalqonLinear(IN, OUT, RANK, backend="emulated", topk="all", carry_residual=True, dtype=torch.bfloat16)
+    layer = fd.FalqonLinear(
+        IN, OUT, config=fd.FalqonConfig(rank=RANK, backend="emulated"), dtype=torch.bfloat16
+    )
     with torch.no_grad():
-        layer.qweight.copy_(fp8.to_bits((torch.randn(OUT + RANK, IN) * 50).clamp(-448, 448).to(fp8.E4M3)))
+        layer.qweight.copy_(
+            fp8.to_bits((torch.randn(OUT + RANK, IN) * 50).clamp(-448, 448).to(fp8.E4M3))
+        )
         layer.B.normal_(std=0.05)
     x = torch.randn(TOKENS, IN, dtype=torch.bfloat16)
     y = layer(x)
     assert y.untyped_storage().nbytes() == TOKENS * (OUT + RANK) * y.element_size()
     with torch.no_grad():
-        melded = x.float() @ (layer.backbone_weight() + layer.B.float() @ layer.adapter_weight()).t()
-    assert fp8.sqnr_db(melded, y.float()) > 25  # the carry's term is in it (x is cast to FP8, y is bf16)
+        melded = (
+            x.float() @ (layer.backbone_weight() + layer.B.float() @ layer.adapter_weight()).t()
+        )
+    # the carry's term is in it (x is cast to FP8, y is bf16)
+    assert fp8.sqnr_db(melded, y.float()) > 25
 
 
 def test_the_carry_in_the_forward_is_what_every_row_merges_add_to_the_papers_layer():
-    """With topk="all" the forward computes W_q + C·A (C: the carry in B); its ∂L/∂x is the FP8
+    """With merge="every_row" the forward computes W_q + C·A (C: the carry in B); its ∂L/∂x is the FP8
     backbone's alone."""
     _, paper = _layer()
     twin = _all_rows_twin(paper)
@@ -730,35 +851,36 @@ def test_the_carry_in_the_forward_is_what_every_row_merges_add_to_the_papers_lay
 
 def test_merging_every_row_with_carry_learns_where_rounding_eats_the_papers_updates():
     """At a learning rate where most merged updates round away, merging every row with the carry
-    beats the paper's merge and the same merge without the carry.
+    beats the paper's merge and the same merge without the carry (every row, nearest, B zeroed: what
+    the final fold does, and why every row without the carry is no recipe).
 
     (keep with top-k does better still on this task, and not only here: its teacher is the FP8 grid
     plus a change inside A's row space, which B can hold exactly at full precision while the rows
     wait to be merged; every-row merges round it into FP8 at once, as an export does.)"""
     torch.manual_seed(0)
     base, teacher = _reachable_target()
-    final = {}
-    for mode, (unmerged, carry, topk) in {"paper": ("discard", False, None), "all": ("keep", False, "all"),
-                                          "all+carry": ("keep", True, "all")}.items():
-        layer = copy.deepcopy(base)
-        layer.unmerged, layer.carry_residual, layer.topk = unmerged, carry, topk
-        final[mode] = _final_loss_on_target(layer, teacher, lr=0.002)
+    final = {
+        "paper": _final_loss_on_target(_with(base, merge="paper"), teacher, lr=0.002),
+        "all": _final_loss_on_target(
+            _all_rows_twin(base), teacher, lr=0.002, merge=fd.FalqonLinear.fold_
+        ),
+        "all+carry": _final_loss_on_target(_all_rows_twin(base), teacher, lr=0.002),
+    }
     print(final)
     assert final["all+carry"] < 0.85 * min(final["paper"], final["all"]), final
 
 
-def test_topk_all_is_validated_and_every_row_counts_as_merged():
-    assert fd.FalqonConfig(rank=4, topk="all").topk == "all"
+def test_every_row_is_the_default_and_has_no_out_features_bound():
     with pytest.raises(ValueError, match="topk"):
-        fd.FalqonConfig(rank=4, topk="every")
-    with pytest.raises(ValueError, match="topk"):
-        fd.FalqonLinear(32, 32, 4, topk="every")
-    layer = fd.FalqonLinear(32, 24, 4, topk="all", unmerged="discard", carry_residual=True)
-    assert layer.rows_per_merge == 24 and layer.merges_every_row and layer.lora_terms == (True, False)
-    assert layer.carry_residual  # every row is merged: there is a carry whatever `unmerged` says
-    assert "topk=all" in repr(layer)
+        fd.FalqonConfig(rank=4, merge="paper", topk="every")
+    layer = fd.FalqonLinear(32, 24, config=fd.FalqonConfig(rank=4))
+    assert layer.rows_per_merge == 24 and layer.merges_every_row and layer.topk is None
+    assert "merge=every_row" in repr(layer) and "topk" not in repr(layer)
+    assert "merge=paper, topk=3" in repr(
+        fd.FalqonLinear(32, 24, config=fd.FalqonConfig(rank=3, merge="paper"))
+    )
     model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))
-    assert len(fd.convert_model(model, fd.FalqonConfig(rank=4, topk="all"))) == 2  # no out_features bound
+    assert len(fd.convert_model(model, fd.FalqonConfig(rank=4))) == 2
 
 
 def test_the_adapter_projector_is_computed_once_and_dropped_with_the_backbone():
@@ -771,15 +893,22 @@ def test_the_adapter_projector_is_computed_once_and_dropped_with_the_backbone():
 
 
 # ---------------------------------------------------------------- the final fold (what an export holds)
-@pytest.mark.parametrize("recipe", [dict(topk="all", carry_residual=True),
-                                    dict(topk=None, unmerged="keep", carry_residual=False, merge_rounding="stochastic"),
-                                    dict(topk="all", carry_residual=False, merge_every=4)],
-                         ids=["carry", "keep-stochastic", "merge-every"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        dict(merge="every_row"),
+        dict(merge="topk_keep", merge_rounding="stochastic"),
+        dict(merge="every_row", merge_every=4),
+    ],
+    ids=["carry", "keep-stochastic", "merge-every"],
+)
 def test_fold_writes_nearest_rounding_of_w_plus_ba_and_zeroes_b(recipe):
     """``fold_``: every row, nearest whatever the merge rounding, nothing carried, B zeroed: the layer
     then holds exactly what its export writes (the W bytes; no LoRA term left)."""
     torch.manual_seed(0)
-    layer = fd.FalqonLinear.from_linear(nn.Linear(64, 96), fd.FalqonConfig(rank=8, backend="emulated", **recipe))
+    layer = fd.FalqonLinear.from_linear(
+        nn.Linear(64, 96), fd.FalqonConfig(rank=8, backend="emulated", **recipe)
+    )
     with torch.no_grad():
         layer.B.copy_(torch.randn_like(layer.B) * 0.05)
     target = layer.backbone_weight() + layer.B.detach().float() @ layer.adapter_weight()

@@ -95,7 +95,9 @@ def test_resolve_backend():
 def test_te_backend_unavailable_says_what_to_use_instead():
     from falqon_dist.fp8.te_backend import TransformerEngineUnavailable
 
-    with pytest.raises(TransformerEngineUnavailable, match="CUDA is not available.*scaled_mm.*emulated"):
+    with pytest.raises(
+        TransformerEngineUnavailable, match="CUDA is not available.*scaled_mm.*emulated"
+    ):
         fp8.check_backend("te")
     for name in ("auto", "emulated", "scaled_mm"):
         fp8.check_backend(name)  # always usable

@@ -17,7 +17,9 @@ from falqon_dist.train.settings import ConfigError
 
 
 def _train(**overrides):
-    values = dict(max_nonfinite_steps=3, saturation_warn=0.01, saturation_abort=None, warmup_steps=0, lr=0.05)
+    values = dict(
+        max_nonfinite_steps=3, saturation_warn=0.01, saturation_abort=None, warmup_steps=0, lr=0.05
+    )
     return SimpleNamespace(**{**values, **overrides})
 
 
@@ -33,7 +35,9 @@ def test_non_finite_steps_stop_the_run_after_the_limit_and_a_good_step_resets_th
     assert not watch.last_step_bad  # one bad step is survivable
     watch.check(3, _record(nonfinite=12), last_checkpoint=lambda: None)
     watch.check(4, _record(grad_norm=float("inf")), last_checkpoint=lambda: None)
-    with pytest.raises(DivergedError, match=r"step 5: 3 consecutive.*Last good checkpoint: /ckpt/step_2"):
+    with pytest.raises(
+        DivergedError, match=r"step 5: 3 consecutive.*Last good checkpoint: /ckpt/step_2"
+    ):
         watch.check(5, _record(loss=float("inf")), last_checkpoint=lambda: "/ckpt/step_2")
 
 
@@ -52,11 +56,17 @@ def test_stalls_are_warned(caplog):
     watch = StepWatch(_train())
     with caplog.at_level(logging.WARNING, logger="falqon_dist"):
         for step in range(1, 7):
-            watch.check(step, _record(grad_norm=0.0, rows_merged=10, changed=0), last_checkpoint=lambda: None)
+            watch.check(
+                step,
+                _record(grad_norm=0.0, rows_merged=10, changed=0),
+                last_checkpoint=lambda: None,
+            )
     messages = [r.message for r in caplog.records]
-    assert any("rounded away" in m for m in messages) and any("gradient norm of exactly 0" in m for m in messages)
+    assert any("rounded away" in m for m in messages) and any(
+        "gradient norm of exactly 0" in m for m in messages
+    )
     hint = next(m for m in messages if "rounded away" in m)  # names keys that exist
-    assert "method.carry_residual=true" in hint and "method.merge_rounding=stochastic" in hint
+    assert "method.merge=every_row" in hint and "method.merge_rounding=stochastic" in hint
 
 
 def test_a_signal_becomes_a_stop_request_and_a_second_sigint_interrupts():
@@ -84,15 +94,22 @@ def test_the_run_dir_lock_is_exclusive_and_taken_over_after_its_holder_is_gone(t
 
 
 def test_resume_check_names_every_incompatible_key_and_warns_about_the_rest(tmp_path):
-    saved = {"method": {"name": "falqon", "rank": 16}, "train": {"max_steps": 100, "lr": 0.05, "resume": False},
-             "run": {"dir": str(tmp_path)}}
+    saved = {
+        "method": {"name": "falqon", "rank": 16},
+        "train": {"max_steps": 100, "lr": 0.05, "resume": False},
+        "run": {"dir": str(tmp_path)},
+    }
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
     same = OmegaConf.create({**saved, "train": {**saved["train"], "resume": True}})
     assert check_resume(tmp_path, same, world_size=2, saved_world_size=2) == []
     longer = OmegaConf.create({**saved, "train": {"max_steps": 200, "lr": 0.05, "resume": True}})
     warnings = check_resume(tmp_path, longer, world_size=2, saved_world_size=2)
-    assert "train.max_steps: 100 -> 200" in warnings and any("schedule changes" in w for w in warnings)
+    assert "train.max_steps: 100 -> 200" in warnings and any(
+        "schedule changes" in w for w in warnings
+    )
     other = OmegaConf.create({**saved, "method": {"name": "falqon", "rank": 8}})
     with pytest.raises(ConfigError, match=r"method.rank: 16 -> 8.*number of ranks: 2 -> 4"):
         check_resume(tmp_path, other, world_size=4, saved_world_size=2)
-    assert check_resume(tmp_path, other, world_size=4, saved_world_size=None) == []  # no checkpoint: fresh start
+    assert (
+        check_resume(tmp_path, other, world_size=4, saved_world_size=None) == []
+    )  # no checkpoint: fresh start

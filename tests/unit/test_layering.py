@@ -8,12 +8,17 @@ written out::
       → baselines → methods (the registry) → data → models → train → integrations
 
 ``launch/`` scripts may import anything. The root ``falqon_dist/__init__.py`` runs on every import of
-any submodule, so it may import only the method and what lies below it.
+any submodule, so it may import only the method and what lies below it, and the export's
+``save_pretrained`` route (which registers itself with the method and imports nothing heavy:
+checked below).
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "falqon_dist"
@@ -21,20 +26,21 @@ PACKAGE = Path(__file__).resolve().parents[2] / "falqon_dist"
 FOUNDATIONS = {"config_checks", "files", "hub_names"}
 #: Each unit (a subpackage or a top-level module of falqon_dist) and the units it may import.
 ALLOWED: dict[str, set[str]] = {"config_checks": set(), "files": set(), "hub_names": set()}
-_ORDER = ["fp8", "method", "distributed", "export", "baselines", "methods", "data", "models", "train", "integrations"]
+_ORDER = [
+    "fp8",
+    "method",
+    "distributed",
+    "export",
+    "baselines",
+    "methods",
+    "data",
+    "models",
+    "train",
+    "integrations",
+]
 for _index, _unit in enumerate(_ORDER):
     ALLOWED[_unit] = FOUNDATIONS | set(_ORDER[:_index])
-ALLOWED["falqon_dist"] = FOUNDATIONS | {"fp8", "method"}  # the root __init__
-
-#: Known back arrows, each with why it is still there; the test below fails once one is gone, so the
-#: list only shrinks. ``convert_model`` routes ``save_pretrained`` to the FP8 export with a lazy import of
-#: ``export`` (the routing belongs in ``export/`` or ``integrations/``; open work, CHANGELOG).
-KNOWN_BACK_ARROWS = {("falqon_dist/method/convert.py", "falqon_dist.export")}
-
-
-def _is_known(where: str) -> bool:
-    place, target = where.split(" → ")
-    return (place.rsplit(":", 1)[0], target) in KNOWN_BACK_ARROWS
+ALLOWED["falqon_dist"] = FOUNDATIONS | {"fp8", "method", "export"}  # the root __init__
 
 
 def unit_of(module: str) -> str:
@@ -70,24 +76,25 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
     return [(line, target) for line, target in found if target.split(".")[0] == "falqon_dist"]
 
 
-def unit_edges(*, known_ok: bool = True) -> dict[tuple[str, str], list[str]]:
-    """``(importer unit, imported unit)`` → the ``file:line → target`` imports that make the edge
-    (without :data:`KNOWN_BACK_ARROWS` unless ``known_ok=False``)."""
+def unit_edges() -> dict[tuple[str, str], list[str]]:
+    """``(importer unit, imported unit)`` → the ``file:line → target`` imports that make the edge."""
     edges: dict[tuple[str, str], list[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         source = unit_of(module_name(path))
         for line, target in imports_of(path):
             imported = unit_of(target)
             if imported != source:
-                where = f"{path.relative_to(PACKAGE.parent)}:{line} → {target}"
-                if not (known_ok and _is_known(where)):
-                    edges.setdefault((source, imported), []).append(where)
+                edges.setdefault((source, imported), []).append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line} → {target}"
+                )
     return edges
 
 
 def test_every_unit_is_in_the_table():
     units = {unit_of(module_name(path)) for path in PACKAGE.rglob("*.py")}
-    assert units <= set(ALLOWED), f"add these to ALLOWED (where do they sit?): {sorted(units - set(ALLOWED))}"
+    assert units <= set(ALLOWED), (
+        f"add these to ALLOWED (where do they sit?): {sorted(units - set(ALLOWED))}"
+    )
 
 
 def test_no_package_imports_one_above_it():
@@ -100,11 +107,25 @@ def test_no_package_imports_one_above_it():
     assert not offences, "imports against the layering:\n" + "\n".join(offences)
 
 
-def test_known_back_arrows_still_exist():
-    """A known back arrow that was removed must leave :data:`KNOWN_BACK_ARROWS` too."""
-    found = {tuple(where.split(" → ")) for places in unit_edges(known_ok=False).values() for where in places}
-    found = {(place.rsplit(":", 1)[0], target) for place, target in found}
-    assert KNOWN_BACK_ARROWS <= found, f"gone, remove from KNOWN_BACK_ARROWS: {KNOWN_BACK_ARROWS - found}"
+def test_importing_the_package_stays_light():
+    """``import falqon_dist`` (which every submodule import runs) loads the method and the export's
+    ``save_pretrained`` route, never DeepSpeed, the exporter, the distributed glue or the trainer."""
+    code = (
+        "import sys, falqon_dist\n"
+        "heavy = [m for m in ('deepspeed', 'falqon_dist.distributed', 'falqon_dist.export.exporter', "
+        "'falqon_dist.train', 'transformers') if m in sys.modules]\n"
+        "print(heavy)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PACKAGE.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 def test_no_import_cycle_between_packages():
@@ -118,7 +139,7 @@ def test_no_import_cycle_between_packages():
         state[unit] = "open"
         for nxt in sorted(graph.get(unit, ())):
             if state.get(nxt) == "open":
-                cycles.append(trail[trail.index(nxt):] + [nxt])
+                cycles.append(trail[trail.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, trail + [nxt])
         state[unit] = "done"
@@ -134,8 +155,12 @@ def test_the_check_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     fake = tmp_path / "falqon_dist"
     (fake / "method").mkdir(parents=True)
     (fake / "method" / "__init__.py").write_text("from .convert import x\n")
-    (fake / "method" / "convert.py").write_text("def f():\n    from falqon_dist.export import export_fp8\n")
+    (fake / "method" / "convert.py").write_text(
+        "def f():\n    from falqon_dist.export import export_fp8\n"
+    )
     monkeypatch.setattr(__import__(__name__, fromlist=["PACKAGE"]), "PACKAGE", fake)
     assert imports_of(fake / "method" / "convert.py") == [(2, "falqon_dist.export")]
     assert imports_of(fake / "method" / "__init__.py") == [(1, "falqon_dist.method.convert")]
-    assert unit_edges(known_ok=False) == {("method", "export"): ["falqon_dist/method/convert.py:2 → falqon_dist.export"]}
+    assert unit_edges() == {
+        ("method", "export"): ["falqon_dist/method/convert.py:2 → falqon_dist.export"]
+    }

@@ -35,12 +35,19 @@ def _train_step(model: nn.Module) -> None:
                 p.grad = None
 
 
-@pytest.mark.parametrize("topk", [None, "all"], ids=["topk", "all-rows"])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_forward_backward_and_merge_issue_no_host_sync(rounding, topk):
+@pytest.mark.parametrize(
+    "recipe, rounding",
+    [
+        ("every_row", "nearest"),
+        ("topk_carry", "nearest"),
+        ("topk_keep", "stochastic"),
+        ("paper", "stochastic"),
+    ],
+)
+def test_forward_backward_and_merge_issue_no_host_sync(recipe, rounding):
     """0 syncs per layer for fwd+bwd and for the merge of any number of layers; 1 to read the stats."""
     for layers in (1, 6):
-        model = _model(layers, merge_rounding=rounding, topk=topk, carry_residual=rounding == "nearest")
+        model = _model(layers, merge=recipe, merge_rounding=rounding)
         x = torch.randn(24, IN, requires_grad=True)
         with HostSyncCounter() as fwd_bwd:
             model(x).pow(2).mean().backward()
@@ -51,8 +58,12 @@ def test_forward_backward_and_merge_issue_no_host_sync(rounding, topk):
         assert merge.total == 0, merge.by_op
         with HostSyncCounter() as read:
             counts = stats.to_dict()
-        rows = IN if topk == "all" else RANK
-        assert read.total == 1 and counts["layers"] == layers and counts["rows_merged"] == layers * rows
+        rows = IN if recipe == "every_row" else RANK
+        assert (
+            read.total == 1
+            and counts["layers"] == layers
+            and counts["rows_merged"] == layers * rows
+        )
 
 
 def test_sync_counter_sees_what_the_old_merge_did():
@@ -62,12 +73,18 @@ def test_sync_counter_sees_what_the_old_merge_did():
         t[t > 4].sum().item()
         torch.nonzero(t)
         bool(t.any())
-    assert c.by_op["index[bool mask]"] == 1 and c.by_op["nonzero"] == 1 and c.by_op["_local_scalar_dense"] >= 2
+    assert (
+        c.by_op["index[bool mask]"] == 1
+        and c.by_op["nonzero"] == 1
+        and c.by_op["_local_scalar_dense"] >= 2
+    )
 
 
 def _merge_inputs(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    bits = fp8.to_bits((torch.randn(OUT + RANK, IN, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3)).clone()
+    bits = fp8.to_bits(
+        (torch.randn(OUT + RANK, IN, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3)
+    ).clone()
     proxy = torch.randn(OUT, RANK, generator=gen) * 0.5
     rows = select_rows(proxy, 12)
     adapter_q = fp8.from_bits(bits, fp8.E4M3)[OUT:].float()
@@ -89,7 +106,14 @@ def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stoch
     for rank in range(world):
         piece = flat[rank * part : (rank + 1) * part].clone()
         s, _, slice_carry = merge_slice_(
-            piece, rank * part, proxy, rows, adapter_q, rounding, old_rows=old_rows, projector=projector
+            piece,
+            rank * part,
+            proxy,
+            rows,
+            adapter_q,
+            rounding,
+            old_rows=old_rows,
+            projector=projector,
         )
         flat[rank * part : rank * part + piece.numel()] = piece
         saturated += int(s.saturated)
@@ -99,9 +123,11 @@ def test_slice_merge_equals_whole_tensor_merge_for_any_partitioning(world, stoch
         assert torch.equal(slice_carry, carry)  # every rank puts the same carry back into B
     assert torch.equal(flat.view_as(whole), whole)
     assert saturated == int(stats.saturated) and nonfinite == int(stats.nonfinite) == 0
-    with pytest.raises(ValueError, match="old_rows"):  # a top-k merge into a slice needs the rows' bytes
+    # a top-k merge into a slice needs the rows' bytes
+    with pytest.raises(ValueError, match="old_rows"):
         merge_slice_(bits.view(-1)[IN:].clone(), IN, proxy, rows, adapter_q)
-    assert elements == int(stats.elements) == rows.numel() * IN  # each merged element owned by one slice
+    # each merged element owned by one slice
+    assert elements == int(stats.elements) == rows.numel() * IN
 
 
 def test_slice_merge_leaves_a_slice_without_selected_rows_untouched():
@@ -110,7 +136,9 @@ def test_slice_merge_leaves_a_slice_without_selected_rows_untouched():
     start = (last + 1) * IN  # a slice that starts after the last selected row
     piece = bits.view(-1)[start : start + 3 * IN].clone()
     before = piece.clone()
-    stats = merge_slice_(piece, start, proxy, rows, adapter_q, old_rows=bits.index_select(0, rows)).stats
+    stats = merge_slice_(
+        piece, start, proxy, rows, adapter_q, old_rows=bits.index_select(0, rows)
+    ).stats
     assert torch.equal(piece, before) and int(stats.saturated) == 0
 
 
@@ -131,10 +159,10 @@ def test_a_non_finite_update_never_reaches_the_backbone(bad):
     assert not changed[3] and changed[:IN].sum() > 0  # the bad row kept, the others merged
 
 
-@pytest.mark.parametrize("carry", [False, True], ids=["keep", "keep+carry"])
-def test_non_finite_rows_of_b_are_zeroed_merged_or_not(carry):
+@pytest.mark.parametrize("merge", ["topk_keep", "topk_carry"])
+def test_non_finite_rows_of_b_are_zeroed_merged_or_not(merge):
     """NaN rows beyond the k a merge takes (and the taken ones) leave B zeroed: the next forward is finite."""
-    model = _model(1, unmerged="keep", carry_residual=carry, topk=2)
+    model = _model(1, merge=merge, topk=2)
     layer = model[0]
     with torch.no_grad():
         layer.B.normal_(std=0.01)
@@ -147,7 +175,7 @@ def test_non_finite_rows_of_b_are_zeroed_merged_or_not(carry):
 
 
 def test_non_finite_rows_of_b_leave_the_backbone_and_the_carry_finite_when_every_row_is_merged():
-    model = _model(1, topk="all", carry_residual=True)
+    model = _model(1)  # every_row, the default
     layer = model[0]
     before = layer.qweight.clone()
     with torch.no_grad():
@@ -168,8 +196,11 @@ def test_merge_noise_is_uniform_and_a_pure_function_of_seed_step_and_element():
     assert abs(float(noise.mean()) - 0.5) < 0.005 and abs(float(noise.var()) - 1 / 12) < 0.002
     histogram = torch.histc(noise, bins=10, min=0, max=1) / noise.numel()
     assert (histogram - 0.1).abs().max() < 0.005
-    assert torch.equal(merge_noise(5, 9, index[1000:2000]), noise[1000:2000])  # any subset: same values
-    assert not torch.equal(merge_noise(5, 10, index), noise) and not torch.equal(merge_noise(6, 9, index), noise)
+    # any subset: same values
+    assert torch.equal(merge_noise(5, 9, index[1000:2000]), noise[1000:2000])
+    assert not torch.equal(merge_noise(5, 10, index), noise) and not torch.equal(
+        merge_noise(6, 9, index), noise
+    )
     # neighbouring elements and steps are uncorrelated
     assert abs(float(torch.corrcoef(torch.stack([noise[:-1], noise[1:]]))[0, 1])) < 0.01
     assert abs(float(torch.corrcoef(torch.stack([noise, merge_noise(5, 10, index)]))[0, 1])) < 0.01
@@ -178,16 +209,16 @@ def test_merge_noise_is_uniform_and_a_pure_function_of_seed_step_and_element():
     assert not torch.equal(big, noise)
 
 
-@pytest.mark.parametrize("topk", [None, "all"], ids=["topk", "all-rows"])
-def test_changed_counts_the_bytes_a_merge_really_wrote(topk):
+@pytest.mark.parametrize("merge", ["paper", "every_row"])
+def test_changed_counts_the_bytes_a_merge_really_wrote(merge):
     """An update far below half an FP8 step is rounded away (changed = 0: the trainer warns about the
     learning rate); a large one changes the bytes of the merged rows."""
-    model = _model(1, topk=topk)
+    model = _model(1, merge=merge)
     layer = model[0]
     with torch.no_grad():
         layer.B.fill_(1e-9)
     tiny = fd.merge_proxies_(model).to_dict()
-    assert tiny["rows_merged"] == (IN if topk == "all" else RANK) and tiny["changed"] == 0
+    assert tiny["rows_merged"] == (IN if merge == "every_row" else RANK) and tiny["changed"] == 0
     before = layer.qweight.clone()
     with torch.no_grad():
         layer.B.normal_(std=0.1)
@@ -198,8 +229,10 @@ def test_changed_counts_the_bytes_a_merge_really_wrote(topk):
 @pytest.mark.parametrize("tile_bytes", [None, 16 * IN * 4], ids=["one-tile", "16-row-tiles"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8, 200])
-def test_all_rows_slice_merge_equals_the_whole_merge_for_any_partitioning(world, stochastic, tile_bytes, monkeypatch):
-    """Every row merged into slices (ZeRO-3, topk="all"): the same bytes as the whole-tensor merge,
+def test_all_rows_slice_merge_equals_the_whole_merge_for_any_partitioning(
+    world, stochastic, tile_bytes, monkeypatch
+):
+    """Every row merged into slices (ZeRO-3, merge="every_row"): the same bytes as the whole-tensor merge,
     A's rows untouched, each element counted by one slice, and the slices' partial carries summing
     to the whole merge's carry (float rounding of the sum aside); with several tiles, a slice
     computes only the tiles it touches."""
@@ -217,10 +250,16 @@ def test_all_rows_slice_merge_equals_the_whole_merge_for_any_partitioning(world,
     saturated = changed = elements = 0
     for rank in range(world):
         piece = flat[rank * part : (rank + 1) * part].clone()
-        s, _, partial = merge_slice_(piece, rank * part, proxy, None, adapter_q, rounding, projector=projector)
+        s, _, partial = merge_slice_(
+            piece, rank * part, proxy, None, adapter_q, rounding, projector=projector
+        )
         flat[rank * part : rank * part + piece.numel()] = piece
         carry_sum += partial
-        saturated, changed, elements = saturated + int(s.saturated), changed + int(s.changed), elements + int(s.elements)
+        saturated, changed, elements = (
+            saturated + int(s.saturated),
+            changed + int(s.changed),
+            elements + int(s.elements),
+        )
         assert int(s.rows_merged) == int(stats.rows_merged) == OUT
     assert torch.equal(flat.view_as(whole), whole) and torch.equal(whole[OUT:], bits[OUT:])
     assert (saturated, changed, elements) == (int(stats.saturated), int(stats.changed), OUT * IN)
@@ -239,23 +278,35 @@ def test_the_compiled_merge_kernel_gives_the_eager_bits_and_counts(stochastic, o
     assert fp8_cast.cast_kernels() == "compiled"
     gen = torch.Generator().manual_seed(11)
     for rows, cols in ((80, 96), (16, 96), (3, 40)):
-        old = fp8.to_bits((torch.randn(rows, cols, generator=gen) * 120).clamp(-448, 448).to(fp8.E4M3)).clone()
-        update = torch.randn(rows, cols, generator=gen) * torch.tensor([0.01, 1.0, 300.0])[
-            torch.randint(0, 3, (rows, cols), generator=gen)]
+        old = fp8.to_bits(
+            (torch.randn(rows, cols, generator=gen) * 120).clamp(-448, 448).to(fp8.E4M3)
+        ).clone()
+        update = (
+            torch.randn(rows, cols, generator=gen)
+            * torch.tensor([0.01, 1.0, 300.0])[torch.randint(0, 3, (rows, cols), generator=gen)]
+        )
         update[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-        noise = merge_noise(3, 4, torch.arange(rows * cols).view(rows, cols)) if stochastic else None
+        noise = (
+            merge_noise(3, 4, torch.arange(rows * cols).view(rows, cols)) if stochastic else None
+        )
         mask = torch.rand(rows, cols, generator=gen) < 0.6 if owned else None
         compiled = proxy_module.merged_row_bits(old, update, noise, mask)
         eager = proxy_module._merge_rows(old, update, noise, mask)
         for name, a, b in zip(proxy_module.MergedRows._fields, compiled, eager):
             assert torch.equal(a, b), (name, rows, cols)
-        assert int(compiled.saturated) > 0 and int(compiled.nonfinite) == (int(mask[0, :3].sum()) if owned else 3)
+        assert int(compiled.saturated) > 0 and int(compiled.nonfinite) == (
+            int(mask[0, :3].sum()) if owned else 3
+        )
 
 
 @pytest.mark.parametrize("carry", [False, True], ids=["no-carry", "carry"])
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
-@pytest.mark.parametrize("shape", [(80, 96, 8 * 96 * 4 * 2), (1000, 1100, None)], ids=["16-row-tiles", "2-tiles"])
-def test_the_tiled_every_row_merge_gives_the_untiled_bytes_carry_and_counts(stochastic, carry, shape, monkeypatch):
+@pytest.mark.parametrize(
+    "shape", [(80, 96, 8 * 96 * 4 * 2), (1000, 1100, None)], ids=["16-row-tiles", "2-tiles"]
+)
+def test_the_tiled_every_row_merge_gives_the_untiled_bytes_carry_and_counts(
+    stochastic, carry, shape, monkeypatch
+):
     """The every-row merge in tiles against the untiled formula as first written (the update and
     the residual as whole out × in tensors), with saturating, non-finite and empty rows of B: the
     same bytes, written in place, the same carry and counts."""
@@ -266,7 +317,9 @@ def test_the_tiled_every_row_merge_gives_the_untiled_bytes_carry_and_counts(stoc
         monkeypatch.setattr(every_row, "TILE_BYTES", tile_bytes)
     assert every_row.tile_rows(out, in_features) < out  # several tiles
     gen = torch.Generator().manual_seed(5)
-    bits = fp8.to_bits((torch.randn(out + RANK, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3))
+    bits = fp8.to_bits(
+        (torch.randn(out + RANK, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3)
+    )
     adapter_q = fp8.from_bits(bits, fp8.E4M3)[out:].float()
     proxy = torch.randn(out, RANK, generator=gen) * 0.05
     proxy[2] *= 1e4  # saturates
@@ -276,13 +329,26 @@ def test_the_tiled_every_row_merge_gives_the_untiled_bytes_carry_and_counts(stoc
     rounding = Rounding(stochastic=stochastic, seed=2, step=9)
     tiled = bits.clone()
     merge = merge_slice_(tiled, 0, proxy, None, adapter_q, rounding, projector=projector)
-    noise = rounding.noise(torch.arange(out * in_features).view(out, in_features)) if stochastic else None
+    noise = (
+        rounding.noise(torch.arange(out * in_features).view(out, in_features))
+        if stochastic
+        else None
+    )
     untiled = merge_math._merge_rows(bits[:out], proxy @ adapter_q, noise, None)
     assert torch.equal(tiled[:out], untiled[0]) and torch.equal(tiled[out:], bits[out:])
-    assert merge.bits.data_ptr() == tiled.data_ptr() and merge.bits.shape == (out, in_features)  # in place
-    counts = [merge.stats.saturated, merge.stats.nonfinite, merge.stats.changed, merge.stats.elements]
+    assert merge.bits.data_ptr() == tiled.data_ptr() and merge.bits.shape == (
+        out,
+        in_features,
+    )  # in place
+    counts = [
+        merge.stats.saturated,
+        merge.stats.nonfinite,
+        merge.stats.changed,
+        merge.stats.elements,
+    ]
     assert [int(c) for c in counts] == [int(c) for c in untiled[2:]]
-    assert int(merge.stats.rows_merged) == out - 2 and int(merge.stats.saturated) > 0  # the NaN and zero rows
+    # the NaN and zero rows
+    assert int(merge.stats.rows_merged) == out - 2 and int(merge.stats.saturated) > 0
     assert int(merge.stats.nonfinite) == in_features and torch.equal(tiled[5], bits[5])
     if carry:
         reference = merge_math.project_onto_adapter(untiled[1], projector)
@@ -300,10 +366,17 @@ def test_the_update_is_an_fp32_multiply_add_chain_over_the_rank():
     for out, in_features in ((1000, 1100), (80, 96), (4104, 512)):
         tile = every_row.tile_rows(out, in_features)
         proxy = torch.randn(tile, RANK, generator=gen) * 0.03
-        adapter_q = (torch.randn(RANK, in_features, generator=gen) * 60).clamp(-448, 448).to(fp8.E4M3).float()
+        adapter_q = (
+            (torch.randn(RANK, in_features, generator=gen) * 60)
+            .clamp(-448, 448)
+            .to(fp8.E4M3)
+            .float()
+        )
         chain = torch.zeros(tile, in_features)
         for k in range(RANK):
-            chain = (chain.double() + proxy[:, k : k + 1].double() * adapter_q[k : k + 1].double()).float()
+            chain = (
+                chain.double() + proxy[:, k : k + 1].double() * adapter_q[k : k + 1].double()
+            ).float()
         assert torch.equal(proxy @ adapter_q, chain), (out, in_features)
 
 
@@ -316,25 +389,35 @@ def test_tile_rows_fit_the_budget_and_are_balanced():
         assert last > tile // 2 or tile == 8, (out, in_features, tile, last)  # no sliver at the end
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 def test_merging_a_7b_mlp_layer_never_builds_a_temporary_over_16_mib(rounding):
     """A 4096 → 11008 layer (rank 64, the default every-row merge with carry): the fp32 update alone
     would be 180 MB as one tensor; in tiles no op creates more than 16 MiB."""
     from falqon_dist.fp8.instrument import OpTraffic
 
-    layer = fd.FalqonLinear(4096, 11008, 64, backend="emulated", topk="all", carry_residual=rounding == "nearest",
-                           merge_rounding=rounding)
+    layer = fd.FalqonLinear(4096, 11008, config=fd.FalqonConfig(rank=64, backend="emulated"))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        layer.qweight.copy_(fp8.to_bits((torch.randn(layer.qweight.shape, generator=gen) * 40).clamp(-448, 448)
-                                         .to(fp8.E4M3)))
+        layer.qweight.copy_(
+            fp8.to_bits(
+                (torch.randn(layer.qweight.shape, generator=gen) * 40).clamp(-448, 448).to(fp8.E4M3)
+            )
+        )
         layer.B.normal_(std=1e-2, generator=gen)
     before = layer.qweight[:11008].clone()
+    adapter_q, rounding_of = layer.adapter_q(), Rounding(stochastic=True, seed=0, step=1)
     with OpTraffic() as traffic:
-        stats = layer.merge_proxy_(step=1).to_dict()
+        if rounding == "nearest":  # the layer's merge: every row, with the carry
+            stats = layer.merge_proxy_(step=1).to_dict()
+        else:  # the same tiles with stochastic noise (the primitive: no recipe rounds every row stochastically)
+            stats = merge_slice_(
+                layer.qweight.data, 0, layer.B.detach().float(), None, adapter_q, rounding_of
+            ).stats.to_dict()
     assert traffic.largest_output <= 16 * 2**20, (traffic.largest_output, traffic.largest_op)
-    assert stats["elements"] == 11008 * 4096 and stats["changed"] == int((layer.qweight[:11008] != before).sum()) > 0
+    assert (
+        stats["elements"] == 11008 * 4096
+        and stats["changed"] == int((layer.qweight[:11008] != before).sum()) > 0
+    )
 
 
 def test_merge_every_n_steps_merges_on_every_nth_step_and_keeps_b_live_in_between():
@@ -350,25 +433,31 @@ def test_merge_every_n_steps_merges_on_every_nth_step_and_keeps_b_live_in_betwee
         layer.B.normal_(std=0.05)
     update = layer.B.detach().clone()
     skipped = fd.merge_proxies_(model, step=1)
-    assert skipped.layers == 0 and torch.equal(layer.qweight, before) and torch.equal(layer.B, update)
+    assert (
+        skipped.layers == 0 and torch.equal(layer.qweight, before) and torch.equal(layer.B, update)
+    )
     x = torch.randn(8, IN)
     x_q, s_x = fp8.quantize_dynamic(x)
-    reference = fp8.dequantize(x_q, s_x) @ (layer.backbone_weight() + update @ layer.adapter_weight()).t()
-    assert fp8.sqnr_db(reference + layer.bias, model(x).detach()) > 40  # B's updates are live in the forward
+    reference = (
+        fp8.dequantize(x_q, s_x) @ (layer.backbone_weight() + update @ layer.adapter_weight()).t()
+    )
+    # B's updates are live in the forward
+    assert fp8.sqnr_db(reference + layer.bias, model(x).detach()) > 40
     merged = fd.merge_proxies_(model, step=2).to_dict()
-    assert merged["layers"] == 1 and merged["changed"] > 0 and not torch.equal(layer.qweight, before)
+    assert (
+        merged["layers"] == 1 and merged["changed"] > 0 and not torch.equal(layer.qweight, before)
+    )
     assert layer.B.abs().max() < update.abs().max()  # B now holds only the carry
 
 
-#: Every rounding × carry × merge combination a config can hold (stochastic with a live carry is refused).
+#: Every merge recipe × rounding a config can hold (stochastic with a carry is refused).
 RECIPES = {
-    "all-rows nearest carry": dict(topk="all", carry_residual=True),
-    "all-rows nearest": dict(topk="all", carry_residual=False),
-    "all-rows stochastic": dict(topk="all", carry_residual=False, merge_rounding="stochastic"),
-    "keep nearest carry": dict(topk=None, unmerged="keep", carry_residual=True),
-    "keep stochastic": dict(topk=None, unmerged="keep", carry_residual=False, merge_rounding="stochastic"),
-    "paper nearest": dict(topk=None, unmerged="discard", carry_residual=False),
-    "paper stochastic": dict(topk=None, unmerged="discard", merge_rounding="stochastic"),
+    "every_row": dict(merge="every_row"),
+    "topk_carry": dict(merge="topk_carry"),
+    "topk_keep nearest": dict(merge="topk_keep"),
+    "topk_keep stochastic": dict(merge="topk_keep", merge_rounding="stochastic"),
+    "paper nearest": dict(merge="paper"),
+    "paper stochastic": dict(merge="paper", merge_rounding="stochastic"),
 }
 
 
@@ -381,14 +470,17 @@ def test_merges_without_updates_leave_the_backbone_fixed(recipe):
     1,000; with stochastic rounding the carry fed the
     noise back: 7–11k of 131k bytes changed at every merge, 29% drift — hence refused)."""
     torch.manual_seed(0)
-    layer = fd.FalqonLinear.from_linear(nn.Linear(256, 512), fd.FalqonConfig(rank=16, backend="emulated", **recipe))
+    layer = fd.FalqonLinear.from_linear(
+        nn.Linear(256, 512), fd.FalqonConfig(rank=16, backend="emulated", **recipe)
+    )
 
     def effective() -> torch.Tensor:
         return layer.backbone_weight() + layer.B.detach().float() @ layer.adapter_weight()
 
     with torch.no_grad():
         layer.B.copy_(torch.randn_like(layer.B) * 0.05)
-    layer.merge_proxy_(step=1, rows=torch.arange(512))  # every row once: B then holds only a carry, if any
+    # every row once: B then holds only a carry, if any
+    layer.merge_proxy_(step=1, rows=torch.arange(512))
     first, start = effective(), layer.qweight.clone()
     changed = []
     for step in range(2, 102 if layer.carry_residual else 12):

@@ -16,12 +16,17 @@ from falqon_dist.method import every_row, merge_kernel
 WORKER = Path(__file__).with_name("interpreted_merge_kernel.py")
 
 
-@pytest.mark.slow
 def test_the_kernel_under_the_interpreter_writes_the_reference_bytes_counts_and_carry():
     pytest.importorskip("triton", reason="the kernel check needs the triton package (dev extra)")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).parents[2])
+    done = subprocess.run(
+        [sys.executable, str(WORKER)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[2],
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.startswith("OK: 36 cases"), done.stdout
 

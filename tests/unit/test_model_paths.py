@@ -21,9 +21,9 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from hydra import compose, initialize_config_dir
 from huggingface_hub import constants
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+from hydra import compose, initialize_config_dir
 
 from falqon_dist.data import DataConfig
 from falqon_dist.data.sources import is_hub_dataset, load_records
@@ -86,11 +86,17 @@ def http_error(cls: type[HfHubHTTPError], status: int) -> HfHubHTTPError:
 @pytest.mark.parametrize(
     "name, local",
     [
-        ("/models/llama", True), ("./llama", True), ("../llama", True), ("~/llama", True),
-        ("a/b/c", True), ("org/name/", True),  # more than one '/': never a hub id
+        ("/models/llama", True),
+        ("./llama", True),
+        ("../llama", True),
+        ("~/llama", True),
+        ("a/b/c", True),
+        ("org/name/", True),  # more than one '/': never a hub id
         ("mymodels/llama", True),  # its first component exists here
         ("mymodels", True),  # exists
-        ("org/name", False), ("meta-llama/Llama-2-7b-hf", False), ("gpt2", False),
+        ("org/name", False),
+        ("meta-llama/Llama-2-7b-hf", False),
+        ("gpt2", False),
     ],
 )
 def test_local_or_hub(name, local, workdir):
@@ -117,18 +123,24 @@ def test_hub_id_validity():
 def test_a_missing_local_model_is_one_error_and_never_a_hub_lookup(name, reason, workdir, no_hub):
     with pytest.raises(ConfigError) as caught:
         check_model_source(name)
-    assert str(caught.value) == (f"model.name_or_path={name!r}: no such model directory (a local path, as {reason}: "
-                                 "never looked up on the Hugging Face hub)")  # fmt: skip
+    assert str(caught.value) == (
+        f"model.name_or_path={name!r}: no such model directory (a local path, as {reason}: "
+        "never looked up on the Hugging Face hub)"
+    )
     # through the training checks: refused by preflight, before the run directory or the data is touched
     with pytest.raises(ConfigError, match=r"no such model directory"):
-        preflight(validate(compose_cfg([f"model.name_or_path={name}"], workdir / "run")), world_size=2)
+        preflight(
+            validate(compose_cfg([f"model.name_or_path={name}"], workdir / "run")), world_size=2
+        )
     assert not (workdir / "run").exists()
 
 
 def test_export_and_eval_of_a_run_whose_model_moved_say_so(workdir, no_hub):
     """resolve_model_path (restore, export, eval) runs the same check: a moved base model is named."""
     settings = validate(compose_cfg(["model.name_or_path=mymodels/llama"], workdir / "run"))
-    with pytest.raises(ConfigError, match=r"^model\.name_or_path='mymodels/llama': no such model directory"):
+    with pytest.raises(
+        ConfigError, match=r"^model\.name_or_path='mymodels/llama': no such model directory"
+    ):
         model_setup.resolve_model_path(settings)
     (workdir / "mymodels" / "llama").mkdir()
     (workdir / "mymodels" / "llama" / "config.json").write_text("{}")
@@ -136,26 +148,38 @@ def test_export_and_eval_of_a_run_whose_model_moved_say_so(workdir, no_hub):
 
 
 def test_a_name_that_is_neither_is_refused(workdir, no_hub):
-    with pytest.raises(ConfigError, match=r"model\.name_or_path='org/bad name' is neither an existing local directory "
-                                          r"nor a Hugging Face hub id"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.name_or_path='org/bad name' is neither an existing local directory "
+        r"nor a Hugging Face hub id",
+    ):
         check_model_source("org/bad name")
 
 
 def test_offline_and_not_cached_fails_fast_naming_it(workdir, empty_cache, no_hub, monkeypatch):
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", importlib.import_module(
-        "huggingface_hub.file_download").try_to_load_from_cache)  # the real cache lookup; the network stays forbidden
+    # the real cache lookup; the network stays forbidden
+    monkeypatch.setattr(
+        huggingface_hub,
+        "try_to_load_from_cache",
+        importlib.import_module("huggingface_hub.file_download").try_to_load_from_cache,
+    )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError) as caught:
         check_model_source("org/missing-model")
     message = str(caught.value)
-    assert message.startswith("model.name_or_path='org/missing-model' is neither a local directory nor reachable: "
-                              "the Hugging Face hub is off here (HF_HUB_OFFLINE=1)"), message
+    assert message.startswith(
+        "model.name_or_path='org/missing-model' is neither a local directory nor reachable: "
+        "the Hugging Face hub is off here (HF_HUB_OFFLINE=1)"
+    ), message
     assert str(empty_cache) in message and "hf download org/missing-model" in message
 
 
 def test_a_cached_hub_model_passes_offline(workdir, empty_cache, no_hub, monkeypatch):
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", importlib.import_module(
-        "huggingface_hub.file_download").try_to_load_from_cache)
+    monkeypatch.setattr(
+        huggingface_hub,
+        "try_to_load_from_cache",
+        importlib.import_module("huggingface_hub.file_download").try_to_load_from_cache,
+    )
     snapshot = empty_cache / "models--org--cached" / "snapshots" / ("a" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
@@ -168,14 +192,21 @@ def test_a_cached_hub_model_passes_offline(workdir, empty_cache, no_hub, monkeyp
 @pytest.mark.parametrize(
     "failure, message",
     [
-        (ConnectionError("[Errno -2] Name or service not known"),
-         "is neither a local directory nor reachable: the Hugging Face hub cannot be reached (ConnectionError: "
-         "[Errno -2] Name or service not known)"),
-        (http_error(RepositoryNotFoundError, 404), "no such local directory, and no model org/name on the Hugging Face hub"),
+        (
+            ConnectionError("[Errno -2] Name or service not known"),
+            "is neither a local directory nor reachable: the Hugging Face hub cannot be reached (ConnectionError: "
+            "[Errno -2] Name or service not known)",
+        ),
+        (
+            http_error(RepositoryNotFoundError, 404),
+            "no such local directory, and no model org/name on the Hugging Face hub",
+        ),
         (http_error(GatedRepoError, 401), "the hub model org/name is gated"),
     ],
 )
-def test_online_the_hub_is_asked_once_and_its_answer_named(failure, message, workdir, empty_cache, monkeypatch):
+def test_online_the_hub_is_asked_once_and_its_answer_named(
+    failure, message, workdir, empty_cache, monkeypatch
+):
     calls = []
 
     def head(url, timeout=None, **kwargs):
@@ -184,18 +215,34 @@ def test_online_the_hub_is_asked_once_and_its_answer_named(failure, message, wor
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", head)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("downloaded after a failure"))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "hf_hub_download",
+        lambda *a, **k: pytest.fail("downloaded after a failure"),
+    )
     with pytest.raises(ConfigError) as caught:
         check_model_source("org/name")
-    assert str(caught.value).startswith("model.name_or_path='org/name'") and message in str(caught.value)
-    assert len(calls) == 1 and calls[0][0].endswith("org/name/resolve/main/config.json") and calls[0][1] == 10
+    assert str(caught.value).startswith("model.name_or_path='org/name'") and message in str(
+        caught.value
+    )
+    assert (
+        len(calls) == 1
+        and calls[0][0].endswith("org/name/resolve/main/config.json")
+        and calls[0][1] == 10
+    )
 
 
 def test_online_a_reachable_hub_model_has_its_config_fetched(workdir, empty_cache, monkeypatch):
     fetched = []
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, timeout=None, **k: object())
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **k: fetched.append((repo, name)) or "p")
+    monkeypatch.setattr(
+        huggingface_hub, "get_hf_file_metadata", lambda url, timeout=None, **k: object()
+    )
+    monkeypatch.setattr(
+        huggingface_hub,
+        "hf_hub_download",
+        lambda repo, name, **k: fetched.append((repo, name)) or "p",
+    )
     check_model_source("org/name")
     assert fetched == [("org/name", "config.json")]
 
@@ -206,14 +253,24 @@ def test_online_a_reachable_hub_model_has_its_config_fetched(workdir, empty_cach
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data=alpaca", "data.path=mydata/alpaca"],
-         "data.path='mydata/alpaca': no such file or directory (a local path, as its first component 'mydata/' exists "
-         "here: never looked up on the Hugging Face hub)"),
-        (["data=alpaca", "data.path=org/alpaca.json"], "no such file or directory (a local path, as it ends with '.json'"),
+        (
+            ["data=alpaca", "data.path=mydata/alpaca"],
+            "data.path='mydata/alpaca': no such file or directory (a local path, as its first "
+            "component 'mydata/' exists here: never looked up on the Hugging Face hub)",
+        ),
+        (
+            ["data=alpaca", "data.path=org/alpaca.json"],
+            "no such file or directory (a local path, as it ends with '.json'",
+        ),
         (["data=alpaca", "data.path=a/b/c"], "as it has more than one '/'"),
-        (["data=alpaca", "data.path=alpaca"], "data.path='alpaca': no such file or directory, and not a Hugging Face hub "
-                                              "dataset id"),
-        (["data=alpaca", "data.path='org/bad name'"], "and not a Hugging Face hub dataset id: Repo id must use"),
+        (
+            ["data=alpaca", "data.path=alpaca"],
+            "data.path='alpaca': no such file or directory, and not a Hugging Face hub dataset id",
+        ),
+        (
+            ["data=alpaca", "data.path='org/bad name'"],
+            "and not a Hugging Face hub dataset id: Repo id must use",
+        ),
         (["data=jsonl", "data.path=org/name"], "as data=jsonl reads local files only"),
     ],
 )
@@ -224,10 +281,16 @@ def test_a_missing_local_data_path_is_refused_before_any_work(overrides, message
 
 
 def test_a_hub_dataset_id_is_left_to_the_hub_and_the_loader_agrees(workdir, no_hub):
-    preflight(validate(compose_cfg(["data=alpaca", "data.path=org/alpaca"], workdir / "run")), world_size=1)
+    preflight(
+        validate(compose_cfg(["data=alpaca", "data.path=org/alpaca"], workdir / "run")),
+        world_size=1,
+    )
     assert is_hub_dataset("alpaca", "org/alpaca") and not is_hub_dataset("alpaca", "mydata/alpaca")
     assert not is_hub_dataset("jsonl", "org/alpaca") and not is_hub_dataset("alpaca", "org/a.jsonl")
-    with pytest.raises(FileNotFoundError, match=r"dataset path not found: mydata/alpaca \(a local path, as its first"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"dataset path not found: mydata/alpaca \(a local path, as its first",
+    ):
         load_records(DataConfig(name="alpaca", path="mydata/alpaca"))
 
 
@@ -241,13 +304,18 @@ def custom_code_model(directory: Path, marker: Path) -> Path:
 
     directory.mkdir()
     config = tiny_config().to_dict()
-    config.update(model_type="falqon_custom_test",
-                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
-                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    config.update(
+        model_type="falqon_custom_test",
+        auto_map={
+            "AutoConfig": "configuration_custom.CustomConfig",
+            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM",
+        },
+    )
     (directory / "config.json").write_text(json.dumps(config))
     (directory / "configuration_custom.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'falqon_custom_test'\n"
+        "from transformers import LlamaConfig\n\n\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'falqon_custom_test'\n"
     )
     (directory / "modeling_custom.py").write_text(
         "from transformers import LlamaForCausalLM\n\n\nclass CustomForCausalLM(LlamaForCausalLM):\n    pass\n"
@@ -257,23 +325,43 @@ def custom_code_model(directory: Path, marker: Path) -> Path:
 
 def test_trust_remote_code_is_a_validated_bool_defaulting_to_false_in_every_preset(tmp_path):
     for preset in sorted(p.stem for p in (CONF / "model").glob("*.yaml")):
-        assert validate(compose_cfg([f"model={preset}"], tmp_path)).model.trust_remote_code is False, preset
-    assert validate(compose_cfg(["model.trust_remote_code=true"], tmp_path)).model.trust_remote_code is True
-    with pytest.raises(ConfigError, match=r"^model\.trust_remote_code must be true or false, got 'yes'"):
+        assert (
+            validate(compose_cfg([f"model={preset}"], tmp_path)).model.trust_remote_code is False
+        ), preset
+    assert (
+        validate(compose_cfg(["model.trust_remote_code=true"], tmp_path)).model.trust_remote_code
+        is True
+    )
+    with pytest.raises(
+        ConfigError, match=r"^model\.trust_remote_code must be true or false, got 'yes'"
+    ):
         validate(compose_cfg(["model.trust_remote_code=yes"], tmp_path))
 
 
-def test_a_model_needing_its_own_code_is_refused_without_running_it_or_prompting(tmp_path, monkeypatch):
+def test_a_model_needing_its_own_code_is_refused_without_running_it_or_prompting(
+    tmp_path, monkeypatch
+):
     marker = tmp_path / "code-ran"
     model = custom_code_model(tmp_path / "custom", marker)
-    monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("transformers prompted: trust_remote_code was not passed"))
+    monkeypatch.setattr(
+        builtins,
+        "input",
+        lambda *a: pytest.fail("transformers prompted: trust_remote_code was not passed"),
+    )
     for method in ("falqon", "full"):  # full trains every weight but still reads the config first
-        settings = validate(compose_cfg([f"model.name_or_path={model}", f"method={method}"], tmp_path / "run"))
+        settings = validate(
+            compose_cfg([f"model.name_or_path={model}", f"method={method}"], tmp_path / "run")
+        )
         with pytest.raises(ConfigError) as caught:
             preflight(settings, world_size=1)
         message = str(caught.value)
-        assert message.startswith(f"model.name_or_path={str(model)!r} needs its own Python code to load"), message
-        assert "configuration_custom.CustomConfig" in message and "model.trust_remote_code=true" in message
+        assert message.startswith(
+            f"model.name_or_path={str(model)!r} needs its own Python code to load"
+        ), message
+        assert (
+            "configuration_custom.CustomConfig" in message
+            and "model.trust_remote_code=true" in message
+        )
     assert not marker.exists()
 
 
@@ -297,15 +385,33 @@ def test_the_flag_reaches_every_transformers_load(tmp_path, monkeypatch):
 
     (tmp_path / "m").mkdir()
     for trust in (False, True):
-        settings = validate(compose_cfg([f"model.name_or_path={tmp_path / 'm'}", "method=lora",
-                                         f"model.trust_remote_code={str(trust).lower()}"], tmp_path / "run"))
-        for call in (lambda: _model_config(str(tmp_path / "m"), trust),
-                     lambda: model_setup.load_tokenizer(str(tmp_path / "m"), trust_remote_code=trust),
-                     lambda: model_setup.build_model(str(tmp_path / "m"), settings, {})):
+        settings = validate(
+            compose_cfg(
+                [
+                    f"model.name_or_path={tmp_path / 'm'}",
+                    "method=lora",
+                    f"model.trust_remote_code={str(trust).lower()}",
+                ],
+                tmp_path / "run",
+            )
+        )
+        for call in (
+            lambda trust=trust: _model_config(str(tmp_path / "m"), trust),
+            lambda trust=trust: model_setup.load_tokenizer(
+                str(tmp_path / "m"), trust_remote_code=trust
+            ),
+            lambda settings=settings: model_setup.build_model(str(tmp_path / "m"), settings, {}),
+        ):
             with pytest.raises(RuntimeError, match="stop here"):
                 call()
-    assert seen == [("config", False), ("tokenizer", False), ("model", False),
-                    ("config", True), ("tokenizer", True), ("model", True)]
+    assert seen == [
+        ("config", False),
+        ("tokenizer", False),
+        ("model", False),
+        ("config", True),
+        ("tokenizer", True),
+        ("model", True),
+    ]
     with pytest.raises(RuntimeError):
         model_setup.load_tokenizer(str(tmp_path / "m"))  # the default: explicitly False
     assert seen[-1] == ("tokenizer", False)
@@ -315,12 +421,20 @@ def test_every_transformers_auto_load_in_the_product_passes_trust_remote_code():
     """Every ``Auto*.from_pretrained`` / ``Auto*.from_config`` call in falqon_dist/, launch/ and
     benchmarks/ names ``trust_remote_code`` (None, transformers' default, prompts for code)."""
     missing = set()
-    files = [*(REPO / "falqon_dist").rglob("*.py"), *(REPO / "launch").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]
+    files = [
+        *(REPO / "falqon_dist").rglob("*.py"),
+        *(REPO / "launch").glob("*.py"),
+        *(REPO / "benchmarks").glob("*.py"),
+    ]
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr in ("from_pretrained", "from_config")
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id.startswith("Auto")):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("from_pretrained", "from_config")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id.startswith("Auto")
+            ):
                 continue
             if not any(keyword.arg == "trust_remote_code" for keyword in node.keywords):
                 missing.add((str(path.relative_to(REPO)), f"{node.func.value.id}.{node.func.attr}"))

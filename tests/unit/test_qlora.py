@@ -9,9 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from falqon_dist.baselines import LoraConfig, QloraConfig, apply_lora, apply_qlora, target_module_names
-from falqon_dist.methods import prepare_model
+from falqon_dist.baselines import (
+    LoraConfig,
+    QloraConfig,
+    apply_lora,
+    apply_qlora,
+    target_module_names,
+)
 from falqon_dist.fp8 import sqnr_db
+from falqon_dist.methods import prepare_model
 from tests.models import tiny_llama
 
 # NF4 keeps 16 levels per 64-block: on Gaussian weights (std 0.02, no bias) the layer output's error
@@ -51,15 +57,20 @@ def test_converts_exactly_the_falqon_targets_and_trains_only_adapters(bnb) -> No
     model = tiny_llama(torch.bfloat16)
     expected = target_module_names(model)
     embed_before = model.model.embed_tokens.weight.detach().clone()
-    names = apply_qlora(model, rank=4)
+    names = apply_qlora(model, QloraConfig(rank=4))
     assert names == expected and len(names) == 14 and "lm_head" not in names
     for name in names:
         wrapper = model.get_submodule(name)
         base = wrapper.base_layer
         assert type(base) is bnb.nn.Linear4bit, name
         weight = base.weight
-        assert isinstance(weight, bnb.nn.Params4bit) and weight.dtype == torch.uint8 and not weight.requires_grad
-        assert weight.quant_type == "nf4" and weight.quant_state.nested  # double quantization by default
+        assert (
+            isinstance(weight, bnb.nn.Params4bit)
+            and weight.dtype == torch.uint8
+            and not weight.requires_grad
+        )
+        # double quantization by default
+        assert weight.quant_type == "nf4" and weight.quant_state.nested
         assert weight.numel() * 2 == base.in_features * base.out_features  # two NF4 codes per byte
         assert base.compute_dtype == torch.bfloat16
     # everything else is untouched: lm_head stays a float nn.Linear, the embedding keeps its values
@@ -75,7 +86,7 @@ def test_nf4_output_is_close_to_the_float_layer(bnb) -> None:
         for double_quant in (True, False):
             model = _gaussian_linear(dtype)
             weight_hp = model[0].weight.detach().double().clone()
-            apply_qlora(model, rank=8, target_modules=["0"], double_quant=double_quant)
+            apply_qlora(model, QloraConfig(rank=8, double_quant=double_quant), target_modules=["0"])
             x = torch.randn(64, 256, dtype=dtype)
             with torch.no_grad():
                 y = model(x).double()
@@ -84,7 +95,9 @@ def test_nf4_output_is_close_to_the_float_layer(bnb) -> None:
             assert REL_ERR_MIN < rel < REL_ERR_MAX, (dtype, double_quant, rel, sqnr_db(y_ref, y))
             # and it is exactly "dequantize, then matmul in the compute dtype" (B = 0 at the start)
             base = model[0].base_layer
-            w_deq = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+            w_deq = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(
+                dtype
+            )
             torch.testing.assert_close(model(x), x @ w_deq.T, rtol=0, atol=0)
 
 
@@ -92,7 +105,7 @@ def test_bias_is_kept_frozen(bnb) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64, bias=True))
     bias = model[0].bias
-    apply_qlora(model, rank=4, target_modules=["0"])
+    apply_qlora(model, QloraConfig(rank=4), target_modules=["0"])
     base = model[0].base_layer
     assert base.bias is bias and not bias.requires_grad
     x = torch.randn(8, 128)
@@ -104,7 +117,7 @@ def test_double_quant_stores_8bit_block_scales(bnb) -> None:
     sizes = {}
     for double_quant in (True, False):
         model = _gaussian_linear(torch.float32)
-        apply_qlora(model, rank=4, target_modules=["0"], double_quant=double_quant)
+        apply_qlora(model, QloraConfig(rank=4, double_quant=double_quant), target_modules=["0"])
         state = model[0].base_layer.weight.quant_state
         assert state.nested is double_quant and state.blocksize == 64
         assert state.absmax.dtype == (torch.uint8 if double_quant else torch.float32)
@@ -124,11 +137,12 @@ def test_adapters_are_identical_for_the_same_seed_and_match_lora(bnb) -> None:
         fn(model)
         return {n: p.detach().clone() for n, p in _lora_params(model).items()}
 
-    first, second = adapters(lambda m: apply_qlora(m, rank=4)), adapters(lambda m: apply_qlora(m, rank=4))
+    first = adapters(lambda m: apply_qlora(m, QloraConfig(rank=4)))
+    second = adapters(lambda m: apply_qlora(m, QloraConfig(rank=4)))
     assert first.keys() == second.keys() and len(first) == 28
     assert all(torch.equal(first[k], second[k]) for k in first)
     # quantizing draws nothing from the global RNG: qlora starts from the very adapters lora would
-    lora = adapters(lambda m: apply_lora(m, rank=4))
+    lora = adapters(lambda m: apply_lora(m, LoraConfig(rank=4)))
     assert all(torch.equal(first[k], lora[k]) for k in first)
     assert any(v.abs().sum() > 0 for k, v in first.items() if "lora_A" in k)
     assert all(torch.count_nonzero(v) == 0 for k, v in first.items() if "lora_B" in k)
@@ -138,7 +152,7 @@ def test_gradients_reach_every_adapter_and_nothing_else(bnb) -> None:
     def model_and_grads(eval_first: bool) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         model = tiny_llama(torch.bfloat16)
         torch.manual_seed(0)
-        apply_qlora(model, rank=4)
+        apply_qlora(model, QloraConfig(rank=4))
         with torch.no_grad():  # non-zero B, so that ∂L/∂A (through the NF4 backbone) is exercised
             for name, param in _lora_params(model).items():
                 if "lora_B" in name:
@@ -168,7 +182,7 @@ def test_gradients_reach_every_adapter_and_nothing_else(bnb) -> None:
 
 def test_training_lowers_the_loss(bnb) -> None:
     model = tiny_llama()
-    apply_qlora(model, rank=4, alpha=8)
+    apply_qlora(model, QloraConfig(rank=4, alpha=8))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(8):
@@ -182,20 +196,27 @@ def test_training_lowers_the_loss(bnb) -> None:
 
 def test_state_dict_round_trip_restores_codes_and_scales(bnb) -> None:
     trained = tiny_llama()
-    apply_qlora(trained, rank=4)
+    apply_qlora(trained, QloraConfig(rank=4))
     with torch.no_grad():
         for param in _lora_params(trained).values():
             param.normal_(0.0, 0.05)
     state = trained.state_dict()
     q_proj = "model.layers.0.self_attn.q_proj.base_layer.weight"
-    assert {f"{q_proj}.absmax", f"{q_proj}.quant_map", f"{q_proj}.nested_absmax",
-            f"{q_proj}.quant_state.bitsandbytes__nf4"} <= state.keys()  # fmt: skip
+    assert {
+        f"{q_proj}.absmax",
+        f"{q_proj}.quant_map",
+        f"{q_proj}.nested_absmax",
+        f"{q_proj}.quant_state.bitsandbytes__nf4",
+    } <= state.keys()
 
     other = tiny_llama(seed=7)  # different base weights: different codes and block scales
-    apply_qlora(other, rank=4)
-    assert not torch.equal(other.get_submodule("model.layers.0.self_attn.q_proj.base_layer").weight.quant_state.absmax,
-                           state[f"{q_proj}.absmax"])  # fmt: skip
-    other.load_state_dict(state, strict=True)  # the quant-state keys are consumed by apply_qlora's hook
+    apply_qlora(other, QloraConfig(rank=4))
+    assert not torch.equal(
+        other.get_submodule("model.layers.0.self_attn.q_proj.base_layer").weight.quant_state.absmax,
+        state[f"{q_proj}.absmax"],
+    )
+    # the quant-state keys are consumed by apply_qlora's hook
+    other.load_state_dict(state, strict=True)
     with torch.no_grad():
         assert torch.equal(other(input_ids=_ids()).logits, trained(input_ids=_ids()).logits)
 
@@ -220,15 +241,25 @@ def test_model_setup_passes_the_method_settings(bnb, monkeypatch: pytest.MonkeyP
     class Loader:
         @staticmethod
         def from_pretrained(path, dtype, trust_remote_code):
-            assert trust_remote_code is False  # model.trust_remote_code's default, passed explicitly
+            # model.trust_remote_code's default, passed explicitly
+            assert trust_remote_code is False
             return tiny_llama(dtype)
 
     monkeypatch.setattr(model_setup, "AutoModelForCausalLM", Loader)
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            "run.dir=/tmp/falqon-test-run", "method=qlora", "deepspeed.zero_stage=2", "method.dropout=0.25",
-            "method.double_quant=false", "method.rank=4",
-        ])  # fmt: skip
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"
+    ):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                "run.dir=/tmp/falqon-test-run",
+                "method=qlora",
+                "deepspeed.zero_stage=2",
+                "method.dropout=0.25",
+                "method.double_quant=false",
+                "method.rank=4",
+            ],
+        )
     model = model_setup.build_model("unused", validate(cfg), {})
     layer = model.get_submodule("model.layers.0.mlp.up_proj")
     assert layer.lora_dropout["default"].p == 0.25 and layer.r["default"] == 4
@@ -243,35 +274,45 @@ def test_model_setup_passes_the_method_settings(bnb, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"rank": 0}, "rank must be a positive integer"),
-        ({"rank": True}, "rank must be a positive integer"),
-        ({"rank": 4, "dropout": 1.0}, r"dropout must be in \[0, 1\)"),
-        ({"rank": 4, "double_quant": "yes"}, "double_quant must be True or False"),
-        ({"rank": 4, "compute_dtype": torch.int8}, "compute_dtype"),
-        ({"rank": 4, "target_modules": ["model.layers.0.input_layernorm"]}, "LlamaRMSNorm.*expected an nn.Linear"),
-        ({"rank": 4, "target_modules": []}, "no target modules"),
+        ({"compute_dtype": torch.int8}, "compute_dtype"),
+        (
+            {"target_modules": ["model.layers.0.input_layernorm"]},
+            "LlamaRMSNorm.*expected an nn.Linear",
+        ),
+        ({"target_modules": []}, "no target modules"),
+        ({"module_filter_fn": lambda module, fqn: False}, "no target modules"),
+        ({"module_filter_fn": lambda module, fqn: True, "target_modules": ["lm_head"]}, "not both"),
     ],
 )
 def test_bad_arguments_raise_before_anything_changes(bnb, kwargs, message) -> None:
+    """(A bad rank, dropout or double_quant is refused by QloraConfig itself: test_baselines.py.)"""
     model = tiny_llama()
     before = {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=message):
-        apply_qlora(model, **kwargs)
+        apply_qlora(model, QloraConfig(rank=4), **kwargs)
     assert {n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()} == before
 
 
 def test_quantizing_twice_is_refused(bnb) -> None:
     model = tiny_llama()
-    apply_qlora(model, rank=4, target_modules=["model.layers.0.mlp.up_proj"])
-    with pytest.raises(ValueError, match=r"Linear4bit with torch.uint8 weight \(already quantized\?\)"):
-        apply_qlora(model, rank=4, target_modules=["model.layers.0.mlp.up_proj.base_layer"])
+    apply_qlora(model, QloraConfig(rank=4), target_modules=["model.layers.0.mlp.up_proj"])
+    with pytest.raises(
+        ValueError, match=r"Linear4bit with torch.uint8 weight \(already quantized\?\)"
+    ):
+        apply_qlora(
+            model, QloraConfig(rank=4), target_modules=["model.layers.0.mlp.up_proj.base_layer"]
+        )
 
 
 def test_missing_bitsandbytes_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    # `import bitsandbytes` now raises ImportError
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     model = tiny_llama()
-    with pytest.raises(ImportError, match=r"method=qlora needs bitsandbytes.*pip install bitsandbytes.*\.\[qlora\]"):
-        apply_qlora(model, rank=4)
-    assert all(type(model.get_submodule(n)) is nn.Linear for n in target_module_names(model))  # untouched
+    with pytest.raises(
+        ImportError, match=r"method=qlora needs bitsandbytes.*pip install bitsandbytes.*\.\[qlora\]"
+    ):
+        apply_qlora(model, QloraConfig(rank=4))
+    # untouched
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in target_module_names(model))
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         prepare_model(tiny_llama(), QloraConfig(rank=4))

@@ -20,7 +20,13 @@ from transformers import AutoModelForCausalLM
 from falqon_dist.method import convert_model, falqon_layers
 from falqon_dist.models import build_tiny_model
 from falqon_dist.train.model_setup import TORCH_DTYPES, layer_filter
-from falqon_dist.train.restore import META, RestoreError, build_falqon_skeleton, load_into, parameters_on_meta
+from falqon_dist.train.restore import (
+    META,
+    RestoreError,
+    build_falqon_skeleton,
+    load_into,
+    parameters_on_meta,
+)
 from falqon_dist.train.saved_config import validate_saved_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -29,7 +35,9 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 @pytest.fixture(scope="module")
 def settings():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["run.dir=/tmp/falqon-test-run", "method.rank=8"])
+        cfg = compose(
+            config_name="config", overrides=["run.dir=/tmp/falqon-test-run", "method.rank=8"]
+        )
     return validate_saved_config(yaml.safe_load(OmegaConf.to_yaml(cfg, resolve=True)), "test")
 
 
@@ -50,7 +58,9 @@ def test_parameters_on_meta_keeps_buffers_real():
     with parameters_on_meta():
         linear = torch.nn.Linear(4, 3)
         norm = torch.nn.BatchNorm1d(3)
-    assert linear.weight.device == META and linear.bias.device == META and norm.weight.device == META
+    assert (
+        linear.weight.device == META and linear.bias.device == META and norm.weight.device == META
+    )
     assert norm.running_mean.device.type == "cpu"
     assert torch.nn.Linear(4, 3).weight.device.type == "cpu"  # the patch is gone afterwards
 
@@ -77,9 +87,15 @@ def test_a_restored_model_computes_the_trained_logits(settings, trained):
     assert ours.keys() == theirs.keys() and any("inv_freq" in key for key in ours)
     for key, value in theirs.items():
         assert torch.equal(ours[key], value), key  # the non-persistent rotary tables too
-    for (name, layer), (_, reference) in zip(falqon_layers(restored), falqon_layers(model), strict=True):
-        assert torch.equal(layer.qweight, reference.qweight) and layer.qweight.dtype == torch.uint8, name
-    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    for (name, layer), (_, reference) in zip(
+        falqon_layers(restored), falqon_layers(model), strict=True
+    ):
+        assert (
+            torch.equal(layer.qweight, reference.qweight) and layer.qweight.dtype == torch.uint8
+        ), name
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         assert torch.equal(restored(input_ids=ids).logits, model(input_ids=ids).logits)
 
@@ -89,7 +105,11 @@ def test_a_state_that_does_not_fit_is_named(settings, trained):
     state = dict(model.state_dict())
     key = next(k for k in state if k.endswith(".qweight"))
     with pytest.raises(RestoreError, match=rf"{key} has dtype torch.float32"):
-        load_into(build_falqon_skeleton(path, settings), {**state, key: state[key].float()}, Path("ckpt"))
+        load_into(
+            build_falqon_skeleton(path, settings), {**state, key: state[key].float()}, Path("ckpt")
+        )
     missing = {k: v for k, v in state.items() if k != key}
-    with pytest.raises(RestoreError, match=rf"(?s)^ckpt does not match the model rebuilt from config.yaml: .*{key}"):
+    with pytest.raises(
+        RestoreError, match=rf"(?s)^ckpt does not match the model rebuilt from config.yaml: .*{key}"
+    ):
         load_into(build_falqon_skeleton(path, settings), missing, Path("ckpt"))

@@ -16,11 +16,16 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 def _cfg(run_dir: Path):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=[f"run.dir={run_dir}", "logger=none", "deepspeed.zero_stage=0"])
+        return compose(
+            config_name="config",
+            overrides=[f"run.dir={run_dir}", "logger=none", "deepspeed.zero_stage=0"],
+        )
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["quiet", "debug"])
-def test_an_unexpected_failure_is_one_line_with_its_traceback_in_a_file(tmp_path, monkeypatch, capsys, debug):
+def test_an_unexpected_failure_is_one_line_with_its_traceback_in_a_file(
+    tmp_path, monkeypatch, capsys, debug
+):
     def broken_setup(self):
         raise RuntimeError("the data server went away")
 
@@ -37,18 +42,29 @@ def test_an_unexpected_failure_is_one_line_with_its_traceback_in_a_file(tmp_path
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "falqon_dist: error:" in line]
     assert len(lines) == 1, err
-    assert "rank 0 failed: RuntimeError: the data server went away at " in lines[0] and "in broken_setup" in lines[0]
+    assert (
+        "rank 0 failed: RuntimeError: the data server went away at " in lines[0]
+        and "in broken_setup" in lines[0]
+    )
     trace_file = tmp_path / "run" / "error_rank0.txt"
     assert f"traceback in {trace_file}" in lines[0]
-    assert "Traceback (most recent call last)" in trace_file.read_text() and "broken_setup" in trace_file.read_text()
+    assert (
+        "Traceback (most recent call last)" in trace_file.read_text()
+        and "broken_setup" in trace_file.read_text()
+    )
     assert ("Traceback (most recent call last)" in err) == debug
     assert (tmp_path / "run" / ".lock").read_text() == ""  # the run directory's lock was released
-    assert not any(w.startswith("finish the run") for w in waits), waits  # no wait for peers after the failure
+    # no wait for peers after the failure
+    assert not any(w.startswith("finish the run") for w in waits), waits
 
 
-def test_a_checkpoint_write_failure_of_this_rank_leaves_without_waiting(tmp_path, monkeypatch, capsys):
+def test_a_checkpoint_write_failure_of_this_rank_leaves_without_waiting(
+    tmp_path, monkeypatch, capsys
+):
     def failing_setup(self):
-        raise checkpoint.CheckpointWriteError("rank 0 could not write checkpoint step_00000002 to X (the disk filled up)")
+        raise checkpoint.CheckpointWriteError(
+            "rank 0 could not write checkpoint step_00000002 to X (the disk filled up)"
+        )
 
     monkeypatch.setattr(trainer.Trainer, "setup", failing_setup)
     waits: list[str] = []
@@ -77,8 +93,12 @@ def test_a_step_that_failed_on_ranks_is_said_once():
     same = {0: "a.jsonl: line 2: bad", 1: "a.jsonl: line 2: bad"}
     assert trainer.ranks_failure(same, 2, "the data") == "a.jsonl: line 2: bad"
     assert trainer.ranks_failure({1: "no such file: a.jsonl"}, 2, "the data") == (
-        "the data failed on 1 of 2 ranks: rank 1: no such file: a.jsonl")
-    assert trainer.ranks_failure({0: "x", 1: "y"}, 2, "the data") == "the data failed on 2 of 2 ranks: rank 0: x; rank 1: y"
+        "the data failed on 1 of 2 ranks: rank 1: no such file: a.jsonl"
+    )
+    assert (
+        trainer.ranks_failure({0: "x", 1: "y"}, 2, "the data")
+        == "the data failed on 2 of 2 ranks: rank 0: x; rank 1: y"
+    )
 
 
 def test_errors_of_every_rank_without_a_group_is_this_ranks():

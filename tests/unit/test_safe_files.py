@@ -20,7 +20,13 @@ from falqon_dist import files
 from falqon_dist.files import UnsafeFileError, check_plain_file, open_no_follow, write_atomic
 from falqon_dist.train import logging_utils
 from falqon_dist.train.logging_utils import MetricsWriter, note_before_logging, setup_logging
-from falqon_dist.train.run_dir import RunDirBusy, RunDirLock, check_resume, check_run_dir_use, prepare_run_dir
+from falqon_dist.train.run_dir import (
+    RunDirBusy,
+    RunDirLock,
+    check_resume,
+    check_run_dir_use,
+    prepare_run_dir,
+)
 from falqon_dist.train.settings import ConfigError, validate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -55,7 +61,9 @@ def _snapshot(directory: Path) -> dict[str, tuple]:
 def test_a_symbolic_link_at_the_name_is_refused_naming_it(tmp_path, victim, mode):
     link = tmp_path / "train.log"
     link.symlink_to(victim)
-    with pytest.raises(UnsafeFileError, match=f"^{link} is a symbolic link; falqon_dist writes only regular files"):
+    with pytest.raises(
+        UnsafeFileError, match=f"^{link} is a symbolic link; falqon_dist writes only regular files"
+    ):
         open_no_follow(link, mode)
     assert victim.read_text() == VICTIM_TEXT  # not truncated ("w"), not appended to
     dangling = tmp_path / "metrics.jsonl"
@@ -72,7 +80,9 @@ def test_a_symlinked_directory_above_the_name_is_followed(tmp_path):
     with open_no_follow(tmp_path / "run" / "train.log", "a") as handle:
         handle.write("line\n")
     write_atomic(tmp_path / "run" / "config.yaml", "a: 1\n")
-    assert (real / "train.log").read_text() == "line\n" and (real / "config.yaml").read_text() == "a: 1\n"
+    assert (real / "train.log").read_text() == "line\n" and (
+        real / "config.yaml"
+    ).read_text() == "a: 1\n"
 
 
 def test_a_fifo_is_refused_without_blocking(tmp_path):
@@ -87,7 +97,8 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
         except BaseException as error:  # noqa: BLE001 - handed to the test thread
             outcome.append(error)
 
-    for mode in ("a", "a+"):  # O_WRONLY on a FIFO without reader, O_RDWR on one: both refused at once
+    # O_WRONLY on a FIFO without reader, O_RDWR on one: both refused at once
+    for mode in ("a", "a+"):
         outcome.clear()
         thread = threading.Thread(target=attempt, daemon=True)
         thread.start()
@@ -142,13 +153,15 @@ def test_write_atomic_replaces_the_name_never_a_links_target(tmp_path, victim):
     assert path.read_text() == "a: 1\n" and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     path.chmod(0o600)
     write_atomic(path, b"a: 2\n")
-    assert path.read_text() == "a: 2\n" and stat.S_IMODE(path.stat().st_mode) == 0o600  # keeps its mode
+    # keeps its mode
+    assert path.read_text() == "a: 2\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
     link = tmp_path / "wandb_run_id"
     link.symlink_to(victim)
     with pytest.raises(UnsafeFileError, match=f"{link} is a symbolic link"):
         write_atomic(link, "abc")
     assert victim.read_text() == VICTIM_TEXT and link.is_symlink()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "victim.txt", "wandb_run_id"]  # no temp left
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["config.yaml", "victim.txt", "wandb_run_id"]  # no temp left
 
 
 def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
@@ -162,10 +175,13 @@ def test_write_atomic_leaves_the_old_file_when_the_write_fails(tmp_path, monkeyp
     with pytest.raises(OSError, match="No space left"):
         write_atomic(path, "new\n")
     assert path.read_text() == "old\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # the temporary file is gone
+    # the temporary file is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
-def test_write_atomic_over_a_link_planted_after_the_check_replaces_the_link(tmp_path, victim, monkeypatch):
+def test_write_atomic_over_a_link_planted_after_the_check_replaces_the_link(
+    tmp_path, victim, monkeypatch
+):
     """The race: a link planted between the check and the rename. os.replace replaces the link."""
     path = tmp_path / "config.yaml"
     real_mkstemp = files.tempfile.mkstemp
@@ -176,7 +192,9 @@ def test_write_atomic_over_a_link_planted_after_the_check_replaces_the_link(tmp_
 
     monkeypatch.setattr(files.tempfile, "mkstemp", plant_then_mkstemp)
     write_atomic(path, "a: 1\n")
-    assert not path.is_symlink() and path.read_text() == "a: 1\n" and victim.read_text() == VICTIM_TEXT
+    assert (
+        not path.is_symlink() and path.read_text() == "a: 1\n" and victim.read_text() == VICTIM_TEXT
+    )
 
 
 # ---------------------------------------------------------------- the run's writers
@@ -191,7 +209,10 @@ def test_train_log_through_a_link_is_refused(tmp_path, victim):
 
 def test_train_log_gets_the_lines_said_before_it_existed(tmp_path, capsys):
     note_before_logging("run.overwrite=true: moved the previous run in X to Y")
-    assert "falqon_dist: run.overwrite=true: moved the previous run in X to Y" in capsys.readouterr().err
+    assert (
+        "falqon_dist: run.overwrite=true: moved the previous run in X to Y"
+        in capsys.readouterr().err
+    )
     logger = setup_logging(tmp_path, rank=0)
     logger.info("first line of the run")
     for handler in logger.handlers:
@@ -240,16 +261,23 @@ def _previous_run(run: Path) -> None:
     (run / ".lock").write_text("")  # released at the end of the old run
 
 
-@pytest.mark.parametrize("name", [".lock", "config.yaml", "train.log", "metrics.jsonl", "wandb_run_id",
-                                  "error_rank1.txt"])  # fmt: skip
-def test_a_link_at_any_name_a_run_writes_is_refused_before_anything_is_written(tmp_path, victim, name):
+@pytest.mark.parametrize(
+    "name",
+    [".lock", "config.yaml", "train.log", "metrics.jsonl", "wandb_run_id", "error_rank1.txt"],
+)
+def test_a_link_at_any_name_a_run_writes_is_refused_before_anything_is_written(
+    tmp_path, victim, name
+):
     run = tmp_path / "run"
     run.mkdir()
     (run / name).symlink_to(victim)
     before = _snapshot(tmp_path)
     for resume in (False, True):
-        with pytest.raises(ConfigError, match=f"^{run / name} is a symbolic link; falqon_dist writes only regular "
-                                              "files in a run directory — remove it$"):  # fmt: skip
+        with pytest.raises(
+            ConfigError,
+            match=f"^{run / name} is a symbolic link; falqon_dist writes only regular "
+            "files in a run directory — remove it$",
+        ):
             prepare_run_dir(run, resume=resume, overwrite=False)
     assert _snapshot(tmp_path) == before
 
@@ -262,8 +290,13 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_naming_both_ways_out(tmp_pat
     with pytest.raises(ConfigError) as error:
         prepare_run_dir(run, resume=False, overwrite=False)
     message = str(error.value)
-    assert f"run.dir {run} already holds a run (checkpoints, config.yaml, metrics.jsonl, train.log)" in message
-    assert "train.resume=true" in message and "run.overwrite=true" in message and "\n" not in message
+    assert (
+        f"run.dir {run} already holds a run (checkpoints, config.yaml, metrics.jsonl, train.log)"
+        in message
+    )
+    assert (
+        "train.resume=true" in message and "run.overwrite=true" in message and "\n" not in message
+    )
     assert _snapshot(tmp_path) == before  # nothing changed
     assert prepare_run_dir(run, resume=True, overwrite=False) is None  # continuing it is fine
     assert _snapshot(tmp_path) == before
@@ -274,7 +307,9 @@ def test_an_empty_dir_or_a_stale_lock_or_a_users_file_is_a_fresh_start(tmp_path,
     run = tmp_path / "run"
     run.mkdir()
     if leftover:
-        (run / leftover).write_text("host a, pid 1, since 2020-01-01T00:00:00\n" if leftover == ".lock" else "n1 slots=8\n")
+        (run / leftover).write_text(
+            "host a, pid 1, since 2020-01-01T00:00:00\n" if leftover == ".lock" else "n1 slots=8\n"
+        )
     before = _snapshot(tmp_path)
     assert prepare_run_dir(run, resume=False, overwrite=False) is None
     assert prepare_run_dir(tmp_path / "missing", resume=False, overwrite=False) is None
@@ -292,15 +327,23 @@ def test_overwrite_moves_the_old_run_aside_and_says_where(tmp_path):
     old = {p.relative_to(real): p.read_bytes() for p in real.rglob("*") if p.is_file()}
     line = prepare_run_dir(run, resume=False, overwrite=True)
     aside = Path(line.rsplit(" to ", 1)[1])
-    assert line == (f"run.overwrite=true: moved the previous run in {run} (checkpoints, config.yaml, "
-                    f"error_rank0.txt, metrics.jsonl, train.log) to {aside}")  # fmt: skip
+    assert line == (
+        f"run.overwrite=true: moved the previous run in {run} (checkpoints, config.yaml, "
+        f"error_rank0.txt, metrics.jsonl, train.log) to {aside}"
+    )
     assert aside.parent == tmp_path and aside.name.startswith("real.old-") and run.is_symlink()
     moved = {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()}
-    assert moved == {k: v for k, v in old.items() if str(k) not in (".lock", "hostfile")}  # every byte, nothing lost
+    # every byte, nothing lost
+    assert moved == {k: v for k, v in old.items() if str(k) not in (".lock", "hostfile")}
     assert sorted(p.name for p in real.iterdir()) == [".lock", "hostfile"]
     _previous_run(run)  # a second start-over in the same second gets its own directory
     second = Path(prepare_run_dir(run, resume=False, overwrite=True).rsplit(" to ", 1)[1])
-    assert second != aside and second.is_dir() and (second / "config.yaml").exists() and (aside / "config.yaml").exists()
+    assert (
+        second != aside
+        and second.is_dir()
+        and (second / "config.yaml").exists()
+        and (aside / "config.yaml").exists()
+    )
 
 
 def test_overwrite_of_a_fresh_dir_moves_nothing(tmp_path):
@@ -332,12 +375,17 @@ def test_the_busy_probe_sees_another_process_and_creates_no_lock(tmp_path):
     run.mkdir()
     assert prepare_run_dir(run, resume=False, overwrite=False) is None
     assert not (run / ".lock").exists()  # looking created nothing
-    code = ("import sys, time; from pathlib import Path; from falqon_dist.train.run_dir import RunDirLock\n"
-            f"lock = RunDirLock(Path({str(run)!r})); print('locked', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from pathlib import Path; from falqon_dist.train.run_dir import RunDirLock\n"
+        f"lock = RunDirLock(Path({str(run)!r})); print('locked', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        assert any(line.strip() == "locked" for line in iter(holder.stdout.readline, ""))  # after DeepSpeed's notice
-        with pytest.raises(RunDirBusy, match=f"in use by another run \\(host .*, pid {holder.pid}, since"):
+        # after DeepSpeed's notice
+        assert any(line.strip() == "locked" for line in iter(holder.stdout.readline, ""))
+        with pytest.raises(
+            RunDirBusy, match=f"in use by another run \\(host .*, pid {holder.pid}, since"
+        ):
             prepare_run_dir(run, resume=False, overwrite=True)
     finally:
         holder.kill()
@@ -366,7 +414,9 @@ def test_run_overwrite_is_a_bool_defaulting_to_false_and_excludes_resume():
     assert validate(_cfg(["run.overwrite=true"])).run_overwrite is True
     with pytest.raises(ConfigError, match=r"^run\.overwrite must be true or false, got 'maybe'$"):
         validate(_cfg(["run.overwrite=maybe"]))
-    with pytest.raises(ConfigError, match=r"train\.resume=true and run\.overwrite=true contradict each other"):
+    with pytest.raises(
+        ConfigError, match=r"train\.resume=true and run\.overwrite=true contradict each other"
+    ):
         validate(_cfg(["run.overwrite=true", "train.resume=true"]))
     saved = OmegaConf.to_container(_cfg([]))
     del saved["run"]["overwrite"]  # a config.yaml written before the key existed
@@ -374,10 +424,13 @@ def test_run_overwrite_is_a_bool_defaulting_to_false_and_excludes_resume():
 
 
 def test_run_overwrite_never_blocks_or_warns_a_resume(tmp_path):
-    saved = OmegaConf.to_container(_cfg([f"run.dir={tmp_path}", "run.overwrite=true"]), resolve=True)
+    saved = OmegaConf.to_container(
+        _cfg([f"run.dir={tmp_path}", "run.overwrite=true"]), resolve=True
+    )
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")  # the run that started over
     resumed = _cfg([f"run.dir={tmp_path}", "train.resume=true"])
     assert check_resume(tmp_path, resumed, world_size=1, saved_world_size=1) == []
-    del saved["run"]["overwrite"]  # saved before run.overwrite existed: not "a key the saved config lacks"
+    # saved before run.overwrite existed: not "a key the saved config lacks"
+    del saved["run"]["overwrite"]
     OmegaConf.save(OmegaConf.create(saved), tmp_path / "config.yaml")
     assert check_resume(tmp_path, resumed, world_size=1, saved_world_size=1) == []

@@ -76,9 +76,13 @@ def test_weights_only_loads_forces_the_rule_on_code_that_asks_for_pickle(tmp_pat
     crafted_file(tmp_path / "ckpt" / "zero_pp_rank_1_mp_rank_00_model_states.pt", marker)
     torch.save({"ok": torch.ones(1)}, tmp_path / "ckpt" / "a_fine_file.pt")
     before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    with pytest.raises(UnsafeCheckpointError, match="zero_pp_rank_1_mp_rank_00_model_states.pt"):
-        with weights_only_loads(tmp_path / "ckpt"):
-            torch.load(tmp_path / "ckpt" / "zero_pp_rank_1_mp_rank_00_model_states.pt", weights_only=False)
+    with (
+        pytest.raises(UnsafeCheckpointError, match="zero_pp_rank_1_mp_rank_00_model_states.pt"),
+        weights_only_loads(tmp_path / "ckpt"),
+    ):
+        torch.load(
+            tmp_path / "ckpt" / "zero_pp_rank_1_mp_rank_00_model_states.pt", weights_only=False
+        )
     assert not marker.exists()
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") == before
 
@@ -116,7 +120,9 @@ def test_rng_files_hold_no_numpy_objects_and_old_ones_still_load(tmp_path):
         load_file(tmp_path / "rng_rank00001.pt")
 
 
-@pytest.mark.parametrize("content", ["../../elsewhere", "/tmp", "step_00000001/../../x", "step_1\nrm", ""])
+@pytest.mark.parametrize(
+    "content", ["../../elsewhere", "/tmp", "step_00000001/../../x", "step_1\nrm", ""]
+)
 def test_latest_must_name_a_step_directory_inside_checkpoints(tmp_path, content):
     ckpt = tmp_path / "checkpoints"
     (ckpt / "step_00000001").mkdir(parents=True)
@@ -159,4 +165,6 @@ def test_the_latest_pointer_is_never_written_through_a_link(tmp_path):
     assert victim.read_text() == "precious" and sorted(p.name for p in ckpt.iterdir()) == ["latest"]
     (ckpt / "latest").unlink()
     checkpoint._atomic_write_text(ckpt / "latest", "step_00000003")
-    assert (ckpt / "latest").read_text() == "step_00000003" and sorted(p.name for p in ckpt.iterdir()) == ["latest"]
+    assert (ckpt / "latest").read_text() == "step_00000003" and sorted(
+        p.name for p in ckpt.iterdir()
+    ) == ["latest"]

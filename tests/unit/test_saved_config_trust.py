@@ -47,7 +47,9 @@ def secret(monkeypatch):
 def spy():
     """A resolver ``${falqon_spy:...}`` that records every call: a saved config must never call it."""
     calls: list[tuple] = []
-    OmegaConf.register_new_resolver("falqon_spy", lambda *args: calls.append(args) or "resolved", replace=True)
+    OmegaConf.register_new_resolver(
+        "falqon_spy", lambda *args: calls.append(args) or "resolved", replace=True
+    )
     yield calls
     OmegaConf.clear_resolver("falqon_spy")
 
@@ -78,7 +80,9 @@ def write_run(run_dir: Path, edits: dict[str, object]) -> Path:
 
 
 def cli_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"falqon_trust_{name}", REPO / "launch" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"falqon_trust_{name}", REPO / "launch" / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -86,10 +90,19 @@ def cli_module(name: str):
 
 ATTACKS = [
     ("wandb.name", "${oc.env:" + SECRET_VAR + "}"),
-    ("wandb.project", "proj-${oc.env:" + SECRET_VAR + "}"),  # a string interpolation, inside other text
+    (
+        "wandb.project",
+        "proj-${oc.env:" + SECRET_VAR + "}",
+    ),  # a string interpolation, inside other text
     ("wandb.group", "${falqon_spy:anything}"),  # any resolver, not only oc.env
-    ("train.lr", "${method.lr}"),  # a plain node interpolation too: a saved config holds values only
-    ("wandb.entity", "\\${oc.env:" + SECRET_VAR + "}"),  # escaped: still not something training writes
+    (
+        "train.lr",
+        "${method.lr}",
+    ),  # a plain node interpolation too: a saved config holds values only
+    (
+        "wandb.entity",
+        "\\${oc.env:" + SECRET_VAR + "}",
+    ),  # escaped: still not something training writes
 ]
 
 
@@ -106,12 +119,16 @@ def test_what_training_writes_holds_no_interpolation_and_reads_back(tmp_path, sp
 
 
 @pytest.mark.parametrize("key, value", ATTACKS)
-def test_an_interpolation_in_config_yaml_is_refused_naming_the_file_and_key(key, value, tmp_path, secret, spy):
+def test_an_interpolation_in_config_yaml_is_refused_naming_the_file_and_key(
+    key, value, tmp_path, secret, spy
+):
     run_dir = write_run(tmp_path / "run", {key: value})
     with pytest.raises(RestoreError) as caught:
         load_run_config(run_dir)
     message = str(caught.value)
-    assert message.startswith(f"{run_dir / 'config.yaml'}: key {key} holds an interpolation {value!r}"), message
+    assert message.startswith(
+        f"{run_dir / 'config.yaml'}: key {key} holds an interpolation {value!r}"
+    ), message
     assert "written resolved" in message and "replace it with the plain value" in message
     assert secret not in message and spy == []
 
@@ -134,11 +151,15 @@ def test_a_saved_config_that_is_not_a_yaml_mapping_is_named(tmp_path):
         read_saved_config(tmp_path / "missing.yaml")
 
 
-def test_validate_saved_config_refuses_before_resolving_a_dictconfig_or_a_dict(tmp_path, secret, spy):
+def test_validate_saved_config_refuses_before_resolving_a_dictconfig_or_a_dict(
+    tmp_path, secret, spy
+):
     tree = resolved_default(tmp_path)
     tree["wandb"]["name"] = "${falqon_spy:x}"
     for cfg in (tree, OmegaConf.create(tree)):
-        with pytest.raises(RestoreError, match=r"^somewhere: key wandb\.name holds an interpolation"):
+        with pytest.raises(
+            RestoreError, match=r"^somewhere: key wandb\.name holds an interpolation"
+        ):
             validate_saved_config(cfg, "somewhere")
     assert spy == []
 
@@ -148,11 +169,14 @@ def test_falqon_run_json_config_is_refused_naming_the_file_and_key(tmp_path, sec
     export.mkdir()
     config = resolved_default(tmp_path / "run")
     config["wandb"]["name"] = "${oc.env:" + SECRET_VAR + "}"
-    (export / RUN_INFO).write_text(json.dumps({"run_dir": "x", "tag": "t", "step": 1, "base_model": "m",
-                                               "config": config}))  # fmt: skip
+    (export / RUN_INFO).write_text(
+        json.dumps({"run_dir": "x", "tag": "t", "step": 1, "base_model": "m", "config": config})
+    )
     with pytest.raises(RestoreError) as caught:
         read_run_info(export)
-    assert str(caught.value).startswith(f"{export / RUN_INFO}: config: key wandb.name holds an interpolation")
+    assert str(caught.value).startswith(
+        f"{export / RUN_INFO}: config: key wandb.name holds an interpolation"
+    )
     assert secret not in str(caught.value) and spy == []
 
 
@@ -161,16 +185,24 @@ def test_eval_reads_every_saved_config_source_unresolved(tmp_path, secret, spy, 
     refused (naming the file and key) before the export is loaded; the CLI exits 2 with that line."""
     eval_cli = cli_module("eval")
     run_dir = write_run(tmp_path / "run", {"wandb.name": "${oc.env:" + SECRET_VAR + "}"})
-    export = run_dir / "export"  # training's own export lives in RUN_DIR/export: ../config.yaml is the run's
+    # training's own export lives in RUN_DIR/export: ../config.yaml is the run's
+    export = run_dir / "export"
     export.mkdir()
-    (export / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}}))
+    (export / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "compressed-tensors"}})
+    )
 
     with pytest.raises(RestoreError, match=rf"^{run_dir / 'config.yaml'}: key wandb\.name"):
         eval_cli.export_settings(export, None)  # ../config.yaml
     with pytest.raises(RestoreError, match=rf"^{run_dir / 'config.yaml'}: key wandb\.name"):
         eval_cli.export_settings(export, str(run_dir))  # config=RUN_DIR
-    info = {"run_dir": str(run_dir), "tag": "t", "step": 1, "base_model": "m",
-            "config": resolved_default(run_dir, ("wandb.name=x",))}
+    info = {
+        "run_dir": str(run_dir),
+        "tag": "t",
+        "step": 1,
+        "base_model": "m",
+        "config": resolved_default(run_dir, ("wandb.name=x",)),
+    }
     info["config"]["data"]["name"] = "${falqon_spy:data}"
     (export / RUN_INFO).write_text(json.dumps(info))
     with pytest.raises(RestoreError, match=rf"^{export / RUN_INFO}: config: key data\.name"):
@@ -178,15 +210,20 @@ def test_eval_reads_every_saved_config_source_unresolved(tmp_path, secret, spy, 
 
     assert eval_cli.main([f"path={export}"]) == 2
     err = capsys.readouterr().err
-    assert f"launch/eval.py: error: {export / RUN_INFO}: config: key data.name holds an interpolation" in err
+    assert (
+        f"launch/eval.py: error: {export / RUN_INFO}: config: key data.name holds an interpolation"
+        in err
+    )
     assert secret not in err and spy == []
 
     (export / RUN_INFO).unlink()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_default(run_dir)))
-    settings, source = eval_cli.export_settings(export, None)  # a resolved config reads back as before
+    # a resolved config reads back as before
+    settings, source = eval_cli.export_settings(export, None)
     assert source == str(run_dir / "config.yaml") and settings.data.name == "synthetic"
     settings, source = eval_cli.export_settings(tmp_path / "nowhere" / "export", None)
-    assert "shipped default" in source  # our own composed config is resolved, as training resolves it
+    # our own composed config is resolved, as training resolves it
+    assert "shipped default" in source
 
 
 def test_export_cli_refuses_and_writes_nothing(tmp_path, secret, spy, capsys):
@@ -198,7 +235,10 @@ def test_export_cli_refuses_and_writes_nothing(tmp_path, secret, spy, capsys):
     out = tmp_path / "out"
     assert export_cli.main([f"run.dir={run_dir}", f"out={out}"]) == 2
     captured = capsys.readouterr()
-    assert f"launch/export.py: error: {run_dir / 'config.yaml'}: key wandb.name holds an interpolation" in captured.err
+    assert (
+        f"launch/export.py: error: {run_dir / 'config.yaml'}: key wandb.name holds an interpolation"
+        in captured.err
+    )
     assert secret not in captured.out + captured.err and spy == []
     assert not out.exists()
 
@@ -207,8 +247,12 @@ def test_a_resume_compares_the_saved_config_unresolved(tmp_path, secret, spy):
     run_dir = write_run(tmp_path / "run", {"wandb.name": "${falqon_spy:x}"})
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         new = compose(config_name="config", overrides=[f"run.dir={run_dir}", "train.resume=true"])
-    with pytest.raises(ConfigError, match=rf"^train\.resume=true: {run_dir / 'config.yaml'}: key wandb\.name holds"):
+    with pytest.raises(
+        ConfigError, match=rf"^train\.resume=true: {run_dir / 'config.yaml'}: key wandb\.name holds"
+    ):
         check_resume(run_dir, new, world_size=1, saved_world_size=1)
     assert spy == []
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_default(run_dir)))
-    assert not any("wandb" in w for w in check_resume(run_dir, new, world_size=1, saved_world_size=1))
+    assert not any(
+        "wandb" in w for w in check_resume(run_dir, new, world_size=1, saved_world_size=1)
+    )

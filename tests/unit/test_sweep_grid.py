@@ -19,13 +19,21 @@ def sweep():
 
 
 def test_axes_expand_to_every_combination(sweep):
-    assert sweep.expand(["method.rank=8,16", "train.lr=0.1"]) == [["method.rank=8", "train.lr=0.1"],
-                                                                  ["method.rank=16", "train.lr=0.1"]]  # fmt: skip
+    assert sweep.expand(["method.rank=8,16", "train.lr=0.1"]) == [
+        ["method.rank=8", "train.lr=0.1"],
+        ["method.rank=16", "train.lr=0.1"],
+    ]
 
 
 def test_commas_inside_brackets_braces_or_quotes_belong_to_the_value(sweep):
-    one, two = "[{path: a.jsonl, format: chat, weight: 3}]", "[{path: a.jsonl, format: chat}, {path: b, format: text}]"
-    assert sweep.expand([f"data.sources={one},{two}"]) == [[f"data.sources={one}"], [f"data.sources={two}"]]
+    one, two = (
+        "[{path: a.jsonl, format: chat, weight: 3}]",
+        "[{path: a.jsonl, format: chat}, {path: b, format: text}]",
+    )
+    assert sweep.expand([f"data.sources={one},{two}"]) == [
+        [f"data.sources={one}"],
+        [f"data.sources={two}"],
+    ]
     assert sweep.split_values("'a,b',[1,2],3") == ["'a,b'", "[1,2]", "3"]
     with pytest.raises(SystemExit, match="unbalanced"):
         sweep.split_values("[a,b")
@@ -52,19 +60,26 @@ def test_points_whose_labels_would_collide_each_get_their_own_directory(sweep):
     for combo, label in zip(combos, labels):  # the readable name, and a hash of the exact overrides
         assert label == f"{base}-{sweep._digest(combo, 8)}" and len(label) == len(base) + 9
     assert sweep.run_labels(combos) == labels  # deterministic
-    assert sweep.run_labels([["method=lora"], ["method=falqon"]]) == ["method-lora", "method-falqon"]  # unchanged
+    distinct = sweep.run_labels([["method=lora"], ["method=falqon"]])
+    assert distinct == ["method-lora", "method-falqon"]  # unchanged
 
 
 def test_only_the_colliding_labels_get_a_hash_and_case_counts_as_a_collision(sweep):
     combos = [["method=LoRA"], ["method=lora"], ["method=falqon"]]  # one directory on macOS
     labels = sweep.run_labels(combos)
-    assert labels[2] == "method-falqon" and labels[0].startswith("method-LoRA-") and labels[1].startswith("method-lora-")
+    assert (
+        labels[2] == "method-falqon"
+        and labels[0].startswith("method-LoRA-")
+        and labels[1].startswith("method-lora-")
+    )
     assert len({label.casefold() for label in labels}) == 3
 
 
 def test_no_label_escapes_or_hides_and_a_repeated_point_is_refused(sweep):
     for combo in (["=.."], ["=."], ["x=..."], ["..=..."]):
         label = sweep.run_label(combo)
-        assert label not in (".", "..", "") and not label.startswith((".", "-")) and "/" not in label, (combo, label)
+        assert (
+            label not in (".", "..", "") and not label.startswith((".", "-")) and "/" not in label
+        ), (combo, label)
     with pytest.raises(SystemExit, match="appears twice"):
         sweep.run_labels(sweep.expand(["train.lr=0.1,0.1"]))

@@ -27,8 +27,14 @@ TORCH_DTYPES = {v: k for k, v in TE_DTYPES.items()}
 
 def _dequantize(operand) -> torch.Tensor:
     bits = operand.data
-    assert bits.dtype == torch.uint8 and bits.is_contiguous() and tuple(bits.shape) == tuple(operand.shape)
-    assert all(d % 16 == 0 for d in bits.shape), "FP8 GEMM operands must be padded to multiples of 16"
+    assert (
+        bits.dtype == torch.uint8
+        and bits.is_contiguous()
+        and tuple(bits.shape) == tuple(operand.shape)
+    )
+    assert all(d % 16 == 0 for d in bits.shape), (
+        "FP8 GEMM operands must be padded to multiples of 16"
+    )
     return bits.view(TORCH_DTYPES[operand.fp8_dtype]).double() * operand.fp8_scale_inv.double()
 
 
@@ -36,14 +42,25 @@ def _dequantize(operand) -> torch.Tensor:
 SPLIT_ACCUMULATOR_CALLS: list[bool] = []
 
 
-def _gemm_v2_10(A, B, out_dtype=None, quantization_params=None, layout="TN", use_split_accumulator=False, **kw):
+def _gemm_v2_10(
+    A, B, out_dtype=None, quantization_params=None, layout="TN", use_split_accumulator=False, **kw
+):
     assert layout == "TN" and not kw
     SPLIT_ACCUMULATOR_CALLS.append(use_split_accumulator)
     return (_dequantize(B) @ _dequantize(A).T).to(out_dtype), None, None, None
 
 
-def _gemm_v2_9(A, B, workspace, out_dtype=None, quantization_params=None, layout="TN", use_split_accumulator=False):
-    assert workspace.dtype == torch.uint8 and workspace.numel() == 32 * 1024 * 1024 + 1024  # Hopper size
+def _gemm_v2_9(
+    A,
+    B,
+    workspace,
+    out_dtype=None,
+    quantization_params=None,
+    layout="TN",
+    use_split_accumulator=False,
+):
+    # Hopper size
+    assert workspace.dtype == torch.uint8 and workspace.numel() == 32 * 1024 * 1024 + 1024
     return _gemm_v2_10(A, B, out_dtype, quantization_params, layout, use_split_accumulator)
 
 
@@ -59,9 +76,16 @@ class _Quantizer:
         assert x.is_contiguous() and self.internal
         amax = x.abs().amax().float()
         scale = fp8.FP8_MAX[self.fmt] / amax
-        bits = (x.float() * scale).clamp(-fp8.FP8_MAX[self.fmt], fp8.FP8_MAX[self.fmt]).to(self.fmt).view(torch.uint8)
+        bits = (
+            (x.float() * scale)
+            .clamp(-fp8.FP8_MAX[self.fmt], fp8.FP8_MAX[self.fmt])
+            .to(self.fmt)
+            .view(torch.uint8)
+        )
         transposed = bits.t().contiguous() if self.columnwise and self.write_transpose else None
-        return SimpleNamespace(get_data_tensors=lambda: (bits, transposed), _scale_inv=(1 / scale).reshape(1))
+        return SimpleNamespace(
+            get_data_tensors=lambda: (bits, transposed), _scale_inv=(1 / scale).reshape(1)
+        )
 
 
 def _backend(general_gemm, monkeypatch) -> TEBackend:
@@ -76,7 +100,8 @@ def _backend(general_gemm, monkeypatch) -> TEBackend:
     )
     backend._workspaces = {}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # CPU tensors here
+    # CPU tensors here
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     return backend
 
 
@@ -89,7 +114,8 @@ def test_gemm_maps_a_at_b_onto_te_tn_layout(general_gemm, m, k, n, fmt_a, transp
     backend = _backend(general_gemm, monkeypatch)
     a_hp = torch.randn(k, m).t() if transpose_a else torch.randn(m, k)
     a, sa = fp8.quantize_dynamic(a_hp, fmt_a)
-    b, sb = fp8.quantize_dynamic(torch.randn(n, k).t() * 0.02, fp8.E4M3)  # a transposed weight, strided
+    # a transposed weight, strided
+    b, sb = fp8.quantize_dynamic(torch.randn(n, k).t() * 0.02, fp8.E4M3)
     out = backend.gemm(a, b, sa, sb, torch.float32)
     expected = fp8.resolve_backend("emulated").gemm(a, b, sa, sb, torch.float32)
     assert out.shape == (m, n) and out.dtype == torch.float32
@@ -117,7 +143,9 @@ def test_falqon_layer_runs_on_the_te_glue(monkeypatch):
     import falqon_dist as fd
 
     backend = _backend(_gemm_v2_10, monkeypatch)
-    monkeypatch.setattr("falqon_dist.method.linear.resolve_backend", lambda name, device="cpu": backend)
+    monkeypatch.setattr(
+        "falqon_dist.method.linear.resolve_backend", lambda name, device="cpu": backend
+    )
     linear = torch.nn.Linear(128, 96)
     layer = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated"))
     reference = fd.FalqonLinear.from_linear(linear, fd.FalqonConfig(rank=16, backend="emulated"))

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from falqon_dist.distributed import build_locks
-from falqon_dist.distributed.build_locks import StaleLockError, clear_stale_build_locks, extensions_root, lock_holders
+from falqon_dist.distributed.build_locks import (
+    StaleLockError,
+    clear_stale_build_locks,
+    extensions_root,
+    lock_holders,
+)
 from falqon_dist.distributed.rendezvous import RendezvousError, rendezvous
 from falqon_dist.distributed.waits import announced
 from tests.distributed.launcher import free_port
@@ -22,7 +27,9 @@ def test_a_long_wait_is_announced_and_a_short_one_is_not():
     lines: list[str] = []
     with announced("the slow thing", first_s=0.1, every_s=0.1, emit=lines.append):
         time.sleep(0.45)
-    assert 2 <= len(lines) <= 5 and all("for the slow thing (since " in line for line in lines), lines
+    assert 2 <= len(lines) <= 5 and all("for the slow thing (since " in line for line in lines), (
+        lines
+    )
     quiet: list[str] = []
     with announced("the quick thing", first_s=0.5, emit=quiet.append):
         pass
@@ -35,9 +42,14 @@ def test_the_extensions_root_is_torchs(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
-    assert Path(cpp_extension._get_build_directory("falqon_probe", verbose=False)).parent == extensions_root()
+    assert (
+        Path(cpp_extension._get_build_directory("falqon_probe", verbose=False)).parent
+        == extensions_root()
+    )
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert Path(cpp_extension._get_build_directory("falqon_probe", verbose=False)).parent == tmp_path
+    assert (
+        Path(cpp_extension._get_build_directory("falqon_probe", verbose=False)).parent == tmp_path
+    )
 
 
 def _plant(root: Path, op: str = "deepspeed_shm_comm", age_s: float = 3600) -> Path:
@@ -63,8 +75,13 @@ def test_a_stale_lock_is_removed_with_a_line_naming_it(tmp_path):
 def test_a_lock_held_by_a_live_process_is_waited_for_then_named(tmp_path):
     lock = _plant(tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import os, time; fd = os.open({str(lock)!r}, os.O_RDONLY); print('ok', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            f"import os, time; fd = os.open({str(lock)!r}, os.O_RDONLY); print('ok', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "ok"
@@ -88,7 +105,8 @@ def test_a_lock_released_while_waiting_ends_the_wait(tmp_path):
 
 def test_only_the_remover_removes(tmp_path, monkeypatch):
     lock = _plant(tmp_path)
-    monkeypatch.setattr(build_locks.time, "sleep", lambda _: lock.unlink())  # "local rank 0" clears it
+    # "local rank 0" clears it
+    monkeypatch.setattr(build_locks.time, "sleep", lambda _: lock.unlink())
     assert clear_stale_build_locks(tmp_path, remove=False, emit=lambda _: None) == []
     assert not lock.exists()
 
@@ -110,16 +128,23 @@ def test_a_lock_whose_builder_on_this_host_died_is_removed_at_once(tmp_path):
     though its build directory changed a moment ago (the old check waited for 30 quiet seconds)."""
     lock = tmp_path / "falqon_op" / "lock"
     lock.parent.mkdir()
-    code = ("import sys, time; from torch.utils.file_baton import FileBaton\n"
-            "from falqon_dist.distributed.build_locks import stamp_build_locks\n"
-            f"stamp_build_locks(); assert FileBaton({str(lock)!r}).try_acquire(); print('building', flush=True); "
-            "time.sleep(60)")
+    code = (
+        "import sys, time; from torch.utils.file_baton import FileBaton\n"
+        "from falqon_dist.distributed.build_locks import stamp_build_locks\n"
+        f"stamp_build_locks(); assert FileBaton({str(lock)!r}).try_acquire(); print('building', flush=True); "
+        "time.sleep(60)"
+    )
     builder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert any(line.strip() == "building" for line in iter(builder.stdout.readline, ""))
         owner = build_locks.read_owner(lock)
-        assert owner is not None and owner["pid"] == str(builder.pid) and owner["host"] == build_locks.this_host()["host"]
-        with pytest.raises(StaleLockError, match=f"held by pid {builder.pid}"):  # alive: waited for, never removed
+        assert (
+            owner is not None
+            and owner["pid"] == str(builder.pid)
+            and owner["host"] == build_locks.this_host()["host"]
+        )
+        # alive: waited for, never removed
+        with pytest.raises(StaleLockError, match=f"held by pid {builder.pid}"):
             clear_stale_build_locks(tmp_path, wait_s=0.5, emit=lambda _: None)
     finally:
         builder.kill()
@@ -128,7 +153,10 @@ def test_a_lock_whose_builder_on_this_host_died_is_removed_at_once(tmp_path):
     start = time.monotonic()
     assert clear_stale_build_locks(tmp_path, wait_s=30, emit=lines.append) == [lock]
     assert time.monotonic() - start < 5 and not lock.exists()
-    assert any(f"its builder, pid {builder.pid} on this host" in line and "is gone" in line for line in lines), lines
+    assert any(
+        f"its builder, pid {builder.pid} on this host" in line and "is gone" in line
+        for line in lines
+    ), lines
 
 
 def test_a_live_builder_on_this_host_is_waited_for_however_quiet(tmp_path):
@@ -138,7 +166,9 @@ def test_a_live_builder_on_this_host_is_waited_for_however_quiet(tmp_path):
     builder = _sleeper()
     try:
         _stamp(lock, build_locks.owner_line(builder.pid))
-        with pytest.raises(StaleLockError, match=f"built by pid {builder.pid} on this host since .*, still running"):
+        with pytest.raises(
+            StaleLockError, match=f"built by pid {builder.pid} on this host since .*, still running"
+        ):
             clear_stale_build_locks(tmp_path, wait_s=1.0, emit=lambda _: None)
         assert lock.exists()
     finally:
@@ -148,7 +178,8 @@ def test_a_live_builder_on_this_host_is_waited_for_however_quiet(tmp_path):
 
 def test_a_reused_pid_is_not_the_builder(tmp_path):
     lock = _plant(tmp_path, age_s=0)
-    line = build_locks.owner_line(os.getpid())  # this process is alive, but started after "the builder"
+    # this process is alive, but started after "the builder"
+    line = build_locks.owner_line(os.getpid())
     _stamp(lock, line.replace(f"start={build_locks._start_time(os.getpid())}", "start=1"))
     assert clear_stale_build_locks(tmp_path, wait_s=5, emit=lambda _: None) == [lock]
 
@@ -160,15 +191,21 @@ def test_a_lock_of_another_host_is_stale_only_after_the_build_bound(tmp_path):
     lock = _plant(tmp_path, age_s=600)  # ten quiet minutes
     _stamp(lock, build_locks.owner_line(os.getpid()).replace(f"host={here}", "host=gpu-node-7"))
     lines: list[str] = []
-    with pytest.raises(StaleLockError, match=f"built by pid {os.getpid()} on gpu-node-7 since .*, which this host "
-                                             "cannot check.*stale after 1800s without a change.*running on any host"):
+    with pytest.raises(
+        StaleLockError,
+        match=f"built by pid {os.getpid()} on gpu-node-7 since .*, which this host "
+        "cannot check.*stale after 1800s without a change.*running on any host",
+    ):
         clear_stale_build_locks(tmp_path, wait_s=1.0, emit=lines.append)
     assert lock.exists() and not any("removed" in line for line in lines)
-    past = time.time() - 2 * build_locks.BUILD_QUIET_BOUND_S  # quiet for longer than any build: stale
+    # quiet for longer than any build: stale
+    past = time.time() - 2 * build_locks.BUILD_QUIET_BOUND_S
     for path in (*lock.parent.iterdir(), lock.parent):
         os.utime(path, (past, past))
     assert clear_stale_build_locks(tmp_path, emit=lines.append) == [lock]
-    assert any("on gpu-node-7" in line and "removed the stale build lock" in line for line in lines), lines
+    assert any(
+        "on gpu-node-7" in line and "removed the stale build lock" in line for line in lines
+    ), lines
 
 
 def test_an_unknown_builders_lock_quiet_for_minutes_is_still_a_build(tmp_path):
@@ -195,7 +232,11 @@ def test_stamping_records_the_owner_in_torchs_own_baton(tmp_path, monkeypatch):
     baton, rival = FileBaton(str(lock)), FileBaton(str(lock))
     assert baton.try_acquire() and not rival.try_acquire()
     owner = build_locks.read_owner(lock)
-    assert owner is not None and owner["pid"] == str(os.getpid()) and owner["start"] == build_locks._start_time(os.getpid())
+    assert (
+        owner is not None
+        and owner["pid"] == str(os.getpid())
+        and owner["start"] == build_locks._start_time(os.getpid())
+    )
     assert build_locks._state(lock, 1800)[0] == "held"  # this very process builds
     baton.release()
     assert not lock.exists()
@@ -209,10 +250,13 @@ def _spawn_rank(rank: int, world: int, port: int, timeout_s: float) -> subproces
         f"try:\n    store = rendezvous({rank}, {world}, {timeout_s})\n"
         "except RendezvousError as e:\n    print('ERROR', e); sys.exit(3)\n"
         # what launch/train.py does next: the process group on that store (it keeps rank 0's store up)
-        f"tdist.init_process_group('gloo', store=store, rank={rank}, world_size={world}, timeout=datetime.timedelta(seconds=30))\n"
+        f"tdist.init_process_group('gloo', store=store, rank={rank}, world_size={world}, "
+        "timeout=datetime.timedelta(seconds=30))\n"
         "tdist.barrier(); print('joined'); tdist.destroy_process_group()\n"
     )
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_rendezvous_of_all_ranks_completes():
@@ -226,14 +270,17 @@ def test_rendezvous_of_all_ranks_completes():
 def test_rendezvous_names_the_rank_that_never_joins(monkeypatch):
     port = free_port()
     start = time.monotonic()
-    rank2 = _spawn_rank(2, 3, port, 20)  # joins (its interpreter may take seconds to start), then waits
+    # joins (its interpreter may take seconds to start), then waits
+    rank2 = _spawn_rank(2, 3, port, 20)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     with pytest.raises(RendezvousError, match=r"rank\(s\) 1 of 3 did not join .* within 15s"):
         rendezvous(0, 3, 15)
     out, _ = rank2.communicate(timeout=60)
     # rank 2 names rank 1 too, or (when rank 0 gave up first) says its host went away
-    assert rank2.returncode == 3 and ("rank(s) 1 of 3 did not join" in out or "went away" in out), out
+    assert rank2.returncode == 3 and ("rank(s) 1 of 3 did not join" in out or "went away" in out), (
+        out
+    )
     assert time.monotonic() - start < 40
 
 
