@@ -11,4 +11,10 @@ Public API::
 from falqon_dist.models.tiny import TINY_NAME, build_tiny_model, default_cache_dir, tiny_config
 from falqon_dist.models.tokenizer import build_tiny_tokenizer
 
-__all__ = ["TINY_NAME", "build_tiny_model", "build_tiny_tokenizer", "default_cache_dir", "tiny_config"]
+__all__ = [
+    "TINY_NAME",
+    "build_tiny_model",
+    "build_tiny_tokenizer",
+    "default_cache_dir",
+    "tiny_config",
+]

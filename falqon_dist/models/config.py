@@ -35,9 +35,15 @@ class ModelConfig:
         owner = "ModelConfig"
         if not isinstance(self.name, str) or not self.name:
             raise InvalidField(owner, "name", "must be a non-empty string", self.name)
-        if self.name_or_path is not None and (not isinstance(self.name_or_path, str) or not self.name_or_path):
-            raise InvalidField(owner, "name_or_path", "must be null (embedded tiny model) or a hub name / directory",
-                               self.name_or_path)
+        if self.name_or_path is not None and (
+            not isinstance(self.name_or_path, str) or not self.name_or_path
+        ):
+            raise InvalidField(
+                owner,
+                "name_or_path",
+                "must be null (embedded tiny model) or a hub name / directory",
+                self.name_or_path,
+            )
         check_choice(owner, "dtype", self.dtype, DTYPES)
         if self.max_length is not None:
             check_positive_int(owner, "max_length", self.max_length)

@@ -29,7 +29,14 @@ from transformers import GenerationConfig, LlamaForCausalLM
 from falqon_dist.data.collate import Collator
 from falqon_dist.data.synthetic import PRETRAIN_MIX, pretrain_corpus
 from falqon_dist.data.tokenization import tokenize_records
-from falqon_dist.models.tiny import BUILD_INFO, SHIPPED_DIR, TINY_NAME, TINY_VERSION, file_digests, tiny_config
+from falqon_dist.models.tiny import (
+    BUILD_INFO,
+    SHIPPED_DIR,
+    TINY_NAME,
+    TINY_VERSION,
+    file_digests,
+    tiny_config,
+)
 from falqon_dist.models.tokenizer import build_tiny_tokenizer
 
 
@@ -51,7 +58,7 @@ class PretrainSettings:
 
 def recipe_fingerprint(settings: PretrainSettings | None = None) -> str:
     """Short hash of everything that determines the build: version, architecture, corpus, recipe."""
-    recipe = {
+    recipe: dict[str, Any] = {
         "version": TINY_VERSION,
         "config": tiny_config().to_dict(),
         "mix": PRETRAIN_MIX,
@@ -87,7 +94,10 @@ def pretrain(model: LlamaForCausalLM, tokenizer, settings: PretrainSettings) -> 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=settings.lr,
         betas=(0.9, 0.95),
     )
@@ -138,7 +148,9 @@ def pretrain_into(directory: Path, settings: PretrainSettings) -> dict[str, Any]
     with _single_thread():
         losses = pretrain(model, tokenizer, settings)
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -62,7 +62,11 @@ def tiny_config(vocab_size: int | None = None) -> LlamaConfig:
 
 def file_digests(directory: Path) -> dict[str, str]:
     """``{file name: SHA-256}`` of every file of a build directory but its build record."""
-    files = [path for path in sorted(Path(directory).iterdir()) if path.is_file() and path.name != BUILD_INFO]
+    files = [
+        path
+        for path in sorted(Path(directory).iterdir())
+        if path.is_file() and path.name != BUILD_INFO
+    ]
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
 
 
@@ -105,14 +109,20 @@ def build_tiny_model() -> Path:
 
 def default_cache_dir() -> Path:
     """``$FALQON_CACHE`` or ``~/.cache/falqon_dist`` (the tiny model itself is never copied there)."""
-    return Path(os.environ.get("FALQON_CACHE") or Path.home() / ".cache" / "falqon_dist").expanduser()
+    return Path(
+        os.environ.get("FALQON_CACHE") or Path.home() / ".cache" / "falqon_dist"
+    ).expanduser()
 
 
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="The embedded tiny model: check it, or regenerate the shipped files.")
-    parser.add_argument("--regenerate", action="store_true", help=f"pretrain anew and replace {SHIPPED_DIR}")
+    parser = argparse.ArgumentParser(
+        description="The embedded tiny model: check it, or regenerate the shipped files."
+    )
+    parser.add_argument(
+        "--regenerate", action="store_true", help=f"pretrain anew and replace {SHIPPED_DIR}"
+    )
     if parser.parse_args().regenerate:
         from falqon_dist.models.pretrain import regenerate_shipped
 

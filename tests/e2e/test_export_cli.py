@@ -51,8 +51,11 @@ LOGITS_ATOL = 1e-4
 #: ~0.1% relative on this model; 5% leaves room across seeds and backends.
 EVAL_LOSS_RTOL = 0.05
 #: The trainer's final eval loss (B folded into the FP8 bytes, 2 ranks, activations in E4M3) vs
-#: launch/eval.py on the export (one process, dequantized): measured 0.14% on 64 eval rows after 40 steps.
-SHIPPED_RTOL = 0.002
+#: launch/eval.py on the export (one process, dequantized, bf16 activations): the same weights, the
+#: activation rounding differs. Measured 0.04% and 0.14% (40 steps) and 0.36% (this 3-step run, after
+#: the loss became token-normalized). The bytes themselves are compared exactly elsewhere
+#: (tests/distributed/worker_export.py, tests/unit/test_export.py); this bounds the forwards' gap.
+SHIPPED_RTOL = 0.006
 
 
 def _env() -> dict[str, str]:

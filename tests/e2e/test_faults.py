@@ -52,7 +52,8 @@ def test_a_bad_value_is_refused_once_before_any_work(bad, tmp_path):
     elif bad == "rank":
         override, message = (
             "method.rank=1000",
-            "method.rank=1000: cannot convert 'model.layers.0.self_attn.q_proj'",
+            "method.rank cannot exceed min(in_features, out_features) of a layer it converts, "
+            "and 'model.layers.0.self_attn.q_proj'",
         )
     elif bad == "model-config":
         (tmp_path / "model").mkdir()

@@ -20,7 +20,9 @@ from falqon_dist.models.tokenizer import build_tiny_tokenizer
 
 def test_tiny_config_is_fp8_friendly():
     cfg = tiny.tiny_config()
-    assert cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0 and cfg.vocab_size % 16 == 0
+    assert (
+        cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0 and cfg.vocab_size % 16 == 0
+    )
     assert cfg.vocab_size >= len(build_tiny_tokenizer())
     model = LlamaForCausalLM(cfg)
     converted = fd.convert_model(model, fd.FalqonConfig(rank=16, backend="emulated"))
@@ -33,7 +35,9 @@ def test_tokenizer_round_trip_and_specials():
         ids = tokenizer(text)["input_ids"]
         assert ids[0] == tokenizer.bos_token_id
         assert tokenizer.decode(ids, skip_special_tokens=True) == text
-    assert len(tokenizer("0123456789", add_special_tokens=False)["input_ids"]) == 10  # one token per digit
+    assert (
+        len(tokenizer("0123456789", add_special_tokens=False)["input_ids"]) == 10
+    )  # one token per digit
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
 
 
@@ -45,7 +49,13 @@ def test_the_model_loads_straight_from_the_package(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
     assert {p.name: p.stat().st_mtime_ns for p in tiny.SHIPPED_DIR.iterdir()} == before
     info = json.loads((tiny.SHIPPED_DIR / tiny.BUILD_INFO).read_text())
-    shipped = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    shipped = {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     assert set(info["files"]) == shipped
 
 
@@ -61,8 +71,12 @@ def shipped_copy(tmp_path, monkeypatch):
 def test_a_changed_or_missing_shipped_file_is_named(shipped_copy):
     assert tiny.build_tiny_model() == shipped_copy
     weights = shipped_copy / "model.safetensors"
-    weights.write_text("version https://git-lfs.github.com/spec/v1\n")  # what a checkout without LFS holds
-    with pytest.raises(tiny.TinyModelError, match=rf"^{weights}: SHA-256 .* differs from the build's .*regenerate"):
+    weights.write_text(
+        "version https://git-lfs.github.com/spec/v1\n"
+    )  # what a checkout without LFS holds
+    with pytest.raises(
+        tiny.TinyModelError, match=rf"^{weights}: SHA-256 .* differs from the build's .*regenerate"
+    ):
         tiny.build_tiny_model()
     weights.unlink()
     with pytest.raises(tiny.TinyModelError, match=rf"^{weights}: missing from the tiny model"):
@@ -98,7 +112,10 @@ def test_built_model_loads_and_learned_pretraining_tasks(tiny_path):
     assert tokenizer.eos_token_id == model.config.eos_token_id == 2
     torch.manual_seed(0)
     untrained = LlamaForCausalLM(tiny.tiny_config())
-    trained_loss, untrained_loss = _pretrain_loss(model, tokenizer), _pretrain_loss(untrained, tokenizer)
+    trained_loss, untrained_loss = (
+        _pretrain_loss(model, tokenizer),
+        _pretrain_loss(untrained, tokenizer),
+    )
     assert trained_loss < 0.5 * untrained_loss, (trained_loss, untrained_loss)
 
 
@@ -108,7 +125,9 @@ def test_built_model_loads_and_learned_pretraining_tasks(tiny_path):
 def test_shipped_weights_match_the_current_recipe():
     """Change the recipe and this fails: regenerate with ``python -m falqon_dist.models.tiny --regenerate``."""
     info = json.loads((tiny.SHIPPED_DIR / tiny.BUILD_INFO).read_text())
-    assert info["recipe"] == pretrain.recipe_fingerprint(pretrain.PretrainSettings()), "shipped tiny weights are stale"
+    assert info["recipe"] == pretrain.recipe_fingerprint(pretrain.PretrainSettings()), (
+        "shipped tiny weights are stale"
+    )
     assert (tiny.SHIPPED_DIR / "model.safetensors").stat().st_size < 4 * 2**20
     model = AutoModelForCausalLM.from_pretrained(tiny.SHIPPED_DIR)
     assert sum(p.numel() for p in model.parameters()) == info["parameters"]
